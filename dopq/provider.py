@@ -1,0 +1,430 @@
+"""The Provider: a separate process that turns archives into ready images.
+
+As in the first DoPQ, the Provider runs in its own process. It has two doors:
+the drop folder (``inbox/<user>/*.zip``), which it watches itself, and uploads
+through the API, which the server hands over as ``("job", id)`` commands. For
+each job it unpacks the archive into a private directory, validates the job
+spec, builds (or reuses, or loads) the image and moves the job to ``queued``.
+A bad archive or a failed build fails that job only, with the reason kept;
+nothing a user sends stops the Provider.
+
+It talks to the server through the shared SQLite store (every change committed
+first) and a multiprocessing queue of notices (``("queued", id)``), which the
+server uses only to wake the queue thread at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pwd
+import queue as queue_mod
+import shutil
+import threading
+import time
+import traceback
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dopq import archive as archive_mod
+from dopq import spec as spec_mod
+from dopq.errors import BuildFailed, DopqError, EngineUnavailable, JobRejected
+from dopq.jobs import JobSpec, JobState
+from dopq.runtime import LABEL_CONTEXT, LABEL_INSTANCE, LABEL_USER, ContainerRuntime
+from dopq.settings import Settings
+from dopq.store import Store
+
+log = logging.getLogger("dopq.provider")
+
+INCOMING = "incoming"  # archives owned by a job (or about to be)
+
+
+def job_dir(settings: Settings, job_id: int) -> Path:
+    return settings.state_path / "jobs" / str(job_id)
+
+
+def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int) -> None:
+    """Refuse a spec that asks more than the machine or the admins allow."""
+    if spec.num_gpus > total_gpus:
+        raise JobRejected(f"asks for {spec.num_gpus} GPUs, this server has {total_gpus}")
+    if spec.memory is not None and spec.memory > settings.bytes_of("limits.max_memory"):
+        raise JobRejected(
+            f"memory {spec.memory // 2**20} MiB is over the limit of {settings.limits.max_memory}"
+        )
+    max_cpus = settings.limits.max_cpus or float(os.cpu_count() or 1)
+    if spec.cpus is not None and spec.cpus > max_cpus:
+        raise JobRejected(f"cpus {spec.cpus:g} is over the limit of {max_cpus:g}")
+    if spec.shm_size is not None and spec.shm_size > settings.bytes_of("limits.max_shm"):
+        raise JobRejected(f"shm_size is over the limit of {settings.limits.max_shm}")
+    cap = settings.max_time_limit()
+    if cap is not None and spec.time_limit is not None and spec.time_limit > cap:
+        raise JobRejected(f"time_limit is over the limit of {settings.limits.max_time_limit}")
+
+
+class InboxWatcher:
+    """Finds complete archives in ``inbox/<user>/`` and turns them into jobs.
+
+    A file is complete when it is not ``*.part``, its size and mtime did not
+    change between two looks, and it is a readable zip (the end-of-archive
+    record is written last) or has been unchanged for ``settle_seconds``.
+    """
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.inbox = settings.inbox_path
+        self.incoming = settings.state_path / INCOMING
+        self._seen: dict[Path, tuple[int, float, float]] = {}
+
+    def scan(self, now: float) -> list[int]:
+        new_jobs: list[int] = []
+        try:
+            user_dirs = [d for d in self.inbox.iterdir() if d.is_dir() and not d.is_symlink()]
+        except OSError:
+            return new_jobs
+        alive: set[Path] = set()
+        for udir in user_dirs:
+            try:
+                files = [f for f in udir.iterdir() if f.is_file() and not f.is_symlink()]
+            except OSError:
+                continue
+            for f in files:
+                if f.name.startswith(".") or f.name.endswith(".part"):
+                    continue
+                alive.add(f)
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                key = (st.st_size, st.st_mtime)
+                prev = self._seen.get(f)
+                if prev is None or prev[:2] != key:
+                    self._seen[f] = (key[0], key[1], now)
+                    continue
+                settled = now - prev[2] >= self.settings.intake.settle_seconds
+                if not settled and not _complete_zip(f):
+                    continue
+                job_id = self._take(f, udir.name.lower(), st.st_uid)
+                self._seen.pop(f, None)
+                if job_id is not None:
+                    new_jobs.append(job_id)
+        for gone in set(self._seen) - alive:
+            self._seen.pop(gone, None)
+        return new_jobs
+
+    def _take(self, path: Path, user: str, uid: int) -> int | None:
+        """Move the file into ``incoming/`` and create its job (or a refusal)."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        target = self.incoming / f"inbox-{uuid.uuid4().hex}.zip"
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            log.warning("cannot take %s: %s", path, exc)
+            return None
+        name = path.stem[:128] or "job"
+        reason = self._owner_problem(user, uid)
+        if reason is not None:
+            job_id = self.store.add_job(
+                name=name, user=user, origin="inbox", source=None,
+                state=JobState.FAILED, error=f"rejected: {reason}", finished_at=time.time(),
+            )
+            rejected = self.settings.state_path / "rejected"
+            rejected.mkdir(parents=True, exist_ok=True)
+            os.replace(target, rejected / f"{job_id}.zip")
+            return None
+        return self.store.add_job(name=name, user=user, origin="inbox", source=str(target))
+
+    def _owner_problem(self, user: str, uid: int) -> str | None:
+        allowed = self.settings.users.allowed
+        if allowed and user not in allowed:
+            return f"unknown user {user!r}"
+        if not self.settings.users.check_owner:
+            return None
+        expected = self.settings.users.uid_map.get(user)
+        if expected is None:
+            try:
+                expected = pwd.getpwnam(user).pw_uid
+            except KeyError:
+                return f"no Unix user {user!r} owns inbox/{user} (set users.uid_map)"
+        if uid != expected:
+            return f"file owner uid {uid} is not user {user!r} (uid {expected})"
+        return None
+
+
+def _complete_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+class Provider:
+    """Unpacks, validates and builds jobs; runs as ``Provider.main`` in a process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        total_gpus: int,
+        commands: Any,
+        notices: Any,
+        store: Store | None = None,
+        runtime: ContainerRuntime | None = None,
+    ) -> None:
+        self.settings = settings
+        self.total_gpus = total_gpus
+        self.commands = commands
+        self.notices = notices
+        self.store = store or Store(settings.db_path)
+        self.runtime = runtime or ContainerRuntime(settings.docker.base_url)
+        self.watcher = InboxWatcher(settings, self.store)
+        self._claimed: set[int] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.build.concurrency, thread_name_prefix="build"
+        )
+        self._stopping = threading.Event()
+
+    # -- process entry point ----------------------------------------------------
+    @classmethod
+    def main(cls, settings: Settings, total_gpus: int, commands: Any, notices: Any) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s provider %(message)s")
+        provider = cls(settings, total_gpus, commands, notices)
+        provider.run()
+
+    def run(self) -> None:
+        self.recover()
+        poll = self.settings.intake.poll_interval
+        next_scan = 0.0
+        while not self._stopping.is_set():
+            now = time.time()
+            if now >= next_scan:
+                for job_id in self.watcher.scan(now):
+                    self.submit(job_id)
+                next_scan = now + poll
+            try:
+                cmd = self.commands.get(timeout=max(0.01, next_scan - time.time()))
+            except queue_mod.Empty:
+                continue
+            except (EOFError, OSError):
+                break  # the server went away
+            if cmd is None or cmd[0] == "stop":
+                break
+            if cmd[0] == "job":
+                self.submit(int(cmd[1]))
+        self._stopping.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def recover(self) -> None:
+        """Re-run builds that were cut off and adopt archives without a job."""
+        for job in self.store.jobs([JobState.BUILDING]):
+            self.store.transition(
+                job["id"], JobState.RECEIVED, expect=[JobState.BUILDING], detail="build restarted"
+            )
+        incoming = self.settings.state_path / INCOMING
+        if incoming.is_dir():
+            owned = {j["source"] for j in self.store.jobs([JobState.RECEIVED])}
+            known = {
+                r["source"]
+                for r in self.store.read("SELECT source FROM jobs WHERE source IS NOT NULL")
+            }
+            for f in incoming.iterdir():
+                if str(f) not in owned and str(f) not in known:
+                    f.unlink(missing_ok=True)  # taken from the inbox, job never written
+        uploads = self.settings.state_path / "uploads"
+        if uploads.is_dir():
+            for f in uploads.glob("*.part"):
+                f.unlink(missing_ok=True)
+        for job in self.store.jobs([JobState.RECEIVED]):
+            self.submit(job["id"])
+
+    def submit(self, job_id: int) -> None:
+        with self._lock:
+            if job_id in self._claimed:
+                return
+            self._claimed.add(job_id)
+        self._pool.submit(self._process_safely, job_id)
+
+    # -- one job -------------------------------------------------------------
+    def _process_safely(self, job_id: int) -> None:
+        try:
+            self.process(job_id)
+        except EngineUnavailable as exc:
+            # Not the job's fault: put it back and try again shortly.
+            log.warning("job %s: %s; will retry", job_id, exc)
+            self._back_to_received(job_id, str(exc))
+            threading.Timer(5.0, self._retry, args=(job_id,)).start()
+            return
+        except Exception:  # noqa: BLE001 - a provider thread must never die
+            log.error("job %s: internal error\n%s", job_id, traceback.format_exc())
+            self._fail(job_id, "internal error: " + traceback.format_exc().splitlines()[-1][:200])
+        finally:
+            with self._lock:
+                self._claimed.discard(job_id)
+
+    def _retry(self, job_id: int) -> None:
+        if not self._stopping.is_set():
+            self.submit(job_id)
+
+    def _back_to_received(self, job_id: int, detail: str) -> None:
+        try:
+            self.store.transition(
+                job_id, JobState.RECEIVED, expect=[JobState.BUILDING], detail=detail
+            )
+        except DopqError:
+            pass
+
+    def _fail(self, job_id: int, error: str) -> None:
+        try:
+            self.store.transition(
+                job_id, JobState.FAILED, expect=[JobState.RECEIVED, JobState.BUILDING],
+                error=error, detail=error,
+            )
+        except DopqError:
+            return
+        self._notify("failed", job_id)
+        self._cleanup(job_id)
+
+    def _notify(self, kind: str, job_id: int) -> None:
+        try:
+            self.notices.put((kind, job_id))
+        except (OSError, ValueError):
+            pass
+
+    def _cleanup(self, job_id: int) -> None:
+        shutil.rmtree(job_dir(self.settings, job_id) / "context", ignore_errors=True)
+
+    def process(self, job_id: int) -> None:
+        job = self.store.transition(
+            job_id, JobState.BUILDING, expect=[JobState.RECEIVED], detail="unpacking"
+        )
+        self._notify("building", job_id)
+        jdir = job_dir(self.settings, job_id)
+        jdir.mkdir(parents=True, exist_ok=True)
+        build_log = jdir / "build.log"
+        ctx_dir = jdir / "context"
+        shutil.rmtree(ctx_dir, ignore_errors=True)
+        try:
+            spec, image, context_hash = self._prepare(job, ctx_dir, build_log)
+        except (JobRejected, BuildFailed) as exc:
+            with build_log.open("a", encoding="utf-8") as fh:
+                fh.write(f"\n[dopq] {exc}\n")
+            self._fail(job_id, str(exc))
+            self._drop_source(job)
+            return
+        self._enqueue(job, spec, image, context_hash)
+        self._cleanup(job_id)
+        self._drop_source(job)
+
+    def _drop_source(self, job: dict[str, Any]) -> None:
+        if job.get("source"):
+            Path(job["source"]).unlink(missing_ok=True)
+
+    def _prepare(
+        self, job: dict[str, Any], ctx_dir: Path, build_log: Path
+    ) -> tuple[JobSpec, str, str | None]:
+        source = job.get("source")
+        if not source or not Path(source).is_file():
+            raise JobRejected("the archive is missing (upload or move was cut off)")
+        limits = archive_mod.ArchiveLimits(
+            max_archive_bytes=self.settings.bytes_of("limits.max_upload"),
+            max_unpacked_bytes=self.settings.bytes_of("limits.max_unpacked"),
+            max_entries=self.settings.limits.max_entries,
+        )
+        root = archive_mod.unpack(Path(source), ctx_dir, limits)
+        ctx = archive_mod.inspect_context(root)
+        spec = spec_mod.parse_spec(
+            ctx.config, submitter=job["user"], overrides=job["overrides"],
+            allowed_users=self.settings.users.allowed,
+        )
+        check_spec_limits(spec, self.settings, self.total_gpus)
+        if spec.priority > 0 and not self._is_admin(job["user"]):
+            raise JobRejected("only an admin may submit with a priority above 0")
+        tag = spec_mod.normalise_tag(spec.user, spec.name, job["id"])
+        self.store.update_job(job["id"], name=spec.name)
+        with build_log.open("w", encoding="utf-8") as fh:
+
+            def on_log(text: str) -> None:
+                fh.write(text)
+                fh.flush()
+
+            if not spec.build_flag:
+                if ctx.image_tar is None:
+                    raise JobRejected("build_flag is false but the archive has no image.tar")
+                on_log(f"[dopq] loading image.tar as {tag}\n")
+                return spec, self.runtime.load(ctx.image_tar, tag, on_log), None
+            if ctx.dockerfile is None:
+                raise JobRejected("no Dockerfile at the top of the archive")
+            chash = archive_mod.context_hash(root)
+            known = self.store.image_for(chash)
+            if known and self.runtime.image_exists(known):
+                on_log(f"[dopq] identical context already built: reusing {known[:19]}\n")
+                self.runtime.tag(known, tag)
+                self.store.touch_image(known, time.time())
+                return spec, known, chash
+            on_log(f"[dopq] building {tag}\n")
+            labels = {
+                LABEL_INSTANCE: self.settings.docker.name_prefix,
+                LABEL_USER: spec.user,
+                LABEL_CONTEXT: chash,
+            }
+            image = self.runtime.build(root, tag, labels, on_log, self.settings.build.timeout)
+            self.store.remember_image(chash, image, time.time())
+            return spec, image, chash
+
+    def _is_admin(self, user: str) -> bool:
+        rows = self.store.read("SELECT role FROM users WHERE name = ?", (user,))
+        return bool(rows) and rows[0]["role"] == "admin"
+
+    def _enqueue(
+        self, job: dict[str, Any], spec: JobSpec, image: str, context_hash: str | None
+    ) -> None:
+        now = time.time()
+        fields: dict[str, Any] = dict(
+            name=spec.name, spec=spec.to_dict(), num_gpus=spec.num_gpus,
+            time_limit=spec.time_limit, priority=spec.priority, after=spec.after,
+            after_any=spec.after_any, image=image, context_hash=context_hash, queued_at=now,
+        )
+        if not spec.array:
+            self.store.transition(
+                job["id"], JobState.QUEUED, expect=[JobState.BUILDING], detail="image ready",
+                **fields,
+            )
+            self._notify("queued", job["id"])
+            return
+        # A job array: one build, one job per index; the first row is index 0.
+        first, rest = spec.array[0], spec.array[1:]
+        with self.store.transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+            if row is None or row["state"] != JobState.BUILDING.value:
+                return
+            self.store._update(db, job["id"], {**fields, "state": JobState.QUEUED,
+                                              "array_index": first, "array_parent": job["id"]})
+            db.execute(
+                "INSERT INTO events (job_id, at, state, detail) VALUES (?, ?, 'queued', ?)",
+                (job["id"], now, "image ready"),
+            )
+            for index in rest:
+                self.store._insert_job(db, {
+                    **fields, "user": job["user"], "origin": job["origin"],
+                    "state": JobState.QUEUED, "submitted_at": job["submitted_at"],
+                    "array_index": index, "array_parent": job["id"],
+                    "overrides": job["overrides"],
+                })
+        self._notify("queued", job["id"])
+
+
+def start_process(settings: Settings, total_gpus: int) -> tuple[Any, Any, Any]:
+    """Start the Provider in a fresh (spawned) process; return (process, commands, notices)."""
+    ctx = mp.get_context("spawn")
+    commands = ctx.Queue()
+    notices = ctx.Queue()
+    proc = ctx.Process(
+        target=Provider.main, args=(settings, total_gpus, commands, notices),
+        name="dopq-provider", daemon=True,
+    )
+    proc.start()
+    return proc, commands, notices

@@ -1,0 +1,514 @@
+"""The priority-queue thread: starts containers in priority order on free GPUs.
+
+Event-driven: a job becoming ready, a container exiting, a cancel, an edit or
+a GPU freeing calls ``wake()``, and the thread decides at once. It also wakes
+for the next deadline (a time limit) and every few seconds to reconcile with
+the engine. Decisions come from the pure ``dopq.policy.decide``; this thread
+only carries them out: it commits each change to the store, then acts on
+Docker. A container exit is recorded (and its GPUs freed) before its log is
+saved and the container removed, which happens on a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dopq import policy as policy_mod
+from dopq.errors import Conflict, DopqError, EngineUnavailable
+from dopq.gpus import GpuPool
+from dopq.jobs import JobState
+from dopq.runtime import LABEL_INSTANCE, LABEL_JOB, LABEL_USER, ContainerRuntime, ContainerSpec
+from dopq.settings import Settings
+from dopq.store import JobRow, Store
+from dopq.usage import UsageLedger
+
+log = logging.getLogger("dopq.queue")
+
+RECONCILE_EVERY = 3.0  # seconds between full comparisons with the engine
+USAGE_SAVE_EVERY = 15.0
+
+CANCELLED_PREFIX = "cancelled"
+TIMEOUT = "timeout"
+
+
+def policy_config(settings: Settings, shares: dict[str, float]) -> policy_mod.PolicyConfig:
+    p = settings.policy
+    return policy_mod.PolicyConfig(
+        policy=p.policy, half_life=p.half_life, w_fairshare=p.w_fairshare, w_age=p.w_age,
+        w_job=p.w_job, max_age=p.max_age, cpu_fraction=p.cpu_fraction,
+        max_gpus_per_user=p.max_gpus_per_user or None,
+        max_running_per_user=p.max_running_per_user or None,
+        max_queued_per_user=p.max_queued_per_user or None,
+        shares=dict(shares),
+    )
+
+
+def queued_job(row: JobRow) -> policy_mod.QueuedJob:
+    return policy_mod.QueuedJob(
+        id=row["id"], user=row["user"], num_gpus=row["num_gpus"],
+        submitted_at=row["submitted_at"], time_limit=row["time_limit"],
+        priority=row["priority"], nice=row["nice"], held=row["held"], top=row["top"],
+        after=tuple(row["after"]), after_any=tuple(row["after_any"]),
+    )
+
+
+def running_job(row: JobRow) -> policy_mod.RunningJob:
+    return policy_mod.RunningJob(
+        id=row["id"], user=row["user"], num_gpus=row["num_gpus"], gpus=tuple(row["gpus"]),
+        started_at=row["started_at"] or time.time(), time_limit=row["time_limit"],
+    )
+
+
+class PriorityQueueThread(threading.Thread):
+    """Runs queued jobs on free GPUs; the only thread that starts containers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: ContainerRuntime,
+        gpu_indices: list[int],
+        gpu_mode: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(name="dopq-queue", daemon=True)
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.gpu_mode = gpu_mode
+        self.clock = clock
+        self.pool = GpuPool(gpu_indices)
+        self.instance = settings.docker.name_prefix
+        self.ledger = UsageLedger.from_rows(store.load_usage())
+        self._cond = threading.Condition()
+        self._dirty = True
+        self._exited: list[str] = []
+        self._stop = threading.Event()
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
+        self._queued: dict[int, policy_mod.QueuedJob] = {}
+        self._running: dict[int, JobRow] = {}
+        self._stopping_jobs: set[int] = set()
+        self._last_reconcile = 0.0
+        self._last_usage_save = 0.0
+        self._next_deadline: float | None = None
+        self._external: set[int] = set()
+        self.paused = False
+        self.engine_up = True
+        self.last_decision: policy_mod.Decision | None = None
+        self.decision_lock = threading.Lock()
+        self.started_at = self.clock()
+        self.shares: dict[str, float] = {}
+        self.on_change: Callable[[], None] | None = None
+
+    # -- signals from other threads -------------------------------------------
+    def wake(self) -> None:
+        with self._cond:
+            self._dirty = True
+            self._cond.notify()
+
+    def container_exited(self, container_id: str) -> None:
+        with self._cond:
+            self._exited.append(container_id)
+            self._dirty = True
+            self._cond.notify()
+
+    def set_external(self, busy: set[int]) -> None:
+        with self._cond:
+            if busy != self._external:
+                self._external = set(busy)
+                self._dirty = True
+                self._cond.notify()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake()
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> None:
+        self.recover()
+        while not self._stop.is_set():
+            with self._cond:
+                if not self._dirty:
+                    timeout = RECONCILE_EVERY
+                    if self._next_deadline is not None:
+                        timeout = min(timeout, max(0.0, self._next_deadline - self.clock()))
+                    self._cond.wait(timeout)
+                self._dirty = False
+                exited, self._exited = self._exited, []
+            try:
+                self.step(exited)
+            except EngineUnavailable as exc:
+                self.engine_up = False
+                log.warning("%s", exc)
+                self._stop.wait(1.0)
+            except Exception:  # noqa: BLE001 - the queue thread must not die
+                log.error("queue step failed\n%s", traceback.format_exc())
+                self._stop.wait(0.5)
+        self._save_usage(self.clock())
+        self._workers.shutdown(wait=True)
+
+    def step(self, exited: list[str] | None = None) -> None:
+        now = self.clock()
+        for cid in exited or []:
+            self._finish_container(cid)
+        if now - self._last_reconcile >= RECONCILE_EVERY:
+            self.reconcile()
+            self._last_reconcile = now
+        self._refresh_queued()
+        self._charge(now)
+        self._enforce_limits(now)
+        if not self.paused:
+            self._schedule(now)
+
+    # -- recovery and reconciliation --------------------------------------------------
+    def recover(self) -> None:
+        """Re-adopt running containers by label, record exits that happened meanwhile."""
+        try:
+            self.reconcile()
+            self.engine_up = True
+        except EngineUnavailable as exc:
+            self.engine_up = False
+            log.warning("engine down at start: %s", exc)
+            for row in self.store.jobs([JobState.RUNNING]):
+                self._adopt(row)
+        self._refresh_queued(full=True)
+
+    def reconcile(self) -> None:
+        """Compare the store's running jobs with the engine's containers."""
+        containers = {c.job_id: c for c in self.runtime.list(self.instance) if c.job_id}
+        self.engine_up = True
+        for row in self.store.jobs([JobState.RUNNING]):
+            c = containers.pop(row["id"], None)
+            if c is None:
+                if row["container"] and row["started_at"]:
+                    # It ran and its container is gone (removed by hand).
+                    self._record_exit(row, None, None, "container vanished")
+                else:
+                    self._requeue(row, "container was never started")
+                continue
+            if row["id"] not in self._running:
+                self._adopt(row)
+            if not c.running:
+                self._record_exit(row, c.exit_code, c.finished_at, oom=c.oom_killed)
+                self._workers.submit(self._collect, row["id"], c.id)
+        for job_id, c in containers.items():
+            # Containers of ours whose job is over (or unknown): collect them.
+            if c.running:
+                try:
+                    row = self.store.job(job_id)
+                except DopqError:
+                    row = None
+                if row is None or row["state"] != JobState.RUNNING.value:
+                    self._workers.submit(self._stop_container, c.id)
+            else:
+                self._workers.submit(self._collect, job_id, c.id)
+        self.pool.validate()
+
+    def _adopt(self, row: JobRow) -> None:
+        if row["id"] in self._running:
+            return
+        try:
+            self.pool.acquire(row["id"], row["gpus"])
+        except Conflict:
+            log.error("job %s: GPUs %s already held; not adopting its GPUs", row["id"], row["gpus"])
+        self._running[row["id"]] = row
+
+    def _requeue(self, row: JobRow, why: str) -> None:
+        try:
+            self.store.transition(
+                row["id"], JobState.QUEUED, expect=[JobState.RUNNING], detail=why,
+                gpus=[], container=None, started_at=None,
+            )
+        except DopqError:
+            return
+        self._release(row["id"])
+
+    def _release(self, job_id: int) -> None:
+        self._running.pop(job_id, None)
+        self._stopping_jobs.discard(job_id)
+        if self.pool.of(job_id):
+            self.pool.release(job_id)
+        else:
+            try:
+                self.pool.release(job_id)
+            except (KeyError, DopqError):
+                pass
+
+    # -- exits -------------------------------------------------------------------------------
+    def _finish_container(self, cid: str) -> None:
+        st = self.runtime.status(cid)
+        if st is None or st.job_id is None or st.running:
+            return
+        try:
+            row = self.store.job(st.job_id)
+        except DopqError:
+            return
+        if row["state"] != JobState.RUNNING.value:
+            return
+        self._record_exit(row, st.exit_code, st.finished_at, oom=st.oom_killed)
+        self._workers.submit(self._collect, row["id"], cid)
+
+    def _record_exit(
+        self,
+        row: JobRow,
+        exit_code: int | None,
+        finished_at: float | None,
+        vanished: str | None = None,
+        oom: bool = False,
+    ) -> None:
+        """Commit the job's end (state, exit code, reason), then free its GPUs."""
+        marker = row.get("error") or ""
+        if marker.startswith(CANCELLED_PREFIX):
+            state, error = JobState.CANCELLED, marker
+        elif marker == TIMEOUT:
+            state, error = JobState.FAILED, TIMEOUT
+        elif vanished:
+            state, error = JobState.FAILED, vanished
+        elif oom:
+            state, error = JobState.FAILED, "out of memory (killed at the memory limit)"
+        elif exit_code == 0:
+            state, error = JobState.SUCCEEDED, None
+        else:
+            state, error = JobState.FAILED, f"exit code {exit_code}"
+        at = finished_at or self.clock()
+        try:
+            self.store.transition(
+                row["id"], state, expect=[JobState.RUNNING], exit_code=exit_code, error=error,
+                finished_at=at, detail=error or "exit code 0",
+            )
+        except DopqError:
+            pass
+        self._charge(self.clock())
+        self._release(row["id"])
+        self._changed()
+
+    def _collect(self, job_id: int, cid: str) -> None:
+        """Save a finished container's log, then remove it (worker thread)."""
+        try:
+            path = self.run_log_path(job_id)
+            if not path.exists():
+                cap = self.settings.bytes_of("docker.log_max_bytes")
+                tmp = path.with_suffix(".tmp")
+                self.runtime.save_logs(cid, tmp, cap)
+                tmp.replace(path)
+            if self.settings.docker.remove_containers:
+                self.runtime.remove(cid)
+        except Exception:  # noqa: BLE001
+            log.warning("job %s: collecting container failed\n%s", job_id, traceback.format_exc())
+
+    def run_log_path(self, job_id: int) -> Path:
+        return self.settings.state_path / "jobs" / str(job_id) / "run.log"
+
+    # -- limits, cancels ----------------------------------------------------------------------
+    def _enforce_limits(self, now: float) -> None:
+        deadline: float | None = None
+        for job_id, row in list(self._running.items()):
+            limit = row["time_limit"]
+            if not limit or not row["started_at"] or job_id in self._stopping_jobs:
+                continue
+            end = row["started_at"] + limit
+            if end <= now:
+                self.store.update_job(job_id, error=TIMEOUT)
+                row["error"] = TIMEOUT
+                self._stop_job(job_id, row)
+            else:
+                deadline = end if deadline is None else min(deadline, end)
+        self._next_deadline = deadline
+
+    def cancel(self, job_id: int, by: str) -> JobRow:
+        """Cancel a queued or running job (called from API threads)."""
+        row = self.store.job(job_id)
+        state = JobState(row["state"])
+        reason = f"{CANCELLED_PREFIX} by {by}"
+        if state in (JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED):
+            row = self.store.transition(
+                job_id, JobState.CANCELLED, expect=[state], error=reason, detail=reason
+            )
+            self.wake()
+            return row
+        if state == JobState.RUNNING:
+            self.store.update_job(job_id, error=reason)
+            with self._cond:
+                live = self._running.get(job_id)
+                if live is not None:
+                    live["error"] = reason
+            self._stop_job(job_id, row)
+            return self.store.job(job_id)
+        raise Conflict(f"job {job_id} already ended ({state.value})")
+
+    def _stop_job(self, job_id: int, row: JobRow) -> None:
+        self._stopping_jobs.add(job_id)
+        ref = row.get("container") or f"{self.instance}-{job_id}"
+        self._workers.submit(self._stop_container, ref)
+
+    def _stop_container(self, ref: str) -> None:
+        try:
+            self.runtime.stop(ref, self.settings.docker.stop_grace)
+        except Exception:  # noqa: BLE001
+            log.warning("stopping %s failed\n%s", ref, traceback.format_exc())
+        st = self.runtime.status(ref)
+        if st is not None and not st.running:
+            self.container_exited(st.id)
+
+    # -- usage ----------------------------------------------------------------------------------
+    def _charge(self, now: float) -> None:
+        rates: dict[str, float] = {}
+        frac = self.settings.policy.cpu_fraction
+        for row in self._running.values():
+            rate = float(row["num_gpus"]) if row["num_gpus"] else frac
+            rates[row["user"]] = rates.get(row["user"], 0.0) + rate
+        self.ledger.advance(now, rates)
+        if now - self._last_usage_save >= USAGE_SAVE_EVERY:
+            self._save_usage(now)
+
+    def _save_usage(self, now: float) -> None:
+        self.store.save_usage(self.ledger.to_rows(), replace=True)
+        self._last_usage_save = now
+
+    def reset_usage(self, user: str | None) -> None:
+        with self._cond:
+            self.ledger.reset(user)
+            self._save_usage(self.clock())
+        self.wake()
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _refresh_queued(self, full: bool = False) -> None:
+        rows = self.store.jobs([JobState.QUEUED])
+        self._queued = {r["id"]: queued_job(r) for r in rows}
+
+    def cluster_state(self, now: float) -> policy_mod.ClusterState:
+        running = [running_job(r) for r in self._running.values()]
+        deps: set[int] = set()
+        for q in self._queued.values():
+            deps.update(q.after)
+            deps.update(q.after_any)
+        history: list[str] = []
+        if self.settings.policy.policy == "recency":
+            rows = self.store.read(
+                "SELECT user FROM jobs WHERE state IN ('succeeded','failed','cancelled')"
+                " AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1000"
+            )
+            history = [r["user"] for r in rows]
+        self.pool.set_external(self._external - set(self.pool.held()))
+        users = {q.user for q in self._queued.values()} | {r.user for r in running}
+        usage = {u: self.ledger.value(u, now) for u in set(self.ledger.users()) | users}
+        return policy_mod.ClusterState(
+            queued=list(self._queued.values()), running=running, free_gpus=self.pool.free(),
+            usage=usage, finished_states=self.store.final_states(deps), history=history,
+        )
+
+    def _schedule(self, now: float) -> None:
+        cfg = policy_config(self.settings, self.shares)
+        state = self.cluster_state(now)
+        decision = policy_mod.decide(state, now, cfg)
+        with self.decision_lock:
+            self.last_decision = decision
+        for job_id, reason in decision.fail:
+            try:
+                self.store.transition(
+                    job_id, JobState.FAILED, expect=[JobState.QUEUED], error=reason, detail=reason
+                )
+            except DopqError:
+                pass
+            self._queued.pop(job_id, None)
+        started = False
+        for job_id, gpus in decision.starts:
+            if self._start(job_id, list(gpus)):
+                started = True
+        if started or decision.fail:
+            self._changed()
+
+    def _start(self, job_id: int, gpus: list[int]) -> bool:
+        name = f"{self.instance}-{job_id}"
+        now = self.clock()
+        try:
+            self.pool.acquire(job_id, gpus)
+        except Conflict as exc:
+            log.error("job %s: %s", job_id, exc)
+            return False
+        try:
+            row = self.store.transition(
+                job_id, JobState.RUNNING, expect=[JobState.QUEUED], gpus=gpus, container=name,
+                started_at=now, detail="gpus " + (",".join(map(str, gpus)) or "none"),
+            )
+        except DopqError:
+            self.pool.release(job_id)
+            self._queued.pop(job_id, None)
+            return False
+        self._queued.pop(job_id, None)
+        self._running[job_id] = row
+        try:
+            cid = self.runtime.run(self.container_spec(row, gpus))
+        except EngineUnavailable:
+            self._requeue(row, "engine unavailable")
+            raise
+        except DopqError as exc:
+            error = f"start failed: {exc}"
+            self.store.transition(
+                job_id, JobState.FAILED, expect=[JobState.RUNNING], error=error, detail=error
+            )
+            self._release(job_id)
+            self.runtime.remove(name)
+            return True
+        self.store.update_job(job_id, container=cid)
+        row["container"] = cid
+        return True
+
+    def container_spec(self, row: JobRow, gpus: list[int]) -> ContainerSpec:
+        s = self.settings
+        spec: dict[str, Any] = row["spec"] or {}
+        user = row["user"]
+        outdir = s.state_path / "outputs" / user / str(row["id"])
+        outdir.mkdir(parents=True, exist_ok=True)
+        binds = {str(outdir): {"bind": "/outdir", "mode": "rw"}}
+        for m in s.mounts:
+            binds[m.source] = {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
+        env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+        run_params: dict[str, Any] = spec.get("run_params") or {}
+        env.update({str(k): str(v) for k, v in (run_params.get("environment") or {}).items()})
+        env["DOPQ_JOB_ID"] = str(row["id"])
+        env["DOPQ_GPUS"] = ",".join(str(g) for g in gpus)
+        env["DOPQ_USER"] = user
+        if row["array_index"] is not None:
+            env["DOPQ_ARRAY_INDEX"] = str(row["array_index"])
+            env["DOPQ_ARRAY_JOB_ID"] = str(row["array_parent"])
+        memory = spec.get("memory") or s.bytes_of("limits.default_memory")
+        cpus = spec.get("cpus") or s.limits.default_cpus
+        shm = spec.get("shm_size") or s.bytes_of("limits.default_shm")
+        return ContainerSpec(
+            name=f"{self.instance}-{row['id']}",
+            image=row["image"],
+            labels={LABEL_JOB: str(row["id"]), LABEL_INSTANCE: self.instance, LABEL_USER: user},
+            env=env,
+            command=spec.get("command") or run_params.get("command"),
+            entrypoint=run_params.get("entrypoint"),
+            working_dir=run_params.get("working_dir"),
+            user=run_params.get("user"),
+            mem_limit=int(memory),
+            nano_cpus=int(float(cpus) * 1e9),
+            shm_size=int(shm),
+            pids_limit=s.docker.pids_limit,
+            network=s.docker.network,
+            binds=binds,
+            gpus=gpus,
+            gpu_mode=self.gpu_mode,
+            cap_add=list(s.docker.cap_add),
+            read_only=s.docker.read_only_rootfs,
+            log_max_bytes=s.bytes_of("docker.log_max_bytes"),
+            tty=bool(run_params.get("tty", False)),
+            stop_signal=run_params.get("stop_signal"),
+        )
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # noqa: BLE001
+                pass

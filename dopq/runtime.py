@@ -1,0 +1,427 @@
+"""The one seam around the Docker engine: ``ContainerRuntime``.
+
+Everything DoPQ does with Docker goes through this class (builds, loads,
+starting, watching, stopping and cleaning containers), so the queue thread can
+be unit-tested with a fake runtime and nothing else imports ``docker``.
+Errors from the engine come out as ``EngineUnavailable`` (engine down) or
+``BuildFailed`` (a build); other Docker API errors are ``DopqError``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest, LogConfig, Ulimit
+
+from dopq.errors import BuildFailed, DopqError, EngineUnavailable
+
+LABEL_JOB = "dopq.job"
+LABEL_INSTANCE = "dopq.instance"
+LABEL_USER = "dopq.user"
+LABEL_CONTEXT = "dopq.context"
+
+
+@dataclass
+class ContainerSpec:
+    """What the queue thread asks the engine to run for one job."""
+
+    name: str
+    image: str
+    labels: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)
+    command: list[str] | str | None = None
+    entrypoint: list[str] | str | None = None
+    working_dir: str | None = None
+    user: str | None = None
+    mem_limit: int | None = None
+    nano_cpus: int | None = None
+    shm_size: int | None = None
+    pids_limit: int | None = None
+    network: str = "none"
+    binds: dict[str, dict[str, str]] = field(default_factory=dict)
+    gpus: list[int] = field(default_factory=list)
+    gpu_mode: str = "env"  # nvidia: DeviceRequest; env: NVIDIA_VISIBLE_DEVICES only
+    cap_add: list[str] = field(default_factory=list)
+    read_only: bool = False
+    log_max_bytes: int | None = None
+    tty: bool = False
+    stop_signal: str | None = None
+
+
+@dataclass
+class ContainerStatus:
+    id: str
+    name: str
+    job_id: int | None
+    running: bool
+    exit_code: int | None
+    oom_killed: bool
+    started_at: float | None
+    finished_at: float | None
+    pids: list[int] = field(default_factory=list)
+
+
+def _ts(text: str | None) -> float | None:
+    """Docker's RFC 3339 nano timestamps to epoch seconds (zero time -> None)."""
+    if not text or text.startswith("0001-"):
+        return None
+    main, _, frac = text.rstrip("Z").partition(".")
+    frac = "".join(c for c in frac if c.isdigit())[:6]
+    base = dt.datetime.fromisoformat(main).replace(tzinfo=dt.UTC)
+    return base.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+def _engine_error(exc: Exception) -> DopqError:
+    if isinstance(exc, docker.errors.APIError):
+        return DopqError(f"docker: {exc.explanation or exc}")
+    return EngineUnavailable(f"Docker engine unavailable: {exc.__class__.__name__}")
+
+
+_CONNECTION_ERRORS = (requests.exceptions.ConnectionError, docker.errors.DockerException, OSError)
+
+
+class ContainerRuntime:
+    """Docker engine access through docker-py's low-level API client."""
+
+    def __init__(self, base_url: str = "unix:///var/run/docker.sock", timeout: int = 60) -> None:
+        self.base_url = base_url
+        self._timeout = timeout
+        self._local = threading.local()
+
+    @property
+    def api(self) -> docker.APIClient:
+        # One HTTP client per thread: requests sessions are not thread-safe.
+        client = getattr(self._local, "api", None)
+        if client is None:
+            try:
+                client = docker.APIClient(
+                    base_url=self.base_url, timeout=self._timeout, version="auto"
+                )
+            except docker.errors.DockerException as exc:
+                raise EngineUnavailable(f"Docker engine unavailable: {exc}") from None
+            self._local.api = client
+        return client
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except docker.errors.NotFound:
+            raise
+        except docker.errors.APIError as exc:
+            raise _engine_error(exc) from None
+        except _CONNECTION_ERRORS as exc:
+            self._local.api = None
+            raise _engine_error(exc) from None
+
+    # -- engine -------------------------------------------------------------
+    def ping(self) -> bool:
+        try:
+            return bool(self._call(self.api.ping))
+        except DopqError:
+            return False
+
+    def has_nvidia_runtime(self) -> bool:
+        info = self._call(self.api.info)
+        return "nvidia" in (info.get("Runtimes") or {})
+
+    # -- images ---------------------------------------------------------------
+    def build(
+        self,
+        context: Path,
+        tag: str,
+        labels: dict[str, str],
+        on_log: Callable[[str], None],
+        timeout: float = 3600.0,
+    ) -> str:
+        """Build ``context/Dockerfile``; every chunk goes to ``on_log``."""
+        image_id: str | None = None
+        last_lines: list[str] = []
+        try:
+            api = docker.APIClient(base_url=self.base_url, timeout=int(timeout), version="auto")
+            stream = api.build(
+                path=str(context), dockerfile="Dockerfile", tag=tag, labels=labels,
+                rm=True, forcerm=True, pull=False, decode=True,
+            )
+            for chunk in stream:
+                text = _chunk_text(chunk)
+                if text:
+                    on_log(text)
+                    last_lines = (last_lines + text.splitlines())[-20:]
+                if "error" in chunk:
+                    raise BuildFailed(str(chunk["error"]).strip().splitlines()[-1][:300],
+                                      "\n".join(last_lines))
+                aux = chunk.get("aux")
+                if isinstance(aux, dict) and "ID" in aux:
+                    image_id = aux["ID"]
+            api.close()
+        except docker.errors.APIError as exc:
+            raise BuildFailed(str(exc.explanation or exc)[:300], "\n".join(last_lines)) from None
+        except _CONNECTION_ERRORS as exc:
+            raise EngineUnavailable(f"Docker engine unavailable during build: {exc}") from None
+        if image_id is None:
+            image_id = self._call(self.api.inspect_image, tag)["Id"]
+        return str(image_id)
+
+    def load(self, tar: Path, tag: str, on_log: Callable[[str], None]) -> str:
+        """``docker load`` an image archive and tag its (first) image as ``tag``."""
+        loaded: list[str] = []
+        with tar.open("rb") as fh:
+            for chunk in self._call(self.api.load_image, fh):
+                text = _chunk_text(chunk)
+                if text:
+                    on_log(text)
+                if "error" in chunk:
+                    raise BuildFailed(f"image.tar: {chunk['error']}")
+                stream = str(chunk.get("stream", ""))
+                for prefix in ("Loaded image ID: ", "Loaded image: "):
+                    if stream.startswith(prefix):
+                        loaded.append(stream[len(prefix):].strip())
+        if not loaded:
+            raise BuildFailed("image.tar: no image found in the archive")
+        image_id = str(self._call(self.api.inspect_image, loaded[0])["Id"])
+        repo, _, version = tag.rpartition(":")
+        self._call(self.api.tag, image_id, repo, version)
+        return image_id
+
+    def image_exists(self, ref: str) -> bool:
+        try:
+            self._call(self.api.inspect_image, ref)
+            return True
+        except docker.errors.NotFound:
+            return False
+
+    def tag(self, image_id: str, tag: str) -> None:
+        repo, _, version = tag.rpartition(":")
+        self._call(self.api.tag, image_id, repo, version)
+
+    def remove_image(self, ref: str) -> bool:
+        """Remove an image; False when it is in use or gone."""
+        try:
+            self._call(self.api.remove_image, ref, force=False, noprune=False)
+            return True
+        except (docker.errors.NotFound, DopqError):
+            return False
+
+    def images_by_label(self, label: str) -> list[dict[str, Any]]:
+        return list(self._call(self.api.images, filters={"label": label}))
+
+    # -- containers -------------------------------------------------------------
+    def run(self, spec: ContainerSpec) -> str:
+        """Create and start a container; return its id."""
+        api = self.api
+        env = dict(spec.env)
+        device_requests = None
+        if spec.gpus and spec.gpu_mode == "nvidia":
+            device_requests = [
+                DeviceRequest(driver="nvidia", device_ids=[str(g) for g in spec.gpus],
+                              capabilities=[["gpu"]])
+            ]
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus) or "void"
+        log_config = None
+        if spec.log_max_bytes:
+            log_config = LogConfig(
+                type="json-file", config={"max-size": str(spec.log_max_bytes), "max-file": "1"}
+            )
+        host_config = api.create_host_config(
+            binds=spec.binds or None,
+            mem_limit=spec.mem_limit,
+            memswap_limit=spec.mem_limit,
+            nano_cpus=spec.nano_cpus,
+            shm_size=spec.shm_size,
+            pids_limit=spec.pids_limit,
+            network_mode=spec.network,
+            device_requests=device_requests,
+            cap_drop=["ALL"],
+            cap_add=spec.cap_add or None,
+            security_opt=["no-new-privileges"],
+            read_only=spec.read_only,
+            log_config=log_config,
+            ulimits=[Ulimit(name="core", soft=0, hard=0)],
+            init=True,
+        )
+        created = self._call(
+            api.create_container,
+            image=spec.image,
+            command=spec.command,
+            entrypoint=spec.entrypoint,
+            working_dir=spec.working_dir,
+            user=spec.user,
+            name=spec.name,
+            environment=env,
+            labels=spec.labels,
+            host_config=host_config,
+            tty=spec.tty,
+            stop_signal=spec.stop_signal,
+            network_disabled=spec.network == "none",
+        )
+        cid = str(created["Id"])
+        try:
+            self._call(api.start, cid)
+        except docker.errors.NotFound as exc:
+            raise DopqError(f"docker: {exc.explanation or exc}") from None
+        return cid
+
+    def status(self, ref: str) -> ContainerStatus | None:
+        try:
+            info = self._call(self.api.inspect_container, ref)
+        except docker.errors.NotFound:
+            return None
+        return _status(info)
+
+    def list(self, instance: str) -> list[ContainerStatus]:
+        """All containers (running or not) labelled as this DoPQ instance's."""
+        rows = self._call(
+            self.api.containers, all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}
+        )
+        out = []
+        for row in rows:
+            st = self.status(row["Id"])
+            if st is not None:
+                out.append(st)
+        return out
+
+    def foreign_gpu_envs(self, instance: str) -> list[tuple[list[str], list[str]]]:
+        """(env, device ids) of running containers that this instance did not start."""
+        out = []
+        for row in self._call(self.api.containers):
+            if (row.get("Labels") or {}).get(LABEL_INSTANCE) == instance:
+                continue
+            try:
+                info = self._call(self.api.inspect_container, row["Id"])
+            except docker.errors.NotFound:
+                continue
+            env = info.get("Config", {}).get("Env") or []
+            ids: list[str] = []
+            for req in info.get("HostConfig", {}).get("DeviceRequests") or []:
+                if req.get("Count") == -1:
+                    ids.append("all")
+                ids.extend(req.get("DeviceIDs") or [])
+            out.append((list(env), ids))
+        return out
+
+    def stop(self, ref: str, grace: float) -> None:
+        """SIGTERM (or the image's stop signal), then SIGKILL after ``grace``."""
+        try:
+            self._call(self.api.stop, ref, timeout=max(0, int(round(grace))))
+        except docker.errors.NotFound:
+            pass
+
+    def kill(self, ref: str) -> None:
+        try:
+            self._call(self.api.kill, ref)
+        except (docker.errors.NotFound, DopqError):
+            pass
+
+    def remove(self, ref: str) -> None:
+        try:
+            self._call(self.api.remove_container, ref, force=True)
+        except docker.errors.NotFound:
+            pass
+
+    def logs(self, ref: str, *, tail: int | str = "all") -> bytes:
+        try:
+            return bytes(self._call(self.api.logs, ref, stdout=True, stderr=True, tail=tail))
+        except docker.errors.NotFound:
+            return b""
+
+    def save_logs(self, ref: str, path: Path, cap: int) -> int:
+        """Write the container's output to ``path`` (at most ``cap`` bytes)."""
+        written = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            stream = self._call(self.api.logs, ref, stdout=True, stderr=True, stream=True)
+            with path.open("wb") as fh:
+                for chunk in stream:
+                    room = cap - written
+                    if room <= 0:
+                        fh.write(b"\n[dopq: log truncated]\n")
+                        break
+                    fh.write(chunk[:room])
+                    written += min(len(chunk), room)
+        except docker.errors.NotFound:
+            pass
+        return written
+
+    def stats(self, ref: str) -> dict[str, float] | None:
+        """One sample of CPU (percent of one core) and memory use, or None."""
+        try:
+            s = self._call(self.api.stats, ref, stream=False, one_shot=True)
+        except (docker.errors.NotFound, DopqError):
+            return None
+        mem = float((s.get("memory_stats") or {}).get("usage") or 0)
+        return {"memory": mem, "cpu": _cpu_percent(s)}
+
+    def events(self, instance: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
+        """Container ``die`` events of this instance, until ``stop`` is set.
+
+        The stream is read with a short timeout so ``stop`` is honoured; the
+        caller reconnects when the engine goes away (``EngineUnavailable``).
+        """
+        api = docker.APIClient(base_url=self.base_url, timeout=None, version="auto")
+        try:
+            since = None
+            while not stop.is_set():
+                until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+                stream = api.events(
+                    since=since, until=until, decode=True,
+                    filters={"type": "container", "event": ["die", "oom"],
+                             "label": f"{LABEL_INSTANCE}={instance}"},
+                )
+                for ev in stream:
+                    yield ev
+                since = until
+        except _CONNECTION_ERRORS as exc:
+            raise EngineUnavailable(f"Docker engine unavailable: {exc}") from None
+        finally:
+            api.close()
+
+
+def _chunk_text(chunk: dict[str, Any]) -> str:
+    if "stream" in chunk:
+        return str(chunk["stream"])
+    if "status" in chunk:
+        return str(chunk["status"]) + "\n"
+    if "error" in chunk:
+        return "ERROR: " + str(chunk["error"]) + "\n"
+    if "aux" in chunk:
+        return ""
+    return json.dumps(chunk) + "\n"
+
+
+def _status(info: dict[str, Any]) -> ContainerStatus:
+    state = info.get("State") or {}
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    job = labels.get(LABEL_JOB)
+    running = bool(state.get("Running")) or state.get("Status") in ("created", "restarting")
+    return ContainerStatus(
+        id=str(info["Id"]),
+        name=str(info.get("Name", "")).lstrip("/"),
+        job_id=int(job) if job and job.isdigit() else None,
+        running=running,
+        exit_code=None if running else int(state.get("ExitCode", -1)),
+        oom_killed=bool(state.get("OOMKilled")),
+        started_at=_ts(state.get("StartedAt")),
+        finished_at=None if running else _ts(state.get("FinishedAt")),
+        pids=[int(state["Pid"])] if state.get("Pid") else [],
+    )
+
+
+def _cpu_percent(s: dict[str, Any]) -> float:
+    try:
+        cpu = s["cpu_stats"]["cpu_usage"]["total_usage"] - s["precpu_stats"]["cpu_usage"][
+            "total_usage"
+        ]
+        system = s["cpu_stats"]["system_cpu_usage"] - s["precpu_stats"]["system_cpu_usage"]
+        ncpu = s["cpu_stats"].get("online_cpus") or 1
+        return round(100.0 * cpu / system * ncpu, 1) if system > 0 else 0.0
+    except (KeyError, TypeError):
+        return 0.0
