@@ -86,18 +86,20 @@ class PriorityQueueThread(threading.Thread):
         self.clock = clock
         self.pool = GpuPool(gpu_indices)
         self.instance = settings.docker.name_prefix
-        self.ledger = UsageLedger.from_rows(store.load_usage())
+        self.ledger = UsageLedger(settings.policy.half_life, store.load_usage())
         self._cond = threading.Condition()
         self._dirty = True
         self._exited: list[str] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
         self._queued: dict[int, policy_mod.QueuedJob] = {}
         self._running: dict[int, JobRow] = {}
         self._stopping_jobs: set[int] = set()
+        self._collecting: set[int] = set()
         self._last_reconcile = 0.0
         self._last_usage_save = 0.0
         self._next_deadline: float | None = None
+        self._policy_wakeup: float | None = None
         self._external: set[int] = set()
         self.paused = False
         self.engine_up = True
@@ -127,18 +129,19 @@ class PriorityQueueThread(threading.Thread):
                 self._cond.notify()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.wake()
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> None:
         self.recover()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             with self._cond:
                 if not self._dirty:
                     timeout = RECONCILE_EVERY
-                    if self._next_deadline is not None:
-                        timeout = min(timeout, max(0.0, self._next_deadline - self.clock()))
+                    for t in (self._next_deadline, self._policy_wakeup):
+                        if t is not None:
+                            timeout = min(timeout, max(0.0, t - self.clock()))
                     self._cond.wait(timeout)
                 self._dirty = False
                 exited, self._exited = self._exited, []
@@ -147,10 +150,10 @@ class PriorityQueueThread(threading.Thread):
             except EngineUnavailable as exc:
                 self.engine_up = False
                 log.warning("%s", exc)
-                self._stop.wait(1.0)
+                self._halt.wait(1.0)
             except Exception:  # noqa: BLE001 - the queue thread must not die
                 log.error("queue step failed\n%s", traceback.format_exc())
-                self._stop.wait(0.5)
+                self._halt.wait(0.5)
         self._save_usage(self.clock())
         self._workers.shutdown(wait=True)
 
@@ -233,13 +236,7 @@ class PriorityQueueThread(threading.Thread):
     def _release(self, job_id: int) -> None:
         self._running.pop(job_id, None)
         self._stopping_jobs.discard(job_id)
-        if self.pool.of(job_id):
-            self.pool.release(job_id)
-        else:
-            try:
-                self.pool.release(job_id)
-            except (KeyError, DopqError):
-                pass
+        self.pool.release(job_id)
 
     # -- exits -------------------------------------------------------------------------------
     def _finish_container(self, cid: str) -> None:
@@ -291,6 +288,10 @@ class PriorityQueueThread(threading.Thread):
 
     def _collect(self, job_id: int, cid: str) -> None:
         """Save a finished container's log, then remove it (worker thread)."""
+        with self._cond:
+            if job_id in self._collecting:
+                return
+            self._collecting.add(job_id)
         try:
             path = self.run_log_path(job_id)
             if not path.exists():
@@ -302,6 +303,9 @@ class PriorityQueueThread(threading.Thread):
                 self.runtime.remove(cid)
         except Exception:  # noqa: BLE001
             log.warning("job %s: collecting container failed\n%s", job_id, traceback.format_exc())
+        finally:
+            with self._cond:
+                self._collecting.discard(job_id)
 
     def run_log_path(self, job_id: int) -> Path:
         return self.settings.state_path / "jobs" / str(job_id) / "run.log"
@@ -397,11 +401,11 @@ class PriorityQueueThread(threading.Thread):
             )
             history = [r["user"] for r in rows]
         self.pool.set_external(self._external - set(self.pool.held()))
-        users = {q.user for q in self._queued.values()} | {r.user for r in running}
-        usage = {u: self.ledger.value(u, now) for u in set(self.ledger.users()) | users}
+        usage = self.ledger.snapshot(now)
         return policy_mod.ClusterState(
             queued=list(self._queued.values()), running=running, free_gpus=self.pool.free(),
             usage=usage, finished_states=self.store.final_states(deps), history=history,
+            total_gpus=len(self.pool.total),
         )
 
     def _schedule(self, now: float) -> None:
@@ -410,6 +414,7 @@ class PriorityQueueThread(threading.Thread):
         decision = policy_mod.decide(state, now, cfg)
         with self.decision_lock:
             self.last_decision = decision
+        self._policy_wakeup = decision.next_wakeup
         for job_id, reason in decision.fail:
             try:
                 self.store.transition(
@@ -457,8 +462,7 @@ class PriorityQueueThread(threading.Thread):
             self._release(job_id)
             self.runtime.remove(name)
             return True
-        self.store.update_job(job_id, container=cid)
-        row["container"] = cid
+        log.debug("job %s started as %s", job_id, cid[:12])
         return True
 
     def container_spec(self, row: JobRow, gpus: list[int]) -> ContainerSpec:

@@ -1,0 +1,436 @@
+"""The Controller: DoPQ's public API, served with Pyro5.
+
+``Controller`` is a thin, exposed class: it finds out who calls (the token
+sent as the ``TOKN`` message annotation), forwards to the ``DataPlatform``
+and returns only dicts, lists, strings and numbers. Unexpected errors are
+logged and reach the client as a one-line ``DopqError``; DoPQ's own errors
+reach it as their own classes (registered with Pyro5's serializer here).
+
+``serve()`` runs a server: Pyro5 daemon, name-server registration (embedded
+name server when none answers), and a registrar that registers again when the
+name server comes back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import Pyro5.api
+
+import Pyro5.errors
+import Pyro5.nameserver
+import serpent
+from Pyro5.serializers import SerializerBase
+
+from dopq import __version__, errors
+from dopq.auth import Principal, RateLimiter, Role, check_username
+from dopq.errors import DopqError, NotAuthenticated
+from dopq.platform import DataPlatform
+from dopq.settings import Settings
+
+log = logging.getLogger("dopq.api")
+
+TOKEN_ANNOTATION = "TOKN"
+MAX_MESSAGE_SIZE = 16 * 2**20
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- error classes across the wire ----------------------------------------------------
+def _error_from_dict(classname: str, data: dict[str, Any]) -> Exception:
+    cls = next(c for c in errors.ALL_ERRORS if f"dopq.errors.{c.__name__}" == classname)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *data.get("args", ()))
+    for key, value in (data.get("attributes") or {}).items():
+        setattr(exc, key, value)
+    if not hasattr(exc, "message"):
+        exc.message = str(data.get("args", [""])[0] if data.get("args") else "")
+    return exc
+
+
+def register_errors() -> None:
+    for cls in errors.ALL_ERRORS:
+        SerializerBase.register_dict_to_class(f"dopq.errors.{cls.__name__}", _error_from_dict)
+
+
+register_errors()
+
+
+def configure_pyro() -> None:
+    Pyro5.api.config.SERVERTYPE = "thread"
+    Pyro5.api.config.THREADPOOL_SIZE = 200
+    Pyro5.api.config.MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE
+    Pyro5.api.config.COMMTIMEOUT = 0.0
+    Pyro5.api.config.DETAILED_TRACEBACK = False
+
+
+def to_bytes(data: Any) -> bytes:
+    if isinstance(data, bytes | bytearray):
+        return bytes(data)
+    if isinstance(data, dict):
+        return bytes(serpent.tobytes(data))
+    raise DopqError("upload data must be bytes")
+
+
+def api_call(fn: F) -> F:
+    """Turn unexpected exceptions into a one-line DopqError; log the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DopqError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise DopqError(f"bad arguments to {fn.__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001
+            log.error("API %s failed\n%s", fn.__name__, traceback.format_exc())
+            raise DopqError(f"internal error in {fn.__name__}: {exc.__class__.__name__}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@Pyro5.api.expose
+@Pyro5.api.behavior(instance_mode="single")
+class Controller:
+    """The remote API. Every method but ``ping`` and ``login`` needs a token."""
+
+    def __init__(self, platform: DataPlatform) -> None:
+        self._p = platform
+        s = platform.settings
+        self._limiter = RateLimiter(s.users.login_attempts, s.users.login_window)
+        self._limiter_lock = threading.Lock()
+
+    # -- who is calling ---------------------------------------------------------------
+    def _token(self) -> str:
+        ann = getattr(Pyro5.api.current_context, "annotations", None) or {}
+        raw = ann.get(TOKEN_ANNOTATION, b"")
+        try:
+            return bytes(raw).decode("ascii")
+        except (UnicodeDecodeError, TypeError):
+            return ""
+
+    def _who(self) -> Principal:
+        return self._p.users.principal_for(self._token())
+
+    def _client_addr(self) -> str:
+        addr = getattr(Pyro5.api.current_context, "client_sock_addr", None)
+        return str(addr[0]) if addr else "?"
+
+    # -- session ---------------------------------------------------------------------
+    @api_call
+    def ping(self) -> dict[str, Any]:
+        return {"name": self._p.settings.server_name, "version": __version__}
+
+    @api_call
+    def login(self, user: str, password: str) -> dict[str, Any]:
+        name = check_username(str(user))
+        now = time.time()
+        keys = (f"user:{name}", f"addr:{self._client_addr()}")
+        with self._limiter_lock:
+            for key in keys:
+                self._limiter.check(key, now)
+        try:
+            who = self._p.users.authenticate(name, str(password))
+        except NotAuthenticated:
+            with self._limiter_lock:
+                for key in keys:
+                    self._limiter.fail(key, now)
+            raise
+        with self._limiter_lock:
+            self._limiter.reset(keys[0])
+        token, expires = self._p.users.issue_token(who.name, self._p.settings.users.token_ttl)
+        return {"token": token, "user": who.name, "role": who.role.value, "expires_at": expires}
+
+    @api_call
+    def logout(self) -> dict[str, Any]:
+        self._who()
+        self._p.users.revoke(self._token())
+        return {"logged_out": True}
+
+    @api_call
+    def whoami(self) -> dict[str, Any]:
+        who = self._who()
+        return {"user": who.name, "role": who.role.value}
+
+    # -- submission -------------------------------------------------------------------
+    @api_call
+    def submit_begin(self, size: int, options: dict[str, Any] | None = None) -> str:
+        if options is not None and not isinstance(options, dict):
+            raise DopqError("options must be a dict")
+        return self._p.begin_upload(self._who(), int(size), dict(options or {}))
+
+    @api_call
+    def submit_chunk(self, upload_id: str, data: Any) -> int:
+        return self._p.upload_chunk(self._who(), str(upload_id), to_bytes(data))
+
+    @api_call
+    def submit_finish(self, upload_id: str) -> dict[str, Any]:
+        return self._p.finish_upload(self._who(), str(upload_id))
+
+    @api_call
+    def submit_abort(self, upload_id: str) -> dict[str, Any]:
+        self._p.abort_upload(self._who(), str(upload_id))
+        return {"aborted": upload_id}
+
+    # -- views --------------------------------------------------------------------------
+    @api_call
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._p.job(self._who(), int(job_id))
+
+    @api_call
+    def queue(self) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.queued()
+
+    @api_call
+    def running(self) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.running()
+
+    @api_call
+    def history(self, limit: int = 200, user: str | None = None) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.history(int(limit), check_username(user) if user else None)
+
+    @api_call
+    def status(self) -> dict[str, Any]:
+        self._who()
+        return self._p.status()
+
+    @api_call
+    def users(self) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.user_stats()
+
+    @api_call
+    def priority(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.priorities(None if job_id is None else int(job_id))
+
+    @api_call
+    def snapshot(self, history_limit: int = 200) -> dict[str, Any]:
+        """The five views the GUI shows, in one call."""
+        who = self._who()
+        return {
+            "whoami": {"user": who.name, "role": who.role.value},
+            "running": self._p.running(),
+            "queued": self._p.queued(),
+            "finished": self._p.history(int(history_limit)),
+            "users": self._p.user_stats(),
+            "system": self._p.status(),
+        }
+
+    @api_call
+    def logs(
+        self, job_id: int, kind: str = "run", offset: int = 0, limit: int = 1 << 20
+    ) -> dict[str, Any]:
+        return self._p.logs(self._who(), int(job_id), str(kind), int(offset), int(limit))
+
+    # -- commands ---------------------------------------------------------------------------
+    @api_call
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return self._p.cancel(self._who(), int(job_id))
+
+    @api_call
+    def edit(self, ids: list[int], action: str, value: Any = None) -> dict[str, Any]:
+        if not isinstance(ids, list | tuple):
+            raise DopqError("ids must be a list of job ids")
+        return self._p.edit_queued(self._who(), ids, str(action), value)
+
+    @api_call
+    def clear_history(self, user: str | None = None) -> dict[str, Any]:
+        return self._p.clear_history(self._who(), user)
+
+    @api_call
+    def clear_status(self, user: str | None = None) -> dict[str, Any]:
+        return self._p.clear_status(self._who(), user)
+
+    @api_call
+    def shutdown(self, stop_running: bool = False) -> dict[str, Any]:
+        return self._p.request_shutdown(self._who(), bool(stop_running))
+
+    @api_call
+    def set_share(self, user: str, weight: float) -> dict[str, Any]:
+        return self._p.set_share(self._who(), check_username(user), float(weight))
+
+    @api_call
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        who = self._who()
+        self._p._admin(who, "audit")
+        return self._p.store.audit_log(int(limit))
+
+    # -- users (admins) ---------------------------------------------------------------------
+    @api_call
+    def user_list(self) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.users.list()
+
+    @api_call
+    def user_add(self, name: str, password: str, admin: bool = False) -> dict[str, Any]:
+        who = self._who()
+        self._p._admin(who, "user add")
+        self._p.users.add(name, str(password), Role.ADMIN if admin else Role.USER)
+        self._p._audit(who, "user add", f"{name} admin={bool(admin)}")
+        return {"user": check_username(name)}
+
+    @api_call
+    def user_remove(self, name: str) -> dict[str, Any]:
+        who = self._who()
+        self._p._admin(who, "user remove")
+        self._p.users.remove(name)
+        self._p._audit(who, "user remove", name)
+        return {"removed": check_username(name)}
+
+    @api_call
+    def user_passwd(self, name: str, password: str) -> dict[str, Any]:
+        who = self._who()
+        if check_username(name) != who.name:
+            self._p._admin(who, "changing another user's password")
+        self._p.users.set_password(name, str(password))
+        self._p._audit(who, "user passwd", name)
+        return {"user": check_username(name)}
+
+    @api_call
+    def revoke_tokens(self, name: str) -> dict[str, Any]:
+        who = self._who()
+        self._p._admin(who, "revoke tokens")
+        n = self._p.users.revoke_all(check_username(name))
+        self._p._audit(who, "revoke tokens", name)
+        return {"revoked": n}
+
+
+# -- serving -----------------------------------------------------------------------------------
+class Registrar(threading.Thread):
+    """Keeps ``dopq.<name>`` registered; registers again when the name server returns."""
+
+    def __init__(self, settings: Settings, uri: Any, stop: threading.Event) -> None:
+        super().__init__(name="dopq-registrar", daemon=True)
+        self.settings = settings
+        self.uri = uri
+        self._stop = stop
+        self.registered = threading.Event()
+
+    def _ns(self) -> Any:
+        ns = Pyro5.api.locate_ns(self.settings.nameserver.host, self.settings.nameserver.port)
+        ns._pyroTimeout = 3.0
+        return ns
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._ns() as ns:
+                    current = ns.list(prefix=self.settings.object_name).get(
+                        self.settings.object_name
+                    )
+                    if current != str(self.uri):
+                        ns.register(self.settings.object_name, self.uri, metadata={"dopq"})
+                        log.info("registered %s in the name server", self.settings.object_name)
+                self.registered.set()
+            except Pyro5.errors.PyroError:
+                self.registered.clear()
+            self._stop.wait(1.0)
+
+    def unregister(self) -> None:
+        try:
+            with self._ns() as ns:
+                ns.remove(self.settings.object_name)
+        except Pyro5.errors.PyroError:
+            pass
+
+
+def _name_server_answers(settings: Settings) -> bool:
+    try:
+        ns = Pyro5.api.locate_ns(settings.nameserver.host, settings.nameserver.port)
+        ns._pyroTimeout = 2.0
+        ns.ping()
+        ns._pyroRelease()
+        return True
+    except Pyro5.errors.PyroError:
+        return False
+
+
+def start_embedded_ns(settings: Settings, stop: threading.Event) -> Any:
+    _uri, ns_daemon, _bc = Pyro5.nameserver.start_ns(
+        host=settings.nameserver.host, port=settings.nameserver.port, enableBroadcast=False
+    )
+    t = threading.Thread(target=ns_daemon.requestLoop, name="dopq-nameserver", daemon=True)
+    t.start()
+    log.info("embedded name server on %s:%s", settings.nameserver.host, settings.nameserver.port)
+    return ns_daemon
+
+
+class Server:
+    """A running DoPQ server: platform, Pyro5 daemon, name server, registrar."""
+
+    def __init__(self, settings: Settings) -> None:
+        configure_pyro()
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.platform = DataPlatform(settings)
+        self.ns_daemon: Any = None
+        self.daemon: Any = None
+        self.registrar: Registrar | None = None
+        self._loop: threading.Thread | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        if s.server.host not in ("127.0.0.1", "localhost", "::1") and not s.server.tls_cert:
+            log.warning("binding to %s without TLS: tokens and jobs cross the network in the "
+                        "clear (set server.tls_cert and server.tls_key)", s.server.host)
+        embedded = s.nameserver.embedded
+        if embedded == "yes" or (embedded == "auto" and not _name_server_answers(s)):
+            self.ns_daemon = start_embedded_ns(s, self.stop_event)
+        self.platform.start()
+        self.daemon = Pyro5.api.Daemon(host=s.server.host, port=s.server.port)
+        uri = self.daemon.register(Controller(self.platform), objectId=s.object_name)
+        self.uri = uri
+        self._loop = threading.Thread(
+            target=self.daemon.requestLoop, name="dopq-daemon", daemon=True
+        )
+        self._loop.start()
+        self.registrar = Registrar(s, uri, self.stop_event)
+        self.registrar.start()
+        self.registrar.registered.wait(10)
+        log.info("DoPQ %s serving %s as %s", __version__, uri, s.object_name)
+
+    def wait(self) -> None:
+        """Block until a signal or a shutdown call."""
+        while not self.stop_event.is_set():
+            if self.platform.shutdown_requested.wait(0.5):
+                break
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.registrar is not None:
+            self.registrar.unregister()
+        self.platform.stop(stop_running=self.platform.stop_running_on_shutdown)
+        if self.daemon is not None:
+            self.daemon.shutdown()
+            self.daemon.close()
+        if self.ns_daemon is not None:
+            self.ns_daemon.shutdown()
+            self.ns_daemon.close()
+
+
+def serve(settings: Settings) -> int:
+    server = Server(settings)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: stopping", signum)
+        server.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print(f"dopq: server {settings.object_name} ready at {server.uri}", flush=True)
+    server.wait()
+    server.stop()
+    print("dopq: server stopped", flush=True)
+    return 0

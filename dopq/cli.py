@@ -1,0 +1,543 @@
+"""``dopq``: the command line. Commands parse arguments and call the client.
+
+Every listing command takes ``--json`` (JSON only on stdout). Errors are one
+line on stderr (``dopq: error: ...``) with exit status 1; usage errors 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dopq import __version__
+from dopq.errors import DopqError
+from dopq.jobs import format_duration
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _out(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def _table(rows: list[dict[str, Any]], cols: Sequence[tuple[str, str]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    text = [[_cell(r.get(key)) for key, _ in cols] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in text)) for i, (_, h) in enumerate(cols)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(cols, widths, strict=True)).rstrip())
+    for t in text:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v) or "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, str) and len(v) > 60:
+        return v[:57] + "..."
+    return str(v)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from dopq.client import Client
+
+    return Client(args.ns_host, args.ns_port, args.server)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from dopq import settings
+
+    return settings.load(args.config)
+
+
+def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
+    if getattr(args, "password_stdin", False):
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n")
+    pw = getpass.getpass(prompt)
+    if getattr(args, "confirm", False) and getpass.getpass("Again: ") != pw:
+        raise DopqError("passwords differ")
+    return pw
+
+
+# -- server side --------------------------------------------------------------------
+def cmd_server(args: argparse.Namespace) -> int:
+    from dopq.api import serve
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return serve(_settings(args))
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from dopq import settings
+
+    s = _settings(args)
+    if args.json:
+        _out(s.to_dict())
+    else:
+        print(settings.to_toml(s), end="")
+    return 0
+
+
+def _users_store(args: argparse.Namespace) -> Any:
+    from dopq.auth import Users
+    from dopq.store import Store
+
+    return Users(Store(_settings(args).db_path))
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from dopq.auth import Role
+
+    users = _users_store(args)
+    if args.action == "list":
+        rows = users.list()
+        if args.json:
+            _out(rows)
+        else:
+            _table(rows, [("name", "USER"), ("role", "ROLE"), ("share", "WEIGHT")])
+        return 0
+    if not args.name:
+        raise DopqError(f"user {args.action} needs a NAME")
+    if args.action == "add":
+        args.confirm = True
+        users.add(args.name, _read_password(args), Role.ADMIN if args.admin else Role.USER)
+        print(f"user {args.name.lower()} added" + (" (admin)" if args.admin else ""))
+    elif args.action == "passwd":
+        args.confirm = True
+        users.set_password(args.name, _read_password(args))
+        print(f"password of {args.name.lower()} changed; its tokens were revoked")
+    elif args.action == "remove":
+        users.remove(args.name)
+        print(f"user {args.name.lower()} removed")
+    elif args.action == "role":
+        users.set_role(args.name, Role.ADMIN if args.admin else Role.USER)
+        print(f"{args.name.lower()} is now {'admin' if args.admin else 'user'}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from dopq import simulate
+
+    return int(simulate.main(args.rest))
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    try:
+        from dopq.gui.app import main as gui_main
+    except ImportError as exc:
+        raise DopqError(f"the GUI needs PySide6: pip install 'dopq[gui]' ({exc})") from None
+    return int(gui_main(args))
+
+
+# -- client side --------------------------------------------------------------------
+def cmd_login(args: argparse.Namespace) -> int:
+    c = _client(args)
+    user = args.user or getpass.getuser()
+    result = c.login(user, _read_password(args))
+    print(f"signed in to {c.server_name()} as {result['user']} ({result['role']})")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    _client(args).logout()
+    print("signed out")
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    r = _client(args).call("whoami")
+    _out(r) if args.json else print(f"{r['user']} ({r['role']})")
+    return 0
+
+
+def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for key in ("user", "name", "memory", "time_limit", "shm_size", "array"):
+        v = getattr(args, key)
+        if v is not None:
+            opts[key] = v
+    if args.gpus is not None:
+        opts["gpus"] = args.gpus
+    if args.cpus is not None:
+        opts["cpus"] = args.cpus
+    if args.priority is not None:
+        opts["priority"] = args.priority
+    if args.after:
+        opts["after"] = [int(x) for x in args.after.split(",") if x]
+    if args.after_any:
+        opts["after_any"] = [int(x) for x in args.after_any.split(",") if x]
+    if args.env:
+        env = {}
+        for item in args.env:
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise DopqError(f"--env {item!r}: use KEY=VALUE")
+            env[k] = v
+        opts["env"] = env
+    if args.command:
+        opts["command"] = args.command
+    return opts
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    c = _client(args)
+    last = [0.0]
+
+    def progress(sent: int, total: int) -> None:
+        if args.json or not sys.stderr.isatty():
+            return
+        now = time.monotonic()
+        if now - last[0] > 0.1 or sent == total:
+            last[0] = now
+            print(f"\ruploading {sent * 100 // max(total, 1):3d}% ({sent}/{total} bytes)",
+                  end="", file=sys.stderr, flush=True)
+            if sent == total:
+                print(file=sys.stderr)
+
+    job = c.submit(args.path, _submit_options(args), progress)
+    if args.json:
+        _out({"id": job["id"], "state": job["state"], "user": job["user"]})
+    else:
+        print(f"submitted job {job['id']} ({job['user']})")
+    return 0
+
+
+QUEUE_COLS = [("position", "POS"), ("id", "ID"), ("name", "NAME"), ("user", "USER"),
+              ("state", "STATE"), ("num_gpus", "GPUS"), ("priority_value", "PRIORITY"),
+              ("reason", "REASON"), ("wait", "WAITING")]
+RUNNING_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("gpus", "GPUS"),
+                ("run", "RUNNING"), ("time_limit_h", "LIMIT"), ("container", "CONTAINER")]
+HISTORY_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("state", "STATE"),
+                ("exit_code", "EXIT"), ("run", "RAN"), ("finished_at", "FINISHED"),
+                ("error", "ERROR")]
+
+
+def _add_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in rows:
+        r["wait"] = format_duration(r.get("wait_s"))
+        r["run"] = format_duration(r.get("run_s"))
+        r["time_limit_h"] = format_duration(r.get("time_limit"))
+    return rows
+
+
+def _listing(method: str, cols: list[tuple[str, str]], **kw: Any) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        extra = {k: getattr(args, k) for k in kw if getattr(args, k, None) is not None}
+        if getattr(args, "all_servers", False):
+            rows = []
+            base = _client(args)
+            for name in sorted(base.servers()):
+                from dopq.client import Client
+
+                c = Client(args.ns_host, args.ns_port, name)
+                for r in c.call(method, **extra):
+                    r["server"] = name
+                    rows.append(r)
+            cols_here = [("server", "SERVER"), *cols]
+        else:
+            rows = _client(args).call(method, **extra)
+            cols_here = cols
+        if args.json:
+            _out(rows)
+        else:
+            _table(_add_times(rows), cols_here)
+        return 0
+
+    return handler
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    job = _client(args).call("job", args.id)
+    if args.json:
+        _out(job)
+        return 0
+    for key in ("id", "name", "user", "state", "num_gpus", "gpus", "exit_code", "error",
+                "submitted_at", "started_at", "finished_at", "time_limit", "priority", "nice",
+                "held", "array_index", "after", "after_any", "image", "container"):
+        print(f"{key:>13}: {_cell(job.get(key))}")
+    print("       events:")
+    for e in job.get("events", []):
+        print(f"  {e['at']}  {e['state']:<10} {e['detail']}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    c = _client(args)
+    kind = "build" if args.build else "run"
+    offset = 0
+    while True:
+        r = c.call("logs", args.id, kind, offset)
+        if r["data"]:
+            sys.stdout.write(r["data"])
+            sys.stdout.flush()
+        offset = r["offset"]
+        if not args.follow or r["done"]:
+            return 0
+        if not r["data"]:
+            time.sleep(0.5)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    c = _client(args)
+    for job_id in args.ids:
+        r = c.call("cancel", job_id)
+        print(f"job {job_id}: {r['state']}" + (" (stopping)" if r["state"] == "running" else ""))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    job = _client(args).wait(args.id, args.timeout)
+    if args.json:
+        _out(job)
+    else:
+        extra = f", exit code {job['exit_code']}" if job["exit_code"] is not None else ""
+        err = f": {job['error']}" if job.get("error") else ""
+        print(f"job {job['id']} {job['state']}{extra}{err}")
+    return 0 if job["state"] == "succeeded" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = _client(args).call("status")
+    if args.json:
+        _out(s)
+        return 0
+    print(f"server {s['name']} (DoPQ {s['version']}), up {format_duration(s['uptime_s'])}"
+          f" since {s['started_at']}")
+    print(f"queue: {s['queue_state']}   provider: {s['provider_state']}   "
+          f"engine: {s['engine_state']}   policy: {s['policy']}   "
+          f"GPUs: {s['gpu_backend']} ({s['gpu_mode']})")
+    counts = s["counts"]
+    print("jobs: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    rows = []
+    for g in s["gpus"]:
+        holder = f"job {g['job']} ({g['user']})" if g["job"] else (
+            "busy (outside DoPQ)" if g["external"] else "free")
+        rows.append({"index": g["index"], "name": g["name"], "holder": holder,
+                     "util": g.get("utilization")})
+    _table(rows, [("index", "GPU"), ("name", "NAME"), ("holder", "HOLDER"), ("util", "UTIL%")])
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    rows = _client(args).call("users")
+    if args.json:
+        _out(rows)
+    else:
+        _table(rows, [("user", "USER"), ("queued", "QUEUED"), ("running", "RUNNING"),
+                      ("finished", "FINISHED"), ("gpu_hours", "GPU-HOURS"),
+                      ("share", "SHARE"), ("fairshare", "F"), ("penalty", "PENALTY")])
+    return 0
+
+
+def cmd_priority(args: argparse.Namespace) -> int:
+    rows = _client(args).call("priority", args.id)
+    if args.json:
+        _out(rows)
+        return 0
+    flat = []
+    for r in rows:
+        f = r.get("factors") or {}
+        flat.append({"id": r["id"], "position": r["position"], "priority": r["priority"],
+                     "reason": r["reason"], **{k: round(v, 4) if isinstance(v, float) else v
+                                               for k, v in f.items()}})
+    keys = sorted({k for r in flat for k in r} - {"id", "position", "priority", "reason"})
+    _table(flat, [("position", "POS"), ("id", "ID"), ("priority", "PRIORITY"),
+                  *[(k, k.upper()) for k in keys], ("reason", "REASON")])
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    actions = [(a, v) for a, v in (
+        ("delete", args.delete), ("hold", args.hold), ("release", args.release),
+        ("top", args.top)) if v] + [(a, v) for a, v in (
+        ("priority", args.priority), ("nice", args.nice)) if v is not None]
+    if len(actions) != 1:
+        raise DopqError("give exactly one of --delete, --priority N, --nice N, --hold, "
+                        "--release, --top")
+    action, value = actions[0]
+    r = _client(args).call("edit", args.ids, action, None if isinstance(value, bool) else value)
+    _out(r) if args.json else print(f"{action}: jobs {', '.join(map(str, r['changed']))}")
+    return 0
+
+
+def _simple(method: str, fmt: Callable[[Any], str], *names: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        r = _client(args).call(method, *[getattr(args, n) for n in names])
+        _out(r) if getattr(args, "json", False) else print(fmt(r))
+        return 0
+
+    return handler
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    rows = _client(args).call("audit", args.limit)
+    from dopq.platform import iso
+
+    for r in rows:
+        r["at"] = iso(r["at"])
+    _out(rows) if args.json else _table(
+        rows, [("at", "WHEN"), ("actor", "WHO"), ("action", "ACTION"), ("detail", "DETAIL")])
+    return 0
+
+
+def cmd_servers(args: argparse.Namespace) -> int:
+    from dopq.client import Client
+
+    base = _client(args)
+    rows = []
+    for name, uri in sorted(base.servers().items()):
+        row: dict[str, Any] = {"server": name, "uri": uri}
+        try:
+            s = Client(args.ns_host, args.ns_port, name, timeout=5).call("status")
+            row.update(state=s["queue_state"], engine=s["engine_state"],
+                       gpus=len(s["gpus"]), running=s["counts"]["running"],
+                       queued=s["counts"]["queued"])
+        except DopqError as exc:
+            row.update(state=f"unreachable ({exc})")
+        rows.append(row)
+    _out(rows) if args.json else _table(rows, [
+        ("server", "SERVER"), ("state", "STATE"), ("engine", "ENGINE"), ("gpus", "GPUS"),
+        ("running", "RUNNING"), ("queued", "QUEUED"), ("uri", "URI")])
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dopq", description="DoPQ, the Docker Priority Queue")
+    p.add_argument("--version", action="version", version=f"dopq {__version__}")
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--ns-host", help="name server host (env DOPQ_NS_HOST)")
+    conn.add_argument("--ns-port", type=int, help="name server port (env DOPQ_NS_PORT)")
+    conn.add_argument("--server", help="server name (env DOPQ_SERVER)")
+    js = argparse.ArgumentParser(add_help=False)
+    js.add_argument("--json", action="store_true", help="print JSON only")
+    cfg = argparse.ArgumentParser(add_help=False)
+    cfg.add_argument("--config", help="settings file (env DOPQ_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Handler, help: str, parents: Sequence[Any] = (conn, js)) -> Any:
+        sp = sub.add_parser(name, help=help, parents=list(parents))
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("server", cmd_server, "run the server in the foreground", (cfg,))
+    sp.add_argument("-v", "--verbose", action="store_true")
+    sp = add("config", cmd_config_show, "show the effective configuration", (cfg, js))
+    sp.add_argument("what", choices=["show"])
+    sp = add("user", cmd_user, "manage users in the local store (server host)", (cfg, js))
+    sp.add_argument("action", choices=["add", "passwd", "remove", "list", "role"])
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--admin", action="store_true")
+    sp.add_argument("--password-stdin", action="store_true")
+    sp = add("simulate", cmd_simulate, "replay a workload trace through the policy", ())
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp = add("gui", cmd_gui, "start the desktop client", (conn,))
+    sp.add_argument("--style", help="Qt style sheet file")
+    sp.add_argument("--screenshot", help="save a picture of the window to this PNG and exit")
+    sp.add_argument("--poll", type=float, help="seconds between refreshes")
+
+    sp = add("login", cmd_login, "sign in and store a token", (conn,))
+    sp.add_argument("--user")
+    sp.add_argument("--password-stdin", action="store_true")
+    add("logout", cmd_logout, "revoke and forget the token", (conn,))
+    add("whoami", cmd_whoami, "show who you are signed in as")
+    sp = add("submit", cmd_submit, "submit a zip or a folder")
+    sp.add_argument("path")
+    sp.add_argument("--user")
+    sp.add_argument("--name")
+    sp.add_argument("--gpus", type=int)
+    sp.add_argument("--memory")
+    sp.add_argument("--cpus", type=float)
+    sp.add_argument("--shm-size", dest="shm_size")
+    sp.add_argument("--time-limit", dest="time_limit")
+    sp.add_argument("--priority", type=int)
+    sp.add_argument("--after", help="start after these jobs succeeded (ID[,ID])")
+    sp.add_argument("--after-any", dest="after_any", help="start after these jobs ended")
+    sp.add_argument("--array", help="job array indices, e.g. 0-9")
+    sp.add_argument("--env", action="append", help="KEY=VALUE (repeatable)")
+    sp.add_argument("--command", help="command to run instead of the image's")
+    for name, cols, help in (("queue", QUEUE_COLS, "queued jobs in priority order"),
+                             ("running", RUNNING_COLS, "running jobs")):
+        sp = add(name, _listing(name, cols), help)
+        sp.add_argument("--all-servers", action="store_true")
+    sp = add("history", _listing("history", HISTORY_COLS, limit=None, user=None),
+             "finished jobs, newest first")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--user")
+    sp.add_argument("--all-servers", action="store_true")
+    sp = add("show", cmd_show, "one job with its events")
+    sp.add_argument("id", type=int)
+    sp = add("logs", cmd_logs, "a job's run (or build) log", (conn,))
+    sp.add_argument("id", type=int)
+    sp.add_argument("--build", action="store_true")
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp = add("cancel", cmd_cancel, "cancel jobs", (conn,))
+    sp.add_argument("ids", type=int, nargs="+")
+    sp = add("wait", cmd_wait, "wait for a job; exit 0 only if it succeeded")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--timeout", type=float)
+    add("status", cmd_status, "server, queue, provider, engine and GPUs")
+    add("users", cmd_users, "per-user statistics and fair share")
+    sp = add("priority", cmd_priority, "priority factors of queued jobs")
+    sp.add_argument("id", type=int, nargs="?")
+    sp = add("edit", cmd_edit, "change queued jobs (one atomic batch)")
+    sp.add_argument("ids", type=int, nargs="+")
+    sp.add_argument("--delete", action="store_true")
+    sp.add_argument("--priority", type=int)
+    sp.add_argument("--nice", type=int)
+    sp.add_argument("--hold", action="store_true")
+    sp.add_argument("--release", action="store_true")
+    sp.add_argument("--top", action="store_true")
+    sp = add("clear-history", _simple(
+        "clear_history", lambda r: f"{r['cleared']} finished jobs cleared", "user"),
+        "admin: hide finished jobs from the history")
+    sp.add_argument("--user")
+    sp = add("clear-status", _simple(
+        "clear_status", lambda r: f"usage reset for {r['reset']}", "user"),
+        "admin: reset fair-share usage")
+    sp.add_argument("--user")
+    sp = add("shutdown", _simple(
+        "shutdown", lambda r: "server shutting down", "stop_running"), "admin: stop the server")
+    sp.add_argument("--stop-running", action="store_true",
+                    help="stop running containers too (default: re-adopt at next start)")
+    sp = add("share", _simple("set_share", lambda r: f"{r['user']} weight {r['weight']:g}",
+                              "user", "weight"), "admin: set a user's fair-share weight")
+    sp.add_argument("user")
+    sp.add_argument("weight", type=float)
+    sp = add("audit", cmd_audit, "admin: the audit log")
+    sp.add_argument("--limit", type=int, default=100)
+    add("servers", cmd_servers, "DoPQ servers registered in the name server")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except DopqError as exc:
+        print(f"dopq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

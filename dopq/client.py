@@ -1,0 +1,253 @@
+"""The client the CLI and the GUI share: finds a server, signs calls, uploads.
+
+One Pyro5 proxy per thread (proxies are not thread-safe). The token travels
+as the ``TOKN`` annotation of every call. Network trouble becomes a one-line
+``ServerUnavailable``; the next call looks the server up again, so a client
+outlives a restart of the server or of the name server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import Pyro5.api
+import Pyro5.errors
+
+from dopq import api as _api  # noqa: F401 - registers DoPQ's error classes
+from dopq.archive import zip_folder
+from dopq.errors import DopqError, NotFound, ServerUnavailable
+
+CHUNK = 1 << 20
+NS_PREFIX = "dopq."
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "dopq"
+
+
+def token_file() -> Path:
+    return config_dir() / "tokens.json"
+
+
+def load_tokens() -> dict[str, str]:
+    try:
+        data = json.loads(token_file().read_text())
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_token(server: str, token: str | None) -> None:
+    tokens = load_tokens()
+    if token is None:
+        tokens.pop(server, None)
+    else:
+        tokens[server] = token
+    path = token_file()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(tokens, fh)
+    os.chmod(path.with_suffix(".tmp"), 0o600)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+class Client:
+    """A connection to one DoPQ server, found in the name server."""
+
+    def __init__(
+        self,
+        ns_host: str | None = None,
+        ns_port: int | None = None,
+        server: str | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.ns_host = ns_host or os.environ.get("DOPQ_NS_HOST") or "127.0.0.1"
+        self.ns_port = int(ns_port or os.environ.get("DOPQ_NS_PORT") or 9090)
+        self.server = server or os.environ.get("DOPQ_SERVER") or None
+        self._token = token
+        self.timeout = timeout
+        self._local = threading.local()
+        self._uri_lock = threading.Lock()
+        self._uri: str | None = None
+
+    # -- finding the server --------------------------------------------------------
+    def _ns(self) -> Any:
+        try:
+            ns = Pyro5.api.locate_ns(self.ns_host, self.ns_port)
+            ns._pyroTimeout = min(self.timeout, 5.0)
+            return ns
+        except Pyro5.errors.PyroError:
+            raise ServerUnavailable(
+                f"no name server at {self.ns_host}:{self.ns_port} (is the DoPQ server running?)"
+            ) from None
+
+    def servers(self) -> dict[str, str]:
+        """Registered DoPQ servers: short name -> URI."""
+        try:
+            with self._ns() as ns:
+                found = ns.list(prefix=NS_PREFIX)
+        except Pyro5.errors.PyroError as exc:
+            raise ServerUnavailable(f"name server error: {exc}") from None
+        return {k[len(NS_PREFIX):]: v for k, v in found.items()}
+
+    def server_name(self) -> str:
+        if self.server:
+            return self.server
+        found = self.servers()
+        if len(found) == 1:
+            self.server = next(iter(found))
+        elif socket.gethostname().split(".")[0] in found:
+            self.server = socket.gethostname().split(".")[0]
+        elif not found:
+            raise ServerUnavailable(
+                f"no DoPQ server registered at {self.ns_host}:{self.ns_port}"
+            )
+        else:
+            raise DopqError(f"several servers ({', '.join(sorted(found))}): pick one with --server")
+        return self.server
+
+    def _lookup(self) -> str:
+        with self._uri_lock:
+            if self._uri is None:
+                name = self.server_name()
+                found = self.servers()
+                if name not in found:
+                    raise ServerUnavailable(f"server {name!r} is not registered in the name server")
+                self._uri = found[name]
+            return self._uri
+
+    @property
+    def token(self) -> str:
+        if self._token is not None:
+            return self._token
+        env = os.environ.get("DOPQ_TOKEN")
+        if env:
+            return env
+        try:
+            return load_tokens().get(self.server_name(), "")
+        except DopqError:
+            return ""
+
+    @token.setter
+    def token(self, value: str | None) -> None:
+        self._token = value
+
+    def _proxy(self) -> Any:
+        proxy = getattr(self._local, "proxy", None)
+        uri = self._lookup()
+        if proxy is None or str(proxy._pyroUri) != uri:
+            proxy = Pyro5.api.Proxy(uri)
+            proxy._pyroTimeout = self.timeout
+            self._local.proxy = proxy
+        return proxy
+
+    def _forget(self) -> None:
+        proxy = getattr(self._local, "proxy", None)
+        if proxy is not None:
+            try:
+                proxy._pyroRelease()
+            except Exception:  # noqa: BLE001
+                pass
+        self._local.proxy = None
+        with self._uri_lock:
+            self._uri = None
+
+    def close(self) -> None:
+        self._forget()
+
+    # -- calling --------------------------------------------------------------------
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call an API method; retry once on a fresh connection if it dropped."""
+        for attempt in (1, 2):
+            token = self.token
+            try:
+                proxy = self._proxy()
+                Pyro5.api.current_context.annotations = {"TOKN": token.encode()}
+                return getattr(proxy, method)(*args, **kwargs)
+            except DopqError:
+                raise
+            except (Pyro5.errors.CommunicationError, Pyro5.errors.NamingError,
+                    ConnectionError, OSError) as exc:
+                self._forget()
+                if attempt == 2:
+                    raise ServerUnavailable(f"server unreachable: {exc}") from None
+            except Pyro5.errors.PyroError as exc:
+                raise DopqError(f"call failed: {exc}") from None
+            finally:
+                Pyro5.api.current_context.annotations = {}
+        raise AssertionError("unreachable")
+
+    # -- conveniences -----------------------------------------------------------------
+    def login(self, user: str, password: str, remember: bool = True) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("login", user, password)
+        self._token = result["token"]
+        if remember:
+            save_token(self.server_name(), result["token"])
+        return result
+
+    def logout(self) -> None:
+        try:
+            self.call("logout")
+        finally:
+            save_token(self.server_name(), None)
+            self._token = None
+
+    def submit(
+        self,
+        path: str | Path,
+        options: dict[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Upload a zip (or a folder, zipped on the fly) and return the new job."""
+        p = Path(path)
+        tmp: Path | None = None
+        if p.is_dir():
+            fd, name = tempfile.mkstemp(suffix=".zip", prefix="dopq-")
+            os.close(fd)
+            tmp = Path(name)
+            zip_folder(p, tmp)
+            p = tmp
+        elif not p.is_file():
+            raise NotFound(f"{path}: no such file or folder")
+        try:
+            size = p.stat().st_size
+            upload = self.call("submit_begin", size, dict(options or {}))
+            sent = 0
+            try:
+                with p.open("rb") as fh:
+                    while chunk := fh.read(CHUNK):
+                        sent = self.call("submit_chunk", upload, chunk)
+                        if progress:
+                            progress(sent, size)
+                job: dict[str, Any] = self.call("submit_finish", upload)
+            except BaseException:
+                try:
+                    self.call("submit_abort", upload)
+                except DopqError:
+                    pass
+                raise
+            return job
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def wait(self, job_id: int, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job: dict[str, Any] = self.call("job", job_id)
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                return job
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))

@@ -1,0 +1,702 @@
+"""DataPlatform: the layer between the Controller and the server's workers.
+
+It owns the store, the Docker runtime, the GPU backend, the priority-queue
+thread and the Provider process, supervises them (a dead Provider or queue
+thread is restarted), and offers the Controller plain-data views and commands.
+Authorisation is decided here (who may do what); the Controller only finds out
+who is calling.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue as queue_mod
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dopq import __version__
+from dopq import gpus as gpus_mod
+from dopq.auth import Principal, Role, Users, check_username
+from dopq.errors import (
+    Conflict,
+    DopqError,
+    EngineUnavailable,
+    Forbidden,
+    LimitExceeded,
+    NotFound,
+)
+from dopq.jobs import ACTIVE_STATES, FINAL_STATES, JobState
+from dopq.provider import job_dir, start_process
+from dopq.queue import PriorityQueueThread
+from dopq.runtime import ContainerRuntime
+from dopq.settings import Settings
+from dopq.store import JobRow, Store
+
+log = logging.getLogger("dopq.platform")
+
+UPLOAD_IDLE_TIMEOUT = 60.0
+MAX_CHUNK = 4 * 2**20
+EDIT_ACTIONS = ("delete", "priority", "nice", "hold", "release", "top")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def job_view(row: JobRow, now: float) -> dict[str, Any]:
+    """A job as the API shows it: plain types, ISO 8601 UTC times."""
+    started, finished = row["started_at"], row["finished_at"]
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "user": row["user"],
+        "state": row["state"],
+        "num_gpus": row["num_gpus"],
+        "gpus": list(row["gpus"]),
+        "exit_code": row["exit_code"],
+        "error": row["error"] if row["state"] in ("failed", "cancelled") else None,
+        "submitted_at": iso(row["submitted_at"]),
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "image": row["image"],
+        "container": row["container"],
+        "time_limit": row["time_limit"],
+        "priority": row["priority"],
+        "nice": row["nice"],
+        "held": row["held"],
+        "array_index": row["array_index"],
+        "array_parent": row["array_parent"],
+        "after": list(row["after"]),
+        "after_any": list(row["after_any"]),
+        "origin": row["origin"],
+        "wait_s": round(((started or now) - row["submitted_at"]), 3)
+        if row["state"] != "cancelled" or started else None,
+        "run_s": round((finished or now) - started, 3) if started else None,
+    }
+
+
+@dataclass
+class Upload:
+    id: str
+    user: str
+    size: int
+    overrides: dict[str, Any]
+    path: Path
+    received: int = 0
+    last: float = field(default_factory=time.time)
+
+
+class DataPlatform:
+    """Everything the Controller can ask of the server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        for sub in ("jobs", "outputs", "uploads", "incoming"):
+            (settings.state_path / sub).mkdir(parents=True, exist_ok=True)
+        settings.inbox_path.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.db_path)
+        self.users = Users(self.store)
+        self.runtime = ContainerRuntime(settings.docker.base_url)
+        self.gpu_backend = gpus_mod.open_backend(settings.gpus.backend, settings.gpus.virtual_count)
+        self.gpu_info = self.gpu_backend.devices()
+        self.gpu_mode = self._gpu_mode()
+        self.queue = self._new_queue()
+        self.started_at = time.time()
+        self._uploads: dict[str, Upload] = {}
+        self._uploads_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._provider: Any = None
+        self._commands: Any = None
+        self._notices: Any = None
+        self.provider_restarts = 0
+        self.queue_restarts = 0
+        self.stats: dict[int, dict[str, float]] = {}
+        self.gpu_samples: dict[int, dict[str, Any]] = {}
+        self.shutdown_requested = threading.Event()
+
+    # -- life cycle ---------------------------------------------------------------
+    def _gpu_mode(self) -> str:
+        mode = self.settings.docker.gpu_mode
+        if mode != "auto":
+            return mode
+        try:
+            nvidia = self.runtime.has_nvidia_runtime()
+        except DopqError:
+            nvidia = False
+        return "nvidia" if nvidia and self.gpu_backend.kind == "nvml" else "env"
+
+    def _new_queue(self) -> PriorityQueueThread:
+        q = PriorityQueueThread(
+            self.settings, self.store, self.runtime, [g.index for g in self.gpu_info],
+            self.gpu_mode,
+        )
+        q.shares = self.users.shares()
+        return q
+
+    def start(self) -> None:
+        self.queue.start()
+        self._start_provider()
+        for target, name in (
+            (self._relay_notices, "dopq-notices"),
+            (self._watch_engine, "dopq-events"),
+            (self._sample, "dopq-sampler"),
+            (self._supervise, "dopq-supervisor"),
+        ):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _start_provider(self) -> None:
+        self._provider, self._commands, self._notices = start_process(
+            self.settings, len(self.gpu_info)
+        )
+
+    def stop(self, stop_running: bool = False) -> None:
+        """Stop intake and the queue; running containers stay unless asked."""
+        self._stop.set()
+        if stop_running:
+            for row in self.store.jobs([JobState.RUNNING]):
+                try:
+                    self.queue.cancel(row["id"], "shutdown")
+                except DopqError:
+                    pass
+        self.queue.paused = True
+        if self._commands is not None:
+            try:
+                self._commands.put(("stop",))
+            except (OSError, ValueError):
+                pass
+        if self._provider is not None:
+            self._provider.join(timeout=15)
+            if self._provider.is_alive():
+                self._provider.terminate()
+                self._provider.join(timeout=5)
+        if stop_running:
+            deadline = time.time() + self.settings.docker.stop_grace + 10
+            while time.time() < deadline and self.store.jobs([JobState.RUNNING]):
+                self.queue.wake()
+                self._stop.wait(0.2)
+        self.queue.stop()
+        self.queue.join(timeout=15)
+        for t in self._threads:
+            t.join(timeout=3)
+        self.gpu_backend.close()
+        self.store.close()
+
+    def _relay_notices(self) -> None:
+        while not self._stop.is_set():
+            notices = self._notices
+            try:
+                notices.get(timeout=0.5)
+            except queue_mod.Empty:
+                continue
+            except (EOFError, OSError, ValueError):
+                self._stop.wait(0.5)
+                continue
+            self.queue.wake()
+
+    def _watch_engine(self) -> None:
+        """Relay container exits from Docker's event stream; reconnect when it drops."""
+        while not self._stop.is_set():
+            try:
+                for ev in self.runtime.events(self.settings.docker.name_prefix, self._stop):
+                    cid = ev.get("id") or ev.get("Actor", {}).get("ID")
+                    if ev.get("Action") == "die" and cid:
+                        self.queue.container_exited(cid)
+            except EngineUnavailable:
+                self.queue.engine_up = False
+                self._stop.wait(1.0)
+            except Exception:  # noqa: BLE001
+                log.warning("event stream failed\n%s", traceback.format_exc())
+                self._stop.wait(1.0)
+            else:
+                if not self.queue.engine_up:
+                    self.queue.wake()
+
+    def _sample(self) -> None:
+        """GPUs used from outside, container stats, stale uploads (every 2 s)."""
+        while not self._stop.wait(2.0):
+            try:
+                self._sample_once()
+            except Exception:  # noqa: BLE001
+                log.debug("sampling failed\n%s", traceback.format_exc())
+
+    def _sample_once(self) -> None:
+        busy: set[int] = set()
+        samples = self.gpu_backend.sample()
+        our_pids: set[int] = set()
+        running = self.store.jobs([JobState.RUNNING])
+        for row in running:
+            if row["container"]:
+                st = self.runtime.status(row["container"])
+                if st is not None:
+                    our_pids.update(st.pids)
+        if self.gpu_backend.kind == "nvml":
+            busy |= gpus_mod.external_busy(samples, our_pids)
+        self.gpu_samples = {
+            s.index: {"utilization": s.utilization, "memory_used": s.memory_used,
+                      "memory_total": s.memory_total}
+            for s in samples
+        }
+        uuids = gpus_mod.uuid_index(self.gpu_info)
+        all_gpus = {g.index for g in self.gpu_info}
+        try:
+            for env, ids in self.runtime.foreign_gpu_envs(self.settings.docker.name_prefix):
+                seen = gpus_mod.visible_devices_in_env(env, uuids)
+                busy |= all_gpus if seen is None else seen
+                for ref in ids:
+                    got = gpus_mod.parse_visible(ref, uuids)
+                    busy |= all_gpus if got is None else got
+        except DopqError:
+            pass
+        self.queue.set_external(busy & all_gpus)
+        stats = {}
+        for row in running:
+            if row["container"]:
+                s = self.runtime.stats(row["container"])
+                if s is not None:
+                    stats[row["id"]] = s
+        self.stats = stats
+        now = time.time()
+        with self._uploads_lock:
+            for up in list(self._uploads.values()):
+                if now - up.last > UPLOAD_IDLE_TIMEOUT:
+                    self._discard_upload(up)
+
+    def _supervise(self) -> None:
+        """Restart the Provider process or the queue thread if either died."""
+        while not self._stop.wait(1.0):
+            if self._provider is not None and not self._provider.is_alive():
+                log.error("provider died (exit %s); restarting", self._provider.exitcode)
+                self.provider_restarts += 1
+                self._start_provider()
+            if not self.queue.is_alive() and not self._stop.is_set():
+                log.error("queue thread died; restarting")
+                self.queue_restarts += 1
+                self.queue = self._new_queue()
+                self.queue.start()
+
+    # -- authorisation helpers -------------------------------------------------------
+    def _own_or_admin(self, who: Principal, row: JobRow, what: str) -> None:
+        if row["user"] != who.name and not who.is_admin:
+            raise Forbidden(f"{what} job {row['id']}: it belongs to {row['user']}")
+
+    @staticmethod
+    def _admin(who: Principal, what: str) -> None:
+        if not who.is_admin:
+            raise Forbidden(f"{what} needs the admin role")
+
+    def _audit(self, who: Principal, action: str, detail: str = "") -> None:
+        if who.is_admin:
+            self.store.audit(who.name, action, detail)
+
+    # -- submission ---------------------------------------------------------------
+    def begin_upload(self, who: Principal, size: int, overrides: dict[str, Any]) -> str:
+        size = int(size)
+        limit = self.settings.bytes_of("limits.max_upload")
+        if size <= 0:
+            raise LimitExceeded("upload is empty")
+        if size > limit:
+            raise LimitExceeded(
+                f"upload of {size} bytes is over the limit of {self.settings.limits.max_upload}"
+            )
+        user = who.name
+        wanted = overrides.pop("user", None)
+        if wanted:
+            wanted = check_username(wanted)
+            if wanted != who.name and not who.is_admin:
+                raise Forbidden(f"cannot submit as {wanted}: only as yourself ({who.name})")
+            user = wanted
+        allowed = self.settings.users.allowed
+        if allowed and user not in allowed:
+            raise Forbidden(f"user {user} is not allowed to submit on this server")
+        self._check_queue_limit(user)
+        self._check_overrides(overrides)
+        uid = uuid.uuid4().hex
+        path = self.settings.state_path / "uploads" / f"{uid}.part"
+        path.touch(mode=0o600)
+        with self._uploads_lock:
+            self._uploads[uid] = Upload(uid, user, size, dict(overrides), path)
+        return uid
+
+    def _check_overrides(self, overrides: dict[str, Any]) -> None:
+        allowed = {
+            "name", "gpus", "num_gpus", "memory", "cpus", "time_limit", "shm_size",
+            "priority", "command", "env", "after", "after_any", "array",
+        }
+        for key in overrides:
+            if key not in allowed:
+                raise DopqError(f"unknown submit option {key!r}")
+
+    def _check_queue_limit(self, user: str) -> None:
+        cap = self.settings.policy.max_queued_per_user
+        if not cap:
+            return
+        rows = self.store.read(
+            "SELECT COUNT(*) AS n FROM jobs WHERE user = ? AND state IN"
+            " ('received','building','queued')", (user,)
+        )
+        if rows[0]["n"] >= cap:
+            raise LimitExceeded(f"{user} already has {rows[0]['n']} jobs waiting (limit {cap})")
+
+    def _upload(self, who: Principal, upload_id: str) -> Upload:
+        up = self._uploads.get(str(upload_id))
+        if up is None:
+            raise NotFound(f"no upload {upload_id} (expired or finished)")
+        if up.user != who.name and not who.is_admin:
+            raise Forbidden("not your upload")
+        return up
+
+    def upload_chunk(self, who: Principal, upload_id: str, data: bytes) -> int:
+        if len(data) > MAX_CHUNK:
+            raise LimitExceeded(f"chunk over {MAX_CHUNK} bytes")
+        with self._uploads_lock:
+            up = self._upload(who, upload_id)
+            if up.received + len(data) > up.size:
+                self._discard_upload(up)
+                raise LimitExceeded("upload is larger than announced; discarded")
+            try:
+                with up.path.open("ab") as fh:
+                    fh.write(data)
+            except OSError as exc:
+                self._discard_upload(up)
+                raise DopqError(f"cannot store upload: {exc.strerror}") from None
+            up.received += len(data)
+            up.last = time.time()
+            return up.received
+
+    def _discard_upload(self, up: Upload) -> None:
+        self._uploads.pop(up.id, None)
+        up.path.unlink(missing_ok=True)
+
+    def abort_upload(self, who: Principal, upload_id: str) -> None:
+        with self._uploads_lock:
+            self._discard_upload(self._upload(who, upload_id))
+
+    def finish_upload(self, who: Principal, upload_id: str) -> dict[str, Any]:
+        with self._uploads_lock:
+            up = self._upload(who, upload_id)
+            if up.received != up.size:
+                raise Conflict(f"upload incomplete: {up.received} of {up.size} bytes")
+            self._uploads.pop(up.id, None)
+        target = self.settings.state_path / "incoming" / f"api-{up.id}.zip"
+        name = str(up.overrides.get("name") or "job")[:128]
+        job_id = self.store.add_job(
+            name=name, user=up.user, origin="api", source=str(target), overrides=up.overrides
+        )
+        os.replace(up.path, target)
+        self._send(("job", job_id))
+        return self.job(who, job_id)
+
+    def _send(self, cmd: tuple[Any, ...]) -> None:
+        try:
+            self._commands.put(cmd)
+        except (OSError, ValueError, AttributeError):
+            pass  # the supervisor restarts the provider, which picks the job up
+
+    # -- views ---------------------------------------------------------------------
+    def job(self, who: Principal, job_id: int) -> dict[str, Any]:
+        row = self.store.job(int(job_id))
+        view = job_view(row, time.time())
+        view["events"] = [
+            {"at": iso(e["at"]), "state": e["state"], "detail": e["detail"]}
+            for e in self.store.events(row["id"])
+        ]
+        view["spec"] = row["spec"]
+        return view
+
+    def queued(self) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = self.store.jobs([JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED])
+        decision = self.queue.last_decision
+        entries = {e.id: e for e in decision.entries} if decision else {}
+        out = []
+        for row in rows:
+            v = job_view(row, now)
+            e = entries.get(row["id"])
+            if e is not None and row["state"] == "queued":
+                v["position"] = e.position
+                v["priority_value"] = round(e.priority, 3)
+                v["reason"] = str(e.reason)
+                v["factors"] = e.factors
+            else:
+                v["position"] = None
+                v["priority_value"] = None
+                v["reason"] = "Building" if row["state"] != "queued" else "Priority"
+                v["factors"] = {}
+            out.append(v)
+        out.sort(key=lambda v: (v["position"] is None, v["position"] or 0, v["id"]))
+        return out
+
+    def running(self) -> list[dict[str, Any]]:
+        now = time.time()
+        out = []
+        for row in self.store.jobs([JobState.RUNNING]):
+            v = job_view(row, now)
+            s = self.stats.get(row["id"]) or {}
+            v["cpu_percent"] = s.get("cpu")
+            v["memory_bytes"] = s.get("memory")
+            v["gpu_samples"] = [
+                {"index": g, **self.gpu_samples.get(g, {})} for g in row["gpus"]
+            ]
+            out.append(v)
+        return out
+
+    def history(self, limit: int = 200, user: str | None = None) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = self.store.jobs(
+            FINAL_STATES, user=user, include_hidden=False, order="finished_at",
+            desc=True, limit=max(1, min(int(limit), 100000)),
+        )
+        return [job_view(r, now) for r in rows]
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        holders = {}
+        for row in self.store.jobs([JobState.RUNNING]):
+            for g in row["gpus"]:
+                holders[g] = (row["id"], row["user"])
+        external = self.queue.pool.external() if self.queue.is_alive() else set()
+        gpus = []
+        for g in self.gpu_info:
+            job = holders.get(g.index)
+            gpus.append({
+                "index": g.index, "name": g.name, "uuid": g.uuid, "memory_total": g.memory_total,
+                "job": job[0] if job else None, "user": job[1] if job else None,
+                "external": g.index in external,
+                **{k: v for k, v in self.gpu_samples.get(g.index, {}).items()
+                   if k != "memory_total"},
+            })
+        counts = {s.value: 0 for s in JobState}
+        for r in self.store.read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[r["state"]] = int(r["n"])
+        provider_alive = self._provider is not None and self._provider.is_alive()
+        return {
+            "name": self.settings.server_name,
+            "version": __version__,
+            "queue_state": "paused" if self.queue.paused else (
+                "running" if self.queue.is_alive() else "stopped"),
+            "provider_state": "running" if provider_alive else "stopped",
+            "engine_state": "up" if self.queue.engine_up else "down",
+            "started_at": iso(self.started_at),
+            "uptime_s": round(now - self.started_at, 1),
+            "gpu_backend": self.gpu_backend.kind,
+            "gpu_mode": self.gpu_mode,
+            "gpus": gpus,
+            "counts": counts,
+            "policy": self.settings.policy.policy,
+            "provider_restarts": self.provider_restarts,
+            "queue_restarts": self.queue_restarts,
+        }
+
+    def user_stats(self) -> list[dict[str, Any]]:
+        now = time.time()
+        counts = self.store.counts_by_user()
+        shares = self.users.shares()
+        ledger = self.queue.ledger
+        snap = ledger.snapshot(now)
+        users = set(counts) | set(snap) | set(shares)
+        usage = {u: snap.get(u, 0.0) for u in users}
+        total = sum(usage.values())
+        active = {
+            u for u in users
+            if counts.get(u, {}).get("queued") or counts.get(u, {}).get("running")
+            or (total > 0 and usage[u] > 1e-6 * total)
+        }
+        weight_sum = sum(shares.get(u, 1.0) for u in active) or 1.0
+        out = []
+        for u in sorted(users):
+            c = counts.get(u, {})
+            share = shares.get(u, 1.0) / weight_sum if u in active else 0.0
+            norm = usage[u] / total if total > 0 else 0.0
+            factor = 2 ** (-norm / share) if share > 0 else (1.0 if norm == 0 else 0.0)
+            out.append({
+                "user": u,
+                "queued": sum(c.get(s, 0) for s in ("received", "building", "queued")),
+                "running": c.get("running", 0),
+                "finished": sum(c.get(s, 0) for s in ("succeeded", "failed", "cancelled")),
+                "succeeded": c.get("succeeded", 0),
+                "failed": c.get("failed", 0),
+                "gpu_hours": round(usage[u] / 3600.0, 4),
+                "weight": shares.get(u, 1.0),
+                "share": round(share, 4),
+                "fairshare": round(factor, 4),
+                "penalty": round(norm / share, 4) if share > 0 else None,
+            })
+        return out
+
+    def priorities(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        decision = self.queue.last_decision
+        out = []
+        for e in decision.entries if decision else []:
+            if job_id is not None and e.id != int(job_id):
+                continue
+            out.append({"id": e.id, "position": e.position, "priority": round(e.priority, 3),
+                        "reason": str(e.reason), "factors": e.factors})
+        if job_id is not None and not out:
+            raise NotFound(f"job {job_id} is not queued")
+        return out
+
+    def logs(
+        self, who: Principal, job_id: int, kind: str = "run", offset: int = 0,
+        limit: int = 1 << 20,
+    ) -> dict[str, Any]:
+        row = self.store.job(int(job_id))
+        if row["user"] != who.name and not who.is_admin and \
+                not self.settings.users.logs_visible_to_all:
+            raise Forbidden(f"the logs of job {job_id} belong to {row['user']}")
+        if kind not in ("run", "build"):
+            raise DopqError("log kind must be 'run' or 'build'")
+        limit = max(1, min(int(limit), 4 << 20))
+        offset = max(0, int(offset))
+        path = job_dir(self.settings, row["id"]) / f"{kind}.log"
+        data = b""
+        if path.exists():
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read(limit)
+        elif kind == "run" and row["container"]:
+            try:
+                data = self.runtime.logs(row["container"])[offset: offset + limit]
+            except DopqError:
+                data = b""
+        state = JobState(row["state"])
+        if kind == "build":
+            done = state not in (JobState.RECEIVED, JobState.BUILDING)
+        else:
+            done = state in FINAL_STATES and (path.exists() or not row["container"]
+                                              or not row["started_at"])
+        return {"data": data.decode("utf-8", "replace"), "offset": offset + len(data),
+                "done": done and len(data) < limit, "state": state.value}
+
+    # -- commands --------------------------------------------------------------------
+    def cancel(self, who: Principal, job_id: int) -> dict[str, Any]:
+        row = self.store.job(int(job_id))
+        self._own_or_admin(who, row, "cannot cancel")
+        if row["user"] != who.name:
+            self._audit(who, "cancel", f"job {job_id} of {row['user']}")
+        self.queue.cancel(row["id"], who.name)
+        return job_view(self.store.job(row["id"]), time.time())
+
+    def edit_queued(
+        self, who: Principal, ids: Iterable[int], action: str, value: Any = None
+    ) -> dict[str, Any]:
+        """One atomic batch edit of queued jobs (all or nothing)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise DopqError("no job ids given")
+        if action not in EDIT_ACTIONS:
+            raise DopqError(f"unknown action {action!r}: use one of {', '.join(EDIT_ACTIONS)}")
+        if action in ("hold", "release", "top"):
+            self._admin(who, action)
+        num: int | None = None
+        if action in ("priority", "nice"):
+            try:
+                num = int(value)
+            except (TypeError, ValueError):
+                raise DopqError(f"{action} needs an integer value") from None
+            if action == "priority" and not -1000 <= num <= 1000:
+                raise DopqError("priority must be between -1000 and 1000")
+            if action == "nice" and not -1_000_000 <= num <= 1_000_000:
+                raise DopqError("nice must be between -1000000 and 1000000")
+        now = time.time()
+        with self.store.transaction() as db:
+            marks = ",".join("?" * len(ids))
+            rows = {
+                r["id"]: r for r in db.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", ids)
+            }
+            for i in ids:
+                r = rows.get(i)
+                if r is None:
+                    raise NotFound(f"no job {i}")
+                if r["state"] not in ("received", "building", "queued"):
+                    raise Conflict(f"job {i} is {r['state']}, no longer queued; nothing changed")
+                if r["user"] != who.name and not who.is_admin:
+                    raise Forbidden(f"job {i} belongs to {r['user']}; nothing changed")
+                if action == "priority" and num is not None and num > r["priority"] \
+                        and not who.is_admin:
+                    raise Forbidden(f"only an admin may raise a priority (job {i}); nothing changed")
+                if action == "nice" and num is not None and num < r["nice"] and not who.is_admin:
+                    raise Forbidden(f"only an admin may lower nice (job {i}); nothing changed")
+            top = 0
+            if action == "top":
+                top = int(db.execute("SELECT COALESCE(MAX(top), 0) FROM jobs").fetchone()[0])
+            for n, i in enumerate(ids):
+                if action == "delete":
+                    reason = f"cancelled by {who.name}"
+                    db.execute(
+                        "UPDATE jobs SET state='cancelled', error=?, finished_at=? WHERE id=?",
+                        (reason, now, i),
+                    )
+                    db.execute(
+                        "INSERT INTO events (job_id, at, state, detail) VALUES (?,?,?,?)",
+                        (i, now, "cancelled", reason),
+                    )
+                elif action == "priority":
+                    db.execute("UPDATE jobs SET priority=? WHERE id=?", (num, i))
+                elif action == "nice":
+                    db.execute("UPDATE jobs SET nice=? WHERE id=?", (num, i))
+                elif action == "hold":
+                    db.execute("UPDATE jobs SET held=1 WHERE id=?", (i,))
+                elif action == "release":
+                    db.execute("UPDATE jobs SET held=0 WHERE id=?", (i,))
+                elif action == "top":
+                    db.execute("UPDATE jobs SET top=? WHERE id=?", (top + len(ids) - n, i))
+        if who.is_admin:
+            self._audit(who, f"edit {action}", f"jobs {ids} value {value!r}")
+        self.queue.wake()
+        return {"changed": ids, "action": action}
+
+    def clear_history(self, who: Principal, user: str | None = None) -> dict[str, Any]:
+        self._admin(who, "clear-history")
+        n = self.store.hide_history(check_username(user) if user else None)
+        self._audit(who, "clear-history", user or "all users")
+        return {"cleared": n}
+
+    def clear_status(self, who: Principal, user: str | None = None) -> dict[str, Any]:
+        self._admin(who, "clear-status")
+        name = check_username(user) if user else None
+        self.queue.reset_usage(name)
+        self._audit(who, "clear-status", user or "all users")
+        return {"reset": name or "all"}
+
+    def request_shutdown(self, who: Principal, stop_running: bool = False) -> dict[str, Any]:
+        self._admin(who, "shutdown")
+        self._audit(who, "shutdown", "stop running" if stop_running else "leave running")
+        self.stop_running_on_shutdown = bool(stop_running)
+        self.shutdown_requested.set()
+        return {"shutdown": True, "stop_running": bool(stop_running)}
+
+    stop_running_on_shutdown = False
+
+    def set_share(self, who: Principal, user: str, weight: float) -> dict[str, Any]:
+        self._admin(who, "set-share")
+        self.users.set_share(user, float(weight))
+        self.queue.shares = self.users.shares()
+        self._audit(who, "set-share", f"{user} = {weight}")
+        self.queue.wake()
+        return {"user": user, "weight": float(weight)}
+
+    def active_counts(self) -> int:
+        return len(self.store.jobs(ACTIVE_STATES))
+
+
+def remove_job_files(settings: Settings, job_id: int) -> None:
+    shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
+
+
+__all__ = ["DataPlatform", "Role", "job_view", "iso"]

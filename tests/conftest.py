@@ -1,0 +1,187 @@
+"""Shared fixtures: a real Docker engine, real DoPQ servers, signed-in clients.
+
+Servers run in-process (``dopq.api.Server``) on free loopback ports with their
+own state directory, name server and container-name prefix, so tests never
+see each other's containers. Every fixture removes what it created.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PASSWORDS = {"root": "rootpass1", "alice": "alicepass1", "bob": "bobpass12"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def _engine_up() -> bool:
+    try:
+        import docker
+
+        docker.APIClient(version="auto", timeout=5).ping()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.fixture(scope="session")
+def engine() -> None:
+    if not _engine_up():
+        pytest.fail("no Docker engine: run scripts/engine.sh (the test command does)")
+    subprocess.run(["bash", str(ROOT / "scripts" / "base-image.sh")], check=True)
+
+
+def cleanup_docker(prefix: str) -> None:
+    import docker
+
+    api = docker.APIClient(version="auto", timeout=30)
+    for c in api.containers(all=True, filters={"label": f"dopq.instance={prefix}"}):
+        try:
+            api.remove_container(c["Id"], force=True)
+        except docker.errors.APIError:
+            pass
+    for img in api.images(filters={"label": f"dopq.instance={prefix}"}):
+        try:
+            api.remove_image(img["Id"], force=True)
+        except docker.errors.APIError:
+            pass
+
+
+def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
+    prefix = "dopqt" + uuid.uuid4().hex[:8]
+    cfg: dict[str, Any] = {
+        "state_dir": str(tmp / "state"),
+        "server": {"name": prefix, "host": "127.0.0.1"},
+        "nameserver": {"host": "127.0.0.1", "port": free_port(), "embedded": "yes"},
+        "gpus": {"backend": "virtual", "virtual_count": 2},
+        "docker": {"name_prefix": prefix, "stop_grace": 2.0},
+        "intake": {"poll_interval": 0.1, "settle_seconds": 0.5},
+        "limits": {"default_memory": "256m", "max_unpacked": "16m", "max_entries": 20,
+                   "default_cpus": 1.0},
+        "users": {"uid_map": {"alice": os.getuid(), "bob": os.getuid()}},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_toml(cfg: dict[str, Any], path: Path) -> Path:
+    from dopq import settings
+
+    path.write_text(settings.to_toml(settings.from_dict(cfg)))
+    return path
+
+
+def add_users(db_path: Path) -> None:
+    from dopq.auth import Role, Users
+    from dopq.store import Store
+
+    store = Store(db_path)
+    users = Users(store)
+    for name, pw in PASSWORDS.items():
+        if users.get(name) is None:
+            users.add(name, pw, Role.ADMIN if name == "root" else Role.USER)
+    store.close()
+
+
+class Running:
+    """A started in-process server with signed-in clients for root, alice and bob."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from dopq import settings
+        from dopq.api import Server
+
+        self.cfg = cfg
+        self.settings = settings.from_dict(cfg)
+        add_users(self.settings.db_path)
+        self.server = Server(self.settings)
+        self.server.start()
+        self.clients: dict[str, Any] = {}
+        self.stopped = False
+
+    def client(self, user: str | None = None) -> Any:
+        from dopq.client import Client
+
+        ns = self.settings.nameserver
+        c = Client(ns.host, ns.port, self.settings.server_name, token="")
+        if user is not None:
+            c.login(user, PASSWORDS[user], remember=False)
+        return c
+
+    def __getitem__(self, user: str) -> Any:
+        if user not in self.clients:
+            self.clients[user] = self.client(user)
+        return self.clients[user]
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.server.stop()
+
+    def wait_job(self, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
+        def final() -> Any:
+            job = self["root"].call("job", job_id)
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        return wait_for(final, timeout, 0.1)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, engine: None) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(**sections: Any) -> Running:
+        run = Running(make_config(tmp_path / f"s{len(started)}", **sections))
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        try:
+            run.stop()
+        finally:
+            cleanup_docker(run.settings.docker.name_prefix)
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., Running]) -> Running:
+    return server_factory()
+
+
+@pytest.fixture
+def jobs_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "jobs"
+    d.mkdir()
+    return d

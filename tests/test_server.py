@@ -1,0 +1,186 @@
+"""The server end to end, on the real Docker engine, name server and SQLite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, wait_for
+from hostile import ARCHIVE_CASES, CONFIG_CASES, good_job, zip_it
+
+from dopq.errors import Conflict, DopqError, Forbidden, LimitExceeded
+
+pytestmark = pytest.mark.docker
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
+
+
+def test_jobs_of_two_users_run_on_exclusive_gpus(server: Running, jobs_dir: Path) -> None:
+    alice, bob = server["alice"], server["bob"]
+    ids = []
+    for i, code in enumerate((0, 3, 0)):
+        folder = good_job(jobs_dir, "alice", f"alice-{i}", f'echo "gpus=[$DOPQ_GPUS]"; sleep 1; exit {code}',
+                          num_gpus=1)
+        ids.append(alice.submit(folder)["id"])
+    two = good_job(jobs_dir, "bob", "bob-two", 'echo "gpus=[$DOPQ_GPUS]"; sleep 1', num_gpus=2)
+    cpu = good_job(jobs_dir, "bob", "bob-cpu", 'echo "gpus=[$DOPQ_GPUS] id=$DOPQ_JOB_ID"')
+    ids.append(bob.submit(two)["id"])
+    ids.append(bob.submit(zip_it(cpu))["id"])
+    jobs = [server.wait_job(i, 90) for i in ids]
+
+    assert [(j["state"], j["error"]) for j in jobs] == [
+        ("succeeded", None), ("failed", "exit code 3"), ("succeeded", None),
+        ("succeeded", None), ("succeeded", None)]
+    assert [j["exit_code"] for j in jobs] == [0, 3, 0, 0, 0]
+    assert jobs[1]["error"] == "exit code 3"
+    assert [len(j["gpus"]) for j in jobs] == [1, 1, 1, 2, 0]
+    for j in jobs:
+        log = server["root"].call("logs", j["id"])["data"]
+        assert f"gpus=[{','.join(map(str, j['gpus']))}]" in log
+        assert j["container"] == f"{server.settings.docker.name_prefix}-{j['id']}"
+    assert f"id={ids[4]}" in server["root"].call("logs", ids[4])["data"]
+    gpu_jobs = [j for j in jobs if j["gpus"]]
+    for a in gpu_jobs:
+        for b in gpu_jobs:
+            if a["id"] < b["id"] and _overlap(a, b):
+                assert not set(a["gpus"]) & set(b["gpus"]), (a, b)
+    # Containers are collected after their logs are saved.
+    wait_for(lambda: not server.server.platform.runtime.list(server.settings.docker.name_prefix))
+    status = server["alice"].call("status")
+    assert [g["job"] for g in status["gpus"]] == [None, None]
+    users = {u["user"]: u for u in server["alice"].call("users")}
+    assert users["alice"]["finished"] == 3 and users["bob"]["finished"] == 2
+    assert users["alice"]["gpu_hours"] > 0
+
+
+def test_inbox_drop_is_picked_up_and_runs(server: Running, jobs_dir: Path) -> None:
+    folder = good_job(jobs_dir, "alice", "dropped", "echo from-the-inbox")
+    inbox = server.settings.inbox_path / "alice"
+    inbox.mkdir(parents=True, exist_ok=True)
+    part = inbox / "dropped.zip.part"
+    shutil.copy(zip_it(folder), part)
+    part.rename(inbox / "dropped.zip")
+    alice = server["alice"]
+    job = wait_for(lambda: [j for j in alice.call("history") if j["name"] == "dropped"], 60)[0]
+    assert job["state"] == "succeeded" and job["origin"] == "inbox"
+    assert "from-the-inbox" in alice.call("logs", job["id"])["data"]
+    assert not list(inbox.iterdir())
+
+
+def test_inbox_refuses_a_file_of_another_owner(server_factory: Any, jobs_dir: Path) -> None:
+    server = server_factory(users={"uid_map": {"alice": os.getuid() + 4242}})
+    inbox = server.settings.inbox_path / "alice"
+    inbox.mkdir(parents=True, exist_ok=True)
+    shutil.copy(zip_it(good_job(jobs_dir, "alice", "sneaky")), inbox / "sneaky.zip")
+    job = wait_for(lambda: server["root"].call("history"), 30)[0]
+    assert job["state"] == "failed" and "owner" in job["error"]
+
+
+def test_cancel_time_limit_and_wait(server: Running, jobs_dir: Path) -> None:
+    alice = server["alice"]
+    long = alice.submit(good_job(jobs_dir, "alice", "long", "sleep 60", num_gpus=2))["id"]
+    queued = alice.submit(good_job(jobs_dir, "alice", "behind", "true", num_gpus=2))["id"]
+    limited = alice.submit(good_job(jobs_dir, "alice", "limited", "sleep 60",
+                                    config={"time_limit": 1}))["id"]
+    wait_for(lambda: alice.call("job", long)["state"] == "running", 60)
+    wait_for(lambda: alice.call("job", queued)["state"] == "queued", 60)
+    assert alice.call("cancel", queued)["state"] == "cancelled"
+    with pytest.raises(Forbidden):
+        server["bob"].call("cancel", long)
+    alice.call("cancel", long)
+    job = server.wait_job(long, 30)
+    assert job["state"] == "cancelled" and job["error"] == "cancelled by alice"
+    job = server.wait_job(limited, 30)
+    assert job["state"] == "failed" and job["error"] == "timeout"
+    with pytest.raises(Conflict):
+        alice.call("cancel", long)
+
+
+def test_hostile_archives_fail_their_job_only(server: Running, tmp_path: Path,
+                                              jobs_dir: Path) -> None:
+    alice = server["alice"]
+    cases = {**ARCHIVE_CASES, **CONFIG_CASES}
+    ids = {}
+    for name, (builder, _words) in cases.items():
+        d = tmp_path / "hostile" / name
+        d.mkdir(parents=True)
+        ids[name] = alice.submit(builder(d))["id"]
+    extra = {
+        "build_fails": good_job(jobs_dir, "alice", "nobuild", config={}),
+        "too_many_gpus": good_job(jobs_dir, "alice", "greedy", num_gpus=3),
+        "other_executor": good_job(jobs_dir, "bob", "notmine"),
+        "too_much_memory": good_job(jobs_dir, "alice", "hog", config={"required_memory": "1t"}),
+    }
+    (extra["build_fails"] / "Dockerfile").write_text("FROM dopq/busybox:latest\nRUN false\n")
+    for name, folder in extra.items():
+        ids[name] = alice.submit(folder)["id"]
+    good = alice.submit(good_job(jobs_dir, "alice", "fine", "echo still-fine"))["id"]
+    jobs = {name: server.wait_job(i, 60) for name, i in ids.items()}
+    for name, job in jobs.items():
+        assert job["state"] == "failed", name
+        if name == "build_fails":
+            assert job["error"].startswith("build failed:"), job["error"]
+            assert "RUN false" in alice.call("logs", job["id"], "build")["data"]
+        else:
+            assert job["error"].startswith("rejected:"), (name, job["error"])
+    assert "asks for 3 GPUs" in jobs["too_many_gpus"]["error"]
+    assert "differs" in jobs["other_executor"]["error"]
+    assert server.wait_job(good)["state"] == "succeeded"
+    status = alice.call("status")
+    assert status["provider_state"] == "running" and status["provider_restarts"] == 0
+    # nothing was written outside the job directories
+    state = server.settings.state_path
+    assert not (state.parent / "evil").exists() and not Path("/etc/x").exists()
+
+
+def test_upload_limits_and_bad_calls(server_factory: Any, jobs_dir: Path) -> None:
+    server = server_factory(limits={"max_upload": "2k"})
+    alice = server["alice"]
+    big = jobs_dir / "big.zip"
+    big.write_bytes(os.urandom(4096))
+    with pytest.raises(LimitExceeded, match="over the limit"):
+        alice.submit(big)
+    upload = alice.call("submit_begin", 100, {})
+    with pytest.raises(LimitExceeded, match="larger than announced"):
+        alice.call("submit_chunk", upload, b"x" * 101)
+    with pytest.raises(DopqError, match="unknown submit option"):
+        alice.call("submit_begin", 10, {"privileged": True})
+    with pytest.raises(Forbidden):
+        alice.call("submit_begin", 10, {"user": "bob"})
+    with pytest.raises(DopqError):
+        alice.call("job", "not-a-number")
+    assert not list((server.settings.state_path / "uploads").iterdir())
+
+
+def test_identical_context_reuses_the_image(server: Running, jobs_dir: Path) -> None:
+    alice = server["alice"]
+    folder = good_job(jobs_dir, "alice", "same", "echo same")
+    first = server.wait_job(alice.submit(folder)["id"])
+    second = server.wait_job(alice.submit(folder)["id"])
+    assert first["state"] == second["state"] == "succeeded"
+    assert first["image"] == second["image"]
+    assert "reusing" in alice.call("logs", second["id"], "build")["data"]
+
+
+def test_array_and_dependencies(server: Running, jobs_dir: Path) -> None:
+    alice = server["alice"]
+    first = alice.submit(good_job(jobs_dir, "alice", "first", "exit 1"))["id"]
+    dep_fail = alice.submit(good_job(jobs_dir, "alice", "needs-first"), {"after": [first]})["id"]
+    dep_any = alice.submit(good_job(jobs_dir, "alice", "any-first"), {"after_any": [first]})["id"]
+    arr = alice.submit(good_job(jobs_dir, "alice", "arr", 'echo "index=$DOPQ_ARRAY_INDEX"'),
+                       {"array": "0-2"})["id"]
+    assert server.wait_job(first)["state"] == "failed"
+    job = server.wait_job(dep_fail)
+    assert job["state"] == "failed" and "dependency" in job["error"]
+    assert server.wait_job(dep_any)["state"] == "succeeded"
+    members = wait_for(lambda: [j for j in alice.call("history", 100)
+                                if j["array_parent"] == arr and j["state"] == "succeeded"]
+                       if len([j for j in alice.call("history", 100)
+                               if j["array_parent"] == arr]) == 3 else None, 60)
+    logs = sorted(alice.call("logs", j["id"])["data"].strip() for j in members)
+    assert logs == ["index=0", "index=1", "index=2"]

@@ -1,0 +1,130 @@
+"""``dopq simulate``: traces, the event loop and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dopq.errors import DopqError, JobRejected
+from dopq.policy import PolicyConfig
+from dopq.simulate import TraceError, TraceJob, load_trace, main, parse_trace, simulate
+
+TRACES = Path(__file__).resolve().parents[1] / "bench" / "traces"
+CFG = PolicyConfig()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{not json", "not JSON"),
+        ('{"submit": 0, "user": "a", "gpus": 1}', "missing key 'duration'"),
+        ('{"submit": 0, "user": "a", "gpus": -1, "duration": 5}', "gpus"),
+        ('{"submit": 0, "user": "a", "gpus": 1, "duration": 0}', "duration: must be positive"),
+        ('{"submit": 0, "user": "", "gpus": 1, "duration": 5}', "user"),
+        ('{"submit": 0, "user": "a", "gpus": 1, "duration": 5, "gpu": 2}', "unknown key 'gpu'"),
+        ('{"submit": 0, "user": "a", "gpus": 1, "duration": 5, "time_limit": "1h"}',
+         "time_limit"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_bad_lines_name_their_number(tmp_path, line, problem):
+    path = write(tmp_path, '# header\n\n{"submit": 0, "user": "a", "gpus": 1, "duration": 5}\n'
+                 + line + "\n")
+    with pytest.raises(TraceError) as err:
+        load_trace(path)
+    assert err.value.line == 4
+    assert problem in str(err.value) and str(path) + ":4:" in str(err.value)
+    assert "\n" not in str(err.value) and isinstance(err.value, DopqError)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(TraceError, match="t.jsonl"):
+        load_trace(tmp_path / "t.jsonl")
+
+
+def test_parse_numbers_jobs_in_file_order():
+    jobs = parse_trace(['{"submit": 5, "user": "a", "gpus": 0, "duration": 1}',
+                        '{"submit": 1, "user": "b", "gpus": 2, "duration": 3, "priority": 7}'])
+    assert jobs == [TraceJob(1, 5.0, "a", 0, 1.0), TraceJob(2, 1.0, "b", 2, 3.0, None, 7)]
+
+
+def test_jobs_are_killed_at_their_time_limit():
+    jobs = [TraceJob(1, 0.0, "a", 2, 100.0, 50.0), TraceJob(2, 10.0, "b", 2, 30.0)]
+    result = simulate(jobs, 2, CFG)
+    first, second = result.jobs
+    assert (first.start, first.end, first.killed) == (0.0, 50.0, True)
+    assert (second.start, second.end, second.wait) == (50.0, 80.0, 40.0)
+    assert result.makespan == 80.0
+    assert result.utilisation == pytest.approx((2 * 50 + 2 * 30) / (2 * 80))
+
+
+def test_cpu_only_jobs_do_not_wait_for_gpus():
+    jobs = [TraceJob(1, 0.0, "a", 1, 100.0), TraceJob(2, 1.0, "b", 0, 10.0)]
+    assert simulate(jobs, 1, CFG).jobs[1].wait == 0.0
+
+
+def test_oversized_job_is_refused():
+    with pytest.raises(JobRejected, match="wants 8 GPUs"):
+        simulate([TraceJob(1, 0.0, "a", 8, 1.0)], 4, CFG)
+
+
+def test_shipped_traces():
+    for name in ("heavy_vs_light", "big_job_vs_stream", "mixed_day"):
+        path = TRACES / f"{name}.jsonl"
+        assert path.stat().st_size < 200_000
+        result = simulate(load_trace(path), 4, CFG)
+        assert all(j.start is not None for j in result.jobs)
+        assert 0 < result.utilisation <= 1 and 0 < result.jain <= 1
+        assert sum(u.share for u in result.users) == pytest.approx(1)
+        users = {u.user: u for u in result.users}
+        if name == "heavy_vs_light":
+            assert users["alice"].worst_wait < 3600 and users["bob"].worst_wait < 3600
+        if name == "big_job_vs_stream":  # the reservation keeps the stream from starving it
+            assert users["big"].worst_wait < 2 * 3600
+
+
+def test_main_prints_a_table(capsys):
+    assert main([str(TRACES / "heavy_vs_light.jsonl"), "--gpus", "8", "--half-life", "1d"]) == 0
+    out = capsys.readouterr().out
+    assert "312 jobs on 8 GPUs, policy fairshare, half-life 1d00h00m" in out
+    assert "heavy" in out and "Jain index" in out
+
+
+def test_main_json(capsys):
+    argv = ["simulate", str(TRACES / "big_job_vs_stream.jsonl"), "--policy", "recency",
+            "--half-life", "3600", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["policy"] == "recency" and data["half_life"] == 3600 and data["gpus"] == 4
+    assert data["unstarted"] == 0
+    assert {u["user"] for u in data["users"]} == {"big", "stream1", "stream2"}
+    assert set(data["users"][0]) == {"user", "jobs", "gpu_hours", "share", "mean_wait",
+                                     "worst_wait"}
+
+
+def test_main_errors_are_one_line(tmp_path, capsys):
+    path = write(tmp_path, "{oops\n")
+    assert main([str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"dopq simulate: {path}:1: not JSON: " \
+        "Expecting property name enclosed in double quotes"
+    assert main([str(TRACES / "mixed_day.jsonl"), "--half-life", "60"]) == 2
+    assert "half_life" in capsys.readouterr().err
+    assert main([str(TRACES / "mixed_day.jsonl"), "--gpus", "1"]) == 2
+    assert "wants 2 GPUs" in capsys.readouterr().err
+
+
+def test_bench_quick_runs():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_policy.py"
+    out = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    assert out.splitlines()[0].split()[0] == "queued" and len(out.splitlines()) == 3
