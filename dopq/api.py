@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import Pyro5.api
-
 import Pyro5.errors
 import Pyro5.nameserver
 import serpent

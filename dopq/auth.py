@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from dopq.errors import Conflict, DopqError, NotAuthenticated, NotFound, RateLimited
@@ -26,12 +26,9 @@ USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     USER = "user"
     ADMIN = "admin"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

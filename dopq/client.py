@@ -250,4 +250,5 @@ class Client:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 return job
-            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+            left = poll if deadline is None else deadline - time.monotonic()
+            time.sleep(max(0.0, min(poll, left)))

@@ -213,7 +213,7 @@ class DataPlatform:
         """Relay container exits from Docker's event stream; reconnect when it drops."""
         while not self._stop.is_set():
             try:
-                for ev in self.runtime.events(self.settings.docker.name_prefix, self._stop):
+                for ev in self.runtime.events(self.store.owner_id(), self._stop):
                     cid = ev.get("id") or ev.get("Actor", {}).get("ID")
                     if ev.get("Action") == "die" and cid:
                         self.queue.container_exited(cid)
@@ -255,7 +255,7 @@ class DataPlatform:
         uuids = gpus_mod.uuid_index(self.gpu_info)
         all_gpus = {g.index for g in self.gpu_info}
         try:
-            for env, ids in self.runtime.foreign_gpu_envs(self.settings.docker.name_prefix):
+            for env, ids in self.runtime.foreign_gpu_envs(self.store.owner_id()):
                 seen = gpus_mod.visible_devices_in_env(env, uuids)
                 busy |= all_gpus if seen is None else seen
                 for ref in ids:
@@ -629,7 +629,8 @@ class DataPlatform:
                     raise Forbidden(f"job {i} belongs to {r['user']}; nothing changed")
                 if action == "priority" and num is not None and num > r["priority"] \
                         and not who.is_admin:
-                    raise Forbidden(f"only an admin may raise a priority (job {i}); nothing changed")
+                    raise Forbidden(
+                        f"only an admin may raise a priority (job {i}); nothing changed")
                 if action == "nice" and num is not None and num < r["nice"] and not who.is_admin:
                     raise Forbidden(f"only an admin may lower nice (job {i}); nothing changed")
             top = 0

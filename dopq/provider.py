@@ -34,7 +34,13 @@ from dopq import archive as archive_mod
 from dopq import spec as spec_mod
 from dopq.errors import BuildFailed, DopqError, EngineUnavailable, JobRejected
 from dopq.jobs import JobSpec, JobState
-from dopq.runtime import LABEL_CONTEXT, LABEL_INSTANCE, LABEL_USER, ContainerRuntime
+from dopq.runtime import (
+    LABEL_CONTEXT,
+    LABEL_INSTANCE,
+    LABEL_OWNER,
+    LABEL_USER,
+    ContainerRuntime,
+)
 from dopq.settings import Settings
 from dopq.store import Store
 
@@ -370,6 +376,7 @@ class Provider:
                 LABEL_INSTANCE: self.settings.docker.name_prefix,
                 LABEL_USER: spec.user,
                 LABEL_CONTEXT: chash,
+                LABEL_OWNER: self.store.owner_id(),
             }
             image = self.runtime.build(root, tag, labels, on_log, self.settings.build.timeout)
             self.store.remember_image(chash, image, time.time())

@@ -24,7 +24,14 @@ from dopq import policy as policy_mod
 from dopq.errors import Conflict, DopqError, EngineUnavailable
 from dopq.gpus import GpuPool
 from dopq.jobs import JobState
-from dopq.runtime import LABEL_INSTANCE, LABEL_JOB, LABEL_USER, ContainerRuntime, ContainerSpec
+from dopq.runtime import (
+    LABEL_INSTANCE,
+    LABEL_JOB,
+    LABEL_OWNER,
+    LABEL_USER,
+    ContainerRuntime,
+    ContainerSpec,
+)
 from dopq.settings import Settings
 from dopq.store import JobRow, Store
 from dopq.usage import UsageLedger
@@ -86,6 +93,7 @@ class PriorityQueueThread(threading.Thread):
         self.clock = clock
         self.pool = GpuPool(gpu_indices)
         self.instance = settings.docker.name_prefix
+        self.owner = store.owner_id()
         self.ledger = UsageLedger(settings.policy.half_life, store.load_usage())
         self._cond = threading.Condition()
         self._dirty = True
@@ -185,7 +193,7 @@ class PriorityQueueThread(threading.Thread):
 
     def reconcile(self) -> None:
         """Compare the store's running jobs with the engine's containers."""
-        containers = {c.job_id: c for c in self.runtime.list(self.instance) if c.job_id}
+        containers = {c.job_id: c for c in self.runtime.list(self.instance, self.owner) if c.job_id}
         self.engine_up = True
         for row in self.store.jobs([JobState.RUNNING]):
             c = containers.pop(row["id"], None)
@@ -205,10 +213,10 @@ class PriorityQueueThread(threading.Thread):
             # Containers of ours whose job is over (or unknown): collect them.
             if c.running:
                 try:
-                    row = self.store.job(job_id)
+                    state = self.store.job(job_id)["state"]
                 except DopqError:
-                    row = None
-                if row is None or row["state"] != JobState.RUNNING.value:
+                    state = None
+                if state != JobState.RUNNING.value:
                     self._workers.submit(self._stop_container, c.id)
             else:
                 self._workers.submit(self._collect, job_id, c.id)
@@ -241,7 +249,7 @@ class PriorityQueueThread(threading.Thread):
     # -- exits -------------------------------------------------------------------------------
     def _finish_container(self, cid: str) -> None:
         st = self.runtime.status(cid)
-        if st is None or st.job_id is None or st.running:
+        if st is None or st.job_id is None or st.running or st.owner != self.owner:
             return
         try:
             row = self.store.job(st.job_id)
@@ -489,7 +497,8 @@ class PriorityQueueThread(threading.Thread):
         return ContainerSpec(
             name=f"{self.instance}-{row['id']}",
             image=row["image"],
-            labels={LABEL_JOB: str(row["id"]), LABEL_INSTANCE: self.instance, LABEL_USER: user},
+            labels={LABEL_JOB: str(row["id"]), LABEL_INSTANCE: self.instance, LABEL_USER: user,
+                    LABEL_OWNER: self.owner},
             env=env,
             command=spec.get("command") or run_params.get("command"),
             entrypoint=run_params.get("entrypoint"),

@@ -9,6 +9,7 @@ Errors from the engine come out as ``EngineUnavailable`` (engine down) or
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 import threading
@@ -28,6 +29,7 @@ LABEL_JOB = "dopq.job"
 LABEL_INSTANCE = "dopq.instance"
 LABEL_USER = "dopq.user"
 LABEL_CONTEXT = "dopq.context"
+LABEL_OWNER = "dopq.owner"  # the store's unique id: two servers never touch each other's
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ContainerStatus:
     started_at: float | None
     finished_at: float | None
     pids: list[int] = field(default_factory=list)
+    owner: str | None = None
 
 
 def _ts(text: str | None) -> float | None:
@@ -277,11 +280,12 @@ class ContainerRuntime:
             return None
         return _status(info)
 
-    def list(self, instance: str) -> list[ContainerStatus]:
+    def list(self, instance: str, owner: str | None = None) -> builtins.list[ContainerStatus]:
         """All containers (running or not) labelled as this DoPQ instance's."""
-        rows = self._call(
-            self.api.containers, all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}
-        )
+        labels = [f"{LABEL_INSTANCE}={instance}"]
+        if owner:
+            labels.append(f"{LABEL_OWNER}={owner}")
+        rows = self._call(self.api.containers, all=True, filters={"label": labels})
         out = []
         for row in rows:
             st = self.status(row["Id"])
@@ -289,11 +293,13 @@ class ContainerRuntime:
                 out.append(st)
         return out
 
-    def foreign_gpu_envs(self, instance: str) -> list[tuple[list[str], list[str]]]:
-        """(env, device ids) of running containers that this instance did not start."""
+    def foreign_gpu_envs(
+        self, owner: str
+    ) -> builtins.list[tuple[builtins.list[str], builtins.list[str]]]:
+        """(env, device ids) of running containers that this server did not start."""
         out = []
         for row in self._call(self.api.containers):
-            if (row.get("Labels") or {}).get(LABEL_INSTANCE) == instance:
+            if (row.get("Labels") or {}).get(LABEL_OWNER) == owner:
                 continue
             try:
                 info = self._call(self.api.inspect_container, row["Id"])
@@ -360,7 +366,7 @@ class ContainerRuntime:
         mem = float((s.get("memory_stats") or {}).get("usage") or 0)
         return {"memory": mem, "cpu": _cpu_percent(s)}
 
-    def events(self, instance: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
+    def events(self, owner: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
         """Container ``die`` events of this instance, until ``stop`` is set.
 
         The stream is read with a short timeout so ``stop`` is honoured; the
@@ -374,10 +380,9 @@ class ContainerRuntime:
                 stream = api.events(
                     since=since, until=until, decode=True,
                     filters={"type": "container", "event": ["die", "oom"],
-                             "label": f"{LABEL_INSTANCE}={instance}"},
+                             "label": f"{LABEL_OWNER}={owner}"},
                 )
-                for ev in stream:
-                    yield ev
+                yield from stream
                 since = until
         except _CONNECTION_ERRORS as exc:
             raise EngineUnavailable(f"Docker engine unavailable: {exc}") from None
@@ -412,6 +417,7 @@ def _status(info: dict[str, Any]) -> ContainerStatus:
         started_at=_ts(state.get("StartedAt")),
         finished_at=None if running else _ts(state.get("FinishedAt")),
         pids=[int(state["Pid"])] if state.get("Pid") else [],
+        owner=labels.get(LABEL_OWNER),
     )
 
 

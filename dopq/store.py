@@ -14,6 +14,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -270,7 +271,8 @@ class Store:
         limit: int | None = None,
         desc: bool = False,
     ) -> list[JobRow]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if states is not None:
             st = [str(JobState(s).value) for s in states]
             where.append(f"state IN ({', '.join('?' * len(st))})")
@@ -425,6 +427,16 @@ class Store:
         return [dict(r) for r in self.read("SELECT * FROM images")]
 
     # -- meta and audit ---------------------------------------------------------
+    def owner_id(self) -> str:
+        """This store's unique id, made once; labels the containers it owns."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'owner'").fetchone()
+            if row is not None:
+                return str(row["value"])
+            value = uuid.uuid4().hex[:16]
+            db.execute("INSERT INTO meta (key, value) VALUES ('owner', ?)", (value,))
+            return value
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         rows = self.read("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else default

@@ -24,8 +24,8 @@ def test_jobs_of_two_users_run_on_exclusive_gpus(server: Running, jobs_dir: Path
     alice, bob = server["alice"], server["bob"]
     ids = []
     for i, code in enumerate((0, 3, 0)):
-        folder = good_job(jobs_dir, "alice", f"alice-{i}", f'echo "gpus=[$DOPQ_GPUS]"; sleep 1; exit {code}',
-                          num_gpus=1)
+        script = f'echo "gpus=[$DOPQ_GPUS]"; sleep 1; exit {code}'
+        folder = good_job(jobs_dir, "alice", f"alice-{i}", script, num_gpus=1)
         ids.append(alice.submit(folder)["id"])
     two = good_job(jobs_dir, "bob", "bob-two", 'echo "gpus=[$DOPQ_GPUS]"; sleep 1', num_gpus=2)
     cpu = good_job(jobs_dir, "bob", "bob-cpu", 'echo "gpus=[$DOPQ_GPUS] id=$DOPQ_JOB_ID"')
