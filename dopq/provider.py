@@ -201,7 +201,15 @@ class Provider:
         provider = cls(settings, total_gpus, commands, notices)
         provider.run()
 
+    def _watch_parent(self) -> None:
+        """Exit at once when the server dies (kill -9): its successor takes over."""
+        parent = os.getppid()
+        while not self._stopping.wait(0.2):
+            if os.getppid() != parent:
+                os._exit(0)
+
     def run(self) -> None:
+        threading.Thread(target=self._watch_parent, name="parent-watch", daemon=True).start()
         self.recover()
         poll = self.settings.intake.poll_interval
         next_scan = 0.0

@@ -84,10 +84,10 @@ def test_inbox_refuses_a_file_of_another_owner(server_factory: Any, jobs_dir: Pa
 def test_cancel_time_limit_and_wait(server: Running, jobs_dir: Path) -> None:
     alice = server["alice"]
     long = alice.submit(good_job(jobs_dir, "alice", "long", "sleep 60", num_gpus=2))["id"]
+    wait_for(lambda: alice.call("job", long)["state"] == "running", 60)
     queued = alice.submit(good_job(jobs_dir, "alice", "behind", "true", num_gpus=2))["id"]
     limited = alice.submit(good_job(jobs_dir, "alice", "limited", "sleep 60",
                                     config={"time_limit": 1}))["id"]
-    wait_for(lambda: alice.call("job", long)["state"] == "running", 60)
     wait_for(lambda: alice.call("job", queued)["state"] == "queued", 60)
     assert alice.call("cancel", queued)["state"] == "cancelled"
     with pytest.raises(Forbidden):
@@ -184,3 +184,28 @@ def test_array_and_dependencies(server: Running, jobs_dir: Path) -> None:
                                if j["array_parent"] == arr]) == 3 else None, 60)
     logs = sorted(alice.call("logs", j["id"])["data"].strip() for j in members)
     assert logs == ["index=0", "index=1", "index=2"]
+
+
+def test_fair_share_lets_a_late_user_in(server_factory: Any, jobs_dir: Path) -> None:
+    """1 GPU; A queues 6 jobs, then B queues 2: after A's first, B's run first."""
+    server = server_factory(gpus={"backend": "virtual", "virtual_count": 1})
+    alice, bob = server["alice"], server["bob"]
+    first = good_job(jobs_dir, "alice", "a-first", "sleep 6", num_gpus=1)
+    folder = good_job(jobs_dir, "alice", "a-work", "sleep 0.5", num_gpus=1)
+    a_ids = [alice.submit(first)["id"]]
+    wait_for(lambda: alice.call("job", a_ids[0])["state"] == "running", 60)
+    a_ids += [alice.submit(folder)["id"] for _ in range(5)]
+    wait_for(lambda: all(alice.call("job", i)["state"] == "queued" for i in a_ids[1:]), 60)
+    b_folder = good_job(jobs_dir, "bob", "b-work", "sleep 0.5", num_gpus=1)
+    b_ids = [bob.submit(b_folder)["id"] for _ in range(2)]
+    wait_for(lambda: all(bob.call("job", i)["state"] == "queued" for i in b_ids), 60)
+    queue = alice.call("queue")
+    assert [q["user"] for q in queue][:2] == ["bob", "bob"], queue
+    assert {q["reason"] for q in queue} <= {"Priority", "Resources"}
+    jobs = {i: server.wait_job(i, 120) for i in a_ids + b_ids}
+    order = sorted(jobs.values(), key=lambda j: j["started_at"])
+    assert [j["user"] for j in order][:3] == ["alice", "bob", "bob"]
+    users = {u["user"]: u for u in alice.call("users")}
+    assert users["alice"]["gpu_hours"] > users["bob"]["gpu_hours"] > 0
+    prio = alice.call("priority")
+    assert prio == []  # nothing queued any more

@@ -1,0 +1,509 @@
+"""The main window: five docked views, the Commands menu, the connection state.
+
+``Pipeline`` owns the five models (``pipeline.models``), the ``ViewThread``
+that feeds them and a ``Runner`` for commands. It never calls the server
+itself: every call runs on another thread and comes back by signal; refusals
+are shown in a message box (``dialogs.show_error``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QDialog,
+    QDockWidget,
+    QFileDialog,
+    QInputDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QProgressDialog,
+    QWidget,
+)
+
+from dopq.gui import dialogs
+from dopq.gui.compat import emit
+from dopq.gui.models import MODEL_CLASSES, RowModel
+from dopq.gui.style import THEMES, StateColors, StyleManager, resolve_style
+from dopq.gui.viewthread import HISTORY_LIMIT, VIEWS, Runner, ViewThread, one_line
+from dopq.gui.widgets import SystemPanel, TablePanel
+
+TITLES = {"running": "Running", "queued": "Queued", "finished": "Finished",
+          "users": "Users", "system": "System"}
+LAYOUT_VERSION = 1
+
+
+class Pipeline(QMainWindow):
+    """The DoPQ window over any object with the ``Client`` interface."""
+
+    refreshed = Signal()  # after each snapshot applied to all five views
+    connection_changed = Signal(str, str)  # "up" / "down" / "auth", the message
+
+    def __init__(self, client: Any, poll_interval: float = 1.0, style_path: str | None = None,
+                 *, settings: QSettings | None = None, start: bool = True,
+                 ask_login: bool = False, history_limit: int = HISTORY_LIMIT,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("pipeline")
+        self.setWindowTitle("DoPQ")
+        self.resize(1440, 900)
+        self.client = client
+        self.poll_interval = poll_interval
+        self.settings = settings if settings is not None else QSettings("dopq", "dopq-gui")
+        self.ask_login = ask_login
+        self.whoami: dict[str, Any] = {}
+        self.server_name = ""
+        self.state = "connecting"
+        self.refreshes = 0
+        self._asked_login = False
+        self._job_dialogs: dict[int, dialogs.JobDialog] = {}
+        self._edit_dialog: dialogs.EditQueuedDialog | None = None
+
+        self.models: dict[str, RowModel] = {n: cls(self) for n, cls in MODEL_CLASSES.items()}
+        self.runner = Runner(self)
+        self.colors = StateColors(self)
+        self.styles = StyleManager(self, self.colors, self)
+        self.styles.applied.connect(self._style_applied)
+        self.styles.failed.connect(lambda msg: self.statusBar().showMessage(msg, 10000))
+
+        self._build_docks()
+        self._build_actions()
+        self._build_menus()
+        self.connection = QLabel(self)
+        self.connection.setObjectName("connectionLabel")
+        self.statusBar().addPermanentWidget(self.connection)
+
+        self.thread = ViewThread(client, poll_interval, history_limit, self)
+        t = self.thread
+        t.view_whoami.connect(self._apply_whoami)
+        for name in ("running", "queued", "finished", "users"):
+            t.view_signal(name).connect(self.models[name].apply)
+        t.view_system.connect(self._apply_system)
+        t.cycle_done.connect(self._cycle_done)
+        t.connected.connect(self._on_connected)
+        t.disconnected.connect(self._on_disconnected)
+        t.unauthenticated.connect(self._on_unauthenticated)
+
+        self.styles.load(style_path or str(self.settings.value("style", "") or "") or None)
+        self._default_state = self.saveState(LAYOUT_VERSION)
+        self._restore_layout()
+        self._set_live(False, "connecting", f"connecting to {self._target()}…")
+        self._update_actions()
+        if start:
+            self.start()
+
+    # -- construction ----------------------------------------------------------------------
+    def _build_docks(self) -> None:
+        self.panels: dict[str, TablePanel] = {}
+        self.docks: dict[str, QDockWidget] = {}
+        self.system_panel = SystemPanel(self.models["system"], self)
+        for name in VIEWS:
+            if name == "system":
+                panel, widget = self.system_panel.table, self.system_panel
+            else:
+                panel = TablePanel(self.models[name], name, self)
+                widget = panel
+            self.panels[name] = panel
+            dock = QDockWidget(TITLES[name], self)
+            dock.setObjectName(f"{name}Dock")
+            dock.setWidget(widget)
+            self.docks[name] = dock
+        for name in ("running", "queued", "finished"):
+            self.panels[name].activated.connect(self.open_job)
+        self.setDockNestingEnabled(True)
+        d = self.docks
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, d["running"])
+        self.splitDockWidget(d["running"], d["queued"], Qt.Orientation.Vertical)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, d["system"])
+        self.splitDockWidget(d["system"], d["users"], Qt.Orientation.Vertical)
+        self.splitDockWidget(d["users"], d["finished"], Qt.Orientation.Vertical)
+        self.resizeDocks([d["running"], d["system"]], [860, 580], Qt.Orientation.Horizontal)
+        self.resizeDocks([d["running"], d["queued"]], [300, 560], Qt.Orientation.Vertical)
+        self.resizeDocks([d["system"], d["users"], d["finished"]], [260, 200, 400],
+                         Qt.Orientation.Vertical)
+
+    def _action(self, text: str, slot: Callable[[], Any], shortcut: str | None = None,
+                tip: str = "") -> QAction:
+        act = QAction(text, self)
+        act.triggered.connect(lambda _=False: slot())
+        if shortcut:
+            act.setShortcut(QKeySequence(shortcut))
+        if tip:
+            act.setStatusTip(tip)
+        return act
+
+    def _build_actions(self) -> None:
+        a = self._action
+        self.act: dict[str, QAction] = {
+            "submit": a("&Submit job…", self.submit_job, "Ctrl+N", "upload a folder or a zip"),
+            "sign_in": a("Sign &in…", self.sign_in, tip="sign in and keep a token"),
+            "sign_out": a("Sign &out", self.sign_out),
+            "switch": a("S&witch server…", self.switch_server),
+            "quit": a("&Quit", self.close, "Ctrl+Q"),
+            "edit": a("&Update enqueued containers…", self.open_edit_queued, "Ctrl+E",
+                      "delete, re-prioritise, hold or release queued jobs"),
+            "cancel": a("&Cancel selected jobs", self.cancel_selected, "Del",
+                        "cancel the selected running or queued jobs"),
+            "clear_history": a("Clear user &history…", self.clear_history,
+                               tip="hide finished jobs (admins)"),
+            "clear_status": a("Clear user s&tatus…", self.clear_status,
+                              tip="forget recorded GPU usage (admins)"),
+            "shutdown": a("Shut&down server…", self.shutdown_server,
+                          tip="stop the server (admins)"),
+            "refresh": a("&Refresh now", self.thread_poke, "F5"),
+            "reset_layout": a("Reset &layout", self.reset_layout),
+            "style_file": a("Style sheet &file…", self.pick_style),
+            "about": a("&About DoPQ", self.about),
+        }
+        self.admin_actions = ("clear_history", "clear_status", "shutdown")
+        group = QActionGroup(self)
+        self.theme_actions: dict[str, QAction] = {}
+        for theme in THEMES:
+            act = a(theme.capitalize(), lambda t=theme: self.set_style(t))
+            act.setCheckable(True)
+            group.addAction(act)
+            self.theme_actions[theme] = act
+        for name, acts in (("running", ("cancel",)), ("queued", ("edit", "cancel"))):
+            view = self.panels[name].view
+            view.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
+            for key in acts:
+                view.addAction(self.act[key])
+
+    def _build_menus(self) -> None:
+        act = self.act
+        bar = self.menuBar()
+        m = bar.addMenu("&DoPQ")
+        for key in ("submit", None, "sign_in", "sign_out", "switch", None, "quit"):
+            m.addSeparator() if key is None else m.addAction(act[key])
+        m = bar.addMenu("&Commands")
+        for key in ("edit", "cancel", None, "clear_history", "clear_status", None, "shutdown"):
+            m.addSeparator() if key is None else m.addAction(act[key])
+        m = bar.addMenu("&View")
+        for dock in self.docks.values():
+            m.addAction(dock.toggleViewAction())
+        m.addSeparator()
+        m.addAction(act["refresh"])
+        m.addAction(act["reset_layout"])
+        theme = m.addMenu("&Theme")
+        for t in self.theme_actions.values():
+            theme.addAction(t)
+        theme.addAction(act["style_file"])
+        bar.addMenu("&Help").addAction(act["about"])
+        tb = self.addToolBar("Commands")
+        tb.setObjectName("commandsToolBar")
+        for key in ("submit", "edit", "cancel", None, "clear_history", "clear_status",
+                    "shutdown", None, "sign_in", "refresh"):
+            tb.addSeparator() if key is None else tb.addAction(act[key])
+
+    # -- polling ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.thread.isRunning():
+            self.thread.start()
+
+    def stop(self) -> bool:
+        """Stop polling; True when the poller has ended."""
+        self.thread.stop()
+        return not self.thread.isRunning()
+
+    def thread_poke(self) -> None:
+        self.thread.poke()
+
+    def apply_snapshot(self, snap: dict[str, Any]) -> None:
+        """Apply one whole snapshot now, as a poll would (benchmarks, tests)."""
+        self._apply_whoami(snap.get("whoami") or {})
+        for name in ("running", "queued", "finished", "users"):
+            self.models[name].apply(snap[name])
+        self._apply_system(snap["system"])
+        self._cycle_done(0)
+
+    def _apply_whoami(self, who: dict[str, Any]) -> None:
+        if who != self.whoami:
+            self.whoami = dict(who)
+            self._update_actions()
+
+    def _apply_system(self, status: dict[str, Any]) -> None:
+        self.models["system"].apply(status.get("gpus") or [])
+        self.system_panel.summary.show_status(status)
+        self.server_name = str(status.get("name") or self.server_name)
+
+    def _cycle_done(self, _cycle: int) -> None:
+        self.refreshes += 1
+        m = self.models
+        who = self.whoami
+        self._set_live(True, "up", f"● {self.server_name} · {who.get('user', '?')} "
+                       f"({who.get('role', '?')}) · {m['running'].rowCount()} running · "
+                       f"{m['queued'].rowCount()} queued")
+        self.setWindowTitle(f"DoPQ · {self.server_name} · {who.get('user', '')}")
+        self.thread.acknowledge()
+        emit(self.refreshed)
+
+    def _on_connected(self, name: str) -> None:
+        self.server_name = name or self.server_name
+
+    def _on_disconnected(self, message: str) -> None:
+        self._set_live(False, "down", f"Disconnected: {message} (retrying)")
+
+    def _on_unauthenticated(self, message: str) -> None:
+        self._set_live(False, "auth", f"Not signed in: {message} (DoPQ ▸ Sign in)")
+        if self.ask_login and not self._asked_login:
+            self._asked_login = True
+            self.sign_in()
+
+    def _set_live(self, live: bool, state: str, text: str) -> None:
+        changed = state != self.state
+        self.state = state
+        for dock in self.docks.values():
+            widget = dock.widget()
+            if widget is not None and widget.isEnabled() != live:
+                widget.setEnabled(live)
+        self.connection.setText(text)
+        self.connection.setToolTip(text)
+        if changed:
+            self.connection.setProperty("state", state)
+            self.connection.style().unpolish(self.connection)
+            self.connection.style().polish(self.connection)
+            emit(self.connection_changed, state, text)
+
+    # -- roles -----------------------------------------------------------------------------
+    @property
+    def is_admin(self) -> bool:
+        return self.whoami.get("role") == "admin"
+
+    def _update_actions(self) -> None:
+        admin = self.is_admin
+        for key in self.admin_actions:
+            self.act[key].setEnabled(admin)
+        signed_in = bool(self.whoami.get("user"))
+        self.act["sign_out"].setEnabled(signed_in)
+        self.act["sign_in"].setText("Sign &in…" if not signed_in else "Sign in as &another…")
+        if self._edit_dialog is not None:
+            self._edit_dialog.set_admin(admin)
+
+    # -- style -----------------------------------------------------------------------------
+    def set_style(self, spec: str) -> None:
+        if self.styles.load(spec):
+            self.settings.setValue("style", spec)
+
+    def pick_style(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Style sheet", "", "Qt style sheets (*.qss)")
+        if path:
+            self.set_style(path)
+
+    def _style_applied(self, path: str) -> None:
+        colors = self.colors.colors()
+        for model in self.models.values():
+            model.set_state_colors(colors)
+        for theme, act in self.theme_actions.items():
+            act.setChecked(path == str(resolve_style(theme)))
+
+    # -- commands --------------------------------------------------------------------------
+    def _run(self, title: str, fn: Callable[..., Any], *args: Any,
+             done: Callable[[Any], None] | None = None) -> None:
+        """Run a command off the GUI thread; show a refusal, then refresh."""
+
+        def ok(result: Any) -> None:
+            if done is not None:
+                done(result)
+            self.thread.poke()
+
+        self.runner.start(fn, *args, on_done=ok,
+                          on_error=lambda exc: dialogs.show_error(self, title, exc))
+
+    def _call(self, title: str, method: str, *args: Any, message: str = "") -> None:
+        self._run(title, self.client.call, method, *args,
+                  done=lambda _r: self.statusBar().showMessage(message or f"{title}: done", 8000))
+
+    def selected(self, name: str) -> list[Hashable]:
+        return self.panels[name].selected_keys()
+
+    def open_job(self, job_id: Hashable) -> dialogs.JobDialog:
+        jid = int(job_id)  # type: ignore[call-overload]
+        dlg = self._job_dialogs.get(jid)
+        if dlg is None or not dlg.isVisible():
+            dlg = dialogs.JobDialog(self.client, self.runner, jid, self.poll_interval, self)
+            self._job_dialogs[jid] = dlg
+            dlg.finished.connect(lambda _r, j=jid: self._job_dialogs.pop(j, None))
+        dlg.show()
+        dlg.raise_()
+        return dlg
+
+    def open_edit_queued(self) -> dialogs.EditQueuedDialog:
+        if self._edit_dialog is None:
+            dlg = dialogs.EditQueuedDialog(self.models["queued"],  # type: ignore[arg-type]
+                                           self.selected("queued"), self.is_admin, self)
+            dlg.requested.connect(self.edit_queued)
+            self._edit_dialog = dlg
+        else:
+            self._edit_dialog.panel.select_keys(self.selected("queued"))
+        self._edit_dialog.show()
+        self._edit_dialog.raise_()
+        return self._edit_dialog
+
+    def edit_queued(self, ids: list[int], action: str, value: Any = None) -> None:
+        """One batch ``edit`` call; a refusal is shown, never swallowed."""
+        self._call("Update enqueued containers", "edit", [int(i) for i in ids], action, value,
+                   message=f"{action}: {len(ids)} job(s)")
+
+    def cancel_selected(self) -> None:
+        ids = [int(k) for k in self.selected("running") + self.selected("queued")]  # type: ignore[call-overload]
+        if not ids or not dialogs.confirm(
+                self, "Cancel jobs", f"Cancel job(s) {', '.join(map(str, ids[:20]))}?"):
+            return
+
+        def cancel_all() -> list[Any]:
+            return [self.client.call("cancel", i) for i in ids]
+
+        self._run("Cancel jobs", cancel_all,
+                  done=lambda _r: self.statusBar().showMessage(f"cancelled {len(ids)} job(s)"))
+
+    def _users(self) -> list[str]:
+        return [str(k) for k in self.models["users"].keys()]
+
+    def clear_history(self) -> None:
+        user = dialogs.pick_user(self, "Clear user history", self._users())
+        if user is None or not dialogs.confirm(
+                self, "Clear user history",
+                f"Hide the finished jobs of {user or 'all users'} from the history?"):
+            return
+        self._call("Clear user history", "clear_history", user or None)
+
+    def clear_status(self) -> None:
+        user = dialogs.pick_user(self, "Clear user status", self._users())
+        if user is None or not dialogs.confirm(
+                self, "Clear user status",
+                f"Forget the recorded GPU usage of {user or 'all users'}? Their fair-share "
+                "priority starts afresh."):
+            return
+        self._call("Clear user status", "clear_status", user or None)
+
+    def shutdown_server(self) -> None:
+        choice = dialogs.choose(
+            self, "Shut down server",
+            f"Shut down the DoPQ server {self.server_name}? Queued jobs stay queued.",
+            ["Shut down, leave running jobs", "Shut down and stop running jobs"])
+        if choice is None:
+            return
+        self._call("Shut down server", "shutdown", choice == 1, message="server shutting down")
+
+    def submit_job(self) -> None:
+        dlg = dialogs.SubmitDialog(self)
+        if dlg.exec() != QDialog.DialogCode.Accepted:
+            return
+        path, opts = dlg.path.text().strip(), dlg.options()
+        progress = QProgressDialog("Uploading…", "Cancel", 0, 1000, self)
+        progress.setWindowTitle("Submit job")
+        progress.setMinimumDuration(300)
+
+        def step(done: Any, total: Any) -> None:
+            progress.setValue(int(1000 * int(done) / max(int(total), 1)))
+            progress.setLabelText(dialogs.describe_upload(int(done), int(total)))
+
+        def finished(job: dict[str, Any]) -> None:
+            progress.reset()
+            self.statusBar().showMessage(f"submitted job {job.get('id')} ({job.get('user')})",
+                                         10000)
+            self.thread.poke()
+
+        def failed(exc: BaseException) -> None:
+            progress.reset()
+            dialogs.show_error(self, "Submit job", exc)
+
+        task = self.runner.start(self.client.submit, path, opts, progress_kwarg="progress",
+                                 on_progress=step, on_done=finished, on_error=failed)
+        progress.canceled.connect(task.cancelled.set)
+
+    def sign_in(self) -> None:
+        dlg = dialogs.LoginDialog(self.server_name or str(getattr(self.client, "server", "")
+                                                          or ""), self)
+        if dlg.exec() != QDialog.DialogCode.Accepted:
+            return
+        user, password, remember = dlg.values()
+        self._run("Sign in", self.client.login, user, password, remember,
+                  done=lambda r: self.statusBar().showMessage(
+                      f"signed in as {r.get('user')} ({r.get('role')})", 8000))
+
+    def sign_out(self) -> None:
+        self._run("Sign out", self.client.logout,
+                  done=lambda _r: self.statusBar().showMessage("signed out", 8000))
+
+    def switch_server(self) -> None:
+        self._run("Switch server", self.client.servers, done=self._pick_server)
+
+    def _pick_server(self, servers: dict[str, str]) -> None:
+        if not servers:
+            dialogs.show_error(self, "Switch server", "no DoPQ server is registered")
+            return
+        names = sorted(servers)
+        current = names.index(self.server_name) if self.server_name in names else 0
+        name, ok = QInputDialog.getItem(self, "Switch server", "Server:", names, current, False)
+        if ok and name:
+            self._run("Switch server", self._switch_to, str(name),
+                      done=lambda _r: self._forget_views(str(name)))
+
+    def _switch_to(self, name: str) -> None:
+        """Worker thread: point the client at another server (and its stored token)."""
+        self.client.server = name
+        self.client.token = None
+        self.client.close()
+
+    def _forget_views(self, name: str) -> None:
+        self.server_name = name
+        self.whoami = {}
+        for model in self.models.values():
+            model.clear()
+        self._update_actions()
+        self._set_live(False, "connecting", f"connecting to {name}…")
+
+    def about(self) -> None:
+        from dopq import __version__
+
+        QMessageBox.about(self, "About DoPQ",
+                          f"DoPQ {__version__}, the Docker Priority Queue.\n\n"
+                          "A fair-share GPU job queue for a shared deep-learning server.")
+
+    def _target(self) -> str:
+        return str(getattr(self.client, "server", None) or "the DoPQ server")
+
+    # -- layout memory ---------------------------------------------------------------------
+    def _restore_layout(self) -> None:
+        s = self.settings
+        geometry = s.value("window/geometry")
+        if isinstance(geometry, QByteArray | bytes):
+            self.restoreGeometry(geometry)
+        state = s.value("window/state")
+        if isinstance(state, QByteArray | bytes):
+            self.restoreState(state, LAYOUT_VERSION)
+        for name, panel in self.panels.items():
+            header = s.value(f"tables/{name}")
+            if isinstance(header, QByteArray | bytes):
+                panel.restore_header(header)
+
+    def save_layout(self) -> None:
+        s = self.settings
+        s.setValue("window/geometry", self.saveGeometry())
+        s.setValue("window/state", self.saveState(LAYOUT_VERSION))
+        for name, panel in self.panels.items():
+            s.setValue(f"tables/{name}", QByteArray(panel.header_state()))
+        s.sync()
+
+    def reset_layout(self) -> None:
+        for dock in self.docks.values():
+            dock.show()
+        self.restoreState(self._default_state, LAYOUT_VERSION)
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.save_layout()
+        self.stop()
+        for dlg in list(self._job_dialogs.values()):
+            dlg.close()
+        if self._edit_dialog is not None:
+            self._edit_dialog.close()
+        self.runner.wait(2000)
+        super().closeEvent(event)
+
+
+__all__ = ["Pipeline", "one_line"]

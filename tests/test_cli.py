@@ -1,0 +1,90 @@
+"""The ``dopq`` command line against a real server (and without one)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSWORDS, Running, free_port, write_toml
+from hostile import good_job
+
+from dopq import cli
+
+
+def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def signed_in(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Running:
+    ns = server.settings.nameserver
+    monkeypatch.setenv("DOPQ_NS_PORT", str(ns.port))
+    monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DOPQ_TOKEN", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORDS["alice"] + "\n"))
+    assert cli.main(["login", "--user", "alice", "--password-stdin"]) == 0
+    token_file = tmp_path / "home" / "dopq" / "tokens.json"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    return server
+
+
+def test_submit_wait_logs_and_listings(signed_in: Running, capsys: Any, jobs_dir: Path) -> None:
+    capsys.readouterr()
+    folder = good_job(jobs_dir, "alice", "cli-job", "echo hello-cli; exit 0", num_gpus=1)
+    code, out, _ = run(capsys, "submit", str(folder), "--json", "--time-limit", "5m")
+    assert code == 0
+    job_id = json.loads(out)["id"]
+    code, out, _ = run(capsys, "wait", str(job_id), "--timeout", "60")
+    assert code == 0 and "succeeded" in out
+    code, out, _ = run(capsys, "logs", str(job_id))
+    assert "hello-cli" in out
+    for command in ("queue", "running", "history", "status", "users", "priority"):
+        code, out, err = run(capsys, command, "--json")
+        assert code == 0, err
+        json.loads(out)
+    code, out, _ = run(capsys, "show", str(job_id), "--json")
+    job = json.loads(out)
+    for key in ("id", "name", "user", "state", "num_gpus", "gpus", "exit_code", "error",
+                "submitted_at", "started_at", "finished_at", "image", "container"):
+        assert key in job
+    assert job["time_limit"] == 300 and job["submitted_at"].endswith("Z")
+    failing = good_job(jobs_dir, "alice", "cli-fail", "exit 4")
+    code, out, _ = run(capsys, "submit", str(failing), "--json")
+    code, out, _ = run(capsys, "wait", str(json.loads(out)["id"]), "--timeout", "60")
+    assert code == 1 and "exit code 4" in out
+
+
+def test_refusals_are_one_line(signed_in: Running, capsys: Any, jobs_dir: Path) -> None:
+    capsys.readouterr()
+    code, _, err = run(capsys, "clear-history")
+    assert code == 1 and err.count("\n") == 1 and "admin" in err
+    code, _, err = run(capsys, "show", "999")
+    assert code == 1 and err == "dopq: error: no job 999\n"
+    code, _, err = run(capsys, "submit", str(jobs_dir / "nope"))
+    assert code == 1 and "no such file" in err
+
+
+def test_unreachable_server_is_one_line(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOPQ_NS_PORT", str(free_port()))
+    code, _, err = run(capsys, "queue")
+    assert code == 1
+    assert err.startswith("dopq: error: no name server") and err.count("\n") == 1
+
+
+def test_config_show_and_bad_config(capsys: Any, tmp_path: Path) -> None:
+    cfg = write_toml({"state_dir": str(tmp_path)}, tmp_path / "ok.toml")
+    code, out, _ = run(capsys, "config", "show", "--config", str(cfg))
+    assert code == 0 and f'state_dir = "{tmp_path}"' in out and "[nameserver]" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[gpus]\nbackend = "quantum"\n')
+    code, _, err = run(capsys, "config", "show", "--config", str(bad))
+    assert code == 1 and "gpus.backend" in err
+    bad.write_text("[docker]\nnetwrk = 'none'\n")
+    code, _, err = run(capsys, "config", "show", "--config", str(bad))
+    assert code == 1 and "docker.netwrk: unknown key" in err
