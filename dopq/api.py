@@ -380,6 +380,13 @@ class Server:
 
     def start(self) -> None:
         s = self.settings
+        if s.server.tls_cert:
+            # Pyro5's SSL settings are per process: the embedded name server
+            # and every connection of this process use them.
+            Pyro5.api.config.SSL = True
+            Pyro5.api.config.SSL_SERVERCERT = s.server.tls_cert
+            Pyro5.api.config.SSL_SERVERKEY = s.server.tls_key
+            Pyro5.api.config.SSL_CACERTS = s.server.tls_cert
         if s.server.host not in ("127.0.0.1", "localhost", "::1") and not s.server.tls_cert:
             log.warning("binding to %s without TLS: tokens and jobs cross the network in the "
                         "clear (set server.tls_cert and server.tls_key)", s.server.host)

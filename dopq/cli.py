@@ -52,7 +52,7 @@ def _cell(v: Any) -> str:
 def _client(args: argparse.Namespace) -> Any:
     from dopq.client import Client
 
-    return Client(args.ns_host, args.ns_port, args.server)
+    return Client(args.ns_host, args.ns_port, args.server, tls_ca=args.tls_ca)
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -424,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--ns-host", help="name server host (env DOPQ_NS_HOST)")
     conn.add_argument("--ns-port", type=int, help="name server port (env DOPQ_NS_PORT)")
     conn.add_argument("--server", help="server name (env DOPQ_SERVER)")
+    conn.add_argument("--tls-ca", help="CA file to verify the server's TLS certificate "
+                      "(env DOPQ_TLS_CA)")
     js = argparse.ArgumentParser(add_help=False)
     js.add_argument("--json", action="store_true", help="print JSON only")
     cfg = argparse.ArgumentParser(add_help=False)

@@ -71,10 +71,18 @@ class Client:
         server: str | None = None,
         token: str | None = None,
         timeout: float = 30.0,
+        tls_ca: str | None = None,
     ) -> None:
         self.ns_host = ns_host or os.environ.get("DOPQ_NS_HOST") or "127.0.0.1"
         self.ns_port = int(ns_port or os.environ.get("DOPQ_NS_PORT") or 9090)
         self.server = server or os.environ.get("DOPQ_SERVER") or None
+        tls_ca = tls_ca or os.environ.get("DOPQ_TLS_CA") or None
+        if tls_ca:
+            if not Path(tls_ca).is_file():
+                raise DopqError(f"TLS CA file not found: {tls_ca}")
+            # Pyro5 keeps SSL settings per process.
+            Pyro5.api.config.SSL = True
+            Pyro5.api.config.SSL_CACERTS = tls_ca
         self._token = token
         self.timeout = timeout
         self._local = threading.local()

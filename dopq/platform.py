@@ -127,6 +127,7 @@ class DataPlatform:
         self.stats: dict[int, dict[str, float]] = {}
         self.gpu_samples: dict[int, dict[str, Any]] = {}
         self.shutdown_requested = threading.Event()
+        self._last_clean_hour = 0
 
     # -- life cycle ---------------------------------------------------------------
     def _gpu_mode(self) -> str:
@@ -264,6 +265,10 @@ class DataPlatform:
         except DopqError:
             pass
         self.queue.set_external(busy & all_gpus)
+        hour = int(time.time() // 3600)
+        if hour != self._last_clean_hour:
+            self._last_clean_hour = hour
+            self.queue.clean_images(time.time())
         stats = {}
         for row in running:
             if row["container"]:

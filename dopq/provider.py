@@ -53,6 +53,10 @@ def job_dir(settings: Settings, job_id: int) -> Path:
     return settings.state_path / "jobs" / str(job_id)
 
 
+def cache_tag(owner: str, context_hash: str) -> str:
+    return f"dopq-cache/{owner}:{context_hash[:40]}"
+
+
 def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int) -> None:
     """Refuse a spec that asks more than the machine or the admins allow."""
     if spec.num_gpus > total_gpus:
@@ -387,6 +391,8 @@ class Provider:
                 LABEL_OWNER: self.store.owner_id(),
             }
             image = self.runtime.build(root, tag, labels, on_log, self.settings.build.timeout)
+            # A cache tag keeps the image after the job's own tag is removed.
+            self.runtime.tag(image, cache_tag(self.store.owner_id(), chash))
             self.store.remember_image(chash, image, time.time())
             return spec, image, chash
 

@@ -23,7 +23,9 @@ from typing import Any
 from dopq import policy as policy_mod
 from dopq.errors import Conflict, DopqError, EngineUnavailable
 from dopq.gpus import GpuPool
-from dopq.jobs import JobState
+from dopq.jobs import ACTIVE_STATES, JobState
+from dopq.provider import cache_tag
+from dopq.spec import normalise_tag
 from dopq.runtime import (
     LABEL_INSTANCE,
     LABEL_JOB,
@@ -309,11 +311,33 @@ class PriorityQueueThread(threading.Thread):
                 tmp.replace(path)
             if self.settings.docker.remove_containers:
                 self.runtime.remove(cid)
+                self._untag(job_id)
         except Exception:  # noqa: BLE001
             log.warning("job %s: collecting container failed\n%s", job_id, traceback.format_exc())
         finally:
             with self._cond:
                 self._collecting.discard(job_id)
+
+    def _untag(self, job_id: int) -> None:
+        """Drop the job's own image tag; the image stays under its cache tag."""
+        row = self.store.job(job_id)
+        spec = row["spec"] or {}
+        if row["image"] and spec.get("name") and row["context_hash"]:
+            self.runtime.untag(normalise_tag(row["user"], spec["name"], job_id))
+
+    def clean_images(self, now: float) -> list[str]:
+        """Remove cached images unused for ``docker.image_keep_days`` and not needed."""
+        keep = self.settings.docker.image_keep_days
+        if keep <= 0:
+            return []
+        needed = {r["image"] for r in self.store.jobs(ACTIVE_STATES) if r["image"]}
+        removed = []
+        for img in self.store.images():
+            if img["last_used"] < now - keep * 86400 and img["image_id"] not in needed:
+                self.runtime.untag(cache_tag(self.owner, img["context_hash"]))
+                self.store.forget_image(img["image_id"])
+                removed.append(img["image_id"])
+        return removed
 
     def run_log_path(self, job_id: int) -> Path:
         return self.settings.state_path / "jobs" / str(job_id) / "run.log"

@@ -214,6 +214,13 @@ class ContainerRuntime:
         except (docker.errors.NotFound, DopqError):
             return False
 
+    def untag(self, tag: str) -> None:
+        """Remove one tag; the image goes too when it was its last tag and unused."""
+        try:
+            self._call(self.api.remove_image, tag, force=False, noprune=False)
+        except (docker.errors.NotFound, DopqError):
+            pass
+
     def images_by_label(self, label: str) -> list[dict[str, Any]]:
         return list(self._call(self.api.images, filters={"label": label}))
 

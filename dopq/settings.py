@@ -189,6 +189,12 @@ class Settings:
             port = _get(self, key)
             if not 0 <= port <= 65535:
                 raise ConfigError(key, "must be a port number (0-65535)")
+        for key in ("server.tls_cert", "server.tls_key"):
+            path = _get(self, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(key, f"no such file: {path}")
+        if bool(self.server.tls_cert) != bool(self.server.tls_key):
+            raise ConfigError("server.tls_key", "set both server.tls_cert and server.tls_key")
         if self.nameserver.port == 0:
             raise ConfigError("nameserver.port", "must not be 0")
         if self.docker.network in ("host",) or self.docker.network.startswith("container:"):

@@ -53,36 +53,49 @@ def main(args: argparse.Namespace) -> int:
         qsettings = QSettings(str(Path(tmp.name) / "gui.ini"), QSettings.Format.IniFormat)
     window = Pipeline(client, poll, style, settings=qsettings, ask_login=not shot)
     window.styles.failed.connect(lambda msg: print(f"dopq gui: {msg}", file=sys.stderr))
-    result = {"code": 0}
+    result = {"code": 0, "over": False}
 
     def fail(message: str) -> None:
+        if result["over"]:
+            return
+        result["over"] = True
         print(f"dopq gui: {message}", file=sys.stderr)
         result["code"] = 1
         app.exit(1)
 
     if shot:
         def grab() -> None:
+            if result["over"]:
+                return
             if window.grab().save(str(shot)):
+                result["over"] = True
                 print(f"dopq gui: saved {shot}")
                 app.exit(0)
             else:
                 fail(f"cannot write {shot}")
 
-        def first_refresh() -> None:
-            window.refreshed.disconnect(first_refresh)
-            QTimer.singleShot(300, grab)  # let the docks lay out once more
-
-        window.refreshed.connect(first_refresh)
-        window.thread.unauthenticated.connect(
+        settle = QTimer(window)  # let the docks lay out once more before the picture
+        settle.setSingleShot(True)
+        settle.setInterval(300)
+        settle.timeout.connect(grab)
+        window.refreshed.connect(lambda: settle.isActive() or settle.start())
+        window.poller.unauthenticated.connect(
             lambda msg: fail(f"not signed in ({msg}); run `dopq login` first"))
-        QTimer.singleShot(int(SCREENSHOT_TIMEOUT * 1000), lambda: fail(
-            "cannot reach the server: " + (window.thread.last_error or "no answer")))
+        deadline = QTimer(window)  # dies with the window: never fires after main returns
+        deadline.setSingleShot(True)
+        deadline.timeout.connect(lambda: fail(
+            "cannot reach the server: " + (window.poller.last_error or "no answer")))
+        deadline.start(int(SCREENSHOT_TIMEOUT * 1000))
     window.show()
     code = app.exec()
+    result["over"] = True  # events still queued for the window must not act any more
     window.close()
+    for timer in window.findChildren(QTimer):
+        timer.stop()
+    window.deleteLater()
     if tmp is not None:
         tmp.cleanup()
-    if window.thread.isRunning():  # stuck in a network call: do not wait for its timeout
+    if window.poller.isRunning():  # stuck in a network call: do not wait for its timeout
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code or result["code"])

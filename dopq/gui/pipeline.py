@@ -77,8 +77,8 @@ class Pipeline(QMainWindow):
         self.connection.setObjectName("connectionLabel")
         self.statusBar().addPermanentWidget(self.connection)
 
-        self.thread = ViewThread(client, poll_interval, history_limit, self)
-        t = self.thread
+        self.poller = ViewThread(client, poll_interval, history_limit, self)
+        t = self.poller
         t.view_whoami.connect(self._apply_whoami)
         for name in ("running", "queued", "finished", "users"):
             t.view_signal(name).connect(self.models[name].apply)
@@ -201,16 +201,16 @@ class Pipeline(QMainWindow):
 
     # -- polling ---------------------------------------------------------------------------
     def start(self) -> None:
-        if not self.thread.isRunning():
-            self.thread.start()
+        if not self.poller.isRunning():
+            self.poller.start()
 
     def stop(self) -> bool:
         """Stop polling; True when the poller has ended."""
-        self.thread.stop()
-        return not self.thread.isRunning()
+        self.poller.stop()
+        return not self.poller.isRunning()
 
     def thread_poke(self) -> None:
-        self.thread.poke()
+        self.poller.poke()
 
     def apply_snapshot(self, snap: dict[str, Any]) -> None:
         """Apply one whole snapshot now, as a poll would (benchmarks, tests)."""
@@ -238,7 +238,7 @@ class Pipeline(QMainWindow):
                        f"({who.get('role', '?')}) · {m['running'].rowCount()} running · "
                        f"{m['queued'].rowCount()} queued")
         self.setWindowTitle(f"DoPQ · {self.server_name} · {who.get('user', '')}")
-        self.thread.acknowledge()
+        self.poller.acknowledge()
         emit(self.refreshed)
 
     def _on_connected(self, name: str) -> None:
@@ -308,7 +308,7 @@ class Pipeline(QMainWindow):
         def ok(result: Any) -> None:
             if done is not None:
                 done(result)
-            self.thread.poke()
+            self.poller.poke()
 
         self.runner.start(fn, *args, on_done=ok,
                           on_error=lambda exc: dialogs.show_error(self, title, exc))
@@ -406,7 +406,7 @@ class Pipeline(QMainWindow):
             progress.reset()
             self.statusBar().showMessage(f"submitted job {job.get('id')} ({job.get('user')})",
                                          10000)
-            self.thread.poke()
+            self.poller.poke()
 
         def failed(exc: BaseException) -> None:
             progress.reset()

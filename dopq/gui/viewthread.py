@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -69,6 +70,7 @@ class ViewThread(QThread):
         self._poked = False
         self._pending = 0
         self._state = "unknown"  # up / down / auth
+        self.max_backoff = MAX_BACKOFF
         self.last_error = ""
 
     def view_signal(self, name: str) -> Any:
@@ -128,11 +130,11 @@ class ViewThread(QThread):
             except NotAuthenticated as exc:
                 failures += 1
                 self._fail("auth", exc)
-                delay = min(MAX_BACKOFF, self.interval * 2)
+                delay = min(self.max_backoff, self.interval * 2)
             except Exception as exc:  # noqa: BLE001 - the poller must outlive any error
                 failures += 1
                 self._fail("down", exc)
-                delay = min(MAX_BACKOFF, self.interval * 2 ** min(failures, 8))
+                delay = min(self.max_backoff, self.interval * 2 ** min(failures, 8))
             else:
                 failures = 0
                 if self._state != "up":
@@ -197,6 +199,8 @@ class Runner(QObject):
         self.pool = QThreadPool(self)
         self.pool.setMaxThreadCount(threads)
         self._ids = itertools.count(1)
+        # finished tasks are kept a while: a worker may still be returning from run()
+        self._done: deque[Task] = deque(maxlen=32)
         self._tasks: dict[int, tuple[Task, Callable[..., Any] | None,
                                      Callable[..., Any] | None, Callable[..., Any] | None]] = {}
 
@@ -226,7 +230,8 @@ class Runner(QObject):
         entry = self._tasks.pop(task_id, None)
         if entry is None:
             return
-        _task, on_done, on_error, _ = entry
+        task, on_done, on_error, _ = entry
+        self._done.append(task)
         if ok:
             if on_done is not None:
                 on_done(payload)
