@@ -61,12 +61,53 @@ def register_errors() -> None:
 register_errors()
 
 
-def configure_pyro() -> None:
-    Pyro5.api.config.SERVERTYPE = "thread"
-    Pyro5.api.config.THREADPOOL_SIZE = 200
-    Pyro5.api.config.MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE
-    Pyro5.api.config.COMMTIMEOUT = 0.0
-    Pyro5.api.config.DETAILED_TRACEBACK = False
+def configure_pyro(settings: Settings) -> None:
+    c = Pyro5.api.config
+    c.SERVERTYPE = "thread"
+    c.THREADPOOL_SIZE = settings.server.max_connections
+    c.THREADPOOL_SIZE_MIN = min(8, settings.server.max_connections)
+    c.MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE  # a bigger call is refused before it is read
+    # A connection that sends nothing (or stops reading a reply) for this long
+    # is closed, so a stalled client cannot keep a worker thread for ever.
+    c.COMMTIMEOUT = settings.server.idle_timeout
+    c.DETAILED_TRACEBACK = False
+
+
+class DopqDaemon(Pyro5.api.Daemon):  # type: ignore[misc]
+    """A Pyro5 daemon that caps the connections of one client address."""
+
+    def __init__(self, *args: Any, per_address: int = 128, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._per_address = per_address
+        self._conns: dict[str, int] = {}
+        self._conns_lock = threading.Lock()
+
+    @staticmethod
+    def _addr(conn: Any) -> str:
+        try:
+            return str(conn.sock.getpeername()[0])
+        except (OSError, AttributeError, IndexError):
+            return "?"
+
+    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
+        addr = self._addr(conn)
+        with self._conns_lock:
+            if self._conns.get(addr, 0) >= self._per_address:
+                raise DopqError(f"too many connections from {addr}")
+            self._conns[addr] = self._conns.get(addr, 0) + 1
+        conn.dopq_addr = addr
+        return "dopq"
+
+    def clientDisconnect(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
+        addr = getattr(conn, "dopq_addr", None)
+        if addr is None:
+            return
+        with self._conns_lock:
+            left = self._conns.get(addr, 1) - 1
+            if left <= 0:
+                self._conns.pop(addr, None)
+            else:
+                self._conns[addr] = left
 
 
 def to_bytes(data: Any) -> bytes:
@@ -369,7 +410,7 @@ class Server:
     """A running DoPQ server: platform, Pyro5 daemon, name server, registrar."""
 
     def __init__(self, settings: Settings) -> None:
-        configure_pyro()
+        configure_pyro(settings)
         self.settings = settings
         self.stop_event = threading.Event()
         self.platform = DataPlatform(settings)
@@ -394,7 +435,10 @@ class Server:
         if embedded == "yes" or (embedded == "auto" and not _name_server_answers(s)):
             self.ns_daemon = start_embedded_ns(s, self.stop_event)
         self.platform.start()
-        self.daemon = Pyro5.api.Daemon(host=s.server.host, port=s.server.port)
+        self.daemon = DopqDaemon(
+            host=s.server.host, port=s.server.port,
+            per_address=s.server.max_connections_per_address,
+        )
         uri = self.daemon.register(Controller(self.platform), objectId=s.object_name)
         self.uri = uri
         self._loop = threading.Thread(

@@ -43,7 +43,6 @@ from dopq.store import JobRow, Store
 
 log = logging.getLogger("dopq.platform")
 
-UPLOAD_IDLE_TIMEOUT = 60.0
 MAX_CHUNK = 4 * 2**20
 EDIT_ACTIONS = ("delete", "priority", "nice", "hold", "release", "top")
 
@@ -279,7 +278,7 @@ class DataPlatform:
         now = time.time()
         with self._uploads_lock:
             for up in list(self._uploads.values()):
-                if now - up.last > UPLOAD_IDLE_TIMEOUT:
+                if now - up.last > self.settings.intake.upload_timeout:
                     self._discard_upload(up)
 
     def _supervise(self) -> None:

@@ -25,7 +25,6 @@ from dopq.errors import Conflict, DopqError, EngineUnavailable
 from dopq.gpus import GpuPool
 from dopq.jobs import ACTIVE_STATES, JobState
 from dopq.provider import cache_tag
-from dopq.spec import normalise_tag
 from dopq.runtime import (
     LABEL_INSTANCE,
     LABEL_JOB,
@@ -35,6 +34,7 @@ from dopq.runtime import (
     ContainerSpec,
 )
 from dopq.settings import Settings
+from dopq.spec import normalise_tag
 from dopq.store import JobRow, Store
 from dopq.usage import UsageLedger
 

@@ -34,6 +34,9 @@ class ServerSettings:
     port: int = 0  # 0: any free port
     tls_cert: str = ""
     tls_key: str = ""
+    max_connections: int = 256  # worker threads of the API
+    max_connections_per_address: int = 128
+    idle_timeout: float = 10.0  # an API connection silent this long is closed
 
 
 @dataclass
@@ -88,6 +91,7 @@ class BuildSettings:
 class IntakeSettings:
     poll_interval: float = 0.2  # seconds between looks at the drop folder
     settle_seconds: float = 2.0  # a non-.part file must be unchanged this long
+    upload_timeout: float = 60.0  # an upload without a chunk this long is discarded
 
 
 @dataclass
@@ -214,11 +218,13 @@ class Settings:
             self.max_time_limit()
         except JobRejected as exc:
             raise ConfigError("limits.max_time_limit", exc.reason) from None
-        for key in ("build.concurrency", "limits.max_entries"):
+        for key in ("build.concurrency", "limits.max_entries", "server.max_connections",
+                    "server.max_connections_per_address"):
             if _get(self, key) < 1:
                 raise ConfigError(key, "must be at least 1")
         for key in (
             "intake.poll_interval", "docker.stop_grace", "build.timeout",
+            "intake.upload_timeout", "server.idle_timeout",
             "users.token_ttl", "users.login_window", "gui.poll_interval",
             "limits.default_cpus",
         ):

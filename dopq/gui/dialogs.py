@@ -3,6 +3,7 @@ the small message-box helpers every command goes through (tests patch these)."""
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 from collections.abc import Hashable, Sequence
@@ -151,8 +152,8 @@ class JobDialog(QDialog):
             if kind not in self._busy and not self._done[kind]:
                 self._busy.add(kind)
                 self.runner.start(self.client.call, "logs", self.job_id, kind, self._offset[kind],
-                                  on_done=lambda r, k=kind: self._got_log(k, r),
-                                  on_error=lambda e, k=kind: self._failed(k, e))
+                                  on_done=functools.partial(self._got_log, kind),
+                                  on_error=functools.partial(self._failed, kind))
         if self._state in FINAL and all(self._done.values()) and not self._busy:
             self.timer.stop()
             self.status.setText(f"{self._state}: logs complete")

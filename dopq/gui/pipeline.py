@@ -8,6 +8,7 @@ are shown in a message box (``dialogs.show_error``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -102,6 +103,7 @@ class Pipeline(QMainWindow):
         self.docks: dict[str, QDockWidget] = {}
         self.system_panel = SystemPanel(self.models["system"], self)
         for name in VIEWS:
+            widget: QWidget
             if name == "system":
                 panel, widget = self.system_panel.table, self.system_panel
             else:
@@ -163,7 +165,7 @@ class Pipeline(QMainWindow):
         group = QActionGroup(self)
         self.theme_actions: dict[str, QAction] = {}
         for theme in THEMES:
-            act = a(theme.capitalize(), lambda t=theme: self.set_style(t))
+            act = a(theme.capitalize(), functools.partial(self.set_style, theme))
             act.setCheckable(True)
             group.addAction(act)
             self.theme_actions[theme] = act

@@ -63,6 +63,7 @@ class TablePanel(QWidget):
         hh.setSortIndicator(-1, Qt.SortOrder.AscendingOrder)
         self.view.setSortingEnabled(True)
         self.view.doubleClicked.connect(self._double_clicked)
+        self.view.resizeColumnsToContents()  # to the titles until rows arrive
         self._sized = False
 
         top = QHBoxLayout()
@@ -156,13 +157,14 @@ class SummaryPanel(QWidget):
 
     def show_status(self, s: dict[str, Any]) -> None:
         counts = s.get("counts") or {}
+        provider = s.get("provider_state")
+        if provider and s.get("provider_restarts"):
+            provider = f"{provider} ({s['provider_restarts']} restarts)"
         text = {
             "name": s.get("name"),
             "version": s.get("version"),
             "queue_state": s.get("queue_state"),
-            "provider_state": s.get("provider_state")
-            + (f" ({s['provider_restarts']} restarts)" if s.get("provider_restarts") else "")
-            if s.get("provider_state") else None,
+            "provider_state": provider,
             "engine_state": s.get("engine_state"),
             "uptime": format_duration(s.get("uptime_s")),
             "started": fmt_time(s.get("started_at")),
