@@ -191,7 +191,9 @@ class Client:
                 if attempt == 2:
                     raise ServerUnavailable(f"server unreachable: {exc}") from None
             except Pyro5.errors.PyroError as exc:
-                raise DopqError(f"call failed: {exc}") from None
+                raise DopqError(f"call failed: {str(exc).splitlines()[0][:200]}") from None
+            except AttributeError:
+                raise DopqError(f"the server has no API call {method!r}") from None
             finally:
                 Pyro5.api.current_context.annotations = {}
         raise AssertionError("unreachable")

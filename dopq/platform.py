@@ -106,6 +106,9 @@ class DataPlatform:
         for sub in ("jobs", "outputs", "uploads", "incoming"):
             (settings.state_path / sub).mkdir(parents=True, exist_ok=True)
         settings.inbox_path.mkdir(parents=True, exist_ok=True)
+        # Uploads cut off by a stop or crash: their clients got no job id.
+        for part in (settings.state_path / "uploads").glob("*.part"):
+            part.unlink(missing_ok=True)
         self.store = Store(settings.db_path)
         self.users = Users(self.store)
         self.runtime = ContainerRuntime(settings.docker.base_url)
@@ -568,16 +571,23 @@ class DataPlatform:
         limit = max(1, min(int(limit), 4 << 20))
         offset = max(0, int(offset))
         path = job_dir(self.settings, row["id"]) / f"{kind}.log"
-        data = b""
-        if path.exists():
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                data = fh.read(limit)
-        elif kind == "run" and row["container"]:
+
+        def from_file() -> bytes:
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(offset)
+                    return fh.read(limit)
+            except FileNotFoundError:
+                return b""
+
+        data = from_file() if path.exists() else b""
+        if not path.exists() and kind == "run" and row["container"]:
             try:
                 data = self.runtime.logs(row["container"])[offset: offset + limit]
             except DopqError:
                 data = b""
+            if not data and path.exists():  # saved and removed meanwhile
+                data = from_file()
         state = JobState(row["state"])
         if kind == "build":
             done = state not in (JobState.RECEIVED, JobState.BUILDING)

@@ -252,10 +252,6 @@ class Provider:
             for f in incoming.iterdir():
                 if str(f) not in owned and str(f) not in known:
                     f.unlink(missing_ok=True)  # taken from the inbox, job never written
-        uploads = self.settings.state_path / "uploads"
-        if uploads.is_dir():
-            for f in uploads.glob("*.part"):
-                f.unlink(missing_ok=True)
         for job in self.store.jobs([JobState.RECEIVED]):
             self.submit(job["id"])
 

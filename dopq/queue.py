@@ -104,7 +104,7 @@ class PriorityQueueThread(threading.Thread):
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
         self._queued: dict[int, policy_mod.QueuedJob] = {}
         self._running: dict[int, JobRow] = {}
-        self._stopping_jobs: set[int] = set()
+        self._stopping_jobs: dict[int, float] = {}  # job -> when its stop was asked
         self._collecting: set[int] = set()
         self._last_reconcile = 0.0
         self._last_usage_save = 0.0
@@ -245,7 +245,7 @@ class PriorityQueueThread(threading.Thread):
 
     def _release(self, job_id: int) -> None:
         self._running.pop(job_id, None)
-        self._stopping_jobs.discard(job_id)
+        self._stopping_jobs.pop(job_id, None)
         self.pool.release(job_id)
 
     # -- exits -------------------------------------------------------------------------------
@@ -345,9 +345,20 @@ class PriorityQueueThread(threading.Thread):
     # -- limits, cancels ----------------------------------------------------------------------
     def _enforce_limits(self, now: float) -> None:
         deadline: float | None = None
+        retry_after = self.settings.docker.stop_grace + 5.0
         for job_id, row in list(self._running.items()):
+            asked = self._stopping_jobs.get(job_id)
+            if asked is not None:
+                # A stop that did not take (engine busy, container not yet
+                # created when it was asked): ask again.
+                if now - asked >= retry_after:
+                    self._stop_job(job_id, row)
+                else:
+                    deadline = asked + retry_after if deadline is None else min(
+                        deadline, asked + retry_after)
+                continue
             limit = row["time_limit"]
-            if not limit or not row["started_at"] or job_id in self._stopping_jobs:
+            if not limit or not row["started_at"]:
                 continue
             end = row["started_at"] + limit
             if end <= now:
@@ -380,7 +391,7 @@ class PriorityQueueThread(threading.Thread):
         raise Conflict(f"job {job_id} already ended ({state.value})")
 
     def _stop_job(self, job_id: int, row: JobRow) -> None:
-        self._stopping_jobs.add(job_id)
+        self._stopping_jobs[job_id] = self.clock()
         ref = row.get("container") or f"{self.instance}-{job_id}"
         self._workers.submit(self._stop_container, ref)
 
@@ -495,6 +506,12 @@ class PriorityQueueThread(threading.Thread):
             self.runtime.remove(name)
             return True
         log.debug("job %s started as %s", job_id, cid[:12])
+        # A cancel that came while the container was being created found
+        # nothing to stop; it left its mark in the store, so stop it now.
+        marker = self.store.job(job_id)["error"] or ""
+        if marker.startswith(CANCELLED_PREFIX):
+            row["error"] = marker
+            self._stop_job(job_id, row)
         return True
 
     def container_spec(self, row: JobRow, gpus: list[int]) -> ContainerSpec:
