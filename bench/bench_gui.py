@@ -6,6 +6,8 @@ the views) and let Qt process the resulting events (layout, repaint) until the
 event queue is empty. Fetching the snapshot runs on the ViewThread and is not
 counted. The snapshots are synthetic (no server): every refresh, every queued
 job's waiting time changes, some jobs start, some finish, some are submitted.
+It also prints what decoding one snapshot costs the ViewThread (serpent, Pyro5's
+default, against JSON, which the ViewThread asks for).
 
     .venv/bin/python bench/bench_gui.py            # 10,000 queued, 1,000 finished
     .venv/bin/python bench/bench_gui.py --quick    # 500 / 100
@@ -155,6 +157,23 @@ def run(queued: int, finished: int, refreshes: int) -> dict[str, float]:
     return results
 
 
+def decode_ms(queued: int, finished: int) -> dict[str, float]:
+    """Decoding one snapshot on the ViewThread (holds the GIL): serpent vs JSON."""
+    import json
+
+    import serpent
+
+    snap = Workload(queued, finished).snapshot()
+    out = {}
+    for name, dumps, loads in (("serpent", serpent.dumps, serpent.loads),
+                               ("json", lambda o: json.dumps(o).encode(), json.loads)):
+        data = dumps(snap)
+        t = time.perf_counter()
+        loads(data)
+        out[f"{name} ({len(data) / 1e6:.1f} MB)"] = (time.perf_counter() - t) * 1000
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="500 queued / 100 finished")
@@ -169,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:28s} {ms:8.1f} ms")
     worst = max(v for k, v in results.items() if k != "first fill")
     print(f"worst steady refresh: {worst:.1f} ms ({'under' if worst < 200 else 'OVER'} 200 ms)")
+    print("decoding the snapshot on the ViewThread (not GUI-thread time, but it holds the GIL):")
+    for name, ms in decode_ms(queued, finished).items():
+        print(f"  {name:28s} {ms:8.1f} ms")
     return 0
 
 

@@ -26,6 +26,7 @@ from dopq.archive import zip_folder
 from dopq.errors import DopqError, NotFound, ServerUnavailable
 
 CHUNK = 1 << 20
+SERIALIZER = "msgpack"
 NS_PREFIX = "dopq."
 
 
@@ -157,6 +158,8 @@ class Client:
         if proxy is None or str(proxy._pyroUri) != uri:
             proxy = Pyro5.api.Proxy(uri)
             proxy._pyroTimeout = self.timeout
+            # msgpack: ~30x faster than serpent for big listings, bytes native.
+            proxy._pyroSerializer = SERIALIZER
             self._local.proxy = proxy
         return proxy
 

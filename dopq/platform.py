@@ -221,7 +221,7 @@ class DataPlatform:
                     if ev.get("Action") == "die" and cid:
                         self.queue.container_exited(cid)
             except EngineUnavailable:
-                self.queue.engine_up = False
+                self.queue.engine_lost()
                 self._stop.wait(1.0)
             except Exception:  # noqa: BLE001
                 log.warning("event stream failed\n%s", traceback.format_exc())

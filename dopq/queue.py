@@ -43,6 +43,8 @@ log = logging.getLogger("dopq.queue")
 RECONCILE_EVERY = 3.0  # seconds between full comparisons with the engine
 USAGE_SAVE_EVERY = 15.0
 
+SIGNAL_EXITS = (137, 143)  # SIGKILL, SIGTERM
+DEFER_SIGNAL_EXIT = 3.0
 CANCELLED_PREFIX = "cancelled"
 TIMEOUT = "timeout"
 
@@ -111,6 +113,9 @@ class PriorityQueueThread(threading.Thread):
         self._next_deadline: float | None = None
         self._policy_wakeup: float | None = None
         self._external: set[int] = set()
+        self._deferred: list[tuple[float, str]] = []
+        self._engine_down_since: float | None = None
+        self._last_outage: tuple[float, float] | None = None
         self.paused = False
         self.engine_up = True
         self.last_decision: policy_mod.Decision | None = None
@@ -158,7 +163,7 @@ class PriorityQueueThread(threading.Thread):
             try:
                 self.step(exited)
             except EngineUnavailable as exc:
-                self.engine_up = False
+                self.engine_lost()
                 log.warning("%s", exc)
                 self._halt.wait(1.0)
             except Exception:  # noqa: BLE001 - the queue thread must not die
@@ -167,10 +172,38 @@ class PriorityQueueThread(threading.Thread):
         self._save_usage(self.clock())
         self._workers.shutdown(wait=True)
 
+    def engine_lost(self) -> None:
+        if self._engine_down_since is None:
+            self._engine_down_since = self.clock()
+        self.engine_up = False
+
+    def _engine_back(self, now: float) -> None:
+        if self._engine_down_since is not None:
+            log.warning("Docker engine is back after %.1f s", now - self._engine_down_since)
+            self._last_outage = (self._engine_down_since, now)
+            self._engine_down_since = None
+        self.engine_up = True
+
+    def _in_outage(self, finished_at: float | None) -> bool:
+        """Did a container end around an engine outage (stop, crash, restart)?"""
+        if self._engine_down_since is not None:
+            return True
+        if self._last_outage is None or finished_at is None:
+            return False
+        start, end = self._last_outage
+        return start - 30.0 <= finished_at <= end + 5.0
+
     def step(self, exited: list[str] | None = None) -> None:
         now = self.clock()
         for cid in exited or []:
             self._finish_container(cid)
+        for due, cid in list(self._deferred):
+            if due <= now:
+                self._deferred.remove((due, cid))
+                if self.runtime.ping():
+                    self._finish_container(cid, defer=False)
+                else:
+                    self.engine_lost()  # reconcile records it once the engine is back
         if now - self._last_reconcile >= RECONCILE_EVERY:
             self.reconcile()
             self._last_reconcile = now
@@ -196,7 +229,7 @@ class PriorityQueueThread(threading.Thread):
     def reconcile(self) -> None:
         """Compare the store's running jobs with the engine's containers."""
         containers = {c.job_id: c for c in self.runtime.list(self.instance, self.owner) if c.job_id}
-        self.engine_up = True
+        self._engine_back(self.clock())
         for row in self.store.jobs([JobState.RUNNING]):
             c = containers.pop(row["id"], None)
             if c is None:
@@ -249,7 +282,7 @@ class PriorityQueueThread(threading.Thread):
         self.pool.release(job_id)
 
     # -- exits -------------------------------------------------------------------------------
-    def _finish_container(self, cid: str) -> None:
+    def _finish_container(self, cid: str, defer: bool = True) -> None:
         st = self.runtime.status(cid)
         if st is None or st.job_id is None or st.running or st.owner != self.owner:
             return
@@ -258,6 +291,12 @@ class PriorityQueueThread(threading.Thread):
         except DopqError:
             return
         if row["state"] != JobState.RUNNING.value:
+            return
+        if defer and st.exit_code in SIGNAL_EXITS and st.job_id not in self._stopping_jobs:
+            # Killed by a signal DoPQ did not send: if the engine is going down,
+            # that is why; look again shortly to tell the user the right reason.
+            self._deferred.append((self.clock() + DEFER_SIGNAL_EXIT, cid))
+            self._next_deadline = self.clock() + DEFER_SIGNAL_EXIT
             return
         self._record_exit(row, st.exit_code, st.finished_at, oom=st.oom_killed)
         self._workers.submit(self._collect, row["id"], cid)
@@ -280,8 +319,19 @@ class PriorityQueueThread(threading.Thread):
             state, error = JobState.FAILED, vanished
         elif oom:
             state, error = JobState.FAILED, "out of memory (killed at the memory limit)"
+        elif exit_code in SIGNAL_EXITS and self._in_outage(finished_at):
+            if self.settings.docker.requeue_on_engine_restart:
+                self._requeue(row, f"requeued: Docker engine restart (exit code {exit_code})")
+                self._workers.submit(self.runtime.remove, row["container"] or "")
+                self._changed()
+                return
+            state, error = (JobState.FAILED,
+                            f"killed by a Docker engine restart (exit code {exit_code})")
         elif exit_code == 0:
             state, error = JobState.SUCCEEDED, None
+        elif exit_code in SIGNAL_EXITS:
+            state, error = JobState.FAILED, (
+                f"exit code {exit_code} (killed by signal {exit_code - 128} from outside DoPQ)")
         else:
             state, error = JobState.FAILED, f"exit code {exit_code}"
         at = finished_at or self.clock()
@@ -492,6 +542,7 @@ class PriorityQueueThread(threading.Thread):
             return False
         self._queued.pop(job_id, None)
         self._running[job_id] = row
+        self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
         try:
             cid = self.runtime.run(self.container_spec(row, gpus))
         except EngineUnavailable:

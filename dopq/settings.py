@@ -63,6 +63,7 @@ class DockerSettings:
     read_only_rootfs: bool = False
     cap_add: list[str] = field(default_factory=lambda: list(DEFAULT_CAPS))  # kept after drop-all
     name_prefix: str = "dopq"  # containers are <prefix>-<job-id>, labelled dopq.instance=<prefix>
+    requeue_on_engine_restart: bool = False  # else such jobs fail with that reason
     remove_containers: bool = True  # remove a container once its exit and log are saved
     image_keep_days: float = 7.0  # remove DoPQ images unused for this long; 0: keep
 

@@ -111,6 +111,16 @@ class FakeClient:
                                                           "done": True})
             return {"ok": method}
 
+    def submit(self, path: str, options: dict[str, Any], progress: Any = None) -> Any:
+        self.call("submit_begin", path, options)
+        for sent in (512, 1024):
+            progress(sent, 1024)
+        return {"id": 77, "user": "alice", "state": "received"}
+
+    def login(self, user: str, password: str, remember: bool = True) -> Any:
+        self.call("login", user, password)
+        return {"user": user, "role": "user", "token": "t"}
+
     def made(self, method: str) -> list[tuple[Any, ...]]:
         with self.lock:
             return [c for c in self.calls if c[0] == method]
@@ -203,6 +213,7 @@ def test_update_in_place_keeps_selection_and_scroll(window: Pipeline, client: Fa
     snap["queued"].insert(40, job(999, "queued", position=41))
     wait_for(qtbot, window, client, snap)
     assert panel.selected_keys() == [250]
+    assert panel.count.text() == "296"
     current = panel.view.selectionModel().currentIndex()
     assert current.data(KEY_ROLE) == 250
     assert abs(bar.value() - scrolled) <= 6 and not resets
@@ -230,7 +241,7 @@ def test_model_diff_matches_any_sequence_of_lists(qtbot: Any) -> None:
         if rng.random() < 0.3:
             model.sort(rng.choice([-1, 0, 2]), rng.choice(list(Qt.SortOrder)))
         model.apply(rows)
-        shown = model.keys()
+        shown = [str(k) for k in model.keys()]
         assert sorted(shown) == sorted(names)
         if model._sort_column < 0:
             assert shown == names
@@ -294,6 +305,25 @@ def test_admin_only_actions_follow_the_role(window: Pipeline, client: FakeClient
     assert dlg.buttons["delete"].isEnabled() and dlg.buttons["priority"].isEnabled()
     assert not any(dlg.buttons[a].isEnabled() for a in ("hold", "release", "top"))
     dlg.close()
+
+
+def test_submit_and_sign_in_run_off_the_gui_thread(
+        window: Pipeline, client: FakeClient, qtbot: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[tuple[int, int]] = []
+
+    def describe(done: int, total: int) -> str:
+        steps.append((done, total))
+        return "uploading"
+
+    monkeypatch.setattr(dialogs, "describe_upload", describe)
+    window.submit(str(tmp_path), {"gpus": 1})
+    qtbot.waitUntil(lambda: "submitted job 77" in window.statusBar().currentMessage())
+    assert client.made("submit_begin") == [("submit_begin", str(tmp_path), {"gpus": 1})]
+    assert steps == [(512, 1024), (1024, 1024)]  # progress came back to the GUI thread
+    window.login("bob", "secret", False)
+    qtbot.waitUntil(lambda: "signed in as bob" in window.statusBar().currentMessage())
+    assert client.made("login") == [("login", "bob", "secret")]
 
 
 # -- connection ----------------------------------------------------------------------------

@@ -66,38 +66,63 @@ def _client(s: Any, user: str) -> Client:
     return c
 
 
+CYCLES = 10 if os.environ.get("DOPQ_FAULTS_FULL") == "1" else 3
+
+
+def _inbox_drop(settings: Any, folder: Path) -> None:
+    inbox = settings.inbox_path / "alice"
+    inbox.mkdir(parents=True, exist_ok=True)
+    part = inbox / f"{folder.name}.zip.part"
+    zip_it(folder, part)
+    part.rename(inbox / f"{folder.name}.zip")
+
+
 def test_kill9_loses_nothing(tmp_path: Path, engine: None, jobs_dir: Path) -> None:
+    """kill -9 at random moments of a mixed workload; restart each time."""
     cfg = make_config(tmp_path, gpus={"backend": "virtual", "virtual_count": 2})
     settings = settings_mod.from_dict(cfg)
     add_users(settings.db_path)
     proc = Proc(write_toml(cfg, tmp_path / "config.toml"), tmp_path / "server.log")
-    rng = random.Random(7)
-    folders = [
-        zip_it(good_job(jobs_dir, "alice", f"job-{i}", f"sleep {rng.choice([0.3, 1, 2])}",
-                        num_gpus=i % 3 if i % 3 < 3 else 1))
-        for i in range(8)
-    ]
-    submitted: list[int] = []
+    rng = random.Random(int(os.environ.get("DOPQ_FAULTS_SEED", "7")))
+    expected: dict[str, int] = {}  # job name -> exit code it must end with
     try:
         proc.start()
-        for cycle in range(3):
+        for cycle in range(CYCLES):
             alice = _client(settings, "alice")
-            for folder in folders[cycle * 3: cycle * 3 + 3]:
-                submitted.append(alice.submit(folder)["id"])
-            time.sleep(rng.uniform(0.2, 2.0))  # let it get into the middle of work
+            for k in range(3):
+                name = f"c{cycle}-job{k}"
+                code = rng.choice([0, 0, 3])
+                expected[name] = code
+                folder = good_job(jobs_dir, "alice", name,
+                                  f"sleep {rng.choice([0.2, 1, 2])}; exit {code}",
+                                  num_gpus=rng.choice([0, 1, 1, 2]))
+                if k == 1:  # a build that takes a while
+                    (folder / "Dockerfile").write_text(
+                        f"FROM dopq/busybox:latest\nRUN sleep 1 && echo {name} > /id\n"
+                        "COPY run.sh /job/run.sh\nCMD [\"sh\", \"/job/run.sh\"]\n")
+                if k == 2:
+                    _inbox_drop(settings, folder)
+                else:
+                    alice.submit(folder)
+            time.sleep(rng.uniform(0.1, 2.5))  # into the middle of the work
             proc.kill9()
             proc.start()
         alice = _client(settings, "alice")
 
         def all_final() -> list[dict[str, Any]] | None:
-            jobs = [alice.call("job", i) for i in submitted]
-            return jobs if all(j["state"] in FINAL for j in jobs) else None
+            jobs = alice.call("history", 1000) + alice.call("queue") + alice.call("running")
+            done = [j for j in jobs if j["state"] in FINAL]
+            return done if len(done) == len(expected) and len(jobs) == len(expected) else None
 
-        jobs = wait_for(all_final, 180, 0.3)
-        assert [j["state"] for j in jobs] == ["succeeded"] * len(submitted), jobs
-        assert [j["exit_code"] for j in jobs] == [0] * len(submitted)
-        history = alice.call("history", 1000)
-        assert sorted(j["id"] for j in history) == sorted(submitted)  # no duplicates, none lost
+        jobs = wait_for(all_final, 240, 0.5)
+        by_name = {j["name"]: j for j in jobs}
+        assert sorted(by_name) == sorted(expected)  # none lost, none twice
+        for name, code in expected.items():
+            job = by_name[name]
+            assert job["exit_code"] == code, job
+            assert job["state"] == ("succeeded" if code == 0 else "failed"), job
+            finals = [e for e in alice.call("job", job["id"])["events"] if e["state"] in FINAL]
+            assert len(finals) == 1, (name, finals)
         spans = [(j["started_at"], j["finished_at"], set(j["gpus"])) for j in jobs]
         for i, a in enumerate(spans):
             for b in spans[i + 1:]:
@@ -107,6 +132,7 @@ def test_kill9_loses_nothing(tmp_path: Path, engine: None, jobs_dir: Path) -> No
             ["docker", "ps", "-aq", "--filter",
              f"label=dopq.instance={settings.docker.name_prefix}"],
             capture_output=True, text=True).stdout.strip(), 30, 0.2)
+        print(f"kill -9 cycles survived: {CYCLES}, jobs: {len(expected)}, lost: 0")
     finally:
         proc.term()
         cleanup_docker(settings.docker.name_prefix)

@@ -2,6 +2,8 @@
 
 Structure, one way only (each module imports only those above it)::
 
+    compat.py      emit(): a work-around for a PySide6 reference-count bug.
+    columns.py     the columns of each view and how values are written.
     models.py      RowModel (QAbstractTableModel) per view: rows keyed by id,
                    updated in place by diff; FilterProxy in front of each.
                    No widget code; state colours come in as a dict.

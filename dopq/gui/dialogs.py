@@ -31,8 +31,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from dopq.gui.columns import fmt_bytes, fmt_time
 from dopq.gui.compat import emit
-from dopq.gui.models import QueuedModel, fmt_bytes, fmt_time
+from dopq.gui.models import QueuedModel
 from dopq.gui.viewthread import ClientLike, Runner, one_line
 from dopq.gui.widgets import TablePanel
 from dopq.jobs import format_duration
@@ -234,6 +235,7 @@ class EditQueuedDialog(QDialog):
         self.setWindowTitle("Update enqueued containers")
         self.resize(900, 520)
         self.panel = TablePanel(model, "editQueued", self)
+        self.panel.view.setSortingEnabled(False)  # the model's order is the main window's
         self.panel.view.selectionModel().selectionChanged.connect(self._selection_changed)
         hint = QLabel("Select jobs (Ctrl/Shift for several), then choose what to do with them.")
         self.buttons: dict[str, QPushButton] = {}

@@ -393,9 +393,11 @@ class Pipeline(QMainWindow):
 
     def submit_job(self) -> None:
         dlg = dialogs.SubmitDialog(self)
-        if dlg.exec() != QDialog.DialogCode.Accepted:
-            return
-        path, opts = dlg.path.text().strip(), dlg.options()
+        if dlg.exec() == QDialog.DialogCode.Accepted:
+            self.submit(dlg.path.text().strip(), dlg.options())
+
+    def submit(self, path: str, options: dict[str, Any]) -> QProgressDialog:
+        """Upload a folder or zip off the GUI thread, with a cancellable progress dialog."""
         progress = QProgressDialog("Uploading…", "Cancel", 0, 1000, self)
         progress.setWindowTitle("Submit job")
         progress.setMinimumDuration(300)
@@ -406,24 +408,28 @@ class Pipeline(QMainWindow):
 
         def finished(job: dict[str, Any]) -> None:
             progress.reset()
+            progress.deleteLater()
             self.statusBar().showMessage(f"submitted job {job.get('id')} ({job.get('user')})",
                                          10000)
             self.poller.poke()
 
         def failed(exc: BaseException) -> None:
             progress.reset()
+            progress.deleteLater()
             dialogs.show_error(self, "Submit job", exc)
 
-        task = self.runner.start(self.client.submit, path, opts, progress_kwarg="progress",
+        task = self.runner.start(self.client.submit, path, options, progress_kwarg="progress",
                                  on_progress=step, on_done=finished, on_error=failed)
         progress.canceled.connect(task.cancelled.set)
+        return progress
 
     def sign_in(self) -> None:
         dlg = dialogs.LoginDialog(self.server_name or str(getattr(self.client, "server", "")
                                                           or ""), self)
-        if dlg.exec() != QDialog.DialogCode.Accepted:
-            return
-        user, password, remember = dlg.values()
+        if dlg.exec() == QDialog.DialogCode.Accepted:
+            self.login(*dlg.values())
+
+    def login(self, user: str, password: str, remember: bool = True) -> None:
         self._run("Sign in", self.client.login, user, password, remember,
                   done=lambda r: self.statusBar().showMessage(
                       f"signed in as {r.get('user')} ({r.get('role')})", 8000))

@@ -18,8 +18,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from dopq.gui.columns import fmt_time
 from dopq.gui.compat import emit
-from dopq.gui.models import FilterProxy, RowModel, fmt_time
+from dopq.gui.models import FilterProxy, RowModel
 from dopq.jobs import format_duration
 
 
@@ -75,9 +76,10 @@ class TablePanel(QWidget):
         lay.setSpacing(2)
         lay.addLayout(top)
         lay.addWidget(self.view, 1)
-        for sig in (self.proxy.rowsInserted, self.proxy.rowsRemoved, self.proxy.modelReset,
-                    self.proxy.layoutChanged):
-            sig.connect(self._count_changed)
+        # the proxy drops rows before the source has (rowsAboutToBeRemoved): count after both
+        for m in (self.proxy, model):
+            for sig in (m.rowsInserted, m.rowsRemoved, m.modelReset, m.layoutChanged):
+                sig.connect(self._count_changed)
         self._count_changed()
 
     # -- rows ------------------------------------------------------------------------------
