@@ -589,7 +589,8 @@ class PriorityQueueThread(threading.Thread):
         return ContainerSpec(
             name=f"{self.instance}-{row['id']}",
             image=row["image"],
-            labels={LABEL_JOB: str(row["id"]), LABEL_INSTANCE: self.instance, LABEL_USER: user,
+            labels={**{str(k): str(v) for k, v in (run_params.get("labels") or {}).items()},
+                    LABEL_JOB: str(row["id"]), LABEL_INSTANCE: self.instance, LABEL_USER: user,
                     LABEL_OWNER: self.owner},
             env=env,
             command=spec.get("command") or run_params.get("command"),
@@ -609,6 +610,7 @@ class PriorityQueueThread(threading.Thread):
             log_max_bytes=s.bytes_of("docker.log_max_bytes"),
             tty=bool(run_params.get("tty", False)),
             stop_signal=run_params.get("stop_signal"),
+            ulimits=list(run_params.get("ulimits") or []),
         )
 
     def _changed(self) -> None:

@@ -57,6 +57,7 @@ class ContainerSpec:
     log_max_bytes: int | None = None
     tty: bool = False
     stop_signal: str | None = None
+    ulimits: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -255,7 +256,8 @@ class ContainerRuntime:
             security_opt=["no-new-privileges"],
             read_only=spec.read_only,
             log_config=log_config,
-            ulimits=[Ulimit(name="core", soft=0, hard=0)],
+            ulimits=[Ulimit(name="core", soft=0, hard=0)]
+            + [Ulimit(name=u["name"], soft=u["soft"], hard=u["hard"]) for u in spec.ulimits],
             init=True,
         )
         created = self._call(

@@ -51,8 +51,12 @@ def test_confinement(server_factory: Any, jobs_dir: Path, tmp_path: Path) -> Non
         "echo others:$(find / -name secret.txt 2>/dev/null | wc -l)",
         "echo mounts:$(grep -c -E ' /(outdir|data) ' /proc/mounts)",
         "echo net:$(ls /sys/class/net | tr '\\n' ' ')",
+        "echo nofile:$(ulimit -n)",
     ])
-    job = server.wait_job(alice.submit(good_job(jobs_dir, "alice", "probe", script))["id"])
+    run_params = {"ulimits": [{"name": "nofile", "soft": 1000, "hard": 2000}],
+                  "labels": {"team": "vision"}}
+    job = server.wait_job(alice.submit(good_job(jobs_dir, "alice", "probe", script,
+                                                config={"run_params": run_params}))["id"])
     assert job["state"] == "succeeded", job
     got = {k.strip(): v.strip() for k, v in _status_lines(server, job["id"]).items()}
     assert "NoNewPrivs" in got, server["root"].call("logs", job["id"])["data"]
@@ -65,7 +69,7 @@ def test_confinement(server_factory: Any, jobs_dir: Path, tmp_path: Path) -> Non
     assert got["rootfs"] == "readonly" and got["outdir"] == "writable"
     assert got["data"] == "data" and got["datarw"] == "readonly"
     assert got["others"] == "0" and got["mounts"] == "2"
-    assert got["net"] == "lo"
+    assert got["net"] == "lo" and got["nofile"] == "1000"
 
 
 # -- 6. misbehaving jobs ---------------------------------------------------------------------
