@@ -30,7 +30,7 @@ from Pyro5.serializers import SerializerBase
 
 from dopq import __version__, errors
 from dopq.auth import Principal, RateLimiter, Role, check_username
-from dopq.errors import DopqError, NotAuthenticated
+from dopq.errors import DopqError, NotAuthenticated, ServerUnavailable
 from dopq.platform import DataPlatform
 from dopq.settings import Settings
 
@@ -157,6 +157,8 @@ class Controller:
             return ""
 
     def _who(self) -> Principal:
+        if self._p.closing:
+            raise ServerUnavailable(f"server {self._p.settings.server_name} is shutting down")
         return self._p.users.principal_for(self._token())
 
     def _client_addr(self) -> str:
@@ -202,9 +204,10 @@ class Controller:
     # -- submission -------------------------------------------------------------------
     @api_call
     def submit_begin(self, size: int, options: dict[str, Any] | None = None) -> str:
+        who = self._who()
         if options is not None and not isinstance(options, dict):
             raise DopqError("options must be a dict")
-        return self._p.begin_upload(self._who(), int(size), dict(options or {}))
+        return self._p.begin_upload(who, int(size), dict(options or {}))
 
     @api_call
     def submit_chunk(self, upload_id: str, data: Any) -> int:
@@ -280,9 +283,10 @@ class Controller:
 
     @api_call
     def edit(self, ids: list[int], action: str, value: Any = None) -> dict[str, Any]:
+        who = self._who()
         if not isinstance(ids, list | tuple):
             raise DopqError("ids must be a list of job ids")
-        return self._p.edit_queued(self._who(), ids, str(action), value)
+        return self._p.edit_queued(who, ids, str(action), value)
 
     @api_call
     def clear_history(self, user: str | None = None) -> dict[str, Any]:
@@ -457,13 +461,15 @@ class Server:
                 break
 
     def stop(self) -> None:
+        """Refuse new calls, leave the name server, close the API, then stop the work."""
+        self.platform.closing = True
         self.stop_event.set()
         if self.registrar is not None:
             self.registrar.unregister()
-        self.platform.stop(stop_running=self.platform.stop_running_on_shutdown)
         if self.daemon is not None:
             self.daemon.shutdown()
             self.daemon.close()
+        self.platform.stop(stop_running=self.platform.stop_running_on_shutdown)
         if self.ns_daemon is not None:
             self.ns_daemon.shutdown()
             self.ns_daemon.close()

@@ -9,6 +9,7 @@ token can be revoked. All of this acts on the store directly, so
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -77,6 +78,11 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(16))
+
+
 class RateLimiter:
     """At most ``attempts`` failures per key within ``window`` seconds."""
 
@@ -123,6 +129,7 @@ class Users:
             )
 
     def set_password(self, name: str, password: str) -> None:
+        name = check_username(name)
         if len(password) < 8:
             raise DopqError("password too short (at least 8 characters)")
         self._update(name, pw_hash=hash_password(password))
@@ -166,8 +173,9 @@ class Users:
     # -- sign-in and tokens -----------------------------------------------------------
     def authenticate(self, name: str, password: str) -> Principal:
         user = self.get(name)
-        # Hash even for unknown users, so timing does not tell who exists.
-        stored = user["pw_hash"] if user else hash_password("x" * 8)
+        # Check against a dummy hash for unknown users: one scrypt either way,
+        # so timing does not tell who exists.
+        stored = user["pw_hash"] if user else _dummy_hash()
         if not verify_password(password, stored) or user is None:
             raise NotAuthenticated("wrong user name or password")
         return Principal(user["name"], Role(user["role"]))
@@ -203,6 +211,7 @@ class Users:
             db.execute("UPDATE tokens SET revoked = 1 WHERE hash = ?", (token_hash(token),))
 
     def revoke_all(self, name: str) -> int:
+        name = check_username(name)
         with self.store.transaction() as db:
             return db.execute(
                 "UPDATE tokens SET revoked = 1 WHERE user = ? AND revoked = 0", (name,)

@@ -37,7 +37,7 @@ from dopq.errors import (
 from dopq.jobs import ACTIVE_STATES, FINAL_STATES, JobState
 from dopq.provider import job_dir, start_process
 from dopq.queue import PriorityQueueThread
-from dopq.runtime import ContainerRuntime
+from dopq.runtime import ContainerRuntime, cpu_percent
 from dopq.settings import Settings
 from dopq.store import JobRow, Store
 
@@ -96,6 +96,7 @@ class Upload:
     path: Path
     received: int = 0
     last: float = field(default_factory=time.time)
+    by: str = ""
 
 
 class DataPlatform:
@@ -130,6 +131,10 @@ class DataPlatform:
         self.gpu_samples: dict[int, dict[str, Any]] = {}
         self.shutdown_requested = threading.Event()
         self._last_clean_hour = 0
+        self._cache: dict[str, tuple[Any, Any]] = {}
+        self._cache_lock = threading.Lock()
+        self._stats_version = 0
+        self._raw_stats: dict[int, dict[str, float]] = {}
 
     # -- life cycle ---------------------------------------------------------------
     def _gpu_mode(self) -> str:
@@ -257,15 +262,18 @@ class DataPlatform:
         }
         uuids = gpus_mod.uuid_index(self.gpu_info)
         all_gpus = {g.index for g in self.gpu_info}
-        try:
-            for env, ids in self.runtime.foreign_gpu_envs(self.store.owner_id()):
-                seen = gpus_mod.visible_devices_in_env(env, uuids)
-                busy |= all_gpus if seen is None else seen
-                for ref in ids:
-                    got = gpus_mod.parse_visible(ref, uuids)
-                    busy |= all_gpus if got is None else got
-        except DopqError:
-            pass
+        if self.gpu_backend.kind == "nvml":
+            # Containers DoPQ did not start that name real GPUs (virtual GPUs
+            # exist only inside this server, so nobody else can hold them).
+            try:
+                for env, ids in self.runtime.foreign_gpu_envs(self.store.owner_id()):
+                    seen = gpus_mod.visible_devices_in_env(env, uuids)
+                    busy |= all_gpus if seen is None else seen
+                    for ref in ids:
+                        got = gpus_mod.parse_visible(ref, uuids)
+                        busy |= all_gpus if got is None else got
+            except DopqError:
+                pass
         self.queue.set_external(busy & all_gpus)
         hour = int(time.time() // 3600)
         if hour != self._last_clean_hour:
@@ -276,8 +284,12 @@ class DataPlatform:
             if row["container"]:
                 s = self.runtime.stats(row["container"])
                 if s is not None:
+                    s["cpu"] = cpu_percent(self._raw_stats.get(row["id"]), s) or 0.0
                     stats[row["id"]] = s
-        self.stats = stats
+        self._raw_stats = stats
+        if stats != self.stats:
+            self.stats = stats
+            self._stats_version += 1
         now = time.time()
         with self._uploads_lock:
             for up in list(self._uploads.values()):
@@ -333,11 +345,14 @@ class DataPlatform:
             raise Forbidden(f"user {user} is not allowed to submit on this server")
         self._check_queue_limit(user)
         self._check_overrides(overrides)
+        prio = overrides.get("priority")
+        if isinstance(prio, int) and prio > 0 and not who.is_admin:
+            raise Forbidden("only an admin may submit with a priority above 0")
         uid = uuid.uuid4().hex
         path = self.settings.state_path / "uploads" / f"{uid}.part"
         path.touch(mode=0o600)
         with self._uploads_lock:
-            self._uploads[uid] = Upload(uid, user, size, dict(overrides), path)
+            self._uploads[uid] = Upload(uid, user, size, dict(overrides), path, by=who.name)
         return uid
 
     def _check_overrides(self, overrides: dict[str, Any]) -> None:
@@ -403,7 +418,8 @@ class DataPlatform:
         target = self.settings.state_path / "incoming" / f"api-{up.id}.zip"
         name = str(up.overrides.get("name") or "job")[:128]
         job_id = self.store.add_job(
-            name=name, user=up.user, origin="api", source=str(target), overrides=up.overrides
+            name=name, user=up.user, origin="api", source=str(target), overrides=up.overrides,
+            submitted_by=up.by or up.user,
         )
         os.replace(up.path, target)
         self._send(("job", job_id))
@@ -416,6 +432,22 @@ class DataPlatform:
             pass  # the supervisor restarts the provider, which picks the job up
 
     # -- views ---------------------------------------------------------------------
+    def _cached(self, name: str, extra: Any, build: Any) -> Any:
+        """A view computed again only when the database (or ``extra``) changed.
+
+        Fifty GUIs polling a queue of 10,000 jobs every second would otherwise
+        read and convert every row fifty times a second.
+        """
+        key = (self.store.data_version(), extra)
+        with self._cache_lock:
+            hit = self._cache.get(name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        value = build()
+        with self._cache_lock:
+            self._cache[name] = (key, value)
+        return value
+
     def job(self, who: Principal, job_id: int) -> dict[str, Any]:
         row = self.store.job(int(job_id))
         view = job_view(row, time.time())
@@ -423,13 +455,20 @@ class DataPlatform:
             {"at": iso(e["at"]), "state": e["state"], "detail": e["detail"]}
             for e in self.store.events(row["id"])
         ]
-        view["spec"] = row["spec"]
+        # The spec holds the job's environment: only its owner and admins see it.
+        view["spec"] = row["spec"] if (row["user"] == who.name or who.is_admin) else None
         return view
 
     def queued(self) -> list[dict[str, Any]]:
+        with self.queue.decision_lock:
+            decision, seq = self.queue.last_decision, self.queue.decision_seq
+        return self._cached(  # type: ignore[no-any-return]
+            "queued", (id(self.queue), seq), lambda: self._queued_view(decision))
+
+    def _queued_view(self, decision: Any) -> list[dict[str, Any]]:
         now = time.time()
-        rows = self.store.jobs([JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED])
-        decision = self.queue.last_decision
+        rows = self.store.jobs([JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED],
+                               light=True)
         entries = {e.id: e for e in decision.entries} if decision else {}
         out = []
         for row in rows:
@@ -450,9 +489,13 @@ class DataPlatform:
         return out
 
     def running(self) -> list[dict[str, Any]]:
+        return self._cached(  # type: ignore[no-any-return]
+            "running", (self._stats_version, int(time.time())), self._running_view)
+
+    def _running_view(self) -> list[dict[str, Any]]:
         now = time.time()
         out = []
-        for row in self.store.jobs([JobState.RUNNING]):
+        for row in self.store.jobs([JobState.RUNNING], light=True):
             v = job_view(row, now)
             s = self.stats.get(row["id"]) or {}
             v["cpu_percent"] = s.get("cpu")
@@ -464,12 +507,15 @@ class DataPlatform:
         return out
 
     def history(self, limit: int = 200, user: str | None = None) -> list[dict[str, Any]]:
-        now = time.time()
-        rows = self.store.jobs(
-            FINAL_STATES, user=user, include_hidden=False, order="finished_at",
-            desc=True, limit=max(1, min(int(limit), 100000)),
-        )
-        return [job_view(r, now) for r in rows]
+        limit = max(1, min(int(limit), 100000))
+
+        def build() -> list[dict[str, Any]]:
+            now = time.time()
+            rows = self.store.jobs(FINAL_STATES, user=user, include_hidden=False,
+                                   order="finished_at", desc=True, limit=limit, light=True)
+            return [job_view(r, now) for r in rows]
+
+        return self._cached(f"history:{limit}:{user}", None, build)  # type: ignore[no-any-return]
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -511,6 +557,10 @@ class DataPlatform:
         }
 
     def user_stats(self) -> list[dict[str, Any]]:
+        return self._cached(  # type: ignore[no-any-return]
+            "users", int(time.time() // 5), self._user_stats)
+
+    def _user_stats(self) -> list[dict[str, Any]]:
         now = time.time()
         counts = self.store.counts_by_user()
         shares = self.users.shares()
@@ -661,7 +711,8 @@ class DataPlatform:
                         "INSERT INTO events (job_id, at, state, detail) VALUES (?,?,?,?)",
                         (i, now, "cancelled", reason),
                     )
-                elif action == "priority":
+                    continue
+                if action == "priority":
                     db.execute("UPDATE jobs SET priority=? WHERE id=?", (num, i))
                 elif action == "nice":
                     db.execute("UPDATE jobs SET nice=? WHERE id=?", (num, i))
@@ -671,6 +722,10 @@ class DataPlatform:
                     db.execute("UPDATE jobs SET held=0 WHERE id=?", (i,))
                 elif action == "top":
                     db.execute("UPDATE jobs SET top=? WHERE id=?", (top + len(ids) - n, i))
+                # An event row for the edit: the queue thread re-reads changed jobs.
+                detail = f"{action}" + (f" {num}" if num is not None else "") + f" by {who.name}"
+                db.execute("INSERT INTO events (job_id, at, state, detail) VALUES (?,?,?,?)",
+                           (i, now, rows[i]["state"], detail))
         if who.is_admin:
             self._audit(who, f"edit {action}", f"jobs {ids} value {value!r}")
         self.queue.wake()
@@ -691,12 +746,14 @@ class DataPlatform:
 
     def request_shutdown(self, who: Principal, stop_running: bool = False) -> dict[str, Any]:
         self._admin(who, "shutdown")
+        self.closing = True
         self._audit(who, "shutdown", "stop running" if stop_running else "leave running")
         self.stop_running_on_shutdown = bool(stop_running)
         self.shutdown_requested.set()
         return {"shutdown": True, "stop_running": bool(stop_running)}
 
     stop_running_on_shutdown = False
+    closing = False  # set when the server stops: the API refuses calls
 
     def set_share(self, who: Principal, user: str, weight: float) -> dict[str, Any]:
         self._admin(who, "set-share")

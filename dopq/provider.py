@@ -32,7 +32,7 @@ from typing import Any
 
 from dopq import archive as archive_mod
 from dopq import spec as spec_mod
-from dopq.errors import BuildFailed, DopqError, EngineUnavailable, JobRejected
+from dopq.errors import BuildFailed, Conflict, DopqError, EngineUnavailable, JobRejected
 from dopq.jobs import JobSpec, JobState
 from dopq.runtime import (
     LABEL_CONTEXT,
@@ -152,6 +152,9 @@ class InboxWatcher:
         allowed = self.settings.users.allowed
         if allowed and user not in allowed:
             return f"unknown user {user!r}"
+        accounts = self.store.read("SELECT name FROM users")
+        if accounts and user not in {r["name"] for r in accounts}:
+            return f"no DoPQ user {user!r} (ask an admin: dopq user add {user})"
         if not self.settings.users.check_owner:
             return None
         expected = self.settings.users.uid_map.get(user)
@@ -266,6 +269,8 @@ class Provider:
     def _process_safely(self, job_id: int) -> None:
         try:
             self.process(job_id)
+        except Conflict as exc:  # cancelled (or taken) before its build began
+            log.info("job %s: %s; skipped", job_id, exc)
         except EngineUnavailable as exc:
             # Not the job's fault: put it back and try again shortly.
             log.warning("job %s: %s; will retry", job_id, exc)
@@ -329,7 +334,10 @@ class Provider:
             self._fail(job_id, str(exc))
             self._drop_source(job)
             return
-        self._enqueue(job, spec, image, context_hash)
+        try:
+            self._enqueue(job, spec, image, context_hash)
+        except Conflict:
+            log.info("job %s was cancelled during its build", job_id)
         self._cleanup(job_id)
         self._drop_source(job)
 
@@ -355,7 +363,7 @@ class Provider:
             allowed_users=self.settings.users.allowed,
         )
         check_spec_limits(spec, self.settings, self.total_gpus)
-        if spec.priority > 0 and not self._is_admin(job["user"]):
+        if spec.priority > 0 and not self._is_admin(job.get("submitted_by") or job["user"]):
             raise JobRejected("only an admin may submit with a priority above 0")
         tag = spec_mod.normalise_tag(spec.user, spec.name, job["id"])
         self.store.update_job(job["id"], name=spec.name)

@@ -41,6 +41,7 @@ from dopq.usage import UsageLedger
 log = logging.getLogger("dopq.queue")
 
 RECONCILE_EVERY = 3.0  # seconds between full comparisons with the engine
+FULL_REFRESH_EVERY = 60.0  # seconds between full reads of the queued jobs
 USAGE_SAVE_EVERY = 15.0
 
 SIGNAL_EXITS = (137, 143)  # SIGKILL, SIGTERM
@@ -114,11 +115,14 @@ class PriorityQueueThread(threading.Thread):
         self._policy_wakeup: float | None = None
         self._external: set[int] = set()
         self._deferred: list[tuple[float, str]] = []
+        self._event_mark = 0
+        self._last_full_refresh = 0.0
         self._engine_down_since: float | None = None
         self._last_outage: tuple[float, float] | None = None
         self.paused = False
         self.engine_up = True
         self.last_decision: policy_mod.Decision | None = None
+        self.decision_seq = 0
         self.decision_lock = threading.Lock()
         self.started_at = self.clock()
         self.shares: dict[str, float] = {}
@@ -477,8 +481,26 @@ class PriorityQueueThread(threading.Thread):
 
     # -- scheduling ---------------------------------------------------------------------------
     def _refresh_queued(self, full: bool = False) -> None:
-        rows = self.store.jobs([JobState.QUEUED])
-        self._queued = {r["id"]: queued_job(r) for r in rows}
+        """Bring the in-memory queue up to date from the store's events.
+
+        Every state change and edit writes an event row, so only the jobs with
+        new events are read again; a full read happens at start and every
+        ``FULL_REFRESH_EVERY`` seconds as a safety net.
+        """
+        now = self.clock()
+        if full or now - self._last_full_refresh >= FULL_REFRESH_EVERY:
+            mark = self.store.last_event_id()
+            rows = self.store.jobs([JobState.QUEUED], light=True)
+            self._queued = {r["id"]: queued_job(r) for r in rows}
+            self._event_mark = mark
+            self._last_full_refresh = now
+            return
+        self._event_mark, changed = self.store.changed_since(self._event_mark)
+        for r in changed:
+            if r["state"] == JobState.QUEUED.value:
+                self._queued[r["id"]] = queued_job(r)
+            else:
+                self._queued.pop(r["id"], None)
 
     def cluster_state(self, now: float) -> policy_mod.ClusterState:
         running = [running_job(r) for r in self._running.values()]
@@ -507,6 +529,7 @@ class PriorityQueueThread(threading.Thread):
         decision = policy_mod.decide(state, now, cfg)
         with self.decision_lock:
             self.last_decision = decision
+            self.decision_seq += 1
         self._policy_wakeup = decision.next_wakeup
         for job_id, reason in decision.fail:
             try:
@@ -533,7 +556,8 @@ class PriorityQueueThread(threading.Thread):
             return False
         try:
             row = self.store.transition(
-                job_id, JobState.RUNNING, expect=[JobState.QUEUED], gpus=gpus, container=name,
+                job_id, JobState.RUNNING, expect=[JobState.QUEUED], unless_held=True,
+                gpus=gpus, container=name,
                 started_at=now, detail="gpus " + (",".join(map(str, gpus)) or "none"),
             )
         except DopqError:

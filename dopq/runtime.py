@@ -367,13 +367,22 @@ class ContainerRuntime:
         return written
 
     def stats(self, ref: str) -> dict[str, float] | None:
-        """One sample of CPU (percent of one core) and memory use, or None."""
+        """One sample of memory use and the raw CPU counters, or None.
+
+        ``one_shot`` answers at once but without a previous CPU sample, so
+        the caller computes the CPU share from two of these (``cpu_percent``).
+        """
         try:
             s = self._call(self.api.stats, ref, stream=False, one_shot=True)
         except (docker.errors.NotFound, DopqError):
             return None
-        mem = float((s.get("memory_stats") or {}).get("usage") or 0)
-        return {"memory": mem, "cpu": _cpu_percent(s)}
+        cpu = s.get("cpu_stats") or {}
+        return {
+            "memory": float((s.get("memory_stats") or {}).get("usage") or 0),
+            "cpu_total": float((cpu.get("cpu_usage") or {}).get("total_usage") or 0),
+            "system_total": float(cpu.get("system_cpu_usage") or 0),
+            "online_cpus": float(cpu.get("online_cpus") or 1),
+        }
 
     def events(self, owner: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
         """Container ``die`` events of this instance, until ``stop`` is set.
@@ -430,13 +439,12 @@ def _status(info: dict[str, Any]) -> ContainerStatus:
     )
 
 
-def _cpu_percent(s: dict[str, Any]) -> float:
-    try:
-        cpu = s["cpu_stats"]["cpu_usage"]["total_usage"] - s["precpu_stats"]["cpu_usage"][
-            "total_usage"
-        ]
-        system = s["cpu_stats"]["system_cpu_usage"] - s["precpu_stats"]["system_cpu_usage"]
-        ncpu = s["cpu_stats"].get("online_cpus") or 1
-        return round(100.0 * cpu / system * ncpu, 1) if system > 0 else 0.0
-    except (KeyError, TypeError):
-        return 0.0
+def cpu_percent(prev: dict[str, float] | None, cur: dict[str, float]) -> float | None:
+    """CPU use between two ``stats`` samples, in percent of one core."""
+    if prev is None:
+        return None
+    cpu = cur["cpu_total"] - prev["cpu_total"]
+    system = cur["system_total"] - prev["system_total"]
+    if system <= 0 or cpu < 0:
+        return None
+    return round(100.0 * cpu / system * cur["online_cpus"], 1)

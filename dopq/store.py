@@ -104,6 +104,10 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 2: who submitted (an admin may submit for a user, with a raised priority)
+    """
+    ALTER TABLE jobs ADD COLUMN submitted_by TEXT
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -113,6 +117,7 @@ JOB_COLUMNS = (
     "gpus", "time_limit", "priority", "nice", "held", "top", "after", "after_any",
     "array_index", "array_parent", "context_hash", "image", "container", "exit_code",
     "error", "submitted_at", "queued_at", "started_at", "finished_at", "hidden",
+    "submitted_by",
 )
 
 
@@ -135,8 +140,8 @@ class JobRow(dict[str, Any]):
         d["after_any"] = _ids(d["after_any"])
         d["held"] = bool(d["held"])
         d["hidden"] = bool(d["hidden"])
-        d["overrides"] = json.loads(d["overrides"] or "{}")
-        d["spec"] = json.loads(d["spec"]) if d["spec"] else None
+        d["overrides"] = json.loads(d.get("overrides") or "{}")
+        d["spec"] = json.loads(d["spec"]) if d.get("spec") else None
         return d
 
 
@@ -165,6 +170,8 @@ class Store:
         self._write_lock = threading.RLock()
         self._local = threading.local()
         self._writer = self._connect()
+        self._version_db: sqlite3.Connection | None = None
+        self._version_lock = threading.Lock()
         self._migrate()
 
     # -- connections --------------------------------------------------------
@@ -199,6 +206,8 @@ class Store:
                 except sqlite3.Error:
                     pass
             self._writer.close()
+            if self._version_db is not None:
+                self._version_db.close()
 
     def _migrate(self) -> None:
         with self.transaction() as db:
@@ -261,6 +270,34 @@ class Store:
             raise NotFound(f"no job {job_id}")
         return JobRow.from_row(rows[0])
 
+    def data_version(self) -> int:
+        """Changes whenever any other connection (any process) commits.
+
+        One dedicated connection answers, so the numbers are comparable
+        between threads; writes of this store count (they use another one).
+        """
+        with self._version_lock:
+            if self._version_db is None:
+                self._version_db = self._connect()
+            return int(self._version_db.execute("PRAGMA data_version").fetchone()[0])
+
+    def last_event_id(self) -> int:
+        return int(self.read("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])
+
+    def changed_since(self, event_id: int) -> tuple[int, list[JobRow]]:
+        """Jobs with an event after ``event_id`` (every state change or edit has one)."""
+        rows = self.read("SELECT id, job_id FROM events WHERE id > ?", (event_id,))
+        if not rows:
+            return event_id, []
+        last = max(int(r["id"]) for r in rows)
+        ids = sorted({int(r["job_id"]) for r in rows})
+        out: list[JobRow] = []
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk: chunk + 500]
+            out += [JobRow.from_row(r) for r in self.read(
+                f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(part))})", part)]
+        return last, out
+
     def jobs(
         self,
         states: Iterable[JobState | str] | None = None,
@@ -270,7 +307,9 @@ class Store:
         order: str = "id",
         limit: int | None = None,
         desc: bool = False,
+        light: bool = False,
     ) -> list[JobRow]:
+        """Jobs by state/user; ``light`` leaves out the spec and overrides (faster)."""
         where: list[str] = []
         params: list[Any] = []
         if states is not None:
@@ -284,7 +323,9 @@ class Store:
             where.append("hidden = 0")
         if order not in ("id", "finished_at", "submitted_at", "started_at"):
             raise ValueError(order)
-        sql = "SELECT * FROM jobs"
+        cols = ", ".join(c for c in JOB_COLUMNS if c not in ("spec", "overrides")) \
+            if light else "*"
+        sql = f"SELECT {cols} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {order} {'DESC' if desc else 'ASC'}, id {'DESC' if desc else 'ASC'}"
@@ -301,6 +342,7 @@ class Store:
         expect: Iterable[JobState] | None = None,
         detail: str = "",
         at: float | None = None,
+        unless_held: bool = False,
         **fields: Any,
     ) -> JobRow:
         """Move a job to ``to`` (with ``fields``) if it is in one of ``expect``.
@@ -310,10 +352,12 @@ class Store:
         """
         at = time.time() if at is None else at
         with self.transaction() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT state, held FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {job_id}")
             current = JobState(row["state"])
+            if unless_held and row["held"]:
+                raise Conflict(f"job {job_id} is held")
             if expect is not None and current not in set(expect):
                 raise Conflict(f"job {job_id} is {current.value}, not {_names(expect)}")
             if current in FINAL_STATES and to != current:

@@ -12,8 +12,8 @@ import functools
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence, QShowEvent
 from PySide6.QtWidgets import (
     QDialog,
     QDockWidget,
@@ -63,6 +63,8 @@ class Pipeline(QMainWindow):
         self._asked_login = False
         self._job_dialogs: dict[int, dialogs.JobDialog] = {}
         self._edit_dialog: dialogs.EditQueuedDialog | None = None
+        self._layout_restored = False  # a remembered layout was put back
+        self._sized = False  # the default dock sizes were applied
 
         self.models: dict[str, RowModel] = {n: cls(self) for n, cls in MODEL_CLASSES.items()}
         self.runner = Runner(self)
@@ -118,14 +120,24 @@ class Pipeline(QMainWindow):
             self.panels[name].activated.connect(self.open_job)
         self.setDockNestingEnabled(True)
         d = self.docks
+        # the three job tables (many columns) on the left, System and Users on the right
         self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, d["running"])
         self.splitDockWidget(d["running"], d["queued"], Qt.Orientation.Vertical)
+        self.splitDockWidget(d["queued"], d["finished"], Qt.Orientation.Vertical)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, d["system"])
         self.splitDockWidget(d["system"], d["users"], Qt.Orientation.Vertical)
-        self.splitDockWidget(d["users"], d["finished"], Qt.Orientation.Vertical)
-        self.resizeDocks([d["running"], d["system"]], [860, 580], Qt.Orientation.Horizontal)
-        self.resizeDocks([d["running"], d["queued"]], [300, 560], Qt.Orientation.Vertical)
-        self.resizeDocks([d["system"], d["users"], d["finished"]], [260, 200, 400],
+
+    def _default_sizes(self) -> None:
+        """Share the window between the docks (once laid out: before, Qt ignores it)."""
+        d = self.docks
+        width, height = max(self.width(), 800), max(self.height(), 500)
+        left = int(width * 0.6)
+        self.resizeDocks([d["running"], d["system"]], [left, width - left],
+                         Qt.Orientation.Horizontal)
+        self.resizeDocks([d["running"], d["queued"], d["finished"]],
+                         [int(height * 0.27), int(height * 0.33), int(height * 0.40)],
+                         Qt.Orientation.Vertical)
+        self.resizeDocks([d["system"], d["users"]], [int(height * 0.42), int(height * 0.58)],
                          Qt.Orientation.Vertical)
 
     def _action(self, text: str, slot: Callable[[], Any], shortcut: str | None = None,
@@ -484,7 +496,7 @@ class Pipeline(QMainWindow):
             self.restoreGeometry(geometry)
         state = s.value("window/state")
         if isinstance(state, QByteArray | bytes):
-            self.restoreState(state, LAYOUT_VERSION)
+            self._layout_restored = self.restoreState(state, LAYOUT_VERSION)
         for name, panel in self.panels.items():
             header = s.value(f"tables/{name}")
             if isinstance(header, QByteArray | bytes):
@@ -502,6 +514,14 @@ class Pipeline(QMainWindow):
         for dock in self.docks.values():
             dock.show()
         self.restoreState(self._default_state, LAYOUT_VERSION)
+        self._default_sizes()
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if not self._layout_restored and not self._sized:
+            self._sized = True
+            QTimer.singleShot(0, self._default_sizes)  # after the first layout pass
+            self.panels["running"].view.setFocus()  # not the first filter box
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.save_layout()

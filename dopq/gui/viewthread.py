@@ -134,6 +134,7 @@ class ViewThread(QThread):
             except Exception as exc:  # noqa: BLE001 - the poller must outlive any error
                 failures += 1
                 self._fail("down", exc)
+                self._reconnect()
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures, 8))
             else:
                 failures = 0
@@ -153,6 +154,19 @@ class ViewThread(QThread):
         """One snapshot (the Client speaks msgpack: a 10k-job snapshot decodes in ~35 ms)."""
         snap: dict[str, Any] = self.client.call("snapshot", self.history_limit)
         return snap
+
+    def _reconnect(self) -> None:
+        """Drop this thread's connection, so the next poll looks the server up again.
+
+        A server that failed may come back elsewhere (a new port after a restart)
+        while its old connection still answers, with errors: never stay on it.
+        """
+        close = getattr(self.client, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _fail(self, state: str, exc: BaseException) -> None:
         self._state = state

@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QSizePolicy,
     QTableView,
     QVBoxLayout,
     QWidget,
@@ -22,6 +23,8 @@ from dopq.gui.columns import fmt_time
 from dopq.gui.compat import emit
 from dopq.gui.models import FilterProxy, RowModel
 from dopq.jobs import format_duration
+
+TITLE_MARGIN = 26  # pixels beside a column title: the section's padding and a sort arrow
 
 
 class TablePanel(QWidget):
@@ -64,7 +67,7 @@ class TablePanel(QWidget):
         hh.setSortIndicator(-1, Qt.SortOrder.AscendingOrder)
         self.view.setSortingEnabled(True)
         self.view.doubleClicked.connect(self._double_clicked)
-        self.view.resizeColumnsToContents()  # to the titles until rows arrive
+        self.fit_columns()  # to the titles until rows arrive
         self._sized = False
 
         top = QHBoxLayout()
@@ -117,7 +120,21 @@ class TablePanel(QWidget):
         self.count.setText(f"{total}" if shown == total else f"{shown} of {total}")
         if total and not self._sized:
             self._sized = True
-            self.view.resizeColumnsToContents()
+            self.fit_columns()
+
+    def fit_columns(self) -> None:
+        """Each column as wide as its cells (a few rows measured) or its title.
+
+        Not ``resizeColumnsToContents``: with sorting on, Qt widens every title
+        by the room of a sort arrow, which makes short numeric columns twice as
+        wide as they need be; here a title gets a small margin instead.
+        """
+        hh = self.view.horizontalHeader()
+        fm = hh.fontMetrics()
+        for c in range(self.proxy.columnCount()):
+            title = str(self.proxy.headerData(c, Qt.Orientation.Horizontal) or "")
+            hh.resizeSection(c, max(self.view.sizeHintForColumn(c),
+                                    fm.horizontalAdvance(title) + TITLE_MARGIN))
 
     # -- layout memory ---------------------------------------------------------------------
     def header_state(self) -> bytes:
@@ -150,6 +167,9 @@ class SummaryPanel(QWidget):
             v = QLabel("-", self)
             v.setObjectName("summaryValue")
             v.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            # a long value (the job counts) must not widen the dock: wrap it instead
+            v.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+            v.setWordWrap(True)
             row, pair = divmod(n, 2)
             grid.addWidget(k, row, pair * 2)
             grid.addWidget(v, row, pair * 2 + 1)
