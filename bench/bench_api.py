@@ -11,7 +11,8 @@ all of them. Load, for 60 s per mode:
 - 50 pollers, each its own ``Client`` (one Pyro5 connection), once a second:
   mode ``views``: the five calls the GUI's views need (``running``, ``queue``,
   ``history(1000)``, ``users``, ``status``); mode ``snapshot``: the one
-  ``snapshot(1000)`` call the GUI makes;
+  ``snapshot(1000, since)`` call the GUI makes through ``SnapshotFollower``
+  (the whole queue once, then only the queued jobs that changed);
 - 2 submitters, each uploading a small CPU-only job once a second;
 - baseline, in the same run: one client calling ``ping`` 10 times a second,
   the cost of a call that does no work, under the same load.
@@ -103,7 +104,16 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
             time.sleep(max(0.0, min(cycle + 1.0 - time.monotonic(), end - time.time())))
         c.close()
 
-    poll_calls = [(m, (lambda c, m=m, a=a: c.call(m, *a))) for m, a in plan["calls"]]
+    from dopq.client import SnapshotFollower
+
+    followers: dict[int, SnapshotFollower] = {}
+
+    def snapshot(c: Any) -> Any:
+        # As the GUI does: a full snapshot first, then only what changed.
+        return followers.setdefault(id(c), SnapshotFollower(c, HISTORY)).update()
+
+    poll_calls = [(m, (snapshot if m == "snapshot" else
+                       (lambda c, m=m, a=a: c.call(m, *a)))) for m, a in plan["calls"]]
     submit_calls = [("submit", lambda c: c.submit(plan["archive"]))]
     threads = [threading.Thread(target=loop, args=(plan["seed"] + k, poll_calls))
                for k in range(plan["pollers"])]

@@ -258,17 +258,17 @@ class Controller:
         return self._p.priorities(None if job_id is None else int(job_id))
 
     @api_call
-    def snapshot(self, history_limit: int = 200) -> dict[str, Any]:
-        """The five views the GUI shows, in one call."""
+    def snapshot(self, history_limit: int = 200, since: int | None = None) -> dict[str, Any]:
+        """The five views the GUI shows, in one call.
+
+        With ``since`` (the ``version`` of an earlier snapshot, or 0) the queue
+        comes as ``queued_delta``: changed rows, removed ids and the new order
+        when it moved (``dopq.client.SnapshotFollower`` merges them).
+        """
         who = self._who()
-        return {
-            "whoami": {"user": who.name, "role": who.role.value},
-            "running": self._p.running(),
-            "queued": self._p.queued(),
-            "finished": self._p.history(int(history_limit)),
-            "users": self._p.user_stats(),
-            "system": self._p.status(),
-        }
+        out = self._p.snapshot(int(history_limit), None if since is None else int(since))
+        out["whoami"] = {"user": who.name, "role": who.role.value}
+        return out
 
     @api_call
     def logs(

@@ -265,3 +265,57 @@ class Client:
                 return job
             left = poll if deadline is None else deadline - time.monotonic()
             time.sleep(max(0.0, min(poll, left)))
+
+
+class SnapshotFollower:
+    """Keeps a whole snapshot up to date from the server's delta snapshots.
+
+    The first call fetches everything; later calls send the version they
+    hold and get only the queued jobs that changed. ``update()`` returns the
+    snapshot in the plain form (``queued`` a list in queue order with
+    ``position`` and ``wait_s``), as ``snapshot()`` without ``since`` would.
+    """
+
+    def __init__(self, client: Any, history_limit: int = 200) -> None:
+        self.client = client
+        self.history_limit = history_limit
+        self.version = 0
+        self._rows: dict[int, dict[str, Any]] = {}
+        self._order: list[int] = []
+
+    def reset(self) -> None:
+        self.version = 0
+        self._rows = {}
+        self._order = []
+
+    def update(self) -> dict[str, Any]:
+        try:
+            snap: dict[str, Any] = self.client.call("snapshot", self.history_limit, self.version)
+        except DopqError:
+            self.reset()  # a new server may number its versions anew
+            raise
+        delta = snap.pop("queued_delta", None)
+        if delta is None:  # a server (or a stand-in) without deltas
+            return snap
+        if delta["full"]:
+            self._rows = {r["id"]: r for r in delta["rows"]}
+        else:
+            for jid in delta["removed"]:
+                self._rows.pop(jid, None)
+            for r in delta["rows"]:
+                self._rows[r["id"]] = r
+        if delta["order"] is not None:
+            self._order = delta["order"]
+        now = snap.get("now", time.time())
+        queued = []
+        for pos, jid in enumerate(self._order, 1):
+            row = self._rows.get(jid)
+            if row is None:
+                continue
+            q = dict(row)
+            q["position"] = pos if row["state"] == "queued" else None
+            q["wait_s"] = round(now - row["submitted_ts"], 3)
+            queued.append(q)
+        snap["queued"] = queued
+        self.version = int(snap["version"])
+        return snap

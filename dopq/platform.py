@@ -40,10 +40,13 @@ from dopq.queue import PriorityQueueThread
 from dopq.runtime import ContainerRuntime, cpu_percent
 from dopq.settings import Settings
 from dopq.store import JobRow, Store
+from dopq.views import Version, ViewCache, full_queue, queue_delta
 
 log = logging.getLogger("dopq.platform")
 
 MAX_CHUNK = 4 * 2**20
+VIEW_TTL = 0.5  # seconds a shared view may be old (writes through the API show at once)
+HISTORY_CACHED = 1000  # finished jobs kept in the shared views
 EDIT_ACTIONS = ("delete", "priority", "nice", "hold", "release", "top")
 
 
@@ -131,8 +134,7 @@ class DataPlatform:
         self.gpu_samples: dict[int, dict[str, Any]] = {}
         self.shutdown_requested = threading.Event()
         self._last_clean_hour = 0
-        self._cache: dict[str, tuple[Any, Any]] = {}
-        self._cache_lock = threading.Lock()
+        self.views = ViewCache(self._build_views, self._views_key, ttl=VIEW_TTL)
         self._stats_version = 0
         self._raw_stats: dict[int, dict[str, float]] = {}
 
@@ -357,7 +359,7 @@ class DataPlatform:
 
     def _check_overrides(self, overrides: dict[str, Any]) -> None:
         allowed = {
-            "name", "gpus", "num_gpus", "memory", "cpus", "time_limit", "shm_size",
+            "name", "gpus", "memory", "cpus", "time_limit", "shm_size",
             "priority", "command", "env", "after", "after_any", "array",
         }
         for key in overrides:
@@ -423,6 +425,7 @@ class DataPlatform:
         )
         os.replace(up.path, target)
         self._send(("job", job_id))
+        self.views.invalidate()
         return self.job(who, job_id)
 
     def _send(self, cmd: tuple[Any, ...]) -> None:
@@ -432,22 +435,6 @@ class DataPlatform:
             pass  # the supervisor restarts the provider, which picks the job up
 
     # -- views ---------------------------------------------------------------------
-    def _cached(self, name: str, extra: Any, build: Any) -> Any:
-        """A view computed again only when the database (or ``extra``) changed.
-
-        Fifty GUIs polling a queue of 10,000 jobs every second would otherwise
-        read and convert every row fifty times a second.
-        """
-        key = (self.store.data_version(), extra)
-        with self._cache_lock:
-            hit = self._cache.get(name)
-            if hit is not None and hit[0] == key:
-                return hit[1]
-        value = build()
-        with self._cache_lock:
-            self._cache[name] = (key, value)
-        return value
-
     def job(self, who: Principal, job_id: int) -> dict[str, Any]:
         row = self.store.job(int(job_id))
         view = job_view(row, time.time())
@@ -459,38 +446,65 @@ class DataPlatform:
         view["spec"] = row["spec"] if (row["user"] == who.name or who.is_admin) else None
         return view
 
-    def queued(self) -> list[dict[str, Any]]:
-        with self.queue.decision_lock:
-            decision, seq = self.queue.last_decision, self.queue.decision_seq
-        return self._cached(  # type: ignore[no-any-return]
-            "queued", (id(self.queue), seq), lambda: self._queued_view(decision))
+    def _views_key(self) -> Any:
+        return (self.store.data_version(), id(self.queue), self.queue.decision_seq,
+                self._stats_version, int(time.time() // 5))
 
-    def _queued_view(self, decision: Any) -> list[dict[str, Any]]:
-        now = time.time()
-        rows = self.store.jobs([JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED],
-                               light=True)
+    def _build_views(self, prev: Version | None) -> Version:
+        with self.queue.decision_lock:
+            decision = self.queue.last_decision
         entries = {e.id: e for e in decision.entries} if decision else {}
-        out = []
-        for row in rows:
-            v = job_view(row, now)
-            e = entries.get(row["id"])
-            if e is not None and row["state"] == "queued":
-                v["position"] = e.position
-                v["priority_value"] = round(e.priority, 3)
-                v["reason"] = str(e.reason)
-                v["factors"] = e.factors
-            else:
-                v["position"] = None
-                v["priority_value"] = None
-                v["reason"] = "Building" if row["state"] != "queued" else "Priority"
-                v["factors"] = {}
-            out.append(v)
-        out.sort(key=lambda v: (v["position"] is None, v["position"] or 0, v["id"]))
-        return out
+        rows = self.store.read(
+            "SELECT id, name, user, state, num_gpus, submitted_at, time_limit, priority, nice,"
+            " held, array_index FROM jobs WHERE state IN ('received', 'building', 'queued')"
+        )
+        old = prev.queued if prev is not None else {}
+        queued: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            jid, state, ts = r[0], r[3], r[5]
+            e = entries.get(jid) if state == "queued" else None
+            o = old.get(jid)
+            row = {
+                "id": jid, "name": r[1], "user": r[2], "state": state, "num_gpus": r[4],
+                "submitted_at": o["submitted_at"] if o and o["submitted_ts"] == ts else iso(ts),
+                "submitted_ts": ts, "time_limit": r[6], "priority": r[7], "nice": r[8],
+                "held": bool(r[9]), "array_index": r[10],
+                "reason": str(e.reason) if e else ("Priority" if state == "queued" else "Building"),
+                "priority_value": round(e.priority, 1) if e else None,
+            }
+            queued[jid] = o if o == row else row  # unchanged rows stay the same object
+        order = [e.id for e in decision.entries if e.id in queued] if decision else []
+        placed = set(order)
+        order += sorted(j for j in queued if j not in placed)
+        rest = {
+            "running": self._running_view(),
+            "finished": self._history_rows(HISTORY_CACHED, None),
+            "users": self._user_stats(),
+            "system": self._status(),
+        }
+        return Version(self.views.next_number(), 0.0, None, queued, order, rest)
+
+    def queued(self) -> list[dict[str, Any]]:
+        return full_queue(self.views.current(), time.time())
 
     def running(self) -> list[dict[str, Any]]:
-        return self._cached(  # type: ignore[no-any-return]
-            "running", (self._stats_version, int(time.time())), self._running_view)
+        return list(self.views.current().rest["running"])
+
+    def snapshot(self, history_limit: int = 200, since: int | None = None) -> dict[str, Any]:
+        """All five views; with ``since`` (a version the client has) the queue as a delta."""
+        v = self.views.current()
+        now = time.time()
+        limit = max(1, min(int(history_limit), HISTORY_CACHED))
+        out: dict[str, Any] = {
+            "version": v.number, "now": now, "running": v.rest["running"],
+            "finished": v.rest["finished"][:limit], "users": v.rest["users"],
+            "system": v.rest["system"],
+        }
+        if since is None:
+            out["queued"] = full_queue(v, now)
+        else:
+            out["queued_delta"] = queue_delta(self.views.find(int(since)) if since else None, v)
+        return out
 
     def _running_view(self) -> list[dict[str, Any]]:
         now = time.time()
@@ -508,16 +522,20 @@ class DataPlatform:
 
     def history(self, limit: int = 200, user: str | None = None) -> list[dict[str, Any]]:
         limit = max(1, min(int(limit), 100000))
+        if user is None and limit <= HISTORY_CACHED:
+            return list(self.views.current().rest["finished"][:limit])
+        return self._history_rows(limit, user)
 
-        def build() -> list[dict[str, Any]]:
-            now = time.time()
-            rows = self.store.jobs(FINAL_STATES, user=user, include_hidden=False,
-                                   order="finished_at", desc=True, limit=limit, light=True)
-            return [job_view(r, now) for r in rows]
-
-        return self._cached(f"history:{limit}:{user}", None, build)  # type: ignore[no-any-return]
+    def _history_rows(self, limit: int, user: str | None) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = self.store.jobs(FINAL_STATES, user=user, include_hidden=False,
+                               order="finished_at", desc=True, limit=limit, light=True)
+        return [job_view(r, now) for r in rows]
 
     def status(self) -> dict[str, Any]:
+        return dict(self.views.current().rest["system"])
+
+    def _status(self) -> dict[str, Any]:
         now = time.time()
         holders = {}
         for row in self.store.jobs([JobState.RUNNING]):
@@ -557,8 +575,7 @@ class DataPlatform:
         }
 
     def user_stats(self) -> list[dict[str, Any]]:
-        return self._cached(  # type: ignore[no-any-return]
-            "users", int(time.time() // 5), self._user_stats)
+        return list(self.views.current().rest["users"])
 
     def _user_stats(self) -> list[dict[str, Any]]:
         now = time.time()
@@ -654,6 +671,7 @@ class DataPlatform:
         if row["user"] != who.name:
             self._audit(who, "cancel", f"job {job_id} of {row['user']}")
         self.queue.cancel(row["id"], who.name)
+        self.views.invalidate()
         return job_view(self.store.job(row["id"]), time.time())
 
     def edit_queued(
@@ -729,12 +747,14 @@ class DataPlatform:
         if who.is_admin:
             self._audit(who, f"edit {action}", f"jobs {ids} value {value!r}")
         self.queue.wake()
+        self.views.invalidate()
         return {"changed": ids, "action": action}
 
     def clear_history(self, who: Principal, user: str | None = None) -> dict[str, Any]:
         self._admin(who, "clear-history")
         n = self.store.hide_history(check_username(user) if user else None)
         self._audit(who, "clear-history", user or "all users")
+        self.views.invalidate()
         return {"cleared": n}
 
     def clear_status(self, who: Principal, user: str | None = None) -> dict[str, Any]:
@@ -742,6 +762,7 @@ class DataPlatform:
         name = check_username(user) if user else None
         self.queue.reset_usage(name)
         self._audit(who, "clear-status", user or "all users")
+        self.views.invalidate()
         return {"reset": name or "all"}
 
     def request_shutdown(self, who: Principal, stop_running: bool = False) -> dict[str, Any]:
@@ -760,6 +781,7 @@ class DataPlatform:
         self.users.set_share(user, float(weight))
         self.queue.shares = self.users.shares()
         self._audit(who, "set-share", f"{user} = {weight}")
+        self.views.invalidate()
         self.queue.wake()
         return {"user": user, "weight": float(weight)}
 

@@ -129,13 +129,16 @@ class InboxWatcher:
     def _take(self, path: Path, user: str, uid: int) -> int | None:
         """Move the file into ``incoming/`` and create its job (or a refusal)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
-        target = self.incoming / f"inbox-{uuid.uuid4().hex}.zip"
+        target = self.incoming / f"inbox-{user}-{uuid.uuid4().hex}.zip"
         try:
             os.replace(path, target)
         except OSError as exc:
             log.warning("cannot take %s: %s", path, exc)
             return None
-        name = path.stem[:128] or "job"
+        return self.adopt(target, user, uid, path.stem[:128] or "job")
+
+    def adopt(self, target: Path, user: str, uid: int, name: str) -> int | None:
+        """Create the job of an archive in ``incoming/`` (or its refusal)."""
         reason = self._owner_problem(user, uid)
         if reason is not None:
             job_id = self.store.add_job(
@@ -253,8 +256,17 @@ class Provider:
                 for r in self.store.read("SELECT source FROM jobs WHERE source IS NOT NULL")
             }
             for f in incoming.iterdir():
-                if str(f) not in owned and str(f) not in known:
-                    f.unlink(missing_ok=True)  # taken from the inbox, job never written
+                if str(f) in owned or str(f) in known:
+                    continue
+                parts = f.name.split("-")
+                if f.name.startswith("inbox-") and len(parts) >= 3:
+                    # Taken from the inbox, then a crash before its job was written.
+                    user = "-".join(parts[1:-1])
+                    job_id = self.watcher.adopt(f, user, f.stat().st_uid, "job")
+                    if job_id is not None:
+                        log.info("adopted %s as job %s", f.name, job_id)
+                else:
+                    f.unlink(missing_ok=True)  # an upload whose job was never written
         for job in self.store.jobs([JobState.RECEIVED]):
             self.submit(job["id"])
 

@@ -243,6 +243,11 @@ class PriorityQueueThread(threading.Thread):
                 else:
                     self._requeue(row, "container was never started")
                 continue
+            if c.created:
+                # Cut off between create and start (a crash): start afresh.
+                self.runtime.remove(c.id)
+                self._requeue(row, "container was created but never started")
+                continue
             if row["id"] not in self._running:
                 self._adopt(row)
             if not c.running:
@@ -557,7 +562,7 @@ class PriorityQueueThread(threading.Thread):
         try:
             row = self.store.transition(
                 job_id, JobState.RUNNING, expect=[JobState.QUEUED], unless_held=True,
-                gpus=gpus, container=name,
+                gpus=gpus, container=None,
                 started_at=now, detail="gpus " + (",".join(map(str, gpus)) or "none"),
             )
         except DopqError:
@@ -580,6 +585,10 @@ class PriorityQueueThread(threading.Thread):
             self._release(job_id)
             self.runtime.remove(name)
             return True
+        # Only now is there a container to look for after a crash: a running
+        # job without one was cut off before its start and is queued again.
+        self.store.update_job(job_id, container=name)
+        row["container"] = name
         log.debug("job %s started as %s", job_id, cid[:12])
         # A cancel that came while the container was being created found
         # nothing to stop; it left its mark in the store, so stop it now.

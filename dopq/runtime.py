@@ -72,6 +72,7 @@ class ContainerStatus:
     finished_at: float | None
     pids: list[int] = field(default_factory=list)
     owner: str | None = None
+    created: bool = False  # created but never started
 
 
 def _ts(text: str | None) -> float | None:
@@ -436,6 +437,7 @@ def _status(info: dict[str, Any]) -> ContainerStatus:
         finished_at=None if running else _ts(state.get("FinishedAt")),
         pids=[int(state["Pid"])] if state.get("Pid") else [],
         owner=labels.get(LABEL_OWNER),
+        created=state.get("Status") == "created",
     )
 
 

@@ -108,6 +108,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN submitted_by TEXT
     """,
+    # 3: the history is read newest first
+    """
+    CREATE INDEX jobs_finished ON jobs(finished_at)
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -114,7 +114,14 @@ def test_kill9_loses_nothing(tmp_path: Path, engine: None, jobs_dir: Path) -> No
             done = [j for j in jobs if j["state"] in FINAL]
             return done if len(done) == len(expected) and len(jobs) == len(expected) else None
 
-        jobs = wait_for(all_final, 240, 0.5)
+        try:
+            jobs = wait_for(all_final, 180, 0.5)
+        except AssertionError:
+            seen = alice.call("history", 1000) + alice.call("queue") + alice.call("running")
+            print({j["name"]: (j["id"], j["state"]) for j in seen})
+            print(sorted(set(expected) - {j["name"] for j in seen}))
+            print((tmp_path / "server.log").read_text()[-3000:])
+            raise
         by_name = {j["name"]: j for j in jobs}
         assert sorted(by_name) == sorted(expected)  # none lost, none twice
         for name, code in expected.items():

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slot
 
+from dopq.client import SnapshotFollower
 from dopq.errors import DopqError, NotAuthenticated
 from dopq.gui.compat import emit
 
@@ -72,6 +73,7 @@ class ViewThread(QThread):
         self._state = "unknown"  # up / down / auth
         self.max_backoff = MAX_BACKOFF
         self.last_error = ""
+        self._follower: SnapshotFollower | None = None
 
     def view_signal(self, name: str) -> Any:
         return getattr(self, f"view_{name}")
@@ -151,8 +153,10 @@ class ViewThread(QThread):
             self._pause(delay)
 
     def fetch(self) -> dict[str, Any]:
-        """One snapshot (the Client speaks msgpack: a 10k-job snapshot decodes in ~35 ms)."""
-        snap: dict[str, Any] = self.client.call("snapshot", self.history_limit)
+        """One snapshot: after the first, only the queued jobs that changed travel."""
+        if self._follower is None or self._follower.client is not self.client:
+            self._follower = SnapshotFollower(self.client, self.history_limit)
+        snap: dict[str, Any] = self._follower.update()
         return snap
 
     def _reconnect(self) -> None:

@@ -1,0 +1,128 @@
+"""What the GUI and the CLI see, built once and shared by every client.
+
+Fifty clients polling a queue of 10,000 jobs must not make the server read
+and convert 10,000 rows fifty times a second. ``ViewCache`` rebuilds the views
+at most once per ``ttl`` (and only when the database or the queue's decision
+changed); one thread rebuilds while the others are served the last version.
+Versions are numbered, and the last few are kept, so a client that says which
+version it has (``snapshot(since=V)``) gets only the queued jobs that changed,
+the ids that left, and the queue order when it moved. Rows that did not change
+are the very same objects in consecutive versions, so the diff is a pointer
+comparison.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# The fields of a queued job in the snapshot (small: they cross the wire often).
+QUEUE_FIELDS = (
+    "id", "name", "user", "state", "num_gpus", "submitted_at", "submitted_ts", "time_limit",
+    "priority", "nice", "held", "array_index", "reason", "priority_value",
+)
+
+
+@dataclass
+class Version:
+    number: int
+    built_at: float
+    key: Any
+    queued: dict[int, dict[str, Any]]  # id -> row (no position, no wait: those move)
+    order: list[int]  # queued ids in queue order
+    rest: dict[str, Any] = field(default_factory=dict)  # running, finished, users, system
+    generation: int = 0  # writes through the API seen by this version
+
+
+class ViewCache:
+    """Numbered, shared versions of the views, rebuilt at most once per ``ttl``."""
+
+    def __init__(
+        self,
+        build: Callable[[Version | None], Version],
+        key: Callable[[], Any],
+        ttl: float = 0.5,
+        keep: int = 16,
+    ) -> None:
+        self._build = build
+        self._key = key
+        self.ttl = ttl
+        self._versions: deque[Version] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self._building = threading.Lock()
+        self._generation = 0
+        # Numbers start from the clock, so a restarted server never reuses one
+        # a client still holds.
+        self._numbers = int(time.time() * 1000)
+
+    def next_number(self) -> int:
+        self._numbers += 1
+        return self._numbers
+
+    def invalidate(self) -> None:
+        """A client changed something: its next read must see the change."""
+        with self._lock:
+            self._generation += 1
+
+    def current(self) -> Version:
+        with self._lock:
+            last = self._versions[-1] if self._versions else None
+            generation = self._generation
+        fresh_enough = last is not None and last.generation >= generation
+        if fresh_enough and time.monotonic() - last.built_at < self.ttl:  # type: ignore[union-attr]
+            return last  # type: ignore[return-value]
+        key = self._key()
+        if fresh_enough and key == last.key:  # type: ignore[union-attr]
+            return last  # type: ignore[return-value]
+        # Stale: one thread rebuilds; the others keep the last version unless
+        # it predates a write they must see.
+        if not self._building.acquire(blocking=not fresh_enough):
+            return last  # type: ignore[return-value]
+        try:
+            with self._lock:
+                newest = self._versions[-1] if self._versions else None
+            if newest is not None and newest is not last and newest.generation >= generation:
+                return newest
+            key = self._key()
+            version = self._build(newest)
+            version.key = key
+            version.generation = generation
+            version.built_at = time.monotonic()
+            with self._lock:
+                self._versions.append(version)
+            return version
+        finally:
+            self._building.release()
+
+    def find(self, number: int) -> Version | None:
+        with self._lock:
+            for v in self._versions:
+                if v.number == number:
+                    return v
+        return None
+
+
+def queue_delta(old: Version | None, new: Version) -> dict[str, Any]:
+    """The queued jobs as a change from ``old`` (or in full when ``old`` is None)."""
+    if old is None:
+        return {"full": True, "rows": list(new.queued.values()), "removed": [],
+                "order": new.order}
+    changed = [row for jid, row in new.queued.items() if old.queued.get(jid) is not row]
+    removed = [jid for jid in old.queued if jid not in new.queued]
+    return {"full": False, "rows": changed, "removed": removed,
+            "order": None if new.order == old.order else new.order}
+
+
+def full_queue(version: Version, server_now: float) -> list[dict[str, Any]]:
+    """The queue as a plain list in queue order, with position and waiting time."""
+    out = []
+    for pos, jid in enumerate(version.order, 1):
+        row = dict(version.queued[jid])
+        row["position"] = pos if row["state"] == "queued" else None
+        row["wait_s"] = round(server_now - row["submitted_ts"], 3)
+        out.append(row)
+    return out
