@@ -229,28 +229,24 @@ class Controller:
 
     @api_call
     def queue(self) -> list[dict[str, Any]]:
-        self._who()
-        return self._p.queued()
+        return self._p.queued(self._who())
 
     @api_call
     def running(self) -> list[dict[str, Any]]:
-        self._who()
-        return self._p.running()
+        return self._p.running(self._who())
 
     @api_call
     def history(self, limit: int = 200, user: str | None = None) -> list[dict[str, Any]]:
-        self._who()
-        return self._p.history(int(limit), check_username(user) if user else None)
+        who = self._who()
+        return self._p.history(int(limit), check_username(user) if user else None, who)
 
     @api_call
     def status(self) -> dict[str, Any]:
-        self._who()
-        return self._p.status()
+        return self._p.status(self._who())
 
     @api_call
     def users(self) -> list[dict[str, Any]]:
-        self._who()
-        return self._p.user_stats()
+        return self._p.user_stats(self._who())
 
     @api_call
     def priority(self, job_id: int | None = None) -> list[dict[str, Any]]:
@@ -266,7 +262,7 @@ class Controller:
         when it moved (``dopq.client.SnapshotFollower`` merges them).
         """
         who = self._who()
-        out = self._p.snapshot(int(history_limit), None if since is None else int(since))
+        out = self._p.snapshot(int(history_limit), None if since is None else int(since), who)
         out["whoami"] = {"user": who.name, "role": who.role.value}
         return out
 

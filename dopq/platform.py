@@ -135,6 +135,7 @@ class DataPlatform:
         self.shutdown_requested = threading.Event()
         self._last_clean_hour = 0
         self.views = ViewCache(self._build_views, self._views_key, ttl=VIEW_TTL)
+        self._write_gen: dict[str, int] = {}
         self._stats_version = 0
         self._raw_stats: dict[int, dict[str, float]] = {}
 
@@ -165,6 +166,7 @@ class DataPlatform:
             (self._watch_engine, "dopq-events"),
             (self._sample, "dopq-sampler"),
             (self._supervise, "dopq-supervisor"),
+            (self._build_views_loop, "dopq-views"),
         ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -298,6 +300,14 @@ class DataPlatform:
                 if now - up.last > self.settings.intake.upload_timeout:
                     self._discard_upload(up)
 
+    def _build_views_loop(self) -> None:
+        """Keep the shared views at most ``VIEW_TTL`` old, off the API threads."""
+        while not self._stop.wait(VIEW_TTL):
+            try:
+                self.views.refresh()
+            except Exception:  # noqa: BLE001
+                log.warning("building the views failed\n%s", traceback.format_exc())
+
     def _supervise(self) -> None:
         """Restart the Provider process or the queue thread if either died."""
         while not self._stop.wait(1.0):
@@ -425,7 +435,7 @@ class DataPlatform:
         )
         os.replace(up.path, target)
         self._send(("job", job_id))
-        self.views.invalidate()
+        self._wrote(who)
         return self.job(who, job_id)
 
     def _send(self, cmd: tuple[Any, ...]) -> None:
@@ -484,15 +494,26 @@ class DataPlatform:
         }
         return Version(self.views.next_number(), 0.0, None, queued, order, rest)
 
-    def queued(self) -> list[dict[str, Any]]:
-        return full_queue(self.views.current(), time.time())
+    def _wrote(self, who: Principal) -> None:
+        """``who`` changed something: build the views now, so every read after shows it."""
+        generation = self.views.invalidate()
+        self._write_gen[who.name] = generation
+        self.views.current(generation)
 
-    def running(self) -> list[dict[str, Any]]:
-        return list(self.views.current().rest["running"])
+    def _view(self, who: Principal | None) -> Version:
+        return self.views.current(self._write_gen.get(who.name, 0) if who else 0)
 
-    def snapshot(self, history_limit: int = 200, since: int | None = None) -> dict[str, Any]:
+    def queued(self, who: Principal | None = None) -> list[dict[str, Any]]:
+        return full_queue(self._view(who), time.time())
+
+    def running(self, who: Principal | None = None) -> list[dict[str, Any]]:
+        return list(self._view(who).rest["running"])
+
+    def snapshot(
+        self, history_limit: int = 200, since: int | None = None, who: Principal | None = None
+    ) -> dict[str, Any]:
         """All five views; with ``since`` (a version the client has) the queue as a delta."""
-        v = self.views.current()
+        v = self._view(who)
         now = time.time()
         limit = max(1, min(int(history_limit), HISTORY_CACHED))
         out: dict[str, Any] = {
@@ -520,10 +541,12 @@ class DataPlatform:
             out.append(v)
         return out
 
-    def history(self, limit: int = 200, user: str | None = None) -> list[dict[str, Any]]:
+    def history(
+        self, limit: int = 200, user: str | None = None, who: Principal | None = None
+    ) -> list[dict[str, Any]]:
         limit = max(1, min(int(limit), 100000))
         if user is None and limit <= HISTORY_CACHED:
-            return list(self.views.current().rest["finished"][:limit])
+            return list(self._view(who).rest["finished"][:limit])
         return self._history_rows(limit, user)
 
     def _history_rows(self, limit: int, user: str | None) -> list[dict[str, Any]]:
@@ -532,8 +555,8 @@ class DataPlatform:
                                order="finished_at", desc=True, limit=limit, light=True)
         return [job_view(r, now) for r in rows]
 
-    def status(self) -> dict[str, Any]:
-        return dict(self.views.current().rest["system"])
+    def status(self, who: Principal | None = None) -> dict[str, Any]:
+        return dict(self._view(who).rest["system"])
 
     def _status(self) -> dict[str, Any]:
         now = time.time()
@@ -574,8 +597,8 @@ class DataPlatform:
             "queue_restarts": self.queue_restarts,
         }
 
-    def user_stats(self) -> list[dict[str, Any]]:
-        return list(self.views.current().rest["users"])
+    def user_stats(self, who: Principal | None = None) -> list[dict[str, Any]]:
+        return list(self._view(who).rest["users"])
 
     def _user_stats(self) -> list[dict[str, Any]]:
         now = time.time()
@@ -671,7 +694,7 @@ class DataPlatform:
         if row["user"] != who.name:
             self._audit(who, "cancel", f"job {job_id} of {row['user']}")
         self.queue.cancel(row["id"], who.name)
-        self.views.invalidate()
+        self._wrote(who)
         return job_view(self.store.job(row["id"]), time.time())
 
     def edit_queued(
@@ -747,14 +770,14 @@ class DataPlatform:
         if who.is_admin:
             self._audit(who, f"edit {action}", f"jobs {ids} value {value!r}")
         self.queue.wake()
-        self.views.invalidate()
+        self._wrote(who)
         return {"changed": ids, "action": action}
 
     def clear_history(self, who: Principal, user: str | None = None) -> dict[str, Any]:
         self._admin(who, "clear-history")
         n = self.store.hide_history(check_username(user) if user else None)
         self._audit(who, "clear-history", user or "all users")
-        self.views.invalidate()
+        self._wrote(who)
         return {"cleared": n}
 
     def clear_status(self, who: Principal, user: str | None = None) -> dict[str, Any]:
@@ -762,7 +785,7 @@ class DataPlatform:
         name = check_username(user) if user else None
         self.queue.reset_usage(name)
         self._audit(who, "clear-status", user or "all users")
-        self.views.invalidate()
+        self._wrote(who)
         return {"reset": name or "all"}
 
     def request_shutdown(self, who: Principal, stop_running: bool = False) -> dict[str, Any]:
@@ -781,7 +804,7 @@ class DataPlatform:
         self.users.set_share(user, float(weight))
         self.queue.shares = self.users.shares()
         self._audit(who, "set-share", f"{user} = {weight}")
-        self.views.invalidate()
+        self._wrote(who)
         self.queue.wake()
         return {"user": user, "weight": float(weight)}
 

@@ -78,9 +78,10 @@ def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int) -> Non
 class InboxWatcher:
     """Finds complete archives in ``inbox/<user>/`` and turns them into jobs.
 
-    A file is complete when it is not ``*.part``, its size and mtime did not
-    change between two looks, and it is a readable zip (the end-of-archive
-    record is written last) or has been unchanged for ``settle_seconds``.
+    A file (not ``*.part``) is complete when it reads as a whole zip (the
+    end-of-archive record is written last, so a zip being copied does not), or
+    when it has not changed for ``settle_seconds`` (then it is taken, and a
+    file that is no zip is refused with that reason).
     """
 
     def __init__(self, settings: Settings, store: Store) -> None:
@@ -114,9 +115,11 @@ class InboxWatcher:
                 prev = self._seen.get(f)
                 if prev is None or prev[:2] != key:
                     self._seen[f] = (key[0], key[1], now)
-                    continue
-                settled = now - prev[2] >= self.settings.intake.settle_seconds
-                if not settled and not _complete_zip(f):
+                    # A zip's end record is written last: a file that already
+                    # reads as a whole zip is complete (a renamed .part, a cp).
+                    if not _complete_zip(f):
+                        continue
+                elif now - prev[2] < self.settings.intake.settle_seconds:
                     continue
                 job_id = self._take(f, udir.name.lower(), st.st_uid)
                 self._seen.pop(f, None)
@@ -172,9 +175,16 @@ class InboxWatcher:
 
 
 def _complete_zip(path: Path) -> bool:
+    """Whether the file reads as a whole zip: an end record whose central
+    directory is really there (an inner zip's end record near the end of a
+    half-copied archive does not pass)."""
     try:
-        return zipfile.is_zipfile(path)
-    except OSError:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+        return True
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, RuntimeError):
         return False
 
 

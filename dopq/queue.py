@@ -577,8 +577,9 @@ class PriorityQueueThread(threading.Thread):
         except EngineUnavailable:
             self._requeue(row, "engine unavailable")
             raise
-        except DopqError as exc:
-            error = f"start failed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - whatever it was, this job failed to start
+            text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            error = f"start failed: {text}"
             self.store.transition(
                 job_id, JobState.FAILED, expect=[JobState.RUNNING], error=error, detail=error
             )

@@ -261,7 +261,20 @@ class ContainerRuntime:
             + [Ulimit(name=u["name"], soft=u["soft"], hard=u["hard"]) for u in spec.ulimits],
             init=True,
         )
-        created = self._call(
+        try:
+            created = self._create(api, spec, env, host_config)
+        except docker.errors.NotFound as exc:  # the image is gone
+            raise DopqError(f"docker: {exc.explanation or exc}") from None
+        cid = str(created["Id"])
+        try:
+            self._call(api.start, cid)
+        except docker.errors.NotFound as exc:
+            raise DopqError(f"docker: {exc.explanation or exc}") from None
+        return cid
+
+    def _create(self, api: Any, spec: ContainerSpec, env: dict[str, str], host_config: Any
+                ) -> Any:
+        return self._call(
             api.create_container,
             image=spec.image,
             command=spec.command,
@@ -276,12 +289,6 @@ class ContainerRuntime:
             stop_signal=spec.stop_signal,
             network_disabled=spec.network == "none",
         )
-        cid = str(created["Id"])
-        try:
-            self._call(api.start, cid)
-        except docker.errors.NotFound as exc:
-            raise DopqError(f"docker: {exc.explanation or exc}") from None
-        return cid
 
     def status(self, ref: str) -> ContainerStatus | None:
         try:

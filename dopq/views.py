@@ -1,9 +1,10 @@
 """What the GUI and the CLI see, built once and shared by every client.
 
 Fifty clients polling a queue of 10,000 jobs must not make the server read
-and convert 10,000 rows fifty times a second. ``ViewCache`` rebuilds the views
-at most once per ``ttl`` (and only when the database or the queue's decision
-changed); one thread rebuilds while the others are served the last version.
+and convert 10,000 rows fifty times a second. A background thread rebuilds
+the views every ``ttl`` when the database or the queue's decision changed;
+calls are served the newest version, and only a client that has just changed
+something waits for a version that includes its change.
 Versions are numbered, and the last few are kept, so a client that says which
 version it has (``snapshot(since=V)``) gets only the queued jobs that changed,
 the ids that left, and the queue order when it moved. Rows that did not change
@@ -63,40 +64,53 @@ class ViewCache:
         self._numbers += 1
         return self._numbers
 
-    def invalidate(self) -> None:
-        """A client changed something: its next read must see the change."""
+    def invalidate(self) -> int:
+        """A client changed something; returns the generation its reads must see."""
         with self._lock:
             self._generation += 1
+            return self._generation
 
-    def current(self) -> Version:
+    def _newest(self) -> Version | None:
         with self._lock:
-            last = self._versions[-1] if self._versions else None
-            generation = self._generation
-        fresh_enough = last is not None and last.generation >= generation
-        if fresh_enough and time.monotonic() - last.built_at < self.ttl:  # type: ignore[union-attr]
-            return last  # type: ignore[return-value]
-        key = self._key()
-        if fresh_enough and key == last.key:  # type: ignore[union-attr]
-            return last  # type: ignore[return-value]
-        # Stale: one thread rebuilds; the others keep the last version unless
-        # it predates a write they must see.
-        if not self._building.acquire(blocking=not fresh_enough):
-            return last  # type: ignore[return-value]
-        try:
-            with self._lock:
-                newest = self._versions[-1] if self._versions else None
-            if newest is not None and newest is not last and newest.generation >= generation:
+            return self._versions[-1] if self._versions else None
+
+    def current(self, min_generation: int = 0) -> Version:
+        """The newest version; built here only if none is new enough for this caller.
+
+        Only a client that has just written waits for a rebuild (so that it
+        reads its own write); everyone else gets the shared version, which the
+        background ``refresh`` keeps at most ``ttl`` old.
+        """
+        last = self._newest()
+        if last is not None and last.generation >= min_generation:
+            return last
+        with self._building:
+            newest = self._newest()
+            if newest is not None and newest.generation >= min_generation:
                 return newest
-            key = self._key()
-            version = self._build(newest)
-            version.key = key
-            version.generation = generation
-            version.built_at = time.monotonic()
-            with self._lock:
-                self._versions.append(version)
-            return version
-        finally:
-            self._building.release()
+            return self._rebuild(newest)
+
+    def refresh(self) -> None:
+        """Rebuild if the data changed (called every ``ttl`` by a background thread)."""
+        last = self._newest()
+        with self._lock:
+            generation = self._generation
+        if last is not None and last.generation >= generation and self._key() == last.key:
+            return
+        with self._building:
+            self._rebuild(self._newest())
+
+    def _rebuild(self, prev: Version | None) -> Version:
+        with self._lock:
+            generation = self._generation
+        key = self._key()
+        version = self._build(prev)
+        version.key = key
+        version.generation = generation
+        version.built_at = time.monotonic()
+        with self._lock:
+            self._versions.append(version)
+        return version
 
     def find(self, number: int) -> Version | None:
         with self._lock:
