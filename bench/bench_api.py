@@ -81,8 +81,9 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
     lock = threading.Lock()
     start, end = plan["start"], plan["end"]
 
-    def client() -> Client:
-        return Client(conn["ns_host"], conn["ns_port"], conn["server"], token=conn["token"])
+    def client(token: str | None = None) -> Client:
+        return Client(conn["ns_host"], conn["ns_port"], conn["server"],
+                      token=token or conn["token"])
 
     def timed(c: Client, method: str, fn: Any) -> None:
         t0 = time.perf_counter()
@@ -94,8 +95,8 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
         with lock:
             samples.append((method, time.time() - start, time.perf_counter() - t0, err))
 
-    def loop(k: int, calls: list[tuple[str, Any]]) -> None:
-        c = client()
+    def loop(k: int, calls: list[tuple[str, Any]], token: str | None = None) -> None:
+        c = client(token)
         time.sleep(max(0.0, start - time.time()) + random.Random(k).random())
         while time.time() < end:
             cycle = time.monotonic()
@@ -117,7 +118,10 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
     submit_calls = [("submit", lambda c: c.submit(plan["archive"]))]
     threads = [threading.Thread(target=loop, args=(plan["seed"] + k, poll_calls))
                for k in range(plan["pollers"])]
-    threads += [threading.Thread(target=loop, args=(plan["seed"] + 1000 + k, submit_calls))
+    # Submitters are another user (alice): a user's own writes make that
+    # user's next reads wait for fresh views, other users' do not.
+    threads += [threading.Thread(target=loop, args=(plan["seed"] + 1000 + k, submit_calls,
+                                                    conn["submit_token"]))
                 for k in range(plan["submitters"])]
     for t in threads:
         t.start()
@@ -286,7 +290,8 @@ def run(quick: bool, profile: Path | None = None) -> dict[str, Any]:
         wait_for(lambda: _decided(root, first), 120, 0.2)
         small = zip_it(good_job(jobs, "alice", "tiny-job", "true"), tmp / "tiny-job.zip")
         conn = {"ns_host": srv.settings.nameserver.host, "ns_port": srv.settings.nameserver.port,
-                "server": srv.settings.server_name, "token": root.token}
+                "server": srv.settings.server_name, "token": root.token,
+                "submit_token": srv.client("alice").token}
         out["modes"] = {}
         for mode in ("views", "snapshot"):
             print(f"api: {mode}, {pollers} pollers, {seconds:.0f} s", file=sys.stderr)

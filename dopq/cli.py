@@ -103,6 +103,8 @@ def _users_store(args: argparse.Namespace) -> Any:
 def cmd_user(args: argparse.Namespace) -> int:
     from dopq.auth import Role
 
+    if args.remote:
+        return _user_remote(args)
     users = _users_store(args)
     if args.action == "list":
         rows = users.list()
@@ -127,6 +129,32 @@ def cmd_user(args: argparse.Namespace) -> int:
     elif args.action == "role":
         users.set_role(args.name, Role.ADMIN if args.admin else Role.USER)
         print(f"{args.name.lower()} is now {'admin' if args.admin else 'user'}")
+    return 0
+
+
+def _user_remote(args: argparse.Namespace) -> int:
+    """The same commands through the API, for an admin away from the server host."""
+    c = _client(args)
+    if args.action == "list":
+        rows = c.call("user_list")
+        _out(rows) if args.json else _table(
+            rows, [("name", "USER"), ("role", "ROLE"), ("share", "WEIGHT")])
+        return 0
+    if not args.name:
+        raise DopqError(f"user {args.action} needs a NAME")
+    if args.action == "add":
+        args.confirm = True
+        c.call("user_add", args.name, _read_password(args), bool(args.admin))
+        print(f"user {args.name.lower()} added" + (" (admin)" if args.admin else ""))
+    elif args.action == "passwd":
+        args.confirm = True
+        c.call("user_passwd", args.name, _read_password(args))
+        print(f"password of {args.name.lower()} changed; its tokens were revoked")
+    elif args.action == "remove":
+        c.call("user_remove", args.name)
+        print(f"user {args.name.lower()} removed")
+    else:
+        raise DopqError("user role works on the server host only (without --remote)")
     return 0
 
 
@@ -441,8 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-v", "--verbose", action="store_true")
     sp = add("config", cmd_config_show, "show the effective configuration", (cfg, js))
     sp.add_argument("what", choices=["show"])
-    sp = add("user", cmd_user, "manage users in the local store (server host)", (cfg, js))
+    sp = add("user", cmd_user, "manage users (the local store; --remote: through the API)",
+             (cfg, js, conn))
     sp.add_argument("action", choices=["add", "passwd", "remove", "list", "role"])
+    sp.add_argument("--remote", action="store_true", help="as a signed-in admin, via the API")
     sp.add_argument("name", nargs="?")
     sp.add_argument("--admin", action="store_true")
     sp.add_argument("--password-stdin", action="store_true")

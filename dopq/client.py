@@ -282,11 +282,24 @@ class SnapshotFollower:
         self.version = 0
         self._rows: dict[int, dict[str, Any]] = {}
         self._order: list[int] = []
+        self._done: dict[int, dict[str, Any]] = {}
+        self._done_order: list[int] = []
 
     def reset(self) -> None:
         self.version = 0
-        self._rows = {}
-        self._order = []
+        self._rows, self._order = {}, []
+        self._done, self._done_order = {}, []
+
+    @staticmethod
+    def _merge(rows: dict[int, dict[str, Any]], order: list[int], delta: dict[str, Any]
+               ) -> list[int]:
+        if delta["full"]:
+            rows.clear()
+        for jid in delta["removed"]:
+            rows.pop(jid, None)
+        for r in delta["rows"]:
+            rows[r["id"]] = r
+        return order if delta["order"] is None else list(delta["order"])
 
     def update(self) -> dict[str, Any]:
         try:
@@ -297,15 +310,12 @@ class SnapshotFollower:
         delta = snap.pop("queued_delta", None)
         if delta is None:  # a server (or a stand-in) without deltas
             return snap
-        if delta["full"]:
-            self._rows = {r["id"]: r for r in delta["rows"]}
-        else:
-            for jid in delta["removed"]:
-                self._rows.pop(jid, None)
-            for r in delta["rows"]:
-                self._rows[r["id"]] = r
-        if delta["order"] is not None:
-            self._order = delta["order"]
+        self._order = self._merge(self._rows, self._order, delta)
+        done = snap.pop("finished_delta", None)
+        if done is not None:
+            self._done_order = self._merge(self._done, self._done_order, done)
+            limit = int(snap.pop("history_limit", self.history_limit))
+            snap["finished"] = [self._done[j] for j in self._done_order[:limit] if j in self._done]
         now = snap.get("now", time.time())
         queued = []
         for pos, jid in enumerate(self._order, 1):

@@ -40,7 +40,7 @@ from dopq.queue import PriorityQueueThread
 from dopq.runtime import ContainerRuntime, cpu_percent
 from dopq.settings import Settings
 from dopq.store import JobRow, Store
-from dopq.views import Version, ViewCache, full_queue, queue_delta
+from dopq.views import Version, ViewCache, finished_delta, full_queue, queue_delta
 
 log = logging.getLogger("dopq.platform")
 
@@ -357,6 +357,9 @@ class DataPlatform:
             raise Forbidden(f"user {user} is not allowed to submit on this server")
         self._check_queue_limit(user)
         self._check_overrides(overrides)
+        gpus = overrides.get("gpus")
+        if isinstance(gpus, int) and gpus > len(self.gpu_info):
+            raise LimitExceeded(f"asks for {gpus} GPUs, this server has {len(self.gpu_info)}")
         prio = overrides.get("priority")
         if isinstance(prio, int) and prio > 0 and not who.is_admin:
             raise Forbidden("only an admin may submit with a priority above 0")
@@ -486,13 +489,20 @@ class DataPlatform:
         order = [e.id for e in decision.entries if e.id in queued] if decision else []
         placed = set(order)
         order += sorted(j for j in queued if j not in placed)
+        finished_rows = self._history_rows(HISTORY_CACHED, None)
+        old_finished = prev.finished if prev is not None else {}
+        finished = {}
+        for row in finished_rows:
+            o = old_finished.get(row["id"])
+            finished[row["id"]] = o if o == row else row
         rest = {
             "running": self._running_view(),
-            "finished": self._history_rows(HISTORY_CACHED, None),
+            "finished": [finished[r["id"]] for r in finished_rows],
             "users": self._user_stats(),
             "system": self._status(),
         }
-        return Version(self.views.next_number(), 0.0, None, queued, order, rest)
+        return Version(self.views.next_number(), 0.0, None, queued, order, rest,
+                       finished=finished, finished_order=[r["id"] for r in finished_rows])
 
     def _wrote(self, who: Principal) -> None:
         """``who`` changed something: build the views now, so every read after shows it."""
@@ -524,7 +534,11 @@ class DataPlatform:
         if since is None:
             out["queued"] = full_queue(v, now)
         else:
-            out["queued_delta"] = queue_delta(self.views.find(int(since)) if since else None, v)
+            old = self.views.find(int(since)) if since else None
+            out["queued_delta"] = queue_delta(old, v)
+            out["finished_delta"] = finished_delta(old, v)
+            out["history_limit"] = limit
+            del out["finished"]
         return out
 
     def _running_view(self) -> list[dict[str, Any]]:

@@ -37,6 +37,8 @@ class Version:
     order: list[int]  # queued ids in queue order
     rest: dict[str, Any] = field(default_factory=dict)  # running, finished, users, system
     generation: int = 0  # writes through the API seen by this version
+    finished: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> row
+    finished_order: list[int] = field(default_factory=list)  # newest first
 
 
 class ViewCache:
@@ -120,15 +122,29 @@ class ViewCache:
         return None
 
 
+def keyed_delta(
+    old: dict[int, dict[str, Any]] | None, old_order: list[int] | None,
+    new: dict[int, dict[str, Any]], new_order: list[int],
+) -> dict[str, Any]:
+    """Rows keyed by job id as a change from ``old`` (in full when ``old`` is None)."""
+    if old is None:
+        return {"full": True, "rows": list(new.values()), "removed": [], "order": new_order}
+    changed = [row for jid, row in new.items() if old.get(jid) is not row]
+    removed = [jid for jid in old if jid not in new]
+    return {"full": False, "rows": changed, "removed": removed,
+            "order": None if new_order == old_order else new_order}
+
+
 def queue_delta(old: Version | None, new: Version) -> dict[str, Any]:
     """The queued jobs as a change from ``old`` (or in full when ``old`` is None)."""
-    if old is None:
-        return {"full": True, "rows": list(new.queued.values()), "removed": [],
-                "order": new.order}
-    changed = [row for jid, row in new.queued.items() if old.queued.get(jid) is not row]
-    removed = [jid for jid in old.queued if jid not in new.queued]
-    return {"full": False, "rows": changed, "removed": removed,
-            "order": None if new.order == old.order else new.order}
+    return keyed_delta(old.queued if old else None, old.order if old else None,
+                       new.queued, new.order)
+
+
+def finished_delta(old: Version | None, new: Version) -> dict[str, Any]:
+    """The finished jobs (newest first) as a change from ``old``."""
+    return keyed_delta(old.finished if old else None, old.finished_order if old else None,
+                       new.finished, new.finished_order)
 
 
 def full_queue(version: Version, server_now: float) -> list[dict[str, Any]]:

@@ -88,3 +88,22 @@ def test_config_show_and_bad_config(capsys: Any, tmp_path: Path) -> None:
     bad.write_text("[docker]\nnetwrk = 'none'\n")
     code, _, err = run(capsys, "config", "show", "--config", str(bad))
     assert code == 1 and "docker.netwrk: unknown key" in err
+
+
+def test_admin_manages_users_remotely(server: Running, capsys: Any,
+                                      monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DOPQ_NS_PORT", str(server.settings.nameserver.port))
+    monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORDS["root"] + "\n"))
+    assert cli.main(["login", "--user", "root", "--password-stdin"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("carolpass1\ncarolpass1\n"))
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": "carolpass1")
+    code, out, err = run(capsys, "user", "add", "carol", "--remote")
+    assert code == 0, err
+    code, out, _ = run(capsys, "user", "list", "--remote", "--json")
+    assert "carol" in {u["name"] for u in json.loads(out)}
+    code, _, err = run(capsys, "audit", "--json")
+    assert code == 0
+    code, _, _ = run(capsys, "user", "remove", "carol", "--remote")
+    assert code == 0
