@@ -25,6 +25,9 @@ from docker.types import DeviceRequest, LogConfig, Ulimit
 
 from dopq.errors import BuildFailed, DopqError, EngineUnavailable
 
+# Pinned, so making a client sends nothing (``auto`` asks the engine at once,
+# and leaks the connection when the engine is down); Docker >= 20.10 speaks it.
+API_VERSION = "1.41"
 LABEL_JOB = "dopq.job"
 LABEL_INSTANCE = "dopq.instance"
 LABEL_USER = "dopq.user"
@@ -109,12 +112,21 @@ class ContainerRuntime:
         if client is None:
             try:
                 client = docker.APIClient(
-                    base_url=self.base_url, timeout=self._timeout, version="auto"
+                    base_url=self.base_url, timeout=self._timeout, version=API_VERSION
                 )
             except docker.errors.DockerException as exc:
                 raise EngineUnavailable(f"Docker engine unavailable: {exc}") from None
             self._local.api = client
         return client
+
+    def _drop_client(self) -> None:
+        client = getattr(self._local, "api", None)
+        self._local.api = None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -124,7 +136,7 @@ class ContainerRuntime:
         except docker.errors.APIError as exc:
             raise _engine_error(exc) from None
         except _CONNECTION_ERRORS as exc:
-            self._local.api = None
+            self._drop_client()
             raise _engine_error(exc) from None
 
     # -- engine -------------------------------------------------------------
@@ -150,8 +162,8 @@ class ContainerRuntime:
         """Build ``context/Dockerfile``; every chunk goes to ``on_log``."""
         image_id: str | None = None
         last_lines: list[str] = []
+        api = docker.APIClient(base_url=self.base_url, timeout=int(timeout), version=API_VERSION)
         try:
-            api = docker.APIClient(base_url=self.base_url, timeout=int(timeout), version="auto")
             stream = api.build(
                 path=str(context), dockerfile="Dockerfile", tag=tag, labels=labels,
                 rm=True, forcerm=True, pull=False, decode=True,
@@ -167,11 +179,12 @@ class ContainerRuntime:
                 aux = chunk.get("aux")
                 if isinstance(aux, dict) and "ID" in aux:
                     image_id = aux["ID"]
-            api.close()
         except docker.errors.APIError as exc:
             raise BuildFailed(str(exc.explanation or exc)[:300], "\n".join(last_lines)) from None
         except _CONNECTION_ERRORS as exc:
             raise EngineUnavailable(f"Docker engine unavailable during build: {exc}") from None
+        finally:
+            api.close()
         if image_id is None:
             image_id = self._call(self.api.inspect_image, tag)["Id"]
         return str(image_id)
@@ -398,7 +411,7 @@ class ContainerRuntime:
         The stream is read with a short timeout so ``stop`` is honoured; the
         caller reconnects when the engine goes away (``EngineUnavailable``).
         """
-        api = docker.APIClient(base_url=self.base_url, timeout=None, version="auto")
+        api = docker.APIClient(base_url=self.base_url, timeout=None, version=API_VERSION)
         try:
             since = None
             while not stop.is_set():

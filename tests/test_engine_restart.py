@@ -30,6 +30,10 @@ def _engine_pid() -> int | None:
         return None
 
 
+# When the engine's socket disappears mid-request, urllib3 drops the
+# connection's socket without closing it (the garbage collector does).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_engine_restart(server_factory: Any, jobs_dir: Path) -> None:
     pid = _engine_pid()
     if pid is None:
