@@ -26,6 +26,12 @@ from dopq.archive import zip_folder
 from dopq.errors import DopqError, NotFound, ServerUnavailable
 
 CHUNK = 1 << 20
+# Calls that change nothing: tried again once when a connection drops.
+IDEMPOTENT = frozenset({
+    "ping", "whoami", "job", "queue", "running", "history", "status", "users", "priority",
+    "snapshot", "logs", "user_list", "audit",
+})
+STALE_AFTER = 5.0  # seconds; the server closes connections idle for server.idle_timeout
 SERIALIZER = "msgpack"
 NS_PREFIX = "dopq."
 
@@ -179,19 +185,35 @@ class Client:
 
     # -- calling --------------------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call an API method; retry once on a fresh connection if it dropped."""
+        """Call an API method.
+
+        A read is tried again once on a fresh connection if the connection
+        dropped. A call that changes something is never sent twice: it goes
+        over a fresh connection when this one sat idle (the server closes idle
+        ones), and a failure is reported, not retried.
+        """
+        safe = method in IDEMPOTENT
         for attempt in (1, 2):
             token = self.token
+            sent = False
             try:
                 proxy = self._proxy()
+                idle = time.monotonic() - getattr(self._local, "last_used", 0.0)
+                if not safe and idle > STALE_AFTER and proxy._pyroConnection is not None:
+                    proxy._pyroRelease()
+                if proxy._pyroConnection is None:
+                    proxy._pyroBind()  # a failure here sent nothing: safe to retry
                 Pyro5.api.current_context.annotations = {"TOKN": token.encode()}
-                return getattr(proxy, method)(*args, **kwargs)
+                sent = True
+                result = getattr(proxy, method)(*args, **kwargs)
+                self._local.last_used = time.monotonic()
+                return result
             except DopqError:
                 raise
             except (Pyro5.errors.CommunicationError, Pyro5.errors.NamingError,
                     ConnectionError, OSError) as exc:
                 self._forget()
-                if attempt == 2:
+                if attempt == 2 or (sent and not safe):
                     raise ServerUnavailable(f"server unreachable: {exc}") from None
             except Pyro5.errors.PyroError as exc:
                 raise DopqError(f"call failed: {str(exc).splitlines()[0][:200]}") from None
