@@ -207,6 +207,7 @@ class DataPlatform:
         for t in self._threads:
             t.join(timeout=3)
         self.gpu_backend.close()
+        self.runtime.close()
         self.store.close()
 
     def _relay_notices(self) -> None:

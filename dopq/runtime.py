@@ -104,6 +104,8 @@ class ContainerRuntime:
         self.base_url = base_url
         self._timeout = timeout
         self._local = threading.local()
+        self._clients: builtins.list[docker.APIClient] = []
+        self._clients_lock = threading.Lock()
 
     @property
     def api(self) -> docker.APIClient:
@@ -117,12 +119,27 @@ class ContainerRuntime:
             except docker.errors.DockerException as exc:
                 raise EngineUnavailable(f"Docker engine unavailable: {exc}") from None
             self._local.api = client
+            with self._clients_lock:
+                self._clients.append(client)
         return client
+
+    def close(self) -> None:
+        """Close every thread's connection (threads that ended leave theirs here)."""
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _drop_client(self) -> None:
         client = getattr(self._local, "api", None)
         self._local.api = None
         if client is not None:
+            with self._clients_lock:
+                if client in self._clients:
+                    self._clients.remove(client)
             try:
                 client.close()
             except Exception:  # noqa: BLE001
