@@ -100,15 +100,15 @@ def docker_build(folder: Path, labels: dict[str, str] | None = None) -> float:
     """Seconds for the Docker API to build ``folder`` (image removed afterwards)."""
     import docker
 
-    api = docker.APIClient(version="auto", timeout=300)
-    tag = f"dopqb-baseline/{uuid.uuid4().hex[:12]}:1"
-    t0 = time.perf_counter()
-    for chunk in api.build(path=str(folder), tag=tag, rm=True, forcerm=True,
-                           labels=labels, decode=True):
-        if "error" in chunk:
-            raise RuntimeError(chunk["error"])
-    took = time.perf_counter() - t0
-    api.remove_image(tag, force=True)
+    with docker.APIClient(version="auto", timeout=300) as api:
+        tag = f"dopqb-baseline/{uuid.uuid4().hex[:12]}:1"
+        t0 = time.perf_counter()
+        for chunk in api.build(path=str(folder), tag=tag, rm=True, forcerm=True,
+                               labels=labels, decode=True):
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+        took = time.perf_counter() - t0
+        api.remove_image(tag, force=True)
     return took
 
 

@@ -266,4 +266,5 @@ def job_rows(
 def image_id(ref: str) -> str:
     import docker
 
-    return str(docker.APIClient(version="auto", timeout=30).inspect_image(ref)["Id"])
+    with docker.APIClient(version="auto", timeout=30) as api:
+        return str(api.inspect_image(ref)["Id"])

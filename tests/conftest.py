@@ -47,7 +47,8 @@ def _engine_up() -> bool:
     try:
         import docker
 
-        docker.APIClient(version="auto", timeout=5).ping()
+        with docker.APIClient(version="auto", timeout=5) as api:
+            api.ping()
         return True
     except Exception:  # noqa: BLE001
         return False
@@ -63,17 +64,17 @@ def engine() -> None:
 def cleanup_docker(prefix: str) -> None:
     import docker
 
-    api = docker.APIClient(version="auto", timeout=30)
-    for c in api.containers(all=True, filters={"label": f"dopq.instance={prefix}"}):
-        try:
-            api.remove_container(c["Id"], force=True)
-        except docker.errors.APIError:
-            pass
-    for img in api.images(filters={"label": f"dopq.instance={prefix}"}):
-        try:
-            api.remove_image(img["Id"], force=True)
-        except docker.errors.APIError:
-            pass
+    with docker.APIClient(version="auto", timeout=30) as api:
+        for c in api.containers(all=True, filters={"label": f"dopq.instance={prefix}"}):
+            try:
+                api.remove_container(c["Id"], force=True)
+            except docker.errors.APIError:
+                pass
+        for img in api.images(filters={"label": f"dopq.instance={prefix}"}):
+            try:
+                api.remove_image(img["Id"], force=True)
+            except docker.errors.APIError:
+                pass
 
 
 def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
