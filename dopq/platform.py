@@ -13,7 +13,6 @@ import datetime as dt
 import logging
 import os
 import queue as queue_mod
-import shutil
 import threading
 import time
 import traceback
@@ -25,7 +24,7 @@ from typing import Any
 
 from dopq import __version__
 from dopq import gpus as gpus_mod
-from dopq.auth import Principal, Role, Users, check_username
+from dopq.auth import Principal, Users, check_username
 from dopq.errors import (
     Conflict,
     DopqError,
@@ -34,7 +33,7 @@ from dopq.errors import (
     LimitExceeded,
     NotFound,
 )
-from dopq.jobs import ACTIVE_STATES, FINAL_STATES, JobState
+from dopq.jobs import FINAL_STATES, JobState
 from dopq.provider import job_dir, start_process
 from dopq.queue import PriorityQueueThread
 from dopq.runtime import ContainerRuntime, cpu_percent
@@ -490,6 +489,7 @@ class DataPlatform:
         order = [e.id for e in decision.entries if e.id in queued] if decision else []
         placed = set(order)
         order += sorted(j for j in queued if j not in placed)
+        running = self.store.jobs([JobState.RUNNING], light=True)
         finished_rows = self._history_rows(HISTORY_CACHED, None)
         old_finished = prev.finished if prev is not None else {}
         finished = {}
@@ -497,10 +497,10 @@ class DataPlatform:
             o = old_finished.get(row["id"])
             finished[row["id"]] = o if o == row else row
         rest = {
-            "running": self._running_view(),
+            "running": self._running_view(running),
             "finished": [finished[r["id"]] for r in finished_rows],
             "users": self._user_stats(),
-            "system": self._status(),
+            "system": self._status(running),
         }
         return Version(self.views.next_number(), 0.0, None, queued, order, rest,
                        finished=finished, finished_order=[r["id"] for r in finished_rows])
@@ -542,10 +542,10 @@ class DataPlatform:
             del out["finished"]
         return out
 
-    def _running_view(self) -> list[dict[str, Any]]:
+    def _running_view(self, running: list[JobRow]) -> list[dict[str, Any]]:
         now = time.time()
         out = []
-        for row in self.store.jobs([JobState.RUNNING], light=True):
+        for row in running:
             v = job_view(row, now)
             s = self.stats.get(row["id"]) or {}
             v["cpu_percent"] = s.get("cpu")
@@ -573,10 +573,10 @@ class DataPlatform:
     def status(self, who: Principal | None = None) -> dict[str, Any]:
         return dict(self._view(who).rest["system"])
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self, running: list[JobRow]) -> dict[str, Any]:
         now = time.time()
         holders = {}
-        for row in self.store.jobs([JobState.RUNNING]):
+        for row in running:
             for g in row["gpus"]:
                 holders[g] = (row["id"], row["user"])
         external = self.queue.pool.external() if self.queue.is_alive() else set()
@@ -822,13 +822,3 @@ class DataPlatform:
         self._wrote(who)
         self.queue.wake()
         return {"user": user, "weight": float(weight)}
-
-    def active_counts(self) -> int:
-        return len(self.store.jobs(ACTIVE_STATES))
-
-
-def remove_job_files(settings: Settings, job_id: int) -> None:
-    shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
-
-
-__all__ = ["DataPlatform", "Role", "job_view", "iso"]

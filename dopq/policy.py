@@ -59,7 +59,7 @@ from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Any
 
-from dopq.errors import ConfigError, Conflict
+from dopq.errors import ConfigError
 from dopq.jobs import JobState, WaitReason
 
 POLICIES = ("fairshare", "recency")
@@ -562,43 +562,3 @@ def validate_gpus(
             raise AssertionError(f"GPUs {sorted(free & held.keys())} both free and held")
         if free | held.keys() != total:
             raise AssertionError(f"GPUs {sorted(total - free - held.keys())} neither free nor held")
-
-
-class GpuPool:
-    """Whole GPUs handed to jobs, with the books checked by :meth:`validate`."""
-
-    def __init__(self, gpus: Iterable[int]) -> None:
-        self.total = frozenset(gpus)
-        self._free = set(self.total)
-        self._jobs: dict[int, tuple[int, ...]] = {}
-
-    @property
-    def free(self) -> frozenset[int]:
-        return frozenset(self._free)
-
-    @property
-    def held(self) -> dict[int, tuple[int, ...]]:
-        """job id -> GPUs it holds."""
-        return dict(self._jobs)
-
-    def acquire(self, job_id: int, gpus: Iterable[int]) -> None:
-        gpus = tuple(gpus)
-        if job_id in self._jobs:
-            raise Conflict(f"job {job_id} already holds GPUs {self._jobs[job_id]}")
-        busy = [g for g in gpus if g not in self._free]
-        if busy or len(set(gpus)) != len(gpus):
-            raise Conflict(f"job {job_id}: GPUs {busy or list(gpus)} are not free")
-        self._free.difference_update(gpus)
-        self._jobs[job_id] = gpus
-
-    def release(self, job_id: int) -> tuple[int, ...]:
-        gpus = self._jobs.pop(job_id, ())
-        self._free.update(gpus)
-        return gpus
-
-    def validate(self) -> None:
-        held = [g for gpus in self._jobs.values() for g in gpus]
-        if len(held) != len(set(held)):
-            raise AssertionError(f"a GPU is held twice: {self._jobs}")
-        if not self._free.isdisjoint(held) or self._free | set(held) != self.total:
-            raise AssertionError(f"free {sorted(self._free)} + held {sorted(held)} != total")

@@ -126,7 +126,6 @@ class PriorityQueueThread(threading.Thread):
         self.decision_lock = threading.Lock()
         self.started_at = self.clock()
         self.shares: dict[str, float] = {}
-        self.on_change: Callable[[], None] | None = None
 
     # -- signals from other threads -------------------------------------------
     def wake(self) -> None:
@@ -332,7 +331,6 @@ class PriorityQueueThread(threading.Thread):
             if self.settings.docker.requeue_on_engine_restart:
                 self._requeue(row, f"requeued: Docker engine restart (exit code {exit_code})")
                 self._workers.submit(self.runtime.remove, row["container"] or "")
-                self._changed()
                 return
             state, error = (JobState.FAILED,
                             f"killed by a Docker engine restart (exit code {exit_code})")
@@ -353,7 +351,6 @@ class PriorityQueueThread(threading.Thread):
             pass
         self._charge(self.clock())
         self._release(row["id"])
-        self._changed()
 
     def _collect(self, job_id: int, cid: str) -> None:
         """Save a finished container's log, then remove it (worker thread)."""
@@ -544,12 +541,8 @@ class PriorityQueueThread(threading.Thread):
             except DopqError:
                 pass
             self._queued.pop(job_id, None)
-        started = False
         for job_id, gpus in decision.starts:
-            if self._start(job_id, list(gpus)):
-                started = True
-        if started or decision.fail:
-            self._changed()
+            self._start(job_id, list(gpus))
 
     def _start(self, job_id: int, gpus: list[int]) -> bool:
         name = f"{self.instance}-{job_id}"
@@ -647,9 +640,3 @@ class PriorityQueueThread(threading.Thread):
             ulimits=list(run_params.get("ulimits") or []),
         )
 
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            try:
-                self.on_change()
-            except Exception:  # noqa: BLE001
-                pass

@@ -238,23 +238,12 @@ class ContainerRuntime:
         repo, _, version = tag.rpartition(":")
         self._call(self.api.tag, image_id, repo, version)
 
-    def remove_image(self, ref: str) -> bool:
-        """Remove an image; False when it is in use or gone."""
-        try:
-            self._call(self.api.remove_image, ref, force=False, noprune=False)
-            return True
-        except (docker.errors.NotFound, DopqError):
-            return False
-
     def untag(self, tag: str) -> None:
         """Remove one tag; the image goes too when it was its last tag and unused."""
         try:
             self._call(self.api.remove_image, tag, force=False, noprune=False)
         except (docker.errors.NotFound, DopqError):
             pass
-
-    def images_by_label(self, label: str) -> list[dict[str, Any]]:
-        return list(self._call(self.api.images, filters={"label": label}))
 
     # -- containers -------------------------------------------------------------
     def run(self, spec: ContainerSpec) -> str:
@@ -366,12 +355,6 @@ class ContainerRuntime:
         try:
             self._call(self.api.stop, ref, timeout=max(0, int(round(grace))))
         except docker.errors.NotFound:
-            pass
-
-    def kill(self, ref: str) -> None:
-        try:
-            self._call(self.api.kill, ref)
-        except (docker.errors.NotFound, DopqError):
             pass
 
     def remove(self, ref: str) -> None:

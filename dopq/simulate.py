@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from dopq.errors import DopqError, JobRejected
+from dopq.gpus import GpuPool
 from dopq.jobs import JobState, format_duration, parse_duration
 from dopq.policy import (
     POLICIES,
     ClusterState,
-    GpuPool,
     PolicyConfig,
     QueuedJob,
     RunningJob,
@@ -249,7 +249,7 @@ def simulate(
         state = ClusterState(
             list(queued.values()),
             list(running.values()),
-            pool.free,
+            pool.free(),
             ledger.snapshot(now),
             finished,
             history,
@@ -275,7 +275,7 @@ def simulate(
             wakeup = None
         if check:
             pool.validate()
-            validate_gpus(pool.total, list(running.values()), free=pool.free)
+            validate_gpus(pool.total, list(running.values()), free=pool.free())
     return _summarise(list(records.values()), gpus, cfg, busy, events)
 
 

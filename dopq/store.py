@@ -173,6 +173,7 @@ class Store:
         self._timeout = timeout
         self._write_lock = threading.RLock()
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []  # one per thread that read
         self._writer = self._connect()
         self._version_db: sqlite3.Connection | None = None
         self._version_lock = threading.Lock()
@@ -194,17 +195,12 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = self._connect()
-            self._local_all().append(db)
+            self._readers.append(db)
         return db
-
-    def _local_all(self) -> list[sqlite3.Connection]:
-        if not hasattr(self, "_readers"):
-            self._readers: list[sqlite3.Connection] = []
-        return self._readers
 
     def close(self) -> None:
         with self._write_lock:
-            for db in self._local_all():
+            for db in self._readers:
                 try:
                     db.close()
                 except sqlite3.Error:

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dopq.errors import ConfigError, Conflict
+from dopq.gpus import GpuPool
 from dopq.jobs import JobState, WaitReason
 from dopq.policy import (
     ClusterState,
-    GpuPool,
     PolicyConfig,
     QueuedJob,
     RunningJob,
@@ -226,7 +226,7 @@ def test_gpu_pool_books():
     with pytest.raises(Conflict):
         pool.acquire(2, (1, 2))
     pool.validate()
-    assert pool.free == {2, 3} and pool.release(1) == (0, 1) and pool.free == {0, 1, 2, 3}
+    assert pool.free() == {2, 3} and pool.release(1) == (0, 1) and pool.free() == {0, 1, 2, 3}
     with pytest.raises(AssertionError, match="held by jobs"):
         validate_gpus(frozenset(range(4)), [running(1, "a", (0,))], [(2, (0,))])
     with pytest.raises(AssertionError, match="neither free nor held"):
