@@ -17,7 +17,6 @@ import functools
 import logging
 import signal
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -29,8 +28,8 @@ import serpent
 from Pyro5.serializers import SerializerBase
 
 from dopq import __version__, errors
-from dopq.auth import Principal, RateLimiter, Role, check_username
-from dopq.errors import DopqError, NotAuthenticated, ServerUnavailable
+from dopq.auth import Principal, Role, SignInGuard, SignInLimits, check_username
+from dopq.errors import DopqError, ServerUnavailable
 from dopq.platform import DataPlatform
 from dopq.settings import Settings
 
@@ -144,8 +143,12 @@ class Controller:
     def __init__(self, platform: DataPlatform) -> None:
         self._p = platform
         s = platform.settings
-        self._limiter = RateLimiter(s.users.login_attempts, s.users.login_window)
-        self._limiter_lock = threading.Lock()
+        u = s.users
+        self._guard = SignInGuard(SignInLimits(
+            pair_attempts=u.login_attempts, user_attempts=u.login_user_attempts,
+            window=u.login_window, max_delay=u.login_max_delay,
+            concurrency=u.login_concurrency, busy_wait=u.login_busy_wait,
+        ))
 
     # -- who is calling ---------------------------------------------------------------
     def _token(self) -> str:
@@ -173,20 +176,9 @@ class Controller:
     @api_call
     def login(self, user: str, password: str) -> dict[str, Any]:
         name = check_username(str(user))
-        now = time.time()
-        keys = (f"user:{name}", f"addr:{self._client_addr()}")
-        with self._limiter_lock:
-            for key in keys:
-                self._limiter.check(key, now)
-        try:
-            who = self._p.users.authenticate(name, str(password))
-        except NotAuthenticated:
-            with self._limiter_lock:
-                for key in keys:
-                    self._limiter.fail(key, now)
-            raise
-        with self._limiter_lock:
-            self._limiter.reset(keys[0])
+        who = self._guard.sign_in(
+            name, self._client_addr(), lambda: self._p.users.authenticate(name, str(password))
+        )
         token, expires = self._p.users.issue_token(who.name, self._p.settings.users.token_ttl)
         return {"token": token, "user": who.name, "role": who.role.value, "expires_at": expires}
 

@@ -14,8 +14,10 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -97,10 +99,18 @@ class RateLimiter:
             q.popleft()
         return q
 
-    def check(self, key: str, now: float) -> None:
+    def count(self, key: str, now: float) -> int:
+        """Failures of ``key`` within the window (an idle key is forgotten)."""
         q = self._recent(key, now)
-        if len(q) >= self.attempts:
-            wait = int(q[0] + self.window - now) + 1
+        if not q:
+            self._fails.pop(key, None)
+        return len(q)
+
+    def check(self, key: str, now: float, pending: int = 0) -> None:
+        q = self._recent(key, now)
+        if len(q) + pending >= self.attempts:
+            first = q[0] if q else now
+            wait = int(first + self.window - now) + 1
             raise RateLimited(f"too many failed sign-ins; try again in {wait} s")
 
     def fail(self, key: str, now: float) -> None:
@@ -108,6 +118,126 @@ class RateLimiter:
 
     def reset(self, key: str) -> None:
         self._fails.pop(key, None)
+
+    def sweep(self, now: float) -> None:
+        """Forget keys with no failure left in the window (bounded memory)."""
+        for key in list(self._fails):
+            self.count(key, now)
+
+    def __len__(self) -> int:
+        return len(self._fails)
+
+
+@dataclass(frozen=True)
+class SignInLimits:
+    """How failed sign-ins are counted (``users.login_*`` in the settings)."""
+
+    pair_attempts: int = 5  # failures of one user from one address: that pair locks
+    user_attempts: int = 30  # failures of one user from all addresses: the user locks
+    window: float = 300.0
+    max_delay: float = 2.0  # an address with many failures waits up to this, never locks
+    concurrency: int = 2  # password hashes (scrypt) at once
+    busy_wait: float = 5.0  # how long a sign-in waits for a hashing slot
+
+
+SWEEP_KEYS = 10_000  # sweep the counters when they hold this many keys
+
+
+class SignInGuard:
+    """Sign-in rate limits that cannot be turned against other users.
+
+    Failures are counted three ways, each in a sliding window:
+
+    - per (user, address): ``pair_attempts`` failures lock that user *from
+      that address*. All local users share 127.0.0.1, so a lock per address
+      alone would let one user lock out everyone; per pair, an attacker
+      locks only the name they guess at, from where they guess.
+    - per user, from any address: ``user_attempts`` (higher) failures lock
+      the user everywhere, against guessing spread over many addresses.
+    - per address: no lock; past ``pair_attempts`` failures (under any
+      names) each answer to that address waits longer, doubling up to
+      ``max_delay``. This slows spraying one password over many names
+      without refusing anybody: another user at that address still signs
+      in, at most ``max_delay`` later.
+
+    The trade-off: a user under attack *from their own address* (a local
+    attacker guessing alice's password on 127.0.0.1) is locked from that
+    address for up to ``window``; tokens already issued keep working, and an
+    admin can reset the password (``dopq user passwd``) which is the right
+    response to a guessed-at account anyway.
+
+    A locked attempt is refused before any hashing. Hashing itself runs at
+    most ``concurrency`` at a time; a caller beyond that waits up to
+    ``busy_wait`` seconds, then gets "server busy". Attempts in flight count
+    as pending failures, so parallel guesses cannot overshoot a limit. The
+    bookkeeping lock is held only for counting, never while hashing or
+    waiting.
+    """
+
+    def __init__(
+        self, limits: SignInLimits, *, clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._sleep = sleep
+        self._pairs = RateLimiter(limits.pair_attempts, limits.window)
+        self._users = RateLimiter(limits.user_attempts, limits.window)
+        self._addrs = RateLimiter(2**31, limits.window)  # never locks; sets the delay
+        self._pending: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._hashing = threading.BoundedSemaphore(limits.concurrency)
+
+    def delay_for(self, failures: int) -> float:
+        """Seconds an address with ``failures`` recent failures waits before its answer."""
+        over = failures - self.limits.pair_attempts
+        if over < 0 or self.limits.max_delay <= 0:
+            return 0.0
+        return min(self.limits.max_delay, 0.125 * 2.0 ** min(over, 30))
+
+    def sign_in(self, name: str, addr: str, check: Callable[[], Principal]) -> Principal:
+        """Run ``check`` (which hashes the password) under the limits above."""
+        pair, user = f"{name}@{addr}", name
+        with self._lock:
+            now = self._clock()
+            if len(self._pairs) + len(self._addrs) > SWEEP_KEYS:
+                for limiter in (self._pairs, self._users, self._addrs):
+                    limiter.sweep(now)
+            self._pairs.check(pair, now, self._pending.get(pair, 0))
+            self._users.check(user, now, self._pending.get(user, 0))
+            delay = self.delay_for(self._addrs.count(addr, now))
+            for key in (pair, user):
+                self._pending[key] = self._pending.get(key, 0) + 1
+        ok = False
+        try:
+            if delay:
+                self._sleep(delay)  # only this caller waits; no lock is held
+            if not self._hashing.acquire(timeout=self.limits.busy_wait):
+                raise RateLimited("server busy with other sign-ins; try again in a moment")
+            try:
+                who = check()
+            finally:
+                self._hashing.release()
+            ok = True
+            return who
+        except NotAuthenticated:
+            with self._lock:
+                now = self._clock()
+                for limiter, key in ((self._pairs, pair), (self._users, user),
+                                     (self._addrs, addr)):
+                    limiter.fail(key, now)
+            raise
+        finally:
+            with self._lock:
+                for key in (pair, user):
+                    left = self._pending.get(key, 1) - 1
+                    if left > 0:
+                        self._pending[key] = left
+                    else:
+                        self._pending.pop(key, None)
+                if ok:
+                    self._pairs.reset(pair)
+                    self._users.reset(user)
 
 
 class Users:

@@ -109,8 +109,12 @@ class UserSettings:
     check_owner: bool = True
     logs_visible_to_all: bool = False
     token_ttl: float = 30 * 86400.0
-    login_attempts: int = 5  # failed sign-ins per window before refusal
+    login_attempts: int = 5  # failures of one user from one address before that pair locks
+    login_user_attempts: int = 30  # failures of one user from any address before it locks
     login_window: float = 300.0
+    login_max_delay: float = 2.0  # an address with many failures waits up to this (no lock)
+    login_concurrency: int = 2  # password hashes at once
+    login_busy_wait: float = 5.0  # a sign-in waits this long for a hashing slot
 
 
 @dataclass
@@ -220,13 +224,14 @@ class Settings:
         except JobRejected as exc:
             raise ConfigError("limits.max_time_limit", exc.reason) from None
         for key in ("build.concurrency", "limits.max_entries", "server.max_connections",
-                    "server.max_connections_per_address"):
+                    "server.max_connections_per_address", "users.login_attempts",
+                    "users.login_user_attempts", "users.login_concurrency"):
             if _get(self, key) < 1:
                 raise ConfigError(key, "must be at least 1")
         for key in (
             "intake.poll_interval", "docker.stop_grace", "build.timeout",
             "intake.upload_timeout", "server.idle_timeout",
-            "users.token_ttl", "users.login_window", "gui.poll_interval",
+            "users.token_ttl", "users.login_window", "users.login_busy_wait", "gui.poll_interval",
             "limits.default_cpus",
         ):
             if _get(self, key) <= 0:
