@@ -32,6 +32,7 @@ from conftest import (  # noqa: E402
     add_users,
     cleanup_docker,
     make_config,
+    shared_tls,
     wait_for,
     write_toml,
 )
@@ -161,7 +162,8 @@ class ServerProcess:
 
     def client(self, user: str | None = None, token: str | None = None) -> Client:
         ns = self.settings.nameserver
-        c = Client(ns.host, ns.port, self.settings.server_name, token=token or "")
+        c = Client(ns.host, ns.port, self.settings.server_name, token=token or "",
+                   fingerprint=shared_tls()[2])
         if user is not None:
             c.login(user, PASSWORDS[user], remember=False)
         return c

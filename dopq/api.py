@@ -23,20 +23,19 @@ from typing import Any, TypeVar
 
 import Pyro5.api
 import Pyro5.errors
-import Pyro5.nameserver
-import serpent
 from Pyro5.serializers import SerializerBase
 
-from dopq import __version__, errors
+from dopq import __version__, errors, tls
 from dopq.auth import Principal, Role, SignInGuard, SignInLimits, check_username
 from dopq.errors import DopqError, ServerUnavailable
 from dopq.platform import DataPlatform
 from dopq.settings import Settings
+from dopq.transport import Guard, GuardedDaemon, GuardedNameServerDaemon
 
 log = logging.getLogger("dopq.api")
 
 TOKEN_ANNOTATION = "TOKN"
-MAX_MESSAGE_SIZE = 16 * 2**20
+MAX_REPLY_SIZE = 256 * 2**20  # replies; what a client may send is dopq.transport's to cap
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -63,57 +62,27 @@ register_errors()
 def configure_pyro(settings: Settings) -> None:
     c = Pyro5.api.config
     c.SERVERTYPE = "thread"
-    c.THREADPOOL_SIZE = settings.server.max_connections
+    # DoPQ's daemons take msgpack only: its name-server lookups speak it too.
+    c.SERIALIZER = "msgpack"
+    # Workers: one per connection slot (server.max_connections), and room for
+    # the connections that are being closed to make way for new ones.
+    c.THREADPOOL_SIZE = settings.server.max_connections + 16
     c.THREADPOOL_SIZE_MIN = min(8, settings.server.max_connections)
-    c.MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE  # a bigger call is refused before it is read
-    # A connection that sends nothing (or stops reading a reply) for this long
-    # is closed, so a stalled client cannot keep a worker thread for ever.
+    c.MAX_MESSAGE_SIZE = MAX_REPLY_SIZE
     c.COMMTIMEOUT = settings.server.idle_timeout
     c.DETAILED_TRACEBACK = False
 
 
-class DopqDaemon(Pyro5.api.Daemon):  # type: ignore[misc]
-    """A Pyro5 daemon that caps the connections of one client address."""
-
-    def __init__(self, *args: Any, per_address: int = 128, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._per_address = per_address
-        self._conns: dict[str, int] = {}
-        self._conns_lock = threading.Lock()
-
-    @staticmethod
-    def _addr(conn: Any) -> str:
-        try:
-            return str(conn.sock.getpeername()[0])
-        except (OSError, AttributeError, IndexError):
-            return "?"
-
-    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
-        addr = self._addr(conn)
-        with self._conns_lock:
-            if self._conns.get(addr, 0) >= self._per_address:
-                raise DopqError(f"too many connections from {addr}")
-            self._conns[addr] = self._conns.get(addr, 0) + 1
-        conn.dopq_addr = addr
-        return "dopq"
-
-    def clientDisconnect(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
-        addr = getattr(conn, "dopq_addr", None)
-        if addr is None:
-            return
-        with self._conns_lock:
-            left = self._conns.get(addr, 1) - 1
-            if left <= 0:
-                self._conns.pop(addr, None)
-            else:
-                self._conns[addr] = left
+def guard_for(settings: Settings, context: Any, token_ok: Callable[[str], bool]) -> Guard:
+    s = settings.server
+    return Guard(tls=context, handshake_timeout=s.handshake_timeout,
+                 idle_timeout=s.idle_timeout, per_address=s.max_connections_per_address,
+                 total=s.max_connections, token_ok=token_ok)
 
 
 def to_bytes(data: Any) -> bytes:
     if isinstance(data, bytes | bytearray):
         return bytes(data)
-    if isinstance(data, dict):
-        return bytes(serpent.tobytes(data))
     raise DopqError("upload data must be bytes")
 
 
@@ -389,8 +358,11 @@ def _name_server_answers(settings: Settings) -> bool:
 
 
 def start_embedded_ns(settings: Settings, stop: threading.Event) -> Any:
-    _uri, ns_daemon, _bc = Pyro5.nameserver.start_ns(
-        host=settings.nameserver.host, port=settings.nameserver.port, enableBroadcast=False
+    # Plain TCP: the name server holds nothing secret (clients verify the
+    # server they reach through it), but it is guarded like the API.
+    ns_daemon = GuardedNameServerDaemon(
+        settings.nameserver.host, settings.nameserver.port,
+        guard=guard_for(settings, None, lambda _token: False),
     )
     t = threading.Thread(target=ns_daemon.requestLoop, name="dopq-nameserver", daemon=True)
     t.start()
@@ -410,26 +382,23 @@ class Server:
         self.daemon: Any = None
         self.registrar: Registrar | None = None
         self._loop: threading.Thread | None = None
+        self.fingerprint = ""
 
     def start(self) -> None:
         s = self.settings
-        if s.server.tls_cert:
-            # Pyro5's SSL settings are per process: the embedded name server
-            # and every connection of this process use them.
-            Pyro5.api.config.SSL = True
-            Pyro5.api.config.SSL_SERVERCERT = s.server.tls_cert
-            Pyro5.api.config.SSL_SERVERKEY = s.server.tls_key
-            Pyro5.api.config.SSL_CACERTS = s.server.tls_cert
-        if s.server.host not in ("127.0.0.1", "localhost", "::1") and not s.server.tls_cert:
-            log.warning("binding to %s without TLS: tokens and jobs cross the network in the "
-                        "clear (set server.tls_cert and server.tls_key)", s.server.host)
+        # TLS always, with our own context: Pyro5's SSL settings are per process
+        # and would put the name server (and every client here) on TLS too.
+        cert, key = tls.ensure_certificate(s.server.tls_cert, s.server.tls_key,
+                                           s.state_path, s.server_name)
+        self.fingerprint = tls.file_fingerprint(cert)
+        context = tls.server_context(cert, key)
         embedded = s.nameserver.embedded
         if embedded == "yes" or (embedded == "auto" and not _name_server_answers(s)):
             self.ns_daemon = start_embedded_ns(s, self.stop_event)
         self.platform.start()
-        self.daemon = DopqDaemon(
+        self.daemon = GuardedDaemon(
             host=s.server.host, port=s.server.port,
-            per_address=s.server.max_connections_per_address,
+            guard=guard_for(s, context, self._token_ok),
         )
         uri = self.daemon.register(Controller(self.platform), objectId=s.object_name)
         self.uri = uri
@@ -440,7 +409,15 @@ class Server:
         self.registrar = Registrar(s, uri, self.stop_event)
         self.registrar.start()
         self.registrar.registered.wait(10)
-        log.info("DoPQ %s serving %s as %s", __version__, uri, s.object_name)
+        log.info("DoPQ %s serving %s as %s (TLS, certificate %s)", __version__, uri,
+                 s.object_name, self.fingerprint)
+
+    def _token_ok(self, token: str) -> bool:
+        try:
+            self.platform.users.principal_for(token)
+            return True
+        except DopqError:
+            return False
 
     def wait(self) -> None:
         """Block until a signal or a shutdown call."""
@@ -474,6 +451,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     print(f"dopq: server {settings.object_name} ready at {server.uri}", flush=True)
+    print(f"dopq: certificate fingerprint {server.fingerprint}", flush=True)
     server.wait()
     server.stop()
     print("dopq: server stopped", flush=True)

@@ -44,15 +44,17 @@ def _cell(v: Any) -> str:
         return ",".join(str(x) for x in v) or "-"
     if isinstance(v, float):
         return f"{v:g}"
-    if isinstance(v, str) and len(v) > 60:
-        return v[:57] + "..."
-    return str(v)
+    text = printable(v)
+    if len(text) > 60:
+        return text[:57] + "..."
+    return text
 
 
 def _client(args: argparse.Namespace) -> Any:
     from dopq.client import Client
 
-    return Client(args.ns_host, args.ns_port, args.server, tls_ca=args.tls_ca)
+    return Client(args.ns_host, args.ns_port, args.server,
+                  fingerprint=getattr(args, "fingerprint", None))
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -75,6 +77,15 @@ def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
 def cmd_server(args: argparse.Namespace) -> int:
     from dopq.api import serve
 
+    os.umask(0o077)  # state, logs, keys: the server's alone; shared folders get explicit modes
+    if args.what == "fingerprint":
+        from dopq import tls
+
+        s = _settings(args)
+        cert, _key = tls.ensure_certificate(s.server.tls_cert, s.server.tls_key,
+                                            s.state_path, s.server_name)
+        print(tls.file_fingerprint(cert))
+        return 0
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -173,6 +184,26 @@ def cmd_gui(args: argparse.Namespace) -> int:
 
 
 # -- client side --------------------------------------------------------------------
+def _trust_on_first_use(c: Any) -> None:
+    """Like ssh: show an unknown server's fingerprint and ask before trusting it."""
+    if c.has_pin():
+        return
+    name = c.server_name()
+    if not sys.stdin.isatty():
+        c.pin()  # raises the one-line "not known here" error
+    seen = c.probe_fingerprint()
+    print(f"DoPQ server {name} is not known here. Its certificate fingerprint is\n"
+          f"    {seen}\n"
+          "Compare it with what `dopq server fingerprint` prints on the server host.")
+    try:
+        answer = input("Trust this server and sign in (yes/no)? ").strip().lower()
+    except EOFError:
+        answer = ""
+    if answer not in ("yes", "y"):
+        raise DopqError(f"not signed in: the certificate of {name} was not accepted")
+    c.fingerprint = seen
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     c = _client(args)
     user = args.user or getpass.getuser()
@@ -406,7 +437,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def _simple(method: str, fmt: Callable[[Any], str], *names: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         r = _client(args).call(method, *[getattr(args, n) for n in names])
-        _out(r) if getattr(args, "json", False) else print(fmt(r))
+        _out(r) if getattr(args, "json", False) else print(printable(fmt(r)))
         return 0
 
     return handler
@@ -452,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--ns-host", help="name server host (env DOPQ_NS_HOST)")
     conn.add_argument("--ns-port", type=int, help="name server port (env DOPQ_NS_PORT)")
     conn.add_argument("--server", help="server name (env DOPQ_SERVER)")
-    conn.add_argument("--tls-ca", help="CA file to verify the server's TLS certificate "
-                      "(env DOPQ_TLS_CA)")
+    conn.add_argument("--fingerprint", help="the server's certificate fingerprint, "
+                      "SHA256:... (env DOPQ_FINGERPRINT; default: the one pinned at login)")
     js = argparse.ArgumentParser(add_help=False)
     js.add_argument("--json", action="store_true", help="print JSON only")
     cfg = argparse.ArgumentParser(add_help=False)

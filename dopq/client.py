@@ -1,7 +1,9 @@
 """The client the CLI and the GUI share: finds a server, signs calls, uploads.
 
 One Pyro5 proxy per thread (proxies are not thread-safe). The token travels
-as the ``TOKN`` annotation of every call. Network trouble becomes a one-line
+as the ``TOKN`` annotation of every call, and only to a server that proved,
+in the TLS handshake, that it holds the pinned certificate (``dopq.tls``):
+pins live per server in ``~/.config/dopq/known_servers.json``. Network trouble becomes a one-line
 ``ServerUnavailable``; the next call looks the server up again, so a client
 outlives a restart of the server or of the name server.
 """
@@ -19,11 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import Pyro5.api
+import Pyro5.core
 import Pyro5.errors
+from Pyro5 import protocol, serializers, socketutil
 
 from dopq import api as _api  # noqa: F401 - registers DoPQ's error classes
+from dopq import tls
 from dopq.archive import zip_folder
-from dopq.errors import DopqError, NotFound, ServerUnavailable
+from dopq.errors import (
+    DopqError,
+    LimitExceeded,
+    NotFound,
+    ServerIdentityChanged,
+    ServerUnavailable,
+)
+from dopq.transport import SIGNED_MAX
 
 CHUNK = 1 << 20
 # Calls that change nothing: tried again once when a connection drops.
@@ -34,6 +46,8 @@ IDEMPOTENT = frozenset({
 STALE_AFTER = 5.0  # seconds; the server closes connections idle for server.idle_timeout
 SERIALIZER = "msgpack"
 NS_PREFIX = "dopq."
+# DoPQ's name server, like its API, takes msgpack only (dopq.transport).
+Pyro5.api.config.SERIALIZER = SERIALIZER
 
 
 def config_dir() -> Path:
@@ -45,27 +59,117 @@ def token_file() -> Path:
     return config_dir() / "tokens.json"
 
 
-def load_tokens() -> dict[str, str]:
+def pin_file() -> Path:
+    return config_dir() / "known_servers.json"
+
+
+def _load(path: Path) -> dict[str, str]:
     try:
-        data = json.loads(token_file().read_text())
+        data = json.loads(path.read_text())
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def save_token(server: str, token: str | None) -> None:
-    tokens = load_tokens()
-    if token is None:
-        tokens.pop(server, None)
+def _store(path: Path, key: str, value: str | None) -> None:
+    data = _load(path)
+    if value is None:
+        data.pop(key, None)
     else:
-        tokens[server] = token
-    path = token_file()
+        data[key] = value
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(tokens, fh)
-    os.chmod(path.with_suffix(".tmp"), 0o600)
-    os.replace(path.with_suffix(".tmp"), path)
+        json.dump(data, fh)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_tokens() -> dict[str, str]:
+    return _load(token_file())
+
+
+def save_token(server: str, token: str | None) -> None:
+    _store(token_file(), server, token)
+
+
+def load_pins() -> dict[str, str]:
+    """Server name -> the SHA-256 fingerprint of the certificate it must present."""
+    return _load(pin_file())
+
+
+def save_pin(server: str, fingerprint: str | None) -> None:
+    _store(pin_file(), server, fingerprint)
+
+
+def _approx_size(value: Any, depth: int = 0) -> int:
+    """Bytes a call's arguments take at least (strings and bytes, a few levels deep)."""
+    if isinstance(value, str | bytes | bytearray):
+        return len(value)
+    if depth > 4:
+        return 0
+    if isinstance(value, dict):
+        return sum(_approx_size(k, depth + 1) + _approx_size(v, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_approx_size(v, depth + 1) for v in value)
+    return 8
+
+
+class PinnedProxy(Pyro5.api.Proxy):  # type: ignore[misc]
+    """A Pyro5 proxy that connects only over TLS to the holder of a pinned certificate.
+
+    Pyro5 sends the call context's annotations (the token) with its CONNECT
+    message, so the certificate is checked in the TLS handshake, before that.
+    """
+
+    def __init__(self, uri: str, pin: str, server: str) -> None:
+        super().__init__(uri)
+        object.__setattr__(self, "_dopq_pin", pin)
+        object.__setattr__(self, "_dopq_server", server)
+
+    def _Proxy__pyroCreateConnection(  # noqa: N802 - replaces Pyro5's private method
+        self, replaceUri: bool = False, connected_socket: Any = None  # noqa: N803
+    ) -> bool:
+        me: Any = self  # Pyro5's proxy attributes are not typed
+        me._Proxy__check_owner()
+        if me._pyroConnection is not None:
+            return False
+        uri = Pyro5.core.resolve(me._pyroUri)
+        timeout = self._pyroTimeout or 30.0
+        try:
+            sock = tls.connect_pinned(uri.host, uri.port, self._dopq_pin, timeout,
+                                      server=self._dopq_server)
+        except ServerIdentityChanged:
+            raise
+        except ServerUnavailable as exc:  # the caller looks the server up again
+            raise Pyro5.errors.CommunicationError(str(exc)) from None
+        conn = socketutil.SocketConnection(sock, uri.object)
+        try:
+            serializer = serializers.serializers[SERIALIZER]
+            data = serializer.dumps({"handshake": self._pyroHandshake, "object": uri.object})
+            hello = protocol.SendingMessage(
+                protocol.MSG_CONNECT, 0, self._pyroSeq, serializer.serializer_id, data,
+                annotations=Pyro5.api.current_context.annotations)
+            conn.send(hello.data)
+            reply = protocol.recv_stub(conn, [protocol.MSG_CONNECTOK, protocol.MSG_CONNECTFAIL])
+            answer = serializers.serializers_by_id[reply.serializer_id].loads(reply.data)
+        except Exception as exc:
+            conn.close()
+            if isinstance(exc, Pyro5.errors.CommunicationError):
+                raise
+            raise Pyro5.errors.CommunicationError(f"cannot connect: {exc}") from None
+        if reply.type != protocol.MSG_CONNECTOK:
+            conn.close()
+            raise Pyro5.errors.CommunicationError(f"connection rejected: {answer}")
+        self._Proxy__processMetadata(answer["meta"])
+        self._pyroConnection = conn
+        self._pyroLocalSocket = sock.getsockname()
+        if replaceUri:
+            self._pyroUri = uri
+        self._pyroValidateHandshake(answer["handshake"])
+        return True
 
 
 class Client:
@@ -78,18 +182,13 @@ class Client:
         server: str | None = None,
         token: str | None = None,
         timeout: float = 30.0,
-        tls_ca: str | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.ns_host = ns_host or os.environ.get("DOPQ_NS_HOST") or "127.0.0.1"
         self.ns_port = int(ns_port or os.environ.get("DOPQ_NS_PORT") or 9090)
         self.server = server or os.environ.get("DOPQ_SERVER") or None
-        tls_ca = tls_ca or os.environ.get("DOPQ_TLS_CA") or None
-        if tls_ca:
-            if not Path(tls_ca).is_file():
-                raise DopqError(f"TLS CA file not found: {tls_ca}")
-            # Pyro5 keeps SSL settings per process.
-            Pyro5.api.config.SSL = True
-            Pyro5.api.config.SSL_CACERTS = tls_ca
+        fingerprint = fingerprint or os.environ.get("DOPQ_FINGERPRINT") or None
+        self.fingerprint = tls.parse_fingerprint(fingerprint) if fingerprint else None
         self._token = token
         self.timeout = timeout
         self._local = threading.local()
@@ -142,6 +241,27 @@ class Client:
                 self._uri = found[name]
             return self._uri
 
+    def pin(self) -> str:
+        """The fingerprint this server must present: given, or pinned at sign-in."""
+        if self.fingerprint:
+            return self.fingerprint
+        name = self.server_name()
+        pinned = load_pins().get(name)
+        if not pinned:
+            raise DopqError(
+                f"server {name} is not known here: run `dopq login` on a terminal to check "
+                "its certificate, or pass --fingerprint SHA256:... (env DOPQ_FINGERPRINT; "
+                "`dopq server fingerprint` prints it on the server host)")
+        return pinned
+
+    def has_pin(self) -> bool:
+        return bool(self.fingerprint) or self.server_name() in load_pins()
+
+    def probe_fingerprint(self) -> str:
+        """The fingerprint of the certificate the registered server presents (not trusted)."""
+        uri = Pyro5.core.URI(self._lookup())
+        return tls.fingerprint(tls.probe_certificate(uri.host, uri.port, min(self.timeout, 10)))
+
     @property
     def token(self) -> str:
         if self._token is not None:
@@ -162,7 +282,7 @@ class Client:
         proxy = getattr(self._local, "proxy", None)
         uri = self._lookup()
         if proxy is None or str(proxy._pyroUri) != uri:
-            proxy = Pyro5.api.Proxy(uri)
+            proxy = PinnedProxy(uri, self.pin(), self.server_name())
             proxy._pyroTimeout = self.timeout
             # msgpack: ~30x faster than serpent for big listings, bytes native.
             proxy._pyroSerializer = SERIALIZER
@@ -193,6 +313,10 @@ class Client:
         ones), and a failure is reported, not retried.
         """
         safe = method in IDEMPOTENT
+        size = _approx_size(args) + _approx_size(kwargs)
+        if size > SIGNED_MAX - 4096:
+            raise LimitExceeded(f"the call {method} is too large ({size} bytes; "
+                                f"the server takes at most {SIGNED_MAX - 4096})")
         for attempt in (1, 2):
             token = self.token
             sent = False
@@ -229,6 +353,7 @@ class Client:
         self._token = result["token"]
         if remember:
             save_token(self.server_name(), result["token"])
+            save_pin(self.server_name(), self.pin())
         return result
 
     def logout(self) -> None:

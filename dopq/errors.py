@@ -13,6 +13,7 @@
     │   └── RateLimited         too many failed sign-ins
     ├── EngineUnavailable       the Docker engine does not answer
     └── ServerUnavailable       the client cannot reach a DoPQ server
+        └── ServerIdentityChanged   the server's TLS certificate is not the pinned one
 
 Every message is one line that a user can act on. The classes are registered
 with Pyro5 (see ``dopq.api``) so that clients receive the same class.
@@ -94,6 +95,10 @@ class ServerUnavailable(DopqError):
     """The client cannot reach the DoPQ server or the name server."""
 
 
+class ServerIdentityChanged(ServerUnavailable):
+    """The server presents a certificate other than the pinned one: nothing was sent."""
+
+
 ALL_ERRORS: tuple[type[DopqError], ...] = (
     DopqError,
     ConfigError,
@@ -108,4 +113,5 @@ ALL_ERRORS: tuple[type[DopqError], ...] = (
     RateLimited,
     EngineUnavailable,
     ServerUnavailable,
+    ServerIdentityChanged,
 )

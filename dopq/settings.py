@@ -37,6 +37,7 @@ class ServerSettings:
     max_connections: int = 256  # worker threads of the API
     max_connections_per_address: int = 128
     idle_timeout: float = 10.0  # an API connection silent this long is closed
+    handshake_timeout: float = 2.0  # TLS and Pyro's CONNECT must be done within this
 
 
 @dataclass
@@ -230,7 +231,7 @@ class Settings:
                 raise ConfigError(key, "must be at least 1")
         for key in (
             "intake.poll_interval", "docker.stop_grace", "build.timeout",
-            "intake.upload_timeout", "server.idle_timeout",
+            "intake.upload_timeout", "server.idle_timeout", "server.handshake_timeout",
             "users.token_ttl", "users.login_window", "users.login_busy_wait", "gui.poll_interval",
             "limits.default_cpus",
         ):

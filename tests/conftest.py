@@ -7,10 +7,14 @@ see each other's containers. Every fixture removes what it created.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -77,11 +81,34 @@ def cleanup_docker(prefix: str) -> None:
                 pass
 
 
+@functools.cache
+def shared_tls() -> tuple[str, str, str]:
+    """One certificate, key and fingerprint for the test servers of this process.
+
+    Servers made by ``make_config`` present it and the autouse fixture below
+    pins it (``DOPQ_FINGERPRINT``), so every client of the suite verifies
+    the server it talks to. Tests of TLS itself make servers with their own.
+    """
+    from dopq import tls
+
+    folder = Path(tempfile.mkdtemp(prefix="dopq-test-tls-"))
+    atexit.register(shutil.rmtree, folder, True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    tls.make_self_signed(cert, key, "tests")
+    return str(cert), str(key), tls.file_fingerprint(cert)
+
+
+@pytest.fixture(autouse=True)
+def _pin_test_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOPQ_FINGERPRINT", shared_tls()[2])
+
+
 def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
     prefix = "dopqt" + uuid.uuid4().hex[:8]
+    cert, key, _fp = shared_tls()
     cfg: dict[str, Any] = {
         "state_dir": str(tmp / "state"),
-        "server": {"name": prefix, "host": "127.0.0.1"},
+        "server": {"name": prefix, "host": "127.0.0.1", "tls_cert": cert, "tls_key": key},
         "nameserver": {"host": "127.0.0.1", "port": free_port(), "embedded": "yes"},
         "gpus": {"backend": "virtual", "virtual_count": 2},
         "docker": {"name_prefix": prefix, "stop_grace": 2.0},
@@ -89,6 +116,7 @@ def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
         "limits": {"default_memory": "256m", "max_unpacked": "16m", "max_entries": 20,
                    "default_cpus": 1.0},
         "users": {"uid_map": {"alice": os.getuid(), "bob": os.getuid()}},
+        "build": {"network": False},  # builds here install nothing
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -129,6 +157,7 @@ class Running:
         add_users(self.settings.db_path)
         self.server = Server(self.settings)
         self.server.start()
+        self.fingerprint: str = self.server.fingerprint  # what clients pin
         self.clients: dict[str, Any] = {}
         self.stopped = False
 
