@@ -34,6 +34,7 @@ from dopq.errors import (
     NotFound,
 )
 from dopq.jobs import FINAL_STATES, JobState
+from dopq.limits import QueueSlots, submission_slots
 from dopq.provider import job_dir, start_process
 from dopq.queue import PriorityQueueThread
 from dopq.runtime import ContainerRuntime, cpu_percent
@@ -99,6 +100,7 @@ class Upload:
     received: int = 0
     last: float = field(default_factory=time.time)
     by: str = ""
+    slots: int = 1  # queue slots reserved (an array: one per element)
 
 
 class DataPlatform:
@@ -122,6 +124,7 @@ class DataPlatform:
         self.started_at = time.time()
         self._uploads: dict[str, Upload] = {}
         self._uploads_lock = threading.Lock()
+        self.slots = QueueSlots(self.store, settings.policy.max_queued_per_user)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._provider: Any = None
@@ -355,8 +358,8 @@ class DataPlatform:
         allowed = self.settings.users.allowed
         if allowed and user not in allowed:
             raise Forbidden(f"user {user} is not allowed to submit on this server")
-        self._check_queue_limit(user)
         self._check_overrides(overrides)
+        wanted = submission_slots(overrides)  # every option checked before anything is kept
         gpus = overrides.get("gpus")
         if isinstance(gpus, int) and gpus > len(self.gpu_info):
             raise LimitExceeded(f"asks for {gpus} GPUs, this server has {len(self.gpu_info)}")
@@ -364,10 +367,16 @@ class DataPlatform:
         if isinstance(prio, int) and prio > 0 and not who.is_admin:
             raise Forbidden("only an admin may submit with a priority above 0")
         uid = uuid.uuid4().hex
+        self.slots.reserve(uid, user, wanted)  # the queue limit, uploads in flight counted
         path = self.settings.state_path / "uploads" / f"{uid}.part"
-        path.touch(mode=0o600)
+        try:
+            path.touch(mode=0o600)
+        except OSError as exc:
+            self.slots.release(uid)
+            raise DopqError(f"cannot store upload: {exc.strerror}") from None
         with self._uploads_lock:
-            self._uploads[uid] = Upload(uid, user, size, dict(overrides), path, by=who.name)
+            self._uploads[uid] = Upload(uid, user, size, dict(overrides), path, by=who.name,
+                                        slots=wanted)
         return uid
 
     def _check_overrides(self, overrides: dict[str, Any]) -> None:
@@ -378,17 +387,6 @@ class DataPlatform:
         for key in overrides:
             if key not in allowed:
                 raise DopqError(f"unknown submit option {key!r}")
-
-    def _check_queue_limit(self, user: str) -> None:
-        cap = self.settings.policy.max_queued_per_user
-        if not cap:
-            return
-        rows = self.store.read(
-            "SELECT COUNT(*) AS n FROM jobs WHERE user = ? AND state IN"
-            " ('received','building','queued')", (user,)
-        )
-        if rows[0]["n"] >= cap:
-            raise LimitExceeded(f"{user} already has {rows[0]['n']} jobs waiting (limit {cap})")
 
     def _upload(self, who: Principal, upload_id: str) -> Upload:
         up = self._uploads.get(str(upload_id))
@@ -418,6 +416,7 @@ class DataPlatform:
 
     def _discard_upload(self, up: Upload) -> None:
         self._uploads.pop(up.id, None)
+        self.slots.release(up.id)
         up.path.unlink(missing_ok=True)
 
     def abort_upload(self, who: Principal, upload_id: str) -> None:
@@ -432,10 +431,14 @@ class DataPlatform:
             self._uploads.pop(up.id, None)
         target = self.settings.state_path / "incoming" / f"api-{up.id}.zip"
         name = str(up.overrides.get("name") or "job")[:128]
-        job_id = self.store.add_job(
-            name=name, user=up.user, origin="api", source=str(target), overrides=up.overrides,
-            submitted_by=up.by or up.user,
-        )
+        try:  # the limit again, in the transaction that creates the job
+            job_id = self.slots.add_job(up.id, dict(
+                name=name, user=up.user, origin="api", source=str(target), overrides=up.overrides,
+                submitted_by=up.by or up.user,
+            ), up.slots)
+        except DopqError:
+            up.path.unlink(missing_ok=True)
+            raise
         os.replace(up.path, target)
         self._send(("job", job_id))
         self._wrote(who)

@@ -31,8 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from dopq import archive as archive_mod
+from dopq import limits as limits_mod
 from dopq import spec as spec_mod
-from dopq.errors import BuildFailed, Conflict, DopqError, EngineUnavailable, JobRejected
+from dopq.errors import (
+    BuildFailed,
+    Conflict,
+    DopqError,
+    EngineUnavailable,
+    JobRejected,
+    LimitExceeded,
+)
 from dopq.jobs import JobSpec, JobState
 from dopq.runtime import (
     LABEL_CONTEXT,
@@ -43,6 +51,7 @@ from dopq.runtime import (
 )
 from dopq.settings import Settings
 from dopq.store import Store
+from dopq.text import safe_name
 
 log = logging.getLogger("dopq.provider")
 
@@ -142,7 +151,15 @@ class InboxWatcher:
 
     def adopt(self, target: Path, user: str, uid: int, name: str) -> int | None:
         """Create the job of an archive in ``incoming/`` (or its refusal)."""
+        name = safe_name(name)  # from a file name: no control characters reach a terminal
         reason = self._owner_problem(user, uid)
+        if reason is None:
+            try:  # the per-user queue limit, counted in the transaction that inserts
+                return limits_mod.add_job_within(
+                    self.store, self.settings.policy.max_queued_per_user,
+                    dict(name=name, user=user, origin="inbox", source=str(target)))
+            except LimitExceeded as exc:
+                reason = str(exc)
         if reason is not None:
             job_id = self.store.add_job(
                 name=name, user=user, origin="inbox", source=None,
@@ -151,8 +168,7 @@ class InboxWatcher:
             rejected = self.settings.state_path / "rejected"
             rejected.mkdir(parents=True, exist_ok=True)
             os.replace(target, rejected / f"{job_id}.zip")
-            return None
-        return self.store.add_job(name=name, user=user, origin="inbox", source=str(target))
+        return None
 
     def _owner_problem(self, user: str, uid: int) -> str | None:
         allowed = self.settings.users.allowed
@@ -360,6 +376,8 @@ class Provider:
             self._enqueue(job, spec, image, context_hash)
         except Conflict:
             log.info("job %s was cancelled during its build", job_id)
+        except LimitExceeded as exc:  # an array with more elements than free queue slots
+            self._fail(job_id, str(exc))
         self._cleanup(job_id)
         self._drop_source(job)
 
@@ -448,6 +466,8 @@ class Provider:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job["id"],)).fetchone()
             if row is None or row["state"] != JobState.BUILDING.value:
                 return
+            limits_mod.check_room(db, job["user"], self.settings.policy.max_queued_per_user,
+                                  len(spec.array), exclude=job["id"])
             self.store._update(db, job["id"], {**fields, "state": JobState.QUEUED,
                                               "array_index": first, "array_parent": job["id"]})
             db.execute(

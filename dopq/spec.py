@@ -21,6 +21,7 @@ from typing import Any
 
 from dopq.errors import JobRejected
 from dopq.jobs import JobSpec, parse_duration, parse_size
+from dopq.text import check_display_text
 
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -110,6 +111,20 @@ def parse_spec(
     if "env" in raw:
         spec.env.update(_env(raw["env"], "env"))
 
+    _apply_overrides(spec, overrides)
+    return spec
+
+
+def check_overrides(overrides: Mapping[str, Any] | None) -> JobSpec:
+    """Validate submit options alone, before anything is stored (an upload's
+    options arrive with its first call); returns them applied to a blank spec,
+    so that e.g. ``len(spec.array)`` is known."""
+    spec = JobSpec(name="job", user="nobody")
+    _apply_overrides(spec, overrides)
+    return spec
+
+
+def _apply_overrides(spec: JobSpec, overrides: Mapping[str, Any] | None) -> None:
     if overrides is not None and not isinstance(overrides, Mapping):
         raise JobRejected(f"overrides: expected a mapping, got {_kind(overrides)}")
     for flag, value in (overrides or {}).items():
@@ -117,7 +132,6 @@ def parse_spec(
             raise JobRejected(f"unknown override {_show(flag)}")
         if value is not None:
             _OVERRIDES[_OVERRIDE_KEYS[flag]](spec, value, f"--{flag.replace('_', '-')}")
-    return spec
 
 
 # --- users -------------------------------------------------------------------
@@ -159,7 +173,8 @@ def _user_name(value: Any, what: str) -> str:
 def _name(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise JobRejected(f"{what}: expected a string, got {_kind(value)}")
-    name = value.strip()
+    # Control and format characters first, named: other users see the name.
+    name = check_display_text(value, what).strip()
     if len(name) < 3:
         raise JobRejected(f"{what}: must have at least 3 characters")
     if len(name) > MAX_NAME_CHARS:

@@ -15,6 +15,7 @@ from typing import Any
 from PySide6.QtCore import Qt
 
 from dopq.jobs import format_duration
+from dopq.text import printable
 
 Row = dict[str, Any]
 LEFT = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter
@@ -104,10 +105,12 @@ class Column:
     searchable: bool = True  # False for values that tick (times, usage)
 
     def display(self, row: Row) -> str:
+        """The cell's text; stored control characters (a job name with ESC or a
+        bidi override) are shown as escapes, so they cannot reorder or hide text."""
         if self.text is not None:
-            return self.text(row)
+            return printable(self.text(row))
         v = self.value(row)
-        return "-" if v is None else str(v)
+        return "-" if v is None else printable(v)
 
 
 def field(name: str) -> Callable[[Row], Any]:

@@ -37,6 +37,7 @@ from dopq.gui.models import QueuedModel
 from dopq.gui.viewthread import ClientLike, Runner, one_line
 from dopq.gui.widgets import TablePanel
 from dopq.jobs import format_duration
+from dopq.text import printable
 
 FINAL = ("succeeded", "failed", "cancelled")
 ALL_USERS = "(all users)"
@@ -104,6 +105,7 @@ class JobDialog(QDialog):
         form = QFormLayout(form_host)
         for key, title in self.FIELDS:
             label = QLabel("-")
+            label.setTextFormat(Qt.TextFormat.PlainText)  # a job name is no HTML
             label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             label.setWordWrap(True)
             form.addRow(title, label)
@@ -164,11 +166,11 @@ class JobDialog(QDialog):
         if self._closed:
             return
         self._state = str(job.get("state") or "")
-        self.setWindowTitle(f"Job {self.job_id}: {job.get('name', '')} ({self._state})")
+        self.setWindowTitle(printable(f"Job {self.job_id}: {job.get('name', '')} ({self._state})"))
         for key, label in self.values.items():
             label.setText(self._text(key, job.get(key)))
         self.events.setPlainText("\n".join(
-            f"{fmt_time(e.get('at'))}  {e.get('state', '')}  {e.get('detail') or ''}"
+            printable(f"{fmt_time(e.get('at'))}  {e.get('state', '')}  {e.get('detail') or ''}")
             for e in job.get("events") or ()))
 
     @staticmethod
@@ -181,7 +183,7 @@ class JobDialog(QDialog):
             return format_duration(value)
         if isinstance(value, list | dict):
             return json.dumps(value)
-        return str(value)
+        return printable(value)
 
     def _got_log(self, kind: str, result: dict[str, Any]) -> None:
         self._busy.discard(kind)

@@ -26,6 +26,7 @@ from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slo
 from dopq.client import SnapshotFollower
 from dopq.errors import DopqError, NotAuthenticated
 from dopq.gui.compat import emit
+from dopq.text import printable
 
 VIEWS = ("running", "queued", "finished", "users", "system")
 HISTORY_LIMIT = 1000
@@ -41,7 +42,7 @@ class ClientLike(Protocol):
 def one_line(exc: BaseException) -> str:
     """A short message for the status bar or a message box."""
     text = str(exc) if isinstance(exc, DopqError) else f"{type(exc).__name__}: {exc}"
-    text = (text.strip().splitlines() or [type(exc).__name__])[0]
+    text = printable((text.strip().splitlines() or [type(exc).__name__])[0])
     return text if len(text) <= 300 else text[:297] + "..."
 
 
