@@ -18,6 +18,7 @@ from typing import Any
 from dopq import __version__
 from dopq.errors import DopqError
 from dopq.jobs import format_duration
+from dopq.text import printable
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -38,10 +39,12 @@ def _table(rows: list[dict[str, Any]], cols: Sequence[tuple[str, str]]) -> None:
 
 
 def _cell(v: Any) -> str:
+    """A table cell; control characters of stored text (another user's job name)
+    are written out as escapes, never sent to the terminal."""
     if v is None:
         return "-"
     if isinstance(v, list):
-        return ",".join(str(x) for x in v) or "-"
+        return printable(",".join(str(x) for x in v)) or "-"
     if isinstance(v, float):
         return f"{v:g}"
     text = printable(v)
@@ -331,7 +334,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{key:>13}: {_cell(job.get(key))}")
     print("       events:")
     for e in job.get("events", []):
-        print(f"  {e['at']}  {e['state']:<10} {e['detail']}")
+        print(printable(f"  {e['at']}  {e['state']:<10} {e['detail']}"))
     return 0
 
 
@@ -366,7 +369,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     else:
         extra = f", exit code {job['exit_code']}" if job["exit_code"] is not None else ""
         err = f": {job['error']}" if job.get("error") else ""
-        print(f"job {job['id']} {job['state']}{extra}{err}")
+        print(printable(f"job {job['id']} {job['state']}{extra}{err}"))
     return 0 if job["state"] == "succeeded" else 1
 
 
@@ -375,8 +378,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _out(s)
         return 0
-    print(f"server {s['name']} (DoPQ {s['version']}), up {format_duration(s['uptime_s'])}"
-          f" since {s['started_at']}")
+    print(printable(f"server {s['name']} (DoPQ {s['version']}), up "
+                    f"{format_duration(s['uptime_s'])} since {s['started_at']}"))
     print(f"queue: {s['queue_state']}   provider: {s['provider_state']}   "
           f"engine: {s['engine_state']}   policy: {s['policy']}   "
           f"GPUs: {s['gpu_backend']} ({s['gpu_mode']})")
@@ -594,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except DopqError as exc:
-        print(f"dopq: error: {exc}", file=sys.stderr)
+        print(f"dopq: error: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
