@@ -210,6 +210,11 @@ class Controller:
         return self._p.user_stats(self._who())
 
     @api_call
+    def images(self) -> dict[str, Any]:
+        """The allowed base images and the caller's own job images (``dopq images``)."""
+        return self._p.images(self._who())
+
+    @api_call
     def priority(self, job_id: int | None = None) -> list[dict[str, Any]]:
         self._who()
         return self._p.priorities(None if job_id is None else int(job_id))

@@ -406,6 +406,21 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    r = _client(args).call("images")
+    if args.json:
+        _out(r)
+        return 0
+    print("A build may start from (FROM, COPY --from, RUN --mount from):")
+    for base in r["allowed_bases"] or ["(no base images: ask an admin)"]:
+        print(f"  {printable(base)}")
+    print("  scratch, the stages of its own Dockerfile, and your own job images:")
+    _table([{**o, "image": o["image"][:19], "present": "yes" if o["present"] else "no"}
+            for o in r["own"]],
+           [("image", "IMAGE"), ("job", "LAST JOB"), ("jobs", "JOBS"), ("present", "ON ENGINE")])
+    return 0
+
+
 def cmd_priority(args: argparse.Namespace) -> int:
     rows = _client(args).call("priority", args.id)
     if args.json:
@@ -559,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float)
     add("status", cmd_status, "server, queue, provider, engine and GPUs")
     add("users", cmd_users, "per-user statistics and fair share")
+    add("images", cmd_images, "the base images a build may use, and your own job images")
     sp = add("priority", cmd_priority, "priority factors of queued jobs")
     sp.add_argument("id", type=int, nargs="?")
     sp = add("edit", cmd_edit, "change queued jobs (one atomic batch)")

@@ -73,7 +73,7 @@ def job_view(row: JobRow, now: float) -> dict[str, Any]:
         "submitted_at": iso(row["submitted_at"]),
         "started_at": iso(started),
         "finished_at": iso(finished),
-        "image": row["image"],
+        "image": None,  # image ids only in ``job`` for the owner and admins: an id reads the code
         "container": row["container"],
         "time_limit": row["time_limit"],
         "priority": row["priority"],
@@ -460,7 +460,25 @@ class DataPlatform:
         ]
         # The spec holds the job's environment: only its owner and admins see it.
         view["spec"] = row["spec"] if (row["user"] == who.name or who.is_admin) else None
+        view["image"] = row["image"] if (row["user"] == who.name or who.is_admin) else None
         return view
+
+    def images(self, who: Principal) -> dict[str, Any]:
+        """What ``who`` may build from: the allowed bases and their own job images."""
+        rows = self.store.read(
+            "SELECT image, MAX(id) AS job, COUNT(*) AS jobs FROM jobs WHERE user = ?"
+            " AND image IS NOT NULL GROUP BY image ORDER BY job DESC LIMIT 100", (who.name,))
+        own = []
+        for r in rows:
+            try:
+                present = self.runtime.image_exists(r["image"])
+            except DopqError:
+                present = None
+            own.append({"image": r["image"], "job": r["job"], "jobs": r["jobs"],
+                        "present": present})
+        return {"allowed_bases": list(self.settings.images.allowed_bases), "own": own,
+                "build_network": self.settings.build.network,
+                "build_time_limit": self.settings.build.time_limit}
 
     def _views_key(self) -> Any:
         return (self.store.data_version(), id(self.queue), self.queue.decision_seq,

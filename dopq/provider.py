@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from dopq import archive as archive_mod
+from dopq import dockerfile as dockerfile_mod
+from dopq import images as images_mod
 from dopq import limits as limits_mod
 from dopq import spec as spec_mod
+from dopq.builds import BuildLimits
 from dopq.errors import (
     BuildFailed,
     Conflict,
@@ -41,6 +44,7 @@ from dopq.errors import (
     JobRejected,
     LimitExceeded,
 )
+from dopq.images import cache_tag, job_tag
 from dopq.jobs import JobSpec, JobState
 from dopq.runtime import (
     LABEL_CONTEXT,
@@ -60,10 +64,6 @@ INCOMING = "incoming"  # archives owned by a job (or about to be)
 
 def job_dir(settings: Settings, job_id: int) -> Path:
     return settings.state_path / "jobs" / str(job_id)
-
-
-def cache_tag(owner: str, context_hash: str) -> str:
-    return f"dopq-cache/{owner}:{context_hash[:40]}"
 
 
 def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int) -> None:
@@ -372,12 +372,15 @@ class Provider:
             self._fail(job_id, str(exc))
             self._drop_source(job)
             return
+        tag = job_tag(self.store.owner_id(), spec.user, spec.name, job_id)
         try:
             self._enqueue(job, spec, image, context_hash)
         except Conflict:
             log.info("job %s was cancelled during its build", job_id)
+            self.runtime.untag(tag)
         except LimitExceeded as exc:  # an array with more elements than free queue slots
             self._fail(job_id, str(exc))
+            self.runtime.untag(tag)
         self._cleanup(job_id)
         self._drop_source(job)
 
@@ -405,12 +408,17 @@ class Provider:
         check_spec_limits(spec, self.settings, self.total_gpus)
         if spec.priority > 0 and not self._is_admin(job.get("submitted_by") or job["user"]):
             raise JobRejected("only an admin may submit with a priority above 0")
-        tag = spec_mod.normalise_tag(spec.user, spec.name, job["id"])
+        tag = job_tag(self.store.owner_id(), spec.user, spec.name, job["id"])
         self.store.update_job(job["id"], name=spec.name)
+        cap = [self.settings.bytes_of("docker.log_max_bytes")]  # a build's log is capped too
         with build_log.open("w", encoding="utf-8") as fh:
 
             def on_log(text: str) -> None:
-                fh.write(text)
+                if cap[0] <= 0:
+                    return
+                data = text[:cap[0]]
+                cap[0] -= len(data)
+                fh.write(data if cap[0] > 0 else data + "\n[dopq: build log truncated]\n")
                 fh.flush()
 
             if not spec.build_flag:
@@ -420,6 +428,7 @@ class Provider:
                 return spec, self.runtime.load(ctx.image_tar, tag, on_log), None
             if ctx.dockerfile is None:
                 raise JobRejected("no Dockerfile at the top of the archive")
+            self._check_bases(ctx.dockerfile, spec.user)
             chash = archive_mod.context_hash(root)
             known = self.store.image_for(chash)
             if known and self.runtime.image_exists(known):
@@ -434,11 +443,37 @@ class Provider:
                 LABEL_CONTEXT: chash,
                 LABEL_OWNER: self.store.owner_id(),
             }
-            image = self.runtime.build(root, tag, labels, on_log, self.settings.build.timeout)
+            image = self.runtime.build(root, tag, labels, on_log, self._build_limits(spec))
             # A cache tag keeps the image after the job's own tag is removed.
             self.runtime.tag(image, cache_tag(self.store.owner_id(), chash))
             self.store.remember_image(chash, image, time.time())
             return spec, image, chash
+
+    def _check_bases(self, dockerfile: Path, user: str) -> None:
+        """Refuse a Dockerfile that reads any image but the allowed bases and the
+        user's own job images (``dopq.images.check_references``)."""
+        if dockerfile.stat().st_size > 1 << 20:
+            raise JobRejected("Dockerfile is larger than 1 MiB")
+        try:
+            text = dockerfile.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise JobRejected("Dockerfile is not UTF-8 text") from None
+        refs = dockerfile_mod.references(text)
+        own = {r["image"] for r in self.store.read(
+            "SELECT DISTINCT image FROM jobs WHERE user = ? AND image IS NOT NULL", (user,))}
+        images_mod.check_references(refs, self.settings.images.allowed_bases, own,
+                                    self.runtime.inspect_image)
+
+    def _build_limits(self, spec: JobSpec) -> BuildLimits:
+        """A build runs under its job's memory and CPUs and the pids limit."""
+        s = self.settings
+        return BuildLimits(
+            memory=spec.memory or s.bytes_of("limits.default_memory"),
+            cpus=spec.cpus or s.limits.default_cpus,
+            pids=s.docker.pids_limit,
+            time_limit=s.build_time_limit(),
+            network=s.build.network,
+        )
 
     def _is_admin(self, user: str) -> bool:
         rows = self.store.read("SELECT role FROM users WHERE name = ?", (user,))

@@ -23,8 +23,8 @@ from typing import Any
 from dopq import policy as policy_mod
 from dopq.errors import Conflict, DopqError, EngineUnavailable
 from dopq.gpus import GpuPool
+from dopq.images import cache_tag, job_tag, owner_tag_pattern
 from dopq.jobs import ACTIVE_STATES, JobState
-from dopq.provider import cache_tag
 from dopq.runtime import (
     LABEL_INSTANCE,
     LABEL_JOB,
@@ -34,7 +34,6 @@ from dopq.runtime import (
     ContainerSpec,
 )
 from dopq.settings import Settings
-from dopq.spec import normalise_tag
 from dopq.store import JobRow, Store
 from dopq.usage import UsageLedger
 
@@ -244,7 +243,7 @@ class PriorityQueueThread(threading.Thread):
                 continue
             if c.created:
                 # Cut off between create and start (a crash): start afresh.
-                self.runtime.remove(c.id)
+                self.runtime.remove(c.id, owner=self.owner)
                 self._requeue(row, "container was created but never started")
                 continue
             if row["id"] not in self._running:
@@ -330,7 +329,7 @@ class PriorityQueueThread(threading.Thread):
         elif exit_code in SIGNAL_EXITS and self._in_outage(finished_at):
             if self.settings.docker.requeue_on_engine_restart:
                 self._requeue(row, f"requeued: Docker engine restart (exit code {exit_code})")
-                self._workers.submit(self.runtime.remove, row["container"] or "")
+                self._workers.submit(self._remove, row["container"] or "")
                 return
             state, error = (JobState.FAILED,
                             f"killed by a Docker engine restart (exit code {exit_code})")
@@ -366,7 +365,7 @@ class PriorityQueueThread(threading.Thread):
                 self.runtime.save_logs(cid, tmp, cap)
                 tmp.replace(path)
             if self.settings.docker.remove_containers:
-                self.runtime.remove(cid)
+                self.runtime.remove(cid, owner=self.owner)
                 self._untag(job_id)
         except Exception:  # noqa: BLE001
             log.warning("job %s: collecting container failed\n%s", job_id, traceback.format_exc())
@@ -374,15 +373,42 @@ class PriorityQueueThread(threading.Thread):
             with self._cond:
                 self._collecting.discard(job_id)
 
+    def _remove(self, ref: str) -> None:
+        self.runtime.remove(ref, owner=self.owner)
+
+    def container_name(self, job_id: int) -> str:
+        """``<prefix>-<owner>-<job-id>``: unique per server, even with one prefix."""
+        return f"{self.instance}-{self.owner[:8]}-{job_id}"
+
     def _untag(self, job_id: int) -> None:
-        """Drop the job's own image tag; the image stays under its cache tag."""
-        row = self.store.job(job_id)
-        spec = row["spec"] or {}
-        if row["image"] and spec.get("name") and row["context_hash"]:
-            self.runtime.untag(normalise_tag(row["user"], spec["name"], job_id))
+        """Drop the job's own image tag; a built image stays under its cache tag."""
+        try:
+            row = self.store.job(job_id)
+            spec = row["spec"] or {}
+            if row["image"] and spec.get("name"):
+                self.runtime.untag(job_tag(self.owner, row["user"], spec["name"], job_id))
+        except Exception:  # noqa: BLE001 - a tag left behind is swept later
+            log.warning("job %s: untag failed\n%s", job_id, traceback.format_exc())
+
+    def sweep_tags(self) -> list[str]:
+        """Remove this server's job tags whose job is over and has no container."""
+        removed = []
+        busy = {r["id"] for r in self.store.jobs(ACTIVE_STATES)}
+        for tag in self.runtime.tags_matching(owner_tag_pattern(self.owner)):
+            tail = tag.rpartition(":")[2].rpartition("-")[2]
+            if not tail.isdigit() or int(tail) in busy or int(tail) in self._collecting:
+                continue
+            self.runtime.untag(tag)
+            removed.append(tag)
+        return removed
 
     def clean_images(self, now: float) -> list[str]:
-        """Remove cached images unused for ``docker.image_keep_days`` and not needed."""
+        """Remove cached images unused for ``docker.image_keep_days`` and not needed,
+        and job tags left behind (``sweep_tags``)."""
+        try:
+            self.sweep_tags()
+        except DopqError as exc:
+            log.warning("sweeping image tags failed: %s", exc)
         keep = self.settings.docker.image_keep_days
         if keep <= 0:
             return []
@@ -434,6 +460,7 @@ class PriorityQueueThread(threading.Thread):
             row = self.store.transition(
                 job_id, JobState.CANCELLED, expect=[state], error=reason, detail=reason
             )
+            self._workers.submit(self._untag, job_id)
             self.wake()
             return row
         if state == JobState.RUNNING:
@@ -448,12 +475,12 @@ class PriorityQueueThread(threading.Thread):
 
     def _stop_job(self, job_id: int, row: JobRow) -> None:
         self._stopping_jobs[job_id] = self.clock()
-        ref = row.get("container") or f"{self.instance}-{job_id}"
+        ref = row.get("container") or self.container_name(job_id)
         self._workers.submit(self._stop_container, ref)
 
     def _stop_container(self, ref: str) -> None:
         try:
-            self.runtime.stop(ref, self.settings.docker.stop_grace)
+            self.runtime.stop(ref, self.settings.docker.stop_grace, owner=self.owner)
         except Exception:  # noqa: BLE001
             log.warning("stopping %s failed\n%s", ref, traceback.format_exc())
         st = self.runtime.status(ref)
@@ -538,6 +565,7 @@ class PriorityQueueThread(threading.Thread):
                 self.store.transition(
                     job_id, JobState.FAILED, expect=[JobState.QUEUED], error=reason, detail=reason
                 )
+                self._workers.submit(self._untag, job_id)
             except DopqError:
                 pass
             self._queued.pop(job_id, None)
@@ -545,7 +573,7 @@ class PriorityQueueThread(threading.Thread):
             self._start(job_id, list(gpus))
 
     def _start(self, job_id: int, gpus: list[int]) -> bool:
-        name = f"{self.instance}-{job_id}"
+        name = self.container_name(job_id)
         now = self.clock()
         try:
             self.pool.acquire(job_id, gpus)
@@ -577,7 +605,8 @@ class PriorityQueueThread(threading.Thread):
                 job_id, JobState.FAILED, expect=[JobState.RUNNING], error=error, detail=error
             )
             self._release(job_id)
-            self.runtime.remove(name)
+            self.runtime.remove(name, owner=self.owner)
+            self._workers.submit(self._untag, job_id)
             return True
         # Only now is there a container to look for after a crash: a running
         # job without one was cut off before its start and is queued again.
@@ -614,7 +643,7 @@ class PriorityQueueThread(threading.Thread):
         cpus = spec.get("cpus") or s.limits.default_cpus
         shm = spec.get("shm_size") or s.bytes_of("limits.default_shm")
         return ContainerSpec(
-            name=f"{self.instance}-{row['id']}",
+            name=self.container_name(row["id"]),
             image=row["image"],
             labels={**{str(k): str(v) for k, v in (run_params.get("labels") or {}).items()},
                     LABEL_JOB: str(row["id"]), LABEL_INSTANCE: self.instance, LABEL_USER: user,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 
+from dopq import builds
+from dopq import images as images_mod
+from dopq.builds import BuildLimits
 from dopq.errors import BuildFailed, DopqError, EngineUnavailable
 
 # Pinned, so making a client sends nothing (``auto`` asks the engine at once,
@@ -33,6 +37,8 @@ LABEL_INSTANCE = "dopq.instance"
 LABEL_USER = "dopq.user"
 LABEL_CONTEXT = "dopq.context"
 LABEL_OWNER = "dopq.owner"  # the store's unique id: two servers never touch each other's
+
+log = logging.getLogger("dopq.runtime")
 
 
 @dataclass
@@ -174,58 +180,61 @@ class ContainerRuntime:
         tag: str,
         labels: dict[str, str],
         on_log: Callable[[str], None],
-        timeout: float = 3600.0,
+        limits: BuildLimits | None = None,
     ) -> str:
-        """Build ``context/Dockerfile``; every chunk goes to ``on_log``."""
-        image_id: str | None = None
-        last_lines: list[str] = []
-        api = docker.APIClient(base_url=self.base_url, timeout=int(timeout), version=API_VERSION)
-        try:
-            stream = api.build(
-                path=str(context), dockerfile="Dockerfile", tag=tag, labels=labels,
-                rm=True, forcerm=True, pull=False, decode=True,
-            )
-            for chunk in stream:
-                text = _chunk_text(chunk)
-                if text:
-                    on_log(text)
-                    last_lines = (last_lines + text.splitlines())[-20:]
-                if "error" in chunk:
-                    raise BuildFailed(str(chunk["error"]).strip().splitlines()[-1][:300],
-                                      "\n".join(last_lines))
-                aux = chunk.get("aux")
-                if isinstance(aux, dict) and "ID" in aux:
-                    image_id = aux["ID"]
-        except docker.errors.APIError as exc:
-            raise BuildFailed(str(exc.explanation or exc)[:300], "\n".join(last_lines)) from None
-        except _CONNECTION_ERRORS as exc:
-            raise EngineUnavailable(f"Docker engine unavailable during build: {exc}") from None
-        finally:
-            api.close()
+        """Build ``context/Dockerfile`` under ``limits``; every chunk goes to ``on_log``."""
+        image_id = builds.build(self.base_url, API_VERSION, context, tag, labels, on_log,
+                                limits or BuildLimits(), _chunk_text)
         if image_id is None:
             image_id = self._call(self.api.inspect_image, tag)["Id"]
         return str(image_id)
 
     def load(self, tar: Path, tag: str, on_log: Callable[[str], None]) -> str:
-        """``docker load`` an image archive and tag its (first) image as ``tag``."""
+        """``docker load`` an image archive as ``tag`` and no other name.
+
+        The archive is copied with its names removed first (``images.strip_tags``),
+        so its RepoTags can never re-point a name on the engine.
+        """
+        clean = tar.with_name(tar.name + ".untagged")
+        images_mod.strip_tags(tar, clean)
         loaded: list[str] = []
-        with tar.open("rb") as fh:
-            for chunk in self._call(self.api.load_image, fh):
-                text = _chunk_text(chunk)
-                if text:
-                    on_log(text)
-                if "error" in chunk:
-                    raise BuildFailed(f"image.tar: {chunk['error']}")
-                stream = str(chunk.get("stream", ""))
-                for prefix in ("Loaded image ID: ", "Loaded image: "):
-                    if stream.startswith(prefix):
-                        loaded.append(stream[len(prefix):].strip())
-        if not loaded:
-            raise BuildFailed("image.tar: no image found in the archive")
+        try:
+            with clean.open("rb") as fh:
+                for chunk in self._call(self.api.load_image, fh):
+                    text = _chunk_text(chunk)
+                    if text:
+                        on_log(text)
+                    if "error" in chunk:
+                        raise BuildFailed(f"image.tar: {str(chunk['error'])[:300]}")
+                    stream = str(chunk.get("stream", ""))
+                    if stream.startswith("Loaded image ID: "):
+                        loaded.append(stream[len("Loaded image ID: "):].strip())
+                    elif stream.startswith("Loaded image: "):
+                        raise BuildFailed("image.tar: the engine loaded a named image")
+        finally:
+            clean.unlink(missing_ok=True)
+        if len(loaded) != 1:
+            raise BuildFailed("image.tar: no image found in the archive" if not loaded
+                              else "image.tar: must hold exactly one image")
         image_id = str(self._call(self.api.inspect_image, loaded[0])["Id"])
-        repo, _, version = tag.rpartition(":")
-        self._call(self.api.tag, image_id, repo, version)
+        self.tag(image_id, tag)
         return image_id
+
+    def inspect_image(self, ref: str) -> dict[str, Any] | None:
+        """The engine's view of an image (by name, id, short id or digest), or None."""
+        try:
+            return dict(self._call(self.api.inspect_image, ref))
+        except docker.errors.NotFound:
+            return None
+        except DopqError as exc:
+            if "invalid reference" in str(exc).lower() or "no such image" in str(exc).lower():
+                return None
+            raise
+
+    def tags_matching(self, pattern: str) -> builtins.list[str]:
+        """Every image name on the engine that matches Docker's reference ``pattern``."""
+        rows = self._call(self.api.images, filters={"reference": pattern})
+        return [t for row in rows for t in (row.get("RepoTags") or []) if t != "<none>:<none>"]
 
     def image_exists(self, ref: str) -> bool:
         try:
@@ -350,16 +359,36 @@ class ContainerRuntime:
             out.append((list(env), ids))
         return out
 
-    def stop(self, ref: str, grace: float) -> None:
-        """SIGTERM (or the image's stop signal), then SIGKILL after ``grace``."""
+    def _owned(self, ref: str, owner: str) -> str | None:
+        """The id of container ``ref`` if its owner label is ``owner``; else None."""
+        st = self.status(ref)
+        if st is None:
+            return None
+        if st.owner != owner:
+            log.warning("not touching container %s: owner %r is not %r", ref, st.owner, owner)
+            return None
+        return st.id
+
+    def stop(self, ref: str, grace: float, *, owner: str) -> None:
+        """SIGTERM (or the image's stop signal), then SIGKILL after ``grace``.
+
+        Only a container labelled as ``owner``'s: another server's is never touched.
+        """
+        cid = self._owned(ref, owner)
+        if cid is None:
+            return
         try:
-            self._call(self.api.stop, ref, timeout=max(0, int(round(grace))))
+            self._call(self.api.stop, cid, timeout=max(0, int(round(grace))))
         except docker.errors.NotFound:
             pass
 
-    def remove(self, ref: str) -> None:
+    def remove(self, ref: str, *, owner: str) -> None:
+        """Remove a container of ``owner``'s with its anonymous volumes."""
+        cid = self._owned(ref, owner)
+        if cid is None:
+            return
         try:
-            self._call(self.api.remove_container, ref, force=True)
+            self._call(self.api.remove_container, cid, force=True, v=True)
         except docker.errors.NotFound:
             pass
 

@@ -86,7 +86,17 @@ class LimitSettings:
 @dataclass
 class BuildSettings:
     concurrency: int = 2
-    timeout: float = 3600.0
+    timeout: float = 3600.0  # seconds without a word from the engine (a stalled stream)
+    time_limit: str = "1h"  # a build running longer is stopped and fails
+    network: bool = True  # RUN steps reach the network (to install packages)
+
+
+@dataclass
+class ImageSettings:
+    # What a build may start from (FROM, COPY --from, RUN --mount from): these
+    # names (shell patterns, e.g. "pytorch/pytorch:*"), scratch, and the
+    # user's own earlier job images. Nothing else: not other users' images.
+    allowed_bases: list[str] = field(default_factory=lambda: ["dopq/busybox:latest"])
 
 
 @dataclass
@@ -148,6 +158,7 @@ class Settings:
     docker: DockerSettings = field(default_factory=DockerSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     build: BuildSettings = field(default_factory=BuildSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     users: UserSettings = field(default_factory=UserSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
@@ -179,6 +190,9 @@ class Settings:
         """A size key of ``[limits]`` or ``[docker]`` in bytes (``limits.max_memory``)."""
         section, name = key.split(".")
         return parse_size(getattr(getattr(self, section), name), key)
+
+    def build_time_limit(self) -> float:
+        return parse_duration(self.build.time_limit, "build.time_limit")
 
     def max_time_limit(self) -> float | None:
         text = self.limits.max_time_limit
@@ -224,6 +238,14 @@ class Settings:
             self.max_time_limit()
         except JobRejected as exc:
             raise ConfigError("limits.max_time_limit", exc.reason) from None
+        try:
+            if self.build_time_limit() <= 0:
+                raise ConfigError("build.time_limit", "must be positive")
+        except JobRejected as exc:
+            raise ConfigError("build.time_limit", exc.reason) from None
+        for i, pattern in enumerate(self.images.allowed_bases):
+            if not pattern.strip() or any(c.isspace() or ord(c) < 32 for c in pattern):
+                raise ConfigError(f"images.allowed_bases[{i}]", "must be an image name or pattern")
         for key in ("build.concurrency", "limits.max_entries", "server.max_connections",
                     "server.max_connections_per_address", "users.login_attempts",
                     "users.login_user_attempts", "users.login_concurrency"):

@@ -334,6 +334,9 @@ CASES: list[Case] = [
          R(lambda w, r, a, p: r["counts"]["running"] >= 1 and len(r["gpus"]) == 2)),
     Case("users", "", none, SIGNED_IN,
          R(lambda w, r, a, p: {"alice", "bob", "root"} <= {u["user"] for u in r})),
+    Case("images", "", none, SIGNED_IN,
+         R(lambda w, r, a, p: r["allowed_bases"] == w.run.settings.images.allowed_bases
+           and all(o["job"] for o in r["own"]))),
     Case("priority", "", none, SIGNED_IN,
          R(lambda w, r, a, p: w.live_queued() in [e["id"] for e in r])),
     Case("snapshot", "", lambda w, p: (20,), SIGNED_IN,

@@ -42,7 +42,8 @@ def test_jobs_of_two_users_run_on_exclusive_gpus(server: Running, jobs_dir: Path
     for j in jobs:
         log = server["root"].call("logs", j["id"])["data"]
         assert f"gpus=[{','.join(map(str, j['gpus']))}]" in log
-        assert j["container"] == f"{server.settings.docker.name_prefix}-{j['id']}"
+        prefix, _, rest = j["container"].partition("-")  # <prefix>-<server's owner id>-<job>
+        assert prefix == server.settings.docker.name_prefix and rest.endswith(f"-{j['id']}")
     assert f"id={ids[4]}" in server["root"].call("logs", ids[4])["data"]
     gpu_jobs = [j for j in jobs if j["gpus"]]
     for a in gpu_jobs:
