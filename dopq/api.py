@@ -320,7 +320,7 @@ class Registrar(threading.Thread):
         super().__init__(name="dopq-registrar", daemon=True)
         self.settings = settings
         self.uri = uri
-        self._stop = stop
+        self._halt = stop
         self.registered = threading.Event()
 
     def _ns(self) -> Any:
@@ -329,7 +329,7 @@ class Registrar(threading.Thread):
         return ns
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 with self._ns() as ns:
                     current = ns.list(prefix=self.settings.object_name).get(
@@ -341,7 +341,7 @@ class Registrar(threading.Thread):
                 self.registered.set()
             except Pyro5.errors.PyroError:
                 self.registered.clear()
-            self._stop.wait(1.0)
+            self._halt.wait(1.0)
 
     def unregister(self) -> None:
         try:

@@ -50,6 +50,11 @@ for _ in $(seq 1 100); do
     sleep 0.2
 done
 
+# The API speaks TLS with the server's own certificate; clients pin its
+# fingerprint (on a terminal, `dopq login` shows it and asks instead).
+DOPQ_FINGERPRINT=$($DOPQ server fingerprint)
+export DOPQ_FINGERPRINT
+echo "== server certificate $DOPQ_FINGERPRINT"
 as() { local who=$1; shift; XDG_CONFIG_HOME="$STATE/home-$who" "$DOPQ" "$@"; }
 echo "alice-pass-1" | as alice login --user alice --password-stdin
 echo "bob-pass-12" | as bob login --user bob --password-stdin
