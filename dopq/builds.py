@@ -62,10 +62,11 @@ def _fmt_seconds(s: float) -> str:
 class BuildCgroup:
     """One build's cgroup parent (cgroupfs layout); made, read, then removed."""
 
-    def __init__(self, limits: BuildLimits, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, limits: BuildLimits, owner: str = "", root: Path = CGROUP_ROOT,
+                 name: str | None = None) -> None:
         self.limits = limits
         self.root = root
-        self.name = f"dopq-build-{uuid.uuid4().hex[:16]}"
+        self.name = name or f"{cgroup_prefix(owner)}{uuid.uuid4().hex[:16]}"
         self.version = _cgroup_version(root)
 
     @property
@@ -154,6 +155,24 @@ class BuildCgroup:
             time.sleep(0.1)
 
 
+def cgroup_prefix(owner: str) -> str:
+    """Build cgroups are ``dopq-build-<owner>-<random>``: each server finds its own."""
+    return f"dopq-build-{owner[:12] or 'x'}-"
+
+
+def remove_stale(owner: str, root: Path = CGROUP_ROOT) -> int:
+    """Remove this server's build cgroups left by a crash (call when no build runs)."""
+    version = _cgroup_version(root)
+    if version is None:
+        return 0
+    base = root if version == 2 else root / "pids"
+    names = {p.name for p in base.glob(cgroup_prefix(owner) + "*")} if base.is_dir() else set()
+    for name in names:
+        group = BuildCgroup(BuildLimits(), root=root, name=name)
+        group.remove(1.0)
+    return len(names)
+
+
 def _cgroup_version(root: Path) -> int | None:
     if (root / "cgroup.controllers").is_file():
         return 2
@@ -235,6 +254,7 @@ def build(
     on_log: Callable[[str], None],
     limits: BuildLimits,
     chunk_text: Callable[[dict[str, Any]], str],
+    owner: str = "",
 ) -> str | None:
     """Build ``context/Dockerfile`` under ``limits``; return the image id if known."""
     extra: dict[str, Any] = {}
@@ -247,7 +267,7 @@ def build(
     image_id: str | None = None
     try:
         if usable_cgroups(api, base_url):
-            group = BuildCgroup(limits)
+            group = BuildCgroup(limits, owner)
             try:
                 group.create()
                 extra["cgroupparent"] = group.parent

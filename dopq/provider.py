@@ -35,7 +35,7 @@ from dopq import dockerfile as dockerfile_mod
 from dopq import images as images_mod
 from dopq import limits as limits_mod
 from dopq import spec as spec_mod
-from dopq.builds import BuildLimits
+from dopq.builds import BuildLimits, remove_stale
 from dopq.errors import (
     BuildFailed,
     Conflict,
@@ -270,6 +270,10 @@ class Provider:
 
     def recover(self) -> None:
         """Re-run builds that were cut off and adopt archives without a job."""
+        try:
+            remove_stale(self.store.owner_id())  # cgroups of builds cut off by a crash
+        except OSError as exc:
+            log.warning("removing stale build cgroups: %s", exc)
         for job in self.store.jobs([JobState.BUILDING]):
             self.store.transition(
                 job["id"], JobState.RECEIVED, expect=[JobState.BUILDING], detail="build restarted"

@@ -184,7 +184,7 @@ class ContainerRuntime:
     ) -> str:
         """Build ``context/Dockerfile`` under ``limits``; every chunk goes to ``on_log``."""
         image_id = builds.build(self.base_url, API_VERSION, context, tag, labels, on_log,
-                                limits or BuildLimits(), _chunk_text)
+                                limits or BuildLimits(), _chunk_text, labels.get(LABEL_OWNER, ""))
         if image_id is None:
             image_id = self._call(self.api.inspect_image, tag)["Id"]
         return str(image_id)

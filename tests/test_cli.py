@@ -44,7 +44,7 @@ def test_submit_wait_logs_and_listings(signed_in: Running, capsys: Any, jobs_dir
     assert code == 0 and "succeeded" in out
     code, out, _ = run(capsys, "logs", str(job_id))
     assert "hello-cli" in out
-    for command in ("queue", "running", "history", "status", "users", "priority"):
+    for command in ("queue", "running", "history", "status", "users", "priority", "images"):
         code, out, err = run(capsys, command, "--json")
         assert code == 0, err
         json.loads(out)

@@ -411,3 +411,14 @@ def test_cancelled_and_rejected_jobs_leave_no_tag(server: Running, jobs_dir: Pat
         wait_for(lambda: not api.images(filters={"reference": owner_tag_pattern(owner)}), 30)
     finally:
         api.close()
+
+
+def test_a_crash_leaves_no_build_cgroup_of_ours(tmp_path: Path) -> None:
+    from dopq.builds import cgroup_prefix, remove_stale
+
+    for ctrl in ("pids", "memory", "cpu", "cpuset"):
+        (tmp_path / ctrl / f"{cgroup_prefix('mine')}1" / ("c" * 64)).mkdir(parents=True)
+        (tmp_path / ctrl / f"{cgroup_prefix('other')}1").mkdir(parents=True)
+    assert remove_stale("mine", tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.glob("*/dopq-build-*")) == \
+        [f"{cgroup_prefix('other')}1"] * 4
