@@ -34,6 +34,7 @@ from dopq.errors import (
     NotFound,
     ServerIdentityChanged,
     ServerUnavailable,
+    UnknownServer,
 )
 from dopq.transport import SIGNED_MAX
 
@@ -248,7 +249,7 @@ class Client:
         name = self.server_name()
         pinned = load_pins().get(name)
         if not pinned:
-            raise DopqError(
+            raise UnknownServer(
                 f"server {name} is not known here: run `dopq login` on a terminal to check "
                 "its certificate, or pass --fingerprint SHA256:... (env DOPQ_FINGERPRINT; "
                 "`dopq server fingerprint` prints it on the server host)")

@@ -13,6 +13,7 @@
     │   └── RateLimited         too many failed sign-ins
     ├── EngineUnavailable       the Docker engine does not answer
     └── ServerUnavailable       the client cannot reach a DoPQ server
+        ├── UnknownServer       no certificate pinned for this server yet
         └── ServerIdentityChanged   the server's TLS certificate is not the pinned one
 
 Every message is one line that a user can act on. The classes are registered
@@ -95,6 +96,10 @@ class ServerUnavailable(DopqError):
     """The client cannot reach the DoPQ server or the name server."""
 
 
+class UnknownServer(ServerUnavailable):
+    """No certificate is pinned for this server: the client does not talk to it yet."""
+
+
 class ServerIdentityChanged(ServerUnavailable):
     """The server presents a certificate other than the pinned one: nothing was sent."""
 
@@ -113,5 +118,6 @@ ALL_ERRORS: tuple[type[DopqError], ...] = (
     RateLimited,
     EngineUnavailable,
     ServerUnavailable,
+    UnknownServer,
     ServerIdentityChanged,
 )

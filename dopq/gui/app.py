@@ -81,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         window.refreshed.connect(lambda: settle.isActive() or settle.start())
         window.poller.unauthenticated.connect(
             lambda msg: fail(f"not signed in ({msg}); run `dopq login` first"))
+        window.poller.untrusted.connect(lambda _kind, msg: fail(msg))
         deadline = QTimer(window)  # dies with the window: never fires after main returns
         deadline.setSingleShot(True)
         deadline.timeout.connect(lambda: fail(

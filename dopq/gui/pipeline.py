@@ -30,6 +30,7 @@ from dopq.gui import dialogs
 from dopq.gui.compat import emit
 from dopq.gui.models import MODEL_CLASSES, RowModel
 from dopq.gui.style import THEMES, StateColors, StyleManager, resolve_style
+from dopq.gui.trust import TrustKeeper
 from dopq.gui.viewthread import HISTORY_LIMIT, VIEWS, Runner, ViewThread, one_line
 from dopq.gui.widgets import SystemPanel, TablePanel
 
@@ -90,6 +91,7 @@ class Pipeline(QMainWindow):
         t.connected.connect(self._on_connected)
         t.disconnected.connect(self._on_disconnected)
         t.unauthenticated.connect(self._on_unauthenticated)
+        self.trust = TrustKeeper(self, ask_login)  # unknown or changed certificates
 
         self.styles.load(style_path or str(self.settings.value("style", "") or "") or None)
         self._default_state = self.saveState(LAYOUT_VERSION)
@@ -472,6 +474,7 @@ class Pipeline(QMainWindow):
 
     def _forget_views(self, name: str) -> None:
         self.server_name = name
+        self.trust.forget()
         self.whoami = {}
         for model in self.models.values():
             model.clear()

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slot
 
 from dopq.client import SnapshotFollower
-from dopq.errors import DopqError, NotAuthenticated
+from dopq.errors import DopqError, NotAuthenticated, ServerIdentityChanged, UnknownServer
 from dopq.gui.compat import emit
 from dopq.text import printable
 
@@ -59,6 +59,7 @@ class ViewThread(QThread):
     connected = Signal(str)  # the server answered (again); its name
     disconnected = Signal(str)  # a poll failed; the one-line reason
     unauthenticated = Signal(str)  # the server answered: not signed in
+    untrusted = Signal(str, str)  # "unknown" (nothing pinned) or "changed"; the reason
 
     def __init__(self, client: ClientLike, interval: float = 1.0,
                  history_limit: int = HISTORY_LIMIT, parent: QObject | None = None) -> None:
@@ -130,6 +131,13 @@ class ViewThread(QThread):
                 snap = self.fetch()
                 views = {name: snap[name] for name in VIEWS}
                 whoami = snap.get("whoami") or {}
+            except (UnknownServer, ServerIdentityChanged) as exc:
+                failures += 1  # nothing was sent; ask the user (Pipeline), then try again
+                self._state, self.last_error = "trust", one_line(exc)
+                kind = "changed" if isinstance(exc, ServerIdentityChanged) else "unknown"
+                emit(self.untrusted, kind, self.last_error)
+                self._reconnect()
+                delay = min(self.max_backoff, self.interval * 2 ** min(failures, 8))
             except NotAuthenticated as exc:
                 failures += 1
                 self._fail("auth", exc)
