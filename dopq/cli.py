@@ -10,6 +10,7 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +81,7 @@ def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
 def cmd_server(args: argparse.Namespace) -> int:
     from dopq.api import serve
 
+    os.umask(0o077)  # state, logs, keys: the server's alone; shared folders get explicit modes
     os.umask(0o077)  # state, logs, keys: the server's alone; shared folders get explicit modes
     if args.what == "fingerprint":
         from dopq import tls

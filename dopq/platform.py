@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dopq import __version__
+from dopq import __version__, hostfs, outputs
 from dopq import gpus as gpus_mod
 from dopq.auth import Principal, Users, check_username
 from dopq.errors import (
@@ -108,13 +108,13 @@ class DataPlatform:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        for sub in ("jobs", "outputs", "uploads", "incoming"):
-            (settings.state_path / sub).mkdir(parents=True, exist_ok=True)
-        settings.inbox_path.mkdir(parents=True, exist_ok=True)
+        hostfs.secure_state(settings)  # the server's alone: 0711 / 0700 / 0600
         # Uploads cut off by a stop or crash: their clients got no job id.
         for part in (settings.state_path / "uploads").glob("*.part"):
             part.unlink(missing_ok=True)
         self.store = Store(settings.db_path)
+        hostfs.secure_state(settings)  # the database files now exist: 0600
+        self.output_mount = hostfs.OutputMount(settings)
         self.users = Users(self.store)
         self.runtime = ContainerRuntime(settings.docker.base_url)
         self.gpu_backend = gpus_mod.open_backend(settings.gpus.backend, settings.gpus.virtual_count)
@@ -161,8 +161,18 @@ class DataPlatform:
         return q
 
     def start(self) -> None:
+        self.output_mount.mount()  # outputs nosuid,nodev before any job can write there
         self.queue.start()
         self._start_provider()
+        watcher = outputs.OutputWatcher(
+            outputs.OutputFolders(self.settings), self.settings.bytes_of("limits.max_output"),
+            self.settings.limits.max_output,
+            lambda: [(r["id"], r["user"]) for r in self.store.jobs([JobState.RUNNING], light=True)],
+            lambda job_id, reason: self.queue.stop_for_output(job_id, reason),
+            halt=self._stop,
+        )
+        watcher.start()
+        self._threads.append(watcher)
         for target, name in (
             (self._relay_notices, "dopq-notices"),
             (self._watch_engine, "dopq-events"),
@@ -208,6 +218,8 @@ class DataPlatform:
         self.queue.join(timeout=15)
         for t in self._threads:
             t.join(timeout=3)
+        if not self.store.jobs([JobState.RUNNING], light=True):
+            self.output_mount.unmount()  # else running jobs keep it (and the next start adopts it)
         self.gpu_backend.close()
         self.runtime.close()
         self.store.close()

@@ -21,6 +21,7 @@ import os
 import pwd
 import queue as queue_mod
 import shutil
+import stat as stat_mod
 import threading
 import time
 import traceback
@@ -32,6 +33,7 @@ from typing import Any
 
 from dopq import archive as archive_mod
 from dopq import dockerfile as dockerfile_mod
+from dopq import hostfs
 from dopq import images as images_mod
 from dopq import limits as limits_mod
 from dopq import spec as spec_mod
@@ -99,27 +101,41 @@ class InboxWatcher:
         self.inbox = settings.inbox_path
         self.incoming = settings.state_path / INCOMING
         self._seen: dict[Path, tuple[int, float, float]] = {}
+        self._next_folders = 0.0
 
     def scan(self, now: float) -> list[int]:
         new_jobs: list[int] = []
+        if now >= self._next_folders:
+            self._next_folders = now + 10.0
+            self.make_folders()
         try:
             user_dirs = [d for d in self.inbox.iterdir() if d.is_dir() and not d.is_symlink()]
         except OSError:
             return new_jobs
         alive: set[Path] = set()
         for udir in user_dirs:
+            user = udir.name.lower()
             try:
-                files = [f for f in udir.iterdir() if f.is_file() and not f.is_symlink()]
-            except OSError:
+                self._own_folder(udir, user)
+                with os.scandir(udir) as it:
+                    entries = list(it)
+            except (OSError, DopqError):
                 continue
-            for f in files:
+            for entry in entries:
+                f = Path(entry.path)
                 if f.name.startswith(".") or f.name.endswith(".part"):
                     continue
-                alive.add(f)
                 try:
-                    st = f.stat()
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
+                if stat_mod.S_ISDIR(st.st_mode):
+                    continue  # a folder (even one named x.zip) is not an upload
+                if not stat_mod.S_ISREG(st.st_mode):
+                    # A symlink, FIFO, socket or device: never read, never waited on.
+                    self._take(f, user)
+                    continue
+                alive.add(f)
                 key = (st.st_size, st.st_mtime)
                 prev = self._seen.get(f)
                 if prev is None or prev[:2] != key:
@@ -130,7 +146,7 @@ class InboxWatcher:
                         continue
                 elif now - prev[2] < self.settings.intake.settle_seconds:
                     continue
-                job_id = self._take(f, udir.name.lower(), st.st_uid)
+                job_id = self._take(f, user)
                 self._seen.pop(f, None)
                 if job_id is not None:
                     new_jobs.append(job_id)
@@ -138,16 +154,55 @@ class InboxWatcher:
             self._seen.pop(gone, None)
         return new_jobs
 
-    def _take(self, path: Path, user: str, uid: int) -> int | None:
-        """Move the file into ``incoming/`` and create its job (or a refusal)."""
+    def make_folders(self) -> None:
+        """``inbox/<user>/`` for every DoPQ user with a Unix account: theirs, 0700."""
+        if not self.settings.users.check_owner:
+            return
+        names = {r["name"] for r in self.store.read("SELECT name FROM users")}
+        for user in sorted(names | set(self.settings.users.uid_map)):
+            ids = hostfs.unix_ids(self.settings, user)
+            if ids is not None and user == user.lower() and "/" not in user:
+                try:
+                    hostfs.ensure_dir(self.inbox / user, 0o700, ids)
+                except (OSError, DopqError) as exc:
+                    log.warning("inbox/%s: %s", user, exc)
+
+    def _own_folder(self, udir: Path, user: str) -> None:
+        """Keep ``inbox/<user>/`` the user's and 0700, so nobody else drops or swaps files."""
+        ids = hostfs.unix_ids(self.settings, user) if self.settings.users.check_owner else None
+        if ids is None:
+            return
+        st = os.lstat(udir)
+        if (st.st_uid, st.st_gid, stat_mod.S_IMODE(st.st_mode)) != (*ids, 0o700):
+            hostfs.ensure_dir(udir, 0o700, ids)
+
+    def _take(self, path: Path, user: str) -> int | None:
+        """Move the file into ``incoming/`` and create its job (or a refusal).
+
+        Whatever the name holds at the move is what is checked, on the open
+        descriptor (owner, a regular file, one link), and a symlink is never
+        followed: a file swapped in after the scan gains nothing.
+        """
         self.incoming.mkdir(parents=True, exist_ok=True)
         target = self.incoming / f"inbox-{user}-{uuid.uuid4().hex}.zip"
         try:
-            os.replace(path, target)
+            uid, problem = hostfs.take_file(path, target)
         except OSError as exc:
             log.warning("cannot take %s: %s", path, exc)
             return None
+        if problem is not None:
+            self._refuse(path, user, problem)
+            return None
         return self.adopt(target, user, uid, path.stem[:128] or "job")
+
+    def _refuse(self, path: Path, user: str, problem: str) -> None:
+        shown = "".join(c if c.isprintable() else "?" for c in path.name)[:128]
+        reason = (f"rejected: inbox/{user}/{shown} {problem}; "
+                  "only a regular file of your own is taken")
+        log.warning("%s", reason)
+        self.store.add_job(name=shown if len(shown) >= 3 else "inbox file", user=user,
+                           origin="inbox", source=None, state=JobState.FAILED, error=reason,
+                           finished_at=time.time())
 
     def adopt(self, target: Path, user: str, uid: int, name: str) -> int | None:
         """Create the job of an archive in ``incoming/`` (or its refusal)."""
@@ -195,10 +250,15 @@ def _complete_zip(path: Path) -> bool:
     directory is really there (an inner zip's end record near the end of a
     half-copied archive does not pass)."""
     try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as zf:
-            zf.infolist()
+        fd = os.open(path, hostfs.FILE_FLAGS)  # no symlink followed, a FIFO never waited on
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if not stat_mod.S_ISREG(os.fstat(fh.fileno()).st_mode) or not zipfile.is_zipfile(fh):
+                return False
+            with zipfile.ZipFile(fh) as zf:
+                zf.infolist()
         return True
     except (OSError, zipfile.BadZipFile, ValueError, EOFError, RuntimeError):
         return False
@@ -234,6 +294,7 @@ class Provider:
     @classmethod
     def main(cls, settings: Settings, total_gpus: int, commands: Any, notices: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s provider %(message)s")
+        os.umask(0o077)  # build logs and job folders: the server's alone (modes kept in images)
         provider = cls(settings, total_gpus, commands, notices)
         provider.run()
 
@@ -292,7 +353,11 @@ class Provider:
                 if f.name.startswith("inbox-") and len(parts) >= 3:
                     # Taken from the inbox, then a crash before its job was written.
                     user = "-".join(parts[1:-1])
-                    job_id = self.watcher.adopt(f, user, f.stat().st_uid, "job")
+                    uid, problem = hostfs.check_taken(f)
+                    if problem is not None:
+                        self.watcher._refuse(f, user, problem)
+                        continue
+                    job_id = self.watcher.adopt(f, user, uid, "job")
                     if job_id is not None:
                         log.info("adopted %s as job %s", f.name, job_id)
                 else:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dopq import hostfs, outputs
 from dopq import policy as policy_mod
 from dopq.errors import Conflict, DopqError, EngineUnavailable
 from dopq.gpus import GpuPool
@@ -108,6 +109,8 @@ class PriorityQueueThread(threading.Thread):
         self._running: dict[int, JobRow] = {}
         self._stopping_jobs: dict[int, float] = {}  # job -> when its stop was asked
         self._collecting: set[int] = set()
+        self.outputs = outputs.OutputFolders(settings)
+        self._sealed: set[int] = set()  # jobs whose outputs were sealed since start
         self._last_reconcile = 0.0
         self._last_usage_save = 0.0
         self._next_deadline: float | None = None
@@ -322,6 +325,8 @@ class PriorityQueueThread(threading.Thread):
             state, error = JobState.CANCELLED, marker
         elif marker == TIMEOUT:
             state, error = JobState.FAILED, TIMEOUT
+        elif marker.startswith(outputs.OUTPUT_LIMIT):
+            state, error = JobState.FAILED, marker
         elif vanished:
             state, error = JobState.FAILED, vanished
         elif oom:
@@ -350,6 +355,18 @@ class PriorityQueueThread(threading.Thread):
             pass
         self._charge(self.clock())
         self._release(row["id"])
+        self._workers.submit(self._seal, row["id"], row["user"])
+
+    def _seal(self, job_id: int, user: str) -> None:
+        """Give a finished job's outputs to its user, made inert (worker thread)."""
+        with self._cond:
+            if job_id in self._sealed:
+                return
+            self._sealed.add(job_id)
+        try:
+            self.outputs.seal(user, job_id)
+        except OSError as exc:
+            log.warning("job %s: sealing outputs failed: %s", job_id, exc)
 
     def _collect(self, job_id: int, cid: str) -> None:
         """Save a finished container's log, then remove it (worker thread)."""
@@ -363,7 +380,10 @@ class PriorityQueueThread(threading.Thread):
                 cap = self.settings.bytes_of("docker.log_max_bytes")
                 tmp = path.with_suffix(".tmp")
                 self.runtime.save_logs(cid, tmp, cap)
+                hostfs.private_file(tmp)
                 tmp.replace(path)
+            row = self.store.job(job_id)
+            self._seal(job_id, row["user"])  # again after a crash: before the container goes
             if self.settings.docker.remove_containers:
                 self.runtime.remove(cid, owner=self.owner)
                 self._untag(job_id)
@@ -473,14 +493,25 @@ class PriorityQueueThread(threading.Thread):
             return self.store.job(job_id)
         raise Conflict(f"job {job_id} already ended ({state.value})")
 
-    def _stop_job(self, job_id: int, row: JobRow) -> None:
+    def stop_for_output(self, job_id: int, reason: str) -> None:
+        """Kill a job that wrote more than ``limits.max_output`` (output watcher)."""
+        with self._cond:
+            live = self._running.get(job_id)
+            if live is None or (live.get("error") or "").startswith(CANCELLED_PREFIX):
+                return
+            live["error"] = reason
+        self.store.update_job(job_id, error=reason)
+        self._stop_job(job_id, live, grace=0.0)  # no grace: it would keep writing
+
+    def _stop_job(self, job_id: int, row: JobRow, grace: float | None = None) -> None:
         self._stopping_jobs[job_id] = self.clock()
         ref = row.get("container") or self.container_name(job_id)
-        self._workers.submit(self._stop_container, ref)
+        self._workers.submit(self._stop_container, ref, grace)
 
-    def _stop_container(self, ref: str) -> None:
+    def _stop_container(self, ref: str, grace: float | None = None) -> None:
         try:
-            self.runtime.stop(ref, self.settings.docker.stop_grace, owner=self.owner)
+            self.runtime.stop(ref, self.settings.docker.stop_grace if grace is None else grace,
+                              owner=self.owner)
         except Exception:  # noqa: BLE001
             log.warning("stopping %s failed\n%s", ref, traceback.format_exc())
         st = self.runtime.status(ref)
@@ -625,8 +656,7 @@ class PriorityQueueThread(threading.Thread):
         s = self.settings
         spec: dict[str, Any] = row["spec"] or {}
         user = row["user"]
-        outdir = s.state_path / "outputs" / user / str(row["id"])
-        outdir.mkdir(parents=True, exist_ok=True)
+        outdir = self.outputs.prepare(user, row["id"])  # the user's, 0700, on the nosuid mount
         binds = {str(outdir): {"bind": "/outdir", "mode": "rw"}}
         for m in s.mounts:
             binds[m.source] = {"bind": m.target, "mode": "ro" if m.read_only else "rw"}

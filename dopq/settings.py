@@ -81,6 +81,7 @@ class LimitSettings:
     max_upload: str = "2g"
     max_unpacked: str = "8g"
     max_entries: int = 20000
+    max_output: str = "50g"  # what one job may write to /outdir; "0": no limit
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Settings:
             raise ConfigError("docker.network", "host and container networks are not allowed")
         for key in (
             "limits.default_memory", "limits.max_memory", "limits.default_shm",
-            "limits.max_shm", "limits.max_upload", "limits.max_unpacked",
+            "limits.max_shm", "limits.max_upload", "limits.max_unpacked", "limits.max_output",
             "docker.log_max_bytes",
         ):
             try:

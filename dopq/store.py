@@ -11,6 +11,7 @@ state that start-up recovery can finish. The schema version lives in
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -170,6 +171,9 @@ class Store:
     def __init__(self, path: str | Path, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Secrets live here (password hashes, jobs' env): the server's alone, from
+        # the first byte; SQLite gives -wal and -shm the database file's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._timeout = timeout
         self._write_lock = threading.RLock()
         self._local = threading.local()

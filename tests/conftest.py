@@ -178,7 +178,10 @@ class Running:
     def stop(self) -> None:
         if not self.stopped:
             self.stopped = True
-            self.server.stop()
+            try:
+                self.server.stop()
+            finally:
+                release_outputs(self.settings)
 
     def wait_job(self, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
         def final() -> Any:
@@ -203,6 +206,23 @@ def server_factory(tmp_path: Path, engine: None) -> Iterator[Callable[..., Runni
             run.stop()
         finally:
             cleanup_docker(run.settings.docker.name_prefix)
+
+
+def release_outputs(settings: Any) -> None:
+    """Undo the nosuid outputs mount a server kept for jobs it left running."""
+    from dopq.hostfs import OutputMount
+
+    OutputMount(settings).unmount(force=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mounts_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers killed with -9 leave their outputs mounted: undo that under this
+    session's temp folder, or pytest cannot remove it later."""
+    yield
+    from dopq.hostfs import unmount_all_under
+
+    unmount_all_under(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
