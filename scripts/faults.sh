@@ -10,4 +10,5 @@ export DOPQ_FAULTS_FULL=1 QT_QPA_PLATFORM=offscreen
 .venv/bin/pytest -q -p no:cacheprovider -s tests/test_recovery.py tests/test_faults.py \
     tests/test_fuzz_intake.py tests/test_nameserver.py tests/test_walls_images.py \
     tests/test_walls_transport.py tests/test_tls.py tests/test_walls_host.py \
+    tests/test_walls_auth.py \
     tests/test_engine_restart.py "$@"
