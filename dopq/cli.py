@@ -82,7 +82,6 @@ def cmd_server(args: argparse.Namespace) -> int:
     from dopq.api import serve
 
     os.umask(0o077)  # state, logs, keys: the server's alone; shared folders get explicit modes
-    os.umask(0o077)  # state, logs, keys: the server's alone; shared folders get explicit modes
     if args.what == "fingerprint":
         from dopq import tls
 
