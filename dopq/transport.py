@@ -163,6 +163,12 @@ class Slots:
         with self._lock, contextlib.suppress(ValueError):
             self._slots.remove(slot)
 
+    def kick_all(self) -> None:
+        with self._lock:
+            slots = list(self._slots)
+        for slot in slots:
+            slot.kick()
+
 
 # -- the rules -------------------------------------------------------------------------------
 @dataclass
@@ -217,7 +223,12 @@ class GuardedConnection(socketutil.SocketConnection):  # type: ignore[misc]
         part, self._part = self._part, (self._part + 1) % 3
         if part == 0:  # a new message begins: wait for it as long as a client may idle
             wait = self.deadline or time.monotonic() + self.guard.idle_timeout
-            self._head = self._read(size, wait)
+            try:
+                self._head = self._read(size, wait)
+            except Refused:
+                if self.deadline or self.slot.kicked:
+                    raise
+                raise errors.TimeoutError("idle connection closed") from None
             self._msg_deadline = self.deadline or time.monotonic() + self.guard.idle_timeout
             return self._head
         if part == 1:
@@ -267,6 +278,7 @@ class GuardedConnection(socketutil.SocketConnection):  # type: ignore[misc]
             check_msgpack(body, SIGNED_ITEMS if self.slot.signed else ANON_ITEMS)
         if msgtype == protocol.MSG_CONNECT:
             self.connected = True
+        self.sock.settimeout(self.guard.idle_timeout)  # for the reply: a full allowance
         return annotations + body
 
 
@@ -414,6 +426,10 @@ class GuardedTransport(SocketServer_Threadpool):  # type: ignore[misc]
         except (NoFreeWorkersError, PoolError):
             self.slots.release(slot)
             csock.close()
+
+    def close(self) -> None:
+        self.slots.kick_all()  # workers serving clients end now, not at their timeouts
+        super().close()
 
 
 class _GuardedDaemon:
