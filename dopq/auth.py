@@ -140,7 +140,8 @@ class SignInLimits:
     busy_wait: float = 5.0  # how long a sign-in waits for a hashing slot
 
 
-SWEEP_KEYS = 10_000  # sweep the counters when they hold this many keys
+SWEEP_KEYS = 10_000  # sweep the counters when they hold this many keys...
+SWEEP_EVERY = 10.0  # ...at most this often (seconds)
 
 
 class SignInGuard:
@@ -187,6 +188,7 @@ class SignInGuard:
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
         self._hashing = threading.BoundedSemaphore(limits.concurrency)
+        self._swept = float("-inf")
 
     def delay_for(self, failures: int) -> float:
         """Seconds an address with ``failures`` recent failures waits before its answer."""
@@ -200,7 +202,8 @@ class SignInGuard:
         pair, user = f"{name}@{addr}", name
         with self._lock:
             now = self._clock()
-            if len(self._pairs) + len(self._addrs) > SWEEP_KEYS:
+            if len(self._pairs) + len(self._addrs) > SWEEP_KEYS and now - self._swept > SWEEP_EVERY:
+                self._swept = now
                 for limiter in (self._pairs, self._users, self._addrs):
                     limiter.sweep(now)
             self._pairs.check(pair, now, self._pending.get(pair, 0))

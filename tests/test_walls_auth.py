@@ -13,7 +13,11 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # the GUI model test, as test_gui.py
+
+import json  # noqa: E402
 import shutil
 import threading
 import time
@@ -197,6 +201,23 @@ def test_an_address_is_slowed_down_never_locked_and_waits_hold_no_lock() -> None
     finally:
         release.set()
         slow.join(10)
+
+
+def test_failure_counters_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "SWEEP_KEYS", 50)
+    now = [0.0]
+    guard = SignInGuard(SignInLimits(window=60, max_delay=0.0), clock=lambda: now[0])
+
+    def wrong() -> auth.Principal:
+        raise NotAuthenticated("wrong user name or password")
+
+    for i in range(200):  # made-up names from many addresses
+        with pytest.raises(NotAuthenticated):
+            guard.sign_in(f"ghost{i}", f"10.4.{i // 250}.{i % 250}", wrong)
+    now[0] = 1000.0  # the window has passed: the next attempt sweeps
+    with pytest.raises(NotAuthenticated):
+        guard.sign_in("ghost", "10.5.0.1", wrong)
+    assert len(guard._pairs) + len(guard._users) + len(guard._addrs) <= 3
 
 
 def test_concurrent_hashing_is_capped(
