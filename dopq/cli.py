@@ -19,7 +19,7 @@ from typing import Any
 from dopq import __version__
 from dopq.errors import DopqError
 from dopq.jobs import format_duration
-from dopq.text import printable
+from dopq.text import printable, printable_lines
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -343,10 +343,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     c = _client(args)
     kind = "build" if args.build else "run"
     offset = 0
+    # Another user's log (users.logs_visible_to_all) could drive this terminal:
+    # its control characters are written out, only newlines and tabs stay.
+    mine = c.call("job", args.id)["user"] == c.call("whoami")["user"]
     while True:
         r = c.call("logs", args.id, kind, offset)
         if r["data"]:
-            sys.stdout.write(r["data"])
+            sys.stdout.write(r["data"] if mine else printable_lines(r["data"]))
             sys.stdout.flush()
         offset = r["offset"]
         if not args.follow or r["done"]:

@@ -37,6 +37,7 @@ from dopq.api import Controller
 from dopq.auth import Role, SignInGuard, SignInLimits, Users
 from dopq.errors import JobRejected, LimitExceeded, NotAuthenticated, RateLimited
 from dopq.limits import QueueSlots, add_job_within, check_room
+from dopq.provider import job_dir
 from dopq.store import Store
 from dopq.text import check_display_text, printable, safe_name
 
@@ -365,11 +366,14 @@ def test_a_name_from_an_inbox_file_is_cleaned(
 @pytest.fixture
 def old_rows(server_factory: Callable[..., Running]) -> Running:
     """A server whose store holds rows written before names were checked."""
-    server = server_factory()
+    server = server_factory(users={"logs_visible_to_all": True})
     store = server.server.platform.store
     now = time.time()
-    store.add_job(name=EVIL, user="alice", origin="api", state="failed",
-                  error=f"build failed: {EVIL}", submitted_at=now - 5, finished_at=now)
+    failed = store.add_job(name=EVIL, user="alice", origin="api", state="failed",
+                           error=f"build failed: {EVIL}", submitted_at=now - 5, finished_at=now)
+    log_dir = job_dir(server.settings, failed)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "run.log").write_text(f"line one\n{EVIL}\tend\n")
     store.add_job(name="abc\u202eevil", user="alice", origin="api", state="queued",
                   held=True, submitted_at=now)  # held: stays in the queue
     server.server.platform._wrote(auth.Principal("alice", Role.USER))
@@ -386,7 +390,8 @@ def test_another_users_listings_never_print_raw_control_characters(
     monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)
     monkeypatch.setenv("DOPQ_TOKEN", server["bob"].token)
     failed_id = server["bob"].call("history")[0]["id"]
-    for argv in (["history"], ["queue"], ["show", str(failed_id)], ["wait", str(failed_id)]):
+    for argv in (["history"], ["queue"], ["show", str(failed_id)], ["wait", str(failed_id)],
+                 ["logs", str(failed_id)]):
         cli.main(argv)
         out = capsys.readouterr()
         text = out.out + out.err
