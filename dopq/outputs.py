@@ -255,9 +255,11 @@ class OutputWatcher(threading.Thread):
     A job is first measured within ``tick`` of its start, then every ``tick``
     until its writing rate is known, then at most every ``interval`` and
     sooner as it nears the limit at that rate (half the time left, at least
-    50 ms). The disk gets at most about ``rate x (50 ms + one measurement +
-    the kill)`` beyond the limit, or ``rate x 2 tick`` for a job that writes
-    at full speed from its first second.
+    50 ms), but never more often than every three measuring times (a huge
+    folder costs at most a quarter of a core). The disk gets at most about
+    ``rate x (50 ms + one measurement + the kill)`` beyond the limit; a job
+    that writes at full speed from its first second, up to ``rate x 2 tick``;
+    one that bursts after a quiet spell, up to ``rate x interval``.
     """
 
     def __init__(
@@ -301,6 +303,7 @@ class OutputWatcher(threading.Thread):
         for job_id, user in jobs.items():
             if self._due.get(job_id, 0.0) > now:
                 continue
+            began = time.monotonic()
             size = self.folders.usage(user, job_id)
             t = time.monotonic()
             if self.limit and size > self.limit:
@@ -318,6 +321,7 @@ class OutputWatcher(threading.Thread):
             step = self.tick if prev is None else self.interval
             if rate > 0 and self.limit:
                 step = min(step, max(0.05, (self.limit - size) / rate / 2))
+            step = max(step, 3 * (t - began))  # a huge folder: at most a quarter of a core
             self._due[job_id] = t + step
         due = min(self._due.values(), default=now + self.tick)
         return max(0.02, min(due - time.monotonic(), self.tick))  # new jobs: within a tick
