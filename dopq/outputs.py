@@ -269,6 +269,7 @@ class OutputWatcher(threading.Thread):
         limit_text: str,
         running: Callable[[], list[tuple[int, str]]],
         exceeded: Callable[[int, str], None],
+        job_pid: Callable[[int], int | None] = lambda job_id: None,
         interval: float = 1.0,
         halt: threading.Event | None = None,
         tick: float = 0.25,
@@ -279,6 +280,8 @@ class OutputWatcher(threading.Thread):
         self.limit_text = limit_text
         self.running = running
         self.exceeded = exceeded
+        self.job_pid = job_pid
+        self._pids: dict[int, int | None] = {}  # job -> its container's first process
         self.interval = interval
         self.tick = tick
         self.halt = halt or threading.Event()
@@ -294,17 +297,31 @@ class OutputWatcher(threading.Thread):
                 wait = self.interval
             self.halt.wait(wait)
 
+    def _unlinked(self, job_id: int) -> int:
+        """Bytes of files the job deleted from the host's file system but keeps open."""
+        pid = self._pids.get(job_id)
+        if pid is None or not os.path.exists(f"/proc/{pid}"):
+            pid = self._pids[job_id] = self.job_pid(job_id)
+        if pid is None:
+            return 0
+        try:
+            dev = os.stat(self.folders.root).st_dev
+        except OSError:
+            return 0
+        return unlinked_bytes(_cgroup_procs(pid), dev)
+
     def check(self, now: float) -> float:
         """Measure the jobs that are due; return seconds until the next is due."""
         jobs = dict(self.running())
         for gone in set(self._due) - set(jobs):
             self._due.pop(gone, None)
             self._last.pop(gone, None)
+            self._pids.pop(gone, None)
         for job_id, user in jobs.items():
             if self._due.get(job_id, 0.0) > now:
                 continue
             began = time.monotonic()
-            size = self.folders.usage(user, job_id)
+            size = self.folders.usage(user, job_id) + self._unlinked(job_id)
             t = time.monotonic()
             if self.limit and size > self.limit:
                 self.exceeded(job_id, f"{OUTPUT_LIMIT}={self.limit_text} "
@@ -325,3 +342,47 @@ class OutputWatcher(threading.Thread):
             self._due[job_id] = t + step
         due = min(self._due.values(), default=now + self.tick)
         return max(0.02, min(due - time.monotonic(), self.tick))  # new jobs: within a tick
+
+
+def _cgroup_procs(pid: int) -> list[int]:
+    """The processes in ``pid``'s cgroup (a container's, v1 ``pids`` or v2)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and not controllers:
+            procs = Path(f"/sys/fs/cgroup{path}/cgroup.procs")
+        elif "pids" in controllers.split(","):
+            procs = Path(f"/sys/fs/cgroup/pids{path}/cgroup.procs")
+        else:
+            continue
+        try:
+            return [int(p) for p in procs.read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return [pid]
+
+
+def unlinked_bytes(pids: list[int], dev: int) -> int:
+    """Disk held by deleted files on device ``dev`` that ``pids`` still have open
+    (write, delete, keep writing: invisible to a walk of the folder)."""
+    seen: set[int] = set()
+    total = 0
+    for pid in pids:
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as it:
+                fds = [e.path for e in it]
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(fd)  # the open file itself, through /proc's link
+            except OSError:
+                continue
+            if (stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and st.st_dev == dev
+                    and st.st_ino not in seen):
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total

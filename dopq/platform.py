@@ -169,7 +169,7 @@ class DataPlatform:
             self.settings.limits.max_output,
             lambda: [(r["id"], r["user"]) for r in self.store.jobs([JobState.RUNNING], light=True)],
             lambda job_id, reason: self.queue.stop_for_output(job_id, reason),
-            halt=self._stop,
+            self._job_pid, halt=self._stop,
         )
         watcher.start()
         self._threads.append(watcher)
@@ -223,6 +223,15 @@ class DataPlatform:
         self.gpu_backend.close()
         self.runtime.close()
         self.store.close()
+
+    def _job_pid(self, job_id: int) -> int | None:
+        """The first process of a running job's container (output watcher)."""
+        try:
+            row = self.store.job(job_id)
+            st = self.runtime.status(row["container"]) if row["container"] else None
+        except DopqError:
+            return None
+        return st.pids[0] if st is not None and st.pids else None
 
     def _relay_notices(self) -> None:
         while not self._stop.is_set():

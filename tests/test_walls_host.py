@@ -186,6 +186,12 @@ def test_a_job_that_writes_without_end_is_stopped_at_max_output(
     print(f"max_output 8m: {used / 2**20:.1f} MiB on disk, slack {slack / 2**20:.1f} MiB")
     assert slack < 4 * 2**20  # at ~10 MiB/s: well under half a second of writing
     assert walled.wait_job(small)["state"] == "succeeded"
+    # the same through a file deleted at once but kept open: no name left to measure
+    hidden = ("exec 3>/outdir/hidden; rm /outdir/hidden; while :; do "
+              "dd if=/dev/zero bs=1M count=1 >&3 2>/dev/null; sleep 0.1; done")
+    job = walled.wait_job(alice.submit(good_job(jobs_dir, "alice", "hider", hidden))["id"], 60)
+    assert job["state"] == "failed", job
+    assert job["error"].startswith("wrote more than limits.max_output=8m"), job
 
 
 # -- 9. the state folder ------------------------------------------------------------------------
