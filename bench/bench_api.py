@@ -56,6 +56,7 @@ from common import (
     job_rows,
     parser,
     reset_peak,
+    shared_tls,
     summary,
     wait_for,
     write_result,
@@ -83,7 +84,7 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
 
     def client(token: str | None = None) -> Client:
         return Client(conn["ns_host"], conn["ns_port"], conn["server"],
-                      token=token or conn["token"])
+                      token=token or conn["token"], fingerprint=conn["fingerprint"])
 
     def timed(c: Client, method: str, fn: Any) -> None:
         t0 = time.perf_counter()
@@ -134,7 +135,8 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
 def _pinger(conn: dict[str, Any], end: float, samples: list[float], errors: list[str]) -> None:
     from dopq.client import Client
 
-    c = Client(conn["ns_host"], conn["ns_port"], conn["server"], token=conn["token"])
+    c = Client(conn["ns_host"], conn["ns_port"], conn["server"], token=conn["token"],
+               fingerprint=conn["fingerprint"])
     while time.time() < end:
         t0 = time.perf_counter()
         try:
@@ -291,7 +293,8 @@ def run(quick: bool, profile: Path | None = None) -> dict[str, Any]:
         small = zip_it(good_job(jobs, "alice", "tiny-job", "true"), tmp / "tiny-job.zip")
         conn = {"ns_host": srv.settings.nameserver.host, "ns_port": srv.settings.nameserver.port,
                 "server": srv.settings.server_name, "token": root.token,
-                "submit_token": srv.client("alice").token}
+                "submit_token": srv.client("alice").token,
+                "fingerprint": shared_tls()[2]}  # the worker processes pin it too
         out["modes"] = {}
         for mode in ("views", "snapshot"):
             print(f"api: {mode}, {pollers} pollers, {seconds:.0f} s", file=sys.stderr)

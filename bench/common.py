@@ -43,7 +43,8 @@ from dopq.errors import DopqError  # noqa: E402
 
 __all__ = [
     "BASE_IMAGE", "PASSWORDS", "Running", "ServerProcess", "add_users", "bench_config",
-    "cleanup_docker", "good_job", "make_config", "parser", "percentile", "summary",
+    "cleanup_docker", "good_job", "make_config", "parser", "percentile", "shared_tls",
+    "summary",
     "wait_for", "write_result", "write_toml", "zip_it",
 ]
 
