@@ -154,8 +154,9 @@ def test_image_tar_cannot_re_point_any_name(server_factory: Any, tmp_path: Path)
         api.tag(base_id, repo, tag)
     try:
         server = server_factory(images={"allowed_bases": [BASE_IMAGE, *victims]})
+        # (the suite's own base image is not named: a regression would break other tests)
         folder, evil = _evil_archive(api, tmp_path, server.settings.docker.name_prefix,
-                                     victims[:2] + [BASE_IMAGE], victims[2], victims[3])
+                                     victims[:2], victims[2], victims[3])
         job = server.wait_job(server["alice"].submit(folder)["id"], 90)
         assert job["state"] == "succeeded", job
         assert job["image"] == evil
@@ -168,8 +169,10 @@ def test_image_tar_cannot_re_point_any_name(server_factory: Any, tmp_path: Path)
             with pytest.raises(docker.errors.ImageNotFound):
                 api.inspect_image(v)
         # the loaded image carried only DoPQ's own tag, gone with the job
-        wait_for(lambda: not api.images(filters={"reference": f"dopq/alice/*:*-{job['id']}"}),
-                 30)
+        tag = images.job_tag(server.server.platform.store.owner_id(), "alice", "evil-load",
+                             job["id"])
+        assert tag.endswith(f"-{job['id']}")
+        wait_for(lambda: not api.images(filters={"reference": tag}), 30)
     finally:
         for v in victims:
             try:
@@ -399,6 +402,7 @@ def test_cancelled_and_rejected_jobs_leave_no_tag(server: Running, jobs_dir: Pat
     alice = server["alice"]
     owner = server.server.platform.store.owner_id()
     blocker = alice.submit(good_job(jobs_dir, "alice", "blocker", "sleep 30", num_gpus=2))
+    wait_for(lambda: alice.call("job", blocker["id"])["state"] == "running", 60)
     waiting = alice.submit(good_job(jobs_dir, "alice", "waiting", "true", num_gpus=2))
     wait_for(lambda: alice.call("job", waiting["id"])["state"] == "queued", 60)
     rejected = alice.submit(_job(jobs_dir, "rejected", f"FROM {SHORT}\n", "alice"))
