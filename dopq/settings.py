@@ -87,7 +87,7 @@ class LimitSettings:
 @dataclass
 class BuildSettings:
     concurrency: int = 2
-    timeout: float = 3600.0  # seconds without a word from the engine (a stalled stream)
+    timeout: float = 3600.0  # unused: replaced by time_limit; kept so older configs still load
     time_limit: str = "1h"  # a build running longer is stopped and fails
     network: bool = True  # RUN steps reach the network (to install packages)
 
