@@ -61,8 +61,10 @@ def normalise_ref(ref: str) -> str:
 
 
 def is_allowed_base(ref: str, patterns: Iterable[str]) -> bool:
+    """Whether ``ref`` is one of the admins' names; a digest only where a pattern has one."""
     name = normalise_ref(ref)
-    return any(fnmatch.fnmatchcase(name, normalise_ref(p)) for p in patterns)
+    return any(fnmatch.fnmatchcase(name, normalise_ref(p)) and ("@" in name) == ("@" in p)
+               for p in patterns)
 
 
 def check_references(

@@ -96,6 +96,8 @@ def test_references_are_checked_against_bases_and_own_images() -> None:
         check_references([Reference("trap:latest", "FROM", 1)], allowed, set(), resolve)
     assert images.is_allowed_base("docker.io/library/busybox", ["busybox:latest"])
     assert not images.is_allowed_base("dopq/busybox:latest@sha256:x", [BASE_IMAGE])
+    assert not images.is_allowed_base("dopq/busybox@sha256:x", ["dopq/busybox*"])
+    assert images.is_allowed_base("dopq/busybox:1.36", ["dopq/busybox:*"])
 
 
 # -- item 2: image.tar takes over image names ---------------------------------------------------
