@@ -90,7 +90,18 @@ def secure_state(settings: Settings) -> None:
     ensure_dir(state / "outputs", 0o711)
     ensure_dir(settings.inbox_path, 0o711)
     for suffix in ("", "-wal", "-shm", "-journal"):
-        private_file(Path(str(settings.db_path) + suffix))
+        _chmod_db(Path(str(settings.db_path) + suffix))
+
+
+def _chmod_db(path: Path) -> None:
+    """0600 by path, never through a descriptor: closing any descriptor of a
+    database file drops the process's SQLite (POSIX) locks on it. The state
+    folder is root's alone, so nobody can swap a symlink in here."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
 
 
 def private_file(path: Path) -> None:

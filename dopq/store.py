@@ -173,7 +173,14 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Secrets live here (password hashes, jobs' env): the server's alone, from
         # the first byte; SQLite gives -wal and -shm the database file's mode.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        # Only a new file: closing a descriptor of an open database drops the
+        # process's POSIX locks on it (SQLite's own warning).
+        if not self.path.exists():
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600))
+            except FileExistsError:
+                pass
         self._timeout = timeout
         self._write_lock = threading.RLock()
         self._local = threading.local()
