@@ -32,6 +32,7 @@ from conftest import (  # noqa: E402
     add_users,
     cleanup_docker,
     make_config,
+    release_outputs,
     shared_tls,
     wait_for,
     write_toml,
@@ -183,14 +184,17 @@ class ServerProcess:
         return proc_status(self.pid)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        finally:
+            release_outputs(self.settings)  # kept mounted for the jobs it left running
 
 
 # -- command line and output ----------------------------------------------------------
