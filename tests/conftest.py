@@ -165,7 +165,8 @@ class Running:
         from dopq.client import Client
 
         ns = self.settings.nameserver
-        c = Client(ns.host, ns.port, self.settings.server_name, token="")
+        c = Client(ns.host, ns.port, self.settings.server_name, token="",
+                   fingerprint=self.fingerprint)
         if user is not None:
             c.login(user, PASSWORDS[user], remember=False)
         return c
