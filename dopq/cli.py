@@ -210,6 +210,7 @@ def _trust_on_first_use(c: Any) -> None:
 
 def cmd_login(args: argparse.Namespace) -> int:
     c = _client(args)
+    _trust_on_first_use(c)
     user = args.user or getpass.getuser()
     result = c.login(user, _read_password(args))
     print(f"signed in to {c.server_name()} as {result['user']} ({result['role']})")
@@ -518,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("server", cmd_server, "run the server in the foreground", (cfg,))
+    sp = add("server", cmd_server, "run the server in the foreground "
+             "(`server fingerprint`: print its certificate's fingerprint)", (cfg,))
+    sp.add_argument("what", nargs="?", choices=["fingerprint"])
     sp.add_argument("-v", "--verbose", action="store_true")
     sp = add("config", cmd_config_show, "show the effective configuration", (cfg, js))
     sp.add_argument("what", choices=["show"])
