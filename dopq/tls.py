@@ -88,9 +88,13 @@ def ensure_certificate(cert: str, key: str, state_dir: Path, name: str) -> tuple
     cert_path, key_path = folder / CERT_NAME, folder / KEY_NAME
     if cert_path.is_file() and key_path.is_file():
         return cert_path, key_path
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-    make_self_signed(cert_path, key_path, name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(folder, 0o700)
+        make_self_signed(cert_path, key_path, name)
+    except OSError as exc:
+        raise DopqError(f"cannot make the server's TLS certificate in {folder}: "
+                        f"{exc.strerror or exc} (run this as the server's user)") from None
     return cert_path, key_path
 
 

@@ -170,3 +170,18 @@ def test_tls_settings_are_checked(tmp_path: Path) -> None:
                                            "tls_key": str(tmp_path / "nope.key")}})
     with pytest.raises(ConfigError, match="server.handshake_timeout"):
         settings_mod.from_dict({"server": {"handshake_timeout": 0}})
+
+
+def test_fingerprint_command_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'state_dir = "{tmp_path / "file" / "state"}"\n')
+    assert cli.main(["server", "fingerprint", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot make the server's TLS certificate" in err
+    broken = tmp_path / "broken.pem"
+    broken.write_text("not a certificate")
+    with pytest.raises(DopqError, match="no PEM certificate"):
+        tls.file_fingerprint(broken)
