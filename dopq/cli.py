@@ -81,7 +81,6 @@ def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
 def cmd_server(args: argparse.Namespace) -> int:
     from dopq.api import serve
 
-    os.umask(0o077)  # state, logs, keys: the server's alone; shared folders get explicit modes
     if args.what == "fingerprint":
         from dopq import tls
 
@@ -94,6 +93,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    os.umask(0o077)  # state, logs, keys: the server's alone; shared folders get explicit modes
     return serve(_settings(args))
 
 

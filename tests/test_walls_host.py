@@ -379,7 +379,8 @@ def test_seal_never_follows_a_link_or_keeps_a_foreign_hard_link(base: Path) -> N
     folders = outputs.OutputFolders(s)
     victim = _victim(base)
     host_dir = base / "host-dir"
-    host_dir.mkdir(mode=0o755)
+    host_dir.mkdir()
+    host_dir.chmod(0o755)
     (host_dir / "f").write_text("host")
     out = folders.prepare("alice", 7)
     os.link(victim, out / "foreign")  # as a job on an unprotected host could
