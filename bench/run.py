@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--quick] [--only NAME,...] [--out DIR] [--profile DIR]
 
-Benchmarks (issue 6): dispatch, intake, policy, api, gui, size; each runs as
+Benchmarks (issue 6): dispatch, intake, policy, eta, api, gui, size; each runs as
 its own process (``bench/bench_<name>.py --json``), so one failing does not
 stop the others. Prints a summary table (benchmark, figure, value, baseline,
 goal, met), writes ``<out>/<UTC timestamp>.json`` with every figure and
@@ -29,8 +29,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-BENCHMARKS = ("dispatch", "intake", "policy", "api", "gui", "size")
-TIMEOUT_S = {"dispatch": 300, "intake": 300, "policy": 900, "api": 900, "gui": 600, "size": 600}
+BENCHMARKS = ("dispatch", "intake", "policy", "eta", "api", "gui", "size")
+TIMEOUT_S = {"dispatch": 300, "intake": 300, "policy": 900, "eta": 600, "api": 900, "gui": 600,
+             "size": 600}
 
 Row = tuple[str, str, Any, Any, str, bool | None]  # bench, figure, value, baseline, goal, met
 
@@ -117,6 +118,17 @@ def summarise(results: dict[str, Any]) -> list[Row]:
                          "", goal, ms < 5 if goal else None))
             rows.append(("policy", f"decide memory, {r['queued']} queued (KiB)",
                          round(r["decide_kib"]), "", "", None))
+    d = results.get("eta")
+    if isinstance(d, dict):
+        for r in d["cost"]:
+            goal = "< 100" if r["queued"] == 10_000 else ""
+            rows.append(("eta", f"start estimates, {r['queued']} queued (ms)",
+                         round(r["reuse_ms"], 1), f"with decide {round(r['full_ms'], 1)}",
+                         goal, r["reuse_ms"] < 100 if goal else None))
+        for a in d["accuracy"]:
+            rows.append(("eta", f"{a['trace']}: |est - real start| p50/p90 (s)",
+                         f"{a['median_s']}/{a['p90_s']}",
+                         f"waited {a['waited_median_s']}/{a['waited_p90_s']}", "", None))
     d = results.get("api")
     if isinstance(d, dict):
         for mode, m in d.get("modes", {}).items():

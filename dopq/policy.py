@@ -165,6 +165,8 @@ class ClusterState:
     ``finished_states``: final state of jobs that dependencies name; absent = not over.
     ``history``: users of finished jobs, newest first (recency policy only).
     ``total_gpus``: GPUs in the machine; unset, free + held by running jobs.
+    ``factors``: F per user, to use instead of computing them from ``usage``
+    (:mod:`dopq.eta` freezes them while it runs the policy forward).
     """
 
     queued: Sequence[QueuedJob]
@@ -174,6 +176,7 @@ class ClusterState:
     finished_states: Mapping[int, JobState] = field(default_factory=dict)
     history: Sequence[str] = ()
     total_gpus: int | None = None
+    factors: Mapping[str, float] | None = None  # F per lower-cased user, when already known
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +210,8 @@ class Decision:
         self.next_wakeup = next_wakeup
         self._explain: Callable[[], list[QueueEntry]] | None = explain
         self._entries: list[QueueEntry] | None = None
+        # What it was decided from, for dopq.eta to run the policy forward.
+        self.inputs: tuple[ClusterState, float, PolicyConfig] | None = None
 
     @property
     def entries(self) -> list[QueueEntry]:
@@ -273,7 +278,8 @@ class _Scorer:
         if self.fairshare:
             active = {u.lower() for u in raw}
             active.update(r.user.lower() for r in state.running)
-            self.F = fairshare_factors(state.usage, active, cfg.shares)
+            self.F = (dict(state.factors) if state.factors is not None
+                      else fairshare_factors(state.usage, active, cfg.shares))
             self.by_raw = {u: cfg.w_fairshare * self.F.get(u.lower(), 1.0) for u in raw}
             self.jt = {p: job_term(p, cfg.w_job) for p in set(map(_prio, state.queued))}
         else:
@@ -517,12 +523,14 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
             q = rest[k[3]]
             if q.num_gpus == 0 or placer.free:
                 placer.visit(q)
-    return Decision(
+    decision = Decision(
         placer.starts,
         _failures(state),
         _next_wakeup(state, placer, scorer),
         lambda: explain(state, now, cfg),
     )
+    decision.inputs = (state, now, cfg)
+    return decision
 
 
 def explain(state: ClusterState, now: float, cfg: PolicyConfig) -> list[QueueEntry]:

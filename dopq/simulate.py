@@ -22,7 +22,7 @@ import json
 import math
 import sys
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from dopq.jobs import JobState, format_duration, parse_duration
 from dopq.policy import (
     POLICIES,
     ClusterState,
+    Decision,
     PolicyConfig,
     QueuedJob,
     RunningJob,
@@ -198,9 +199,14 @@ def load_trace(path: str | Path) -> list[TraceJob]:
 
 
 def simulate(
-    jobs: Sequence[TraceJob], gpus: int, cfg: PolicyConfig, *, check: bool = True
+    jobs: Sequence[TraceJob], gpus: int, cfg: PolicyConfig, *, check: bool = True,
+    observe: Callable[[float, ClusterState, Decision], None] | None = None,
 ) -> SimResult:
-    """Run ``jobs`` on ``gpus`` GPUs under ``cfg`` and report what each user got."""
+    """Run ``jobs`` on ``gpus`` GPUs under ``cfg`` and report what each user got.
+
+    ``observe(now, state, decision)`` is called after every decision (the
+    start-time estimates of ``bench/bench_eta.py`` are taken there).
+    """
     if gpus < 1:
         raise JobRejected("the simulated machine needs at least one GPU")
     for tj in jobs:
@@ -256,6 +262,8 @@ def simulate(
             gpus,
         )
         decision = decide(state, now, cfg)
+        if observe is not None:
+            observe(now, state, decision)
         for job_id, held in decision.starts:
             q = queued.pop(job_id)
             pool.acquire(job_id, held)
