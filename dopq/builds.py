@@ -21,6 +21,7 @@ known limit (SECURITY.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -37,6 +38,7 @@ import urllib3.exceptions
 
 from dopq.errors import BuildFailed, EngineUnavailable
 
+log = logging.getLogger("dopq.builds")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CONTROLLERS = ("pids", "memory", "cpu")
 
@@ -130,7 +132,7 @@ class BuildCgroup:
             hit.append(f"memory limit ({_fmt_bytes(lim.memory)})")
         return hit
 
-    def remove(self, timeout: float = 10.0) -> bool:
+    def remove(self, timeout: float = 30.0) -> bool:
         """Remove the cgroup (and what runc left under it) in every hierarchy."""
         dirs = [self.root / self.name] if self.version == 2 else \
             [p / self.name for p in self.root.iterdir() if (p / self.name).is_dir()]
@@ -160,17 +162,25 @@ def cgroup_prefix(owner: str) -> str:
     return f"dopq-build-{owner[:12] or 'x'}-"
 
 
+_active: set[str] = set()  # build cgroups in use in this process
+_active_lock = threading.Lock()
+
+
 def remove_stale(owner: str, root: Path = CGROUP_ROOT) -> int:
-    """Remove this server's build cgroups left by a crash (call when no build runs)."""
+    """Remove this server's build cgroups that no build of this process uses:
+    left by a crash, or by a RUN container torn down after its build ended."""
     version = _cgroup_version(root)
     if version is None:
         return 0
-    base = root if version == 2 else root / "pids"
-    names = {p.name for p in base.glob(cgroup_prefix(owner) + "*")} if base.is_dir() else set()
+    prefix = cgroup_prefix(owner)
+    names = {p.name for p in root.glob(prefix + "*")} if version == 2 else \
+        {p.name for p in root.glob(f"*/{prefix}*")}
+    with _active_lock:
+        names -= _active
+    removed = 0
     for name in names:
-        group = BuildCgroup(BuildLimits(), root=root, name=name)
-        group.remove(1.0)
-    return len(names)
+        removed += BuildCgroup(BuildLimits(), root=root, name=name).remove(0.5)
+    return removed
 
 
 def _cgroup_version(root: Path) -> int | None:
@@ -268,6 +278,8 @@ def build(
     try:
         if usable_cgroups(api, base_url):
             group = BuildCgroup(limits, owner)
+            with _active_lock:
+                _active.add(group.name)
             try:
                 group.create()
                 extra["cgroupparent"] = group.parent
@@ -275,6 +287,8 @@ def build(
                 on_log(f"[dopq] warning: no build cgroup ({exc.strerror}); "
                        "no pids limit for this build\n")
                 group.remove(1.0)
+                with _active_lock:
+                    _active.discard(group.name)
                 group = None
         if group is None and limits.memory:
             container_limits = {"memory": limits.memory, "memswap": limits.memory}
@@ -325,7 +339,11 @@ def build(
         if group is not None:
             _remove_containers(base_url, api_version, group.containers())
             if not group.remove():
-                on_log(f"[dopq] warning: build cgroup {group.name} could not be removed\n")
+                log.warning("build cgroup %s not removed yet; swept later", group.name)
+            with _active_lock:
+                _active.discard(group.name)
+            with contextlib.suppress(OSError):
+                remove_stale(owner)
         api.close()
     return image_id
 
