@@ -283,7 +283,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 QUEUE_COLS = [("position", "POS"), ("id", "ID"), ("name", "NAME"), ("user", "USER"),
               ("state", "STATE"), ("num_gpus", "GPUS"), ("priority_value", "PRIORITY"),
-              ("reason", "REASON"), ("wait", "WAITING")]
+              ("wait", "WAITING"), ("start", "START"), ("reason", "REASON")]
 RUNNING_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("gpus", "GPUS"),
                 ("run", "RUNNING"), ("time_limit_h", "LIMIT"), ("container", "CONTAINER")]
 HISTORY_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("state", "STATE"),
@@ -292,10 +292,15 @@ HISTORY_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("state", "STA
 
 
 def _add_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from dopq.eta import start_text
+
+    now = time.time()
     for r in rows:
         r["wait"] = format_duration(r.get("wait_s"))
         r["run"] = format_duration(r.get("run_s"))
         r["time_limit_h"] = format_duration(r.get("time_limit"))
+        if "expected_start" in r:
+            r["start"] = start_text(r["expected_start"], now)
     return rows
 
 
@@ -334,10 +339,25 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "submitted_at", "started_at", "finished_at", "time_limit", "priority", "nice",
                 "held", "array_index", "after", "after_any", "image", "container"):
         print(f"{key:>13}: {_cell(job.get(key))}")
+    _show_estimate(job)
     print("       events:")
     for e in job.get("events", []):
         print(printable(f"  {e['at']}  {e['state']:<10} {e['detail']}"))
     return 0
+
+
+def _show_estimate(job: dict[str, Any]) -> None:
+    """The expected start and the reason, in full; for a job that ran, the estimates kept."""
+    from dopq.eta import start_text
+
+    now = time.time()
+    if job.get("state") == "queued":
+        start = job.get("expected_start")
+        print(f"{'start':>13}: {start_text(start, now)}" + (f" ({start})" if start else ""))
+        print(f"{'reason':>13}: {printable(job.get('reason') or '-')}")
+    elif job.get("expected_start_first") or job.get("expected_start_last"):
+        print(f"{'estimated':>13}: first {_cell(job.get('expected_start_first'))}, "
+              f"last while waiting {_cell(job.get('expected_start_last'))}")
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ Cost
 
 from __future__ import annotations
 
+import datetime as dt
 import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,7 @@ from dopq.policy import (
 )
 
 MAX_EVENTS = 400
+STARTING = "Starting"  # the reason of a job that starts at this instant
 WINDOW = 64
 
 
@@ -78,6 +80,17 @@ def clock_text(ts: float, now: float) -> str:
     t, n = time.localtime(ts), time.localtime(now)
     same_day = (t.tm_year, t.tm_yday) == (n.tm_year, n.tm_yday)
     return time.strftime("%H:%M" if same_day else "%b %d %H:%M", t)
+
+
+def start_text(iso: str | None, now: float) -> str:
+    """An expected start (ISO 8601, as the API gives it) as ``~10:40``; ``-`` when None."""
+    if not iso:
+        return "-"
+    try:
+        ts = dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return "-"
+    return "~now" if ts <= now else "~" + clock_text(ts, now)
 
 
 def median(values: Sequence[float]) -> float:
@@ -324,7 +337,7 @@ def estimate(
             out[q.id] = Estimate(None, "Held")
             continue
         if r == WaitReason.NONE:
-            text = "Starting"
+            text = STARTING
             words.started(q)
         elif r == WaitReason.RESOURCES:
             text = words.resources(q)

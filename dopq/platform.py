@@ -33,6 +33,7 @@ from dopq.errors import (
     LimitExceeded,
     NotFound,
 )
+from dopq.estimates import StartEstimates
 from dopq.jobs import FINAL_STATES, JobState
 from dopq.limits import QueueSlots, submission_slots
 from dopq.provider import job_dir, start_process
@@ -137,6 +138,7 @@ class DataPlatform:
         self.shutdown_requested = threading.Event()
         self._last_clean_hour = 0
         self.views = ViewCache(self._build_views, self._views_key, ttl=VIEW_TTL)
+        self.estimates = StartEstimates(self.store, iso)
         self._write_gen: dict[str, int] = {}
         self._stats_version = 0
         self._raw_stats: dict[int, dict[str, float]] = {}
@@ -482,6 +484,11 @@ class DataPlatform:
         # The spec holds the job's environment: only its owner and admins see it.
         view["spec"] = row["spec"] if (row["user"] == who.name or who.is_admin) else None
         view["image"] = row["image"] if (row["user"] == who.name or who.is_admin) else None
+        shown = self.estimates.shown.get(row["id"]) if row["state"] == "queued" else None
+        view["expected_start"], view["reason"] = shown if shown else (None, None)
+        # Start estimates kept for the record: the first made, the last while it waited.
+        view["expected_start_first"] = iso(row.get("expected_start_first"))
+        view["expected_start_last"] = iso(row.get("expected_start_last"))
         return view
 
     def images(self, who: Principal) -> dict[str, Any]:
@@ -507,25 +514,29 @@ class DataPlatform:
 
     def _build_views(self, prev: Version | None) -> Version:
         with self.queue.decision_lock:
-            decision = self.queue.last_decision
+            decision, seq = self.queue.last_decision, self.queue.decision_seq
         entries = {e.id: e for e in decision.entries} if decision else {}
         rows = self.store.read(
             "SELECT id, name, user, state, num_gpus, submitted_at, time_limit, priority, nice,"
             " held, array_index FROM jobs WHERE state IN ('received', 'building', 'queued')"
         )
+        shown = self.estimates.update(decision, seq, [r[0] for r in rows if r[3] == "queued"])
         old = prev.queued if prev is not None else {}
         queued: dict[int, dict[str, Any]] = {}
         for r in rows:
             jid, state, ts = r[0], r[3], r[5]
             e = entries.get(jid) if state == "queued" else None
+            eta = shown.get(jid) if state == "queued" else None
             o = old.get(jid)
             row = {
                 "id": jid, "name": r[1], "user": r[2], "state": state, "num_gpus": r[4],
                 "submitted_at": o["submitted_at"] if o and o["submitted_ts"] == ts else iso(ts),
                 "submitted_ts": ts, "time_limit": r[6], "priority": r[7], "nice": r[8],
                 "held": bool(r[9]), "array_index": r[10],
-                "reason": str(e.reason) if e else ("Priority" if state == "queued" else "Building"),
+                "reason": eta[1] if eta else str(e.reason) if e
+                else ("Priority" if state == "queued" else "Building"),
                 "priority_value": round(e.priority, 1) if e else None,
+                "expected_start": eta[0] if eta else None,
             }
             queued[jid] = o if o == row else row  # unchanged rows stay the same object
         order = [e.id for e in decision.entries if e.id in queued] if decision else []

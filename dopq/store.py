@@ -113,6 +113,11 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX jobs_finished ON jobs(finished_at)
     """,
+    # 4: start estimates (dopq.eta): the first one made, and the last while it waited
+    """
+    ALTER TABLE jobs ADD COLUMN expected_start_first REAL;
+    ALTER TABLE jobs ADD COLUMN expected_start_last REAL
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -122,7 +127,7 @@ JOB_COLUMNS = (
     "gpus", "time_limit", "priority", "nice", "held", "top", "after", "after_any",
     "array_index", "array_parent", "context_hash", "image", "container", "exit_code",
     "error", "submitted_at", "queued_at", "started_at", "finished_at", "hidden",
-    "submitted_by",
+    "submitted_by", "expected_start_first", "expected_start_last",
 )
 
 
