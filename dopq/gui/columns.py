@@ -8,12 +8,14 @@ by ``Column.value`` (a job state, or free/busy/running for a GPU).
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from PySide6.QtCore import Qt
 
+from dopq.eta import start_text
 from dopq.jobs import format_duration
 from dopq.text import printable
 
@@ -131,6 +133,23 @@ def _time(name: str) -> Callable[[Row], str]:
     return lambda r: fmt_time(r.get(name))
 
 
+START_TIP = ("expected start, local time (~: an estimate): the policy run forward with the"
+             " running jobs' time limits, else their users' typical run time; - : unknown")
+
+
+def _start(r: Row) -> str:
+    return start_text(r.get("expected_start"), time.time())
+
+
+def queued_tip(r: Row) -> str | None:
+    """A queued row's tooltip: why it waits, in full, and when it is expected to start."""
+    reason = r.get("reason")
+    if not reason:
+        return None
+    start = r.get("expected_start")
+    return printable(str(reason)) + (f"\nexpected start: {fmt_time(start)}" if start else "")
+
+
 def _state_text(r: Row) -> str:
     s = str(r.get("state") or "-")
     return f"{s} (held)" if job_state(r) == "held" else s
@@ -169,9 +188,12 @@ QUEUED_COLUMNS = (
     col("GPUs", "num_gpus", right=True),
     col("Priority", "priority_value", lambda r: fmt_number(r.get("priority_value"), 3),
         right=True, tip="the policy's priority (higher runs first)", searchable=False),
-    col("Boost", "priority", right=True, tip="the job's own priority setting"),
-    col("Reason", "reason", tip="why it waits"),
+    col("Boost", "priority", right=True,
+        tip="the priority the job was submitted with (--priority, -1000..1000; 0 is normal,"
+            " above 0 only for admins); it adds 0..1000 to the policy's priority"),
     col("Waiting", "wait_s", _dur("wait_s"), right=True, searchable=False),
+    Column("Start", field("expected_start"), _start, tip=START_TIP, searchable=False),
+    col("Reason", "reason", tip="why it waits (hover a row for all of it)"),
     col("Submitted", "submitted_at", _time("submitted_at")),
 )
 

@@ -85,7 +85,10 @@ class JobDialog(QDialog):
               ("held", "Held"), ("time_limit", "Time limit"), ("submitted_at", "Submitted"),
               ("started_at", "Started"), ("finished_at", "Finished"), ("wait_s", "Waited"),
               ("run_s", "Ran"), ("image", "Image"), ("container", "Container"),
-              ("origin", "Origin"), ("after", "After"), ("array_parent", "Array of"))
+              ("origin", "Origin"), ("after", "After"), ("array_parent", "Array of"),
+              ("expected_start", "Expected start"), ("reason", "Waiting for"),
+              ("expected_start_first", "First estimate"),
+              ("expected_start_last", "Last estimate"))
     LOGS = ("run", "build")
 
     def __init__(self, client: ClientLike, runner: Runner, job_id: int,
@@ -177,7 +180,7 @@ class JobDialog(QDialog):
     def _text(key: str, value: Any) -> str:
         if value is None or value == []:
             return "-"
-        if key.endswith("_at"):
+        if key.endswith("_at") or key.startswith("expected_start"):
             return fmt_time(value)
         if key in ("wait_s", "run_s", "time_limit"):
             return format_duration(value)

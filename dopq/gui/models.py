@@ -41,6 +41,7 @@ from dopq.gui.columns import (
     USER_COLUMNS,
     Column,
     Row,
+    queued_tip,
 )
 from dopq.gui.compat import emit
 
@@ -300,6 +301,11 @@ class RunningModel(RowModel):
 class QueuedModel(RowModel):
     search_fields = JOB_SEARCH
     columns = QUEUED_COLUMNS
+
+    def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if role == Qt.ItemDataRole.ToolTipRole and 0 <= index.row() < len(self._keys):
+            return queued_tip(self._rows[self._keys[index.row()]])  # the whole row
+        return super().data(index, role)
 
 
 class FinishedModel(RowModel):
