@@ -244,7 +244,8 @@ class _Words:
         busy = _plural(missing, "GPU") + " busy"
         if got < q.num_gpus:
             return f"Resources: {busy} ({_plural(q.num_gpus - got, 'GPU')} in use outside DoPQ)"
-        if until == INF:
+        if until == INF:  # any of them might end first: name them all
+            ids = sorted(jid for end, jid, _ in ends if end == INF)
             return f"Resources: {busy} ({_ids(ids)}: no time limit, end unknown)"
         return f"Resources: {busy} until {self._at(until)} ({_ids(ids)})"
 
