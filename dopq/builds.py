@@ -365,7 +365,9 @@ def _reason(error: str, group: BuildCgroup | None, timed_out: threading.Event,
 def _remove_containers(base_url: str, api_version: str, ids: list[str]) -> None:
     if not ids:
         return
-    with docker.APIClient(base_url=base_url, version=api_version, timeout=30) as api:
+    with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException,
+                             OSError), \
+            docker.APIClient(base_url=base_url, version=api_version, timeout=30) as api:
         for cid in ids:
             with contextlib.suppress(docker.errors.DockerException,
                                      requests.exceptions.RequestException, OSError):
