@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dopq.errors import JobRejected
-from dopq.jobs import JobSpec, parse_duration, parse_size
+from dopq.forms import parse_array, parse_duration, parse_size
+from dopq.jobs import JobSpec
 from dopq.text import check_display_text
 
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
@@ -205,7 +206,11 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
 
 
 def _set_memory(spec: JobSpec, value: Any, what: str) -> None:
-    spec.memory = _size(value, what)
+    memory = _size(value, what)
+    if memory < 6 * 2**20:  # Docker refuses less, when the container is created
+        raise JobRejected(f"{what}: {memory} bytes is below the minimum of 6m "
+                          f"(a number alone is bytes: did you mean '{str(value).strip()[:20]}g'?)")
+    spec.memory = memory
 
 
 def _set_gpus(spec: JobSpec, value: Any, what: str) -> None:
@@ -234,18 +239,7 @@ def _set_shm(spec: JobSpec, value: Any, what: str) -> None:
     spec.shm_size = _size(value, what)
 
 
-# Checked before parse_duration, whose pattern backtracks exponentially on long
-# digit runs ("1111...x"); this one is linear and accepts the same useful forms.
-_DURATION_SHAPE = re.compile(
-    r"\s*(?:\d{1,9}(?::\d{1,2}){1,2}"
-    r"|(?:\d{1,9}(?:\.\d{1,9})?\s*(?:min|d|h|m|s)\s*)*(?:\d{1,9}(?:\.\d{1,9})?\s*)?)",
-    re.IGNORECASE,
-)
-
-
 def _set_time_limit(spec: JobSpec, value: Any, what: str) -> None:
-    if isinstance(value, str) and (len(value) > 64 or not _DURATION_SHAPE.fullmatch(value)):
-        raise JobRejected(f"{what}: expected a duration like '2h' or '90m', got {_show(value)}")
     try:
         seconds = parse_duration(value, what)
     except (OverflowError, ValueError):
@@ -281,13 +275,13 @@ def _set_after_any(spec: JobSpec, value: Any, what: str) -> None:
 
 def _set_array(spec: JobSpec, value: Any, what: str) -> None:
     if isinstance(value, str):
-        spec.array = parse_array(value)
+        spec.array = parse_array(value, what)
     elif isinstance(value, list):
         if len(value) > MAX_ARRAY:
             raise JobRejected(f"{what}: at most {MAX_ARRAY} array elements")
         spec.array = sorted({_int(v, what, 0, MAX_ARRAY_INDEX) for v in value})
     else:
-        raise JobRejected(f"{what}: expected a range like '0-9', got {_kind(value)}")
+        raise JobRejected(f"{what}: expected indices like '0-9', got {_kind(value)}")
 
 
 _Setter = Callable[[JobSpec, Any, str], None]
@@ -509,37 +503,6 @@ def _apply_moved(spec: JobSpec, raw: Mapping[str, Any], key: str, value: Any) ->
 
 
 # --- arrays and tags ---------------------------------------------------------
-
-
-_ARRAY_PART = re.compile(r"(\d{1,7})(?:-(\d{1,7})(?::(\d{1,7}))?)?")
-
-
-def parse_array(text: str) -> list[int]:
-    """Parse a Slurm-style array: ``"0-9"``, ``"1,3,5"``, ``"0-15:2"``, ``"0-15%4"``.
-
-    A trailing ``%N`` (at most N at once, in Slurm) is accepted and ignored. The
-    result is sorted, without repeats, at most ``MAX_ARRAY`` indices.
-    """
-    if not isinstance(text, str):
-        raise JobRejected(f"array: expected a range like '0-9', got {_kind(text)}")
-    body = text.replace(" ", "")
-    body, pct, throttle = body.partition("%")
-    if pct and not (throttle.isdecimal() and len(throttle) <= 7 and int(throttle) > 0):
-        raise JobRejected(f"array: bad throttle in {_show(text)} (expected %N, N >= 1)")
-    indices: set[int] = set()
-    for part in body.split(","):
-        m = _ARRAY_PART.fullmatch(part) if part.isascii() else None
-        if not m:
-            raise JobRejected(f"array: expected ranges like '0-9' or '1,3,5', got {_show(text)}")
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) else first
-        step = int(m.group(3)) if m.group(3) else 1
-        if last < first or step < 1 or last > MAX_ARRAY_INDEX:
-            raise JobRejected(f"array: bad range {_show(part)} (indices 0 to {MAX_ARRAY_INDEX})")
-        if len(indices) + (last - first) // step + 1 > MAX_ARRAY:
-            raise JobRejected(f"array: more than {MAX_ARRAY} elements")
-        indices.update(range(first, last + 1, step))
-    return sorted(indices)
 
 
 _TAG_BAD = re.compile(r"[^a-z0-9._-]+")
