@@ -401,19 +401,29 @@ class PriorityQueueThread(threading.Thread):
         return f"{self.instance}-{self.owner[:8]}-{job_id}"
 
     def _untag(self, job_id: int) -> None:
-        """Drop the job's own image tag; a built image stays under its cache tag."""
+        """Drop the job's own image tag; a built image stays under its cache tag.
+
+        An array's elements share the tag of its first job: it stays while any
+        element still needs the image (a loaded image has no other name).
+        """
         try:
             row = self.store.job(job_id)
             spec = row["spec"] or {}
-            if row["image"] and spec.get("name"):
-                self.runtime.untag(job_tag(self.owner, row["user"], spec["name"], job_id))
+            tagged = row["array_parent"] or job_id
+            if not row["image"] or not spec.get("name") or tagged in self._tag_users():
+                return
+            self.runtime.untag(job_tag(self.owner, row["user"], spec["name"], tagged))
         except Exception:  # noqa: BLE001 - a tag left behind is swept later
             log.warning("job %s: untag failed\n%s", job_id, traceback.format_exc())
+
+    def _tag_users(self) -> set[int]:
+        """Ids whose job tag an active job still needs (its own, or its array's)."""
+        return {r["array_parent"] or r["id"] for r in self.store.jobs(ACTIVE_STATES)}
 
     def sweep_tags(self) -> list[str]:
         """Remove this server's job tags whose job is over and has no container."""
         removed = []
-        busy = {r["id"] for r in self.store.jobs(ACTIVE_STATES)}
+        busy = self._tag_users()
         for tag in self.runtime.tags_matching(owner_tag_pattern(self.owner)):
             tail = tag.rpartition(":")[2].rpartition("-")[2]
             if not tail.isdigit() or int(tail) in busy or int(tail) in self._collecting:

@@ -432,3 +432,37 @@ def test_a_crash_leaves_no_build_cgroup_of_ours(tmp_path: Path) -> None:
     assert remove_stale("mine", tmp_path) == 1
     assert sorted(p.name for p in tmp_path.glob("*/dopq-build-*")) == \
         [f"{cgroup_prefix('other')}1"] * 4
+
+
+def test_a_loaded_image_stays_while_its_array_needs_it(server: Running, tmp_path: Path) -> None:
+    """The job tag is a loaded image's only name: dropping it with the array's first
+    job would leave the other elements without an image."""
+    api = docker.APIClient(version="auto")
+    try:
+        folder, image = _evil_archive(api, tmp_path, server.settings.docker.name_prefix,
+                                      [], "none/none:none", "none")
+        api.remove_image(image, force=True)  # loaded fresh: DoPQ's tag is its only name
+        cfg = json.loads((folder / "container_config.json").read_text())
+        cfg.update(num_gpus=2, command=["sh", "-c", "cat /evil; sleep 3"])  # one at a time
+        (folder / "container_config.json").write_text(json.dumps(cfg))
+        alice, root = server["alice"], server["root"]
+        first = alice.submit(folder, {"array": "0-2"})["id"]
+
+        def elements() -> list[dict[str, Any]] | None:
+            rows = [j for j in root.call("queue") + root.call("running")
+                    if j.get("array_parent", first) == first or j["id"] == first]
+            return rows if len(rows) == 3 else None
+
+        wait_for(elements, 60)
+        rest = [first + 1, first + 2]
+        root.call("edit", rest, "hold")  # they wait until the first is over and collected
+        assert server.wait_job(first)["state"] == "succeeded"
+        wait_for(lambda: not api.containers(all=True, filters={"label": f"dopq.job={first}"}),
+                 30)
+        root.call("edit", rest, "release")
+        jobs = [server.wait_job(j) for j in rest]
+        assert [j["state"] for j in jobs] == ["succeeded"] * 2, jobs
+        wait_for(lambda: not api.images(filters={"reference": images.job_tag(
+            server.server.platform.store.owner_id(), "alice", "evil-load", first)}), 30)
+    finally:
+        api.close()
