@@ -8,6 +8,7 @@ by ``Column.value`` (a job state, or free/busy/running for a GPU).
 from __future__ import annotations
 
 import datetime as dt
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,11 @@ def fmt_percent(v: float | None) -> str:
 
 
 def fmt_gpus(gpus: Sequence[int] | None) -> str:
-    return ",".join(str(g) for g in gpus) if gpus else "-"
+    return ", ".join(str(g) for g in gpus) if gpus else "-"
+
+
+GPUS_TIP = "how many whole GPUs the job asked for (0: CPU only)"
+ON_GPUS_TIP = "the indices of the GPUs the job runs (or ran) on"
 
 
 def fmt_gpu_util(samples: Sequence[Row] | None) -> str:
@@ -141,13 +146,19 @@ def _start(r: Row) -> str:
     return start_text(r.get("expected_start"), time.time())
 
 
+def wrap_tip(text: str, width: int = 100) -> str:
+    """A long cell's text for its tooltip, in full, wrapped (Qt does not wrap plain text)."""
+    return "\n".join(textwrap.fill(line, width) for line in text.splitlines() or [""])
+
+
 def queued_tip(r: Row) -> str | None:
     """A queued row's tooltip: why it waits, in full, and when it is expected to start."""
     reason = r.get("reason")
     if not reason:
         return None
     start = r.get("expected_start")
-    return printable(str(reason)) + (f"\nexpected start: {fmt_time(start)}" if start else "")
+    return wrap_tip(printable(str(reason))) + (f"\nexpected start: {fmt_time(start)}"
+                                                if start else "")
 
 
 def _state_text(r: Row) -> str:
@@ -166,7 +177,9 @@ RUNNING_COLUMNS = (
     col("Job", "name"),
     col("User", "user"),
     Column("State", job_state, _state_text, coloured=True),
-    Column("GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus"))),
+    col("GPUs", "num_gpus", right=True, tip=GPUS_TIP),
+    Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus")),
+           tip=ON_GPUS_TIP),
     col("Running", "run_s", _dur("run_s"), right=True, searchable=False),
     col("Limit", "time_limit", _dur("time_limit"), right=True),
     col("CPU", "cpu_percent", lambda r: fmt_percent(r.get("cpu_percent")), right=True,
@@ -185,7 +198,7 @@ QUEUED_COLUMNS = (
     col("Job", "name"),
     col("User", "user"),
     Column("State", job_state, _state_text, coloured=True),
-    col("GPUs", "num_gpus", right=True),
+    col("GPUs", "num_gpus", right=True, tip=GPUS_TIP),
     col("Priority", "priority_value", lambda r: fmt_number(r.get("priority_value"), 3),
         right=True, tip="the policy's priority (higher runs first)", searchable=False),
     col("Boost", "priority", right=True,
@@ -203,11 +216,14 @@ FINISHED_COLUMNS = (
     col("User", "user"),
     Column("Result", job_state, _result_text, coloured=True),
     col("Exit", "exit_code", right=True),
-    col("GPUs", "num_gpus", right=True),
+    col("GPUs", "num_gpus", right=True, tip=GPUS_TIP),
+    Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus")),
+           tip=ON_GPUS_TIP),
     col("Ran", "run_s", _dur("run_s"), right=True),
     col("Waited", "wait_s", _dur("wait_s"), right=True),
     col("Finished", "finished_at", _time("finished_at")),
-    col("Error", "error"),
+    col("Error", "error", tip="why it failed (hover a row for all of it; the details show it"
+        " wrapped)"),
 )
 
 USER_COLUMNS = (

@@ -3,14 +3,11 @@ the small message-box helpers every command goes through (tests patch these)."""
 
 from __future__ import annotations
 
-import functools
 import getpass
-import json
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QCloseEvent, QTextCursor
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QDialog,
@@ -22,22 +19,18 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QMessageBox,
-    QPlainTextEdit,
     QPushButton,
-    QScrollArea,
     QSpinBox,
-    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from dopq.gui.columns import fmt_bytes, fmt_time
+from dopq.gui.columns import fmt_bytes
 from dopq.gui.compat import emit
+from dopq.gui.details import JobDialog as JobDialog  # where the window and tests find it
 from dopq.gui.models import QueuedModel
-from dopq.gui.viewthread import ClientLike, Runner, one_line
+from dopq.gui.viewthread import one_line
 from dopq.gui.widgets import TablePanel
-from dopq.jobs import format_duration
-from dopq.text import printable
 
 FINAL = ("succeeded", "failed", "cancelled")
 ALL_USERS = "(all users)"
@@ -75,159 +68,6 @@ def pick_user(parent: QWidget | None, title: str, users: Sequence[str]) -> str |
     return "" if item == ALL_USERS else str(item)
 
 
-# -- job details ---------------------------------------------------------------------------
-class JobDialog(QDialog):
-    """A job's fields and its run and build logs; follows a live job until it ends."""
-
-    FIELDS = (("id", "ID"), ("name", "Name"), ("user", "User"), ("state", "State"),
-              ("exit_code", "Exit code"), ("error", "Error"), ("num_gpus", "GPUs wanted"),
-              ("gpus", "GPUs held"), ("priority", "Priority"), ("nice", "Nice"),
-              ("held", "Held"), ("time_limit", "Time limit"), ("submitted_at", "Submitted"),
-              ("started_at", "Started"), ("finished_at", "Finished"), ("wait_s", "Waited"),
-              ("run_s", "Ran"), ("image", "Image"), ("container", "Container"),
-              ("origin", "Origin"), ("after", "After"), ("array_parent", "Array of"),
-              ("expected_start", "Expected start"), ("reason", "Waiting for"),
-              ("expected_start_first", "First estimate"),
-              ("expected_start_last", "Last estimate"))
-    LOGS = ("run", "build")
-
-    def __init__(self, client: ClientLike, runner: Runner, job_id: int,
-                 interval: float = 1.0, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.client, self.runner, self.job_id = client, runner, job_id
-        self.setWindowTitle(f"Job {job_id}")
-        self.resize(820, 600)
-        self._closed = False
-        self._state = ""
-        self._busy: set[str] = set()
-        self._offset = dict.fromkeys(self.LOGS, 0)
-        self._done = dict.fromkeys(self.LOGS, False)
-
-        self.values: dict[str, QLabel] = {}
-        form_host = QWidget()
-        form = QFormLayout(form_host)
-        for key, title in self.FIELDS:
-            label = QLabel("-")
-            label.setTextFormat(Qt.TextFormat.PlainText)  # a job name is no HTML
-            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-            label.setWordWrap(True)
-            form.addRow(title, label)
-            self.values[key] = label
-        self.events = QPlainTextEdit(readOnly=True)
-        self.events.setObjectName("logView")
-        form.addRow("Events", self.events)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(form_host)
-
-        self.tabs = QTabWidget(self)
-        self.tabs.addTab(scroll, "Details")
-        self.logs: dict[str, QPlainTextEdit] = {}
-        for kind in self.LOGS:
-            view = QPlainTextEdit(readOnly=True)
-            view.setObjectName("logView")
-            view.setMaximumBlockCount(200_000)
-            view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
-            self.logs[kind] = view
-            self.tabs.addTab(view, f"{kind.capitalize()} log")
-        self.status = QLabel(self)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, self)
-        buttons.rejected.connect(self.close)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.tabs, 1)
-        row = QHBoxLayout()
-        row.addWidget(self.status, 1)
-        row.addWidget(buttons)
-        lay.addLayout(row)
-
-        self.timer = QTimer(self)
-        self.timer.setInterval(max(200, int(interval * 1000)))
-        self.timer.timeout.connect(self.tick)
-        self.timer.start()
-        self.tick()
-
-    def tick(self) -> None:
-        """Fetch the job (while it is not final) and whatever log is not complete."""
-        if self._closed:
-            return
-        if "job" not in self._busy and self._state not in FINAL:
-            self._busy.add("job")
-            self.runner.start(self.client.call, "job", self.job_id,
-                              on_done=self._got_job, on_error=lambda e: self._failed("job", e))
-        for kind in self.LOGS:
-            if kind not in self._busy and not self._done[kind]:
-                self._busy.add(kind)
-                self.runner.start(self.client.call, "logs", self.job_id, kind, self._offset[kind],
-                                  on_done=functools.partial(self._got_log, kind),
-                                  on_error=functools.partial(self._failed, kind))
-        if self._state in FINAL and all(self._done.values()) and not self._busy:
-            self.timer.stop()
-            self.status.setText(f"{self._state}: logs complete")
-
-    def _got_job(self, job: dict[str, Any]) -> None:
-        self._busy.discard("job")
-        if self._closed:
-            return
-        self._state = str(job.get("state") or "")
-        self.setWindowTitle(printable(f"Job {self.job_id}: {job.get('name', '')} ({self._state})"))
-        for key, label in self.values.items():
-            label.setText(self._text(key, job.get(key)))
-        self.events.setPlainText("\n".join(
-            printable(f"{fmt_time(e.get('at'))}  {e.get('state', '')}  {e.get('detail') or ''}")
-            for e in job.get("events") or ()))
-
-    @staticmethod
-    def _text(key: str, value: Any) -> str:
-        if value is None or value == []:
-            return "-"
-        if key.endswith("_at") or key.startswith("expected_start"):
-            return fmt_time(value)
-        if key in ("wait_s", "run_s", "time_limit"):
-            return format_duration(value)
-        if isinstance(value, list | dict):
-            return json.dumps(value)
-        return printable(value)
-
-    def _got_log(self, kind: str, result: dict[str, Any]) -> None:
-        self._busy.discard(kind)
-        if self._closed:
-            return
-        data = str(result.get("data") or "")
-        if data:
-            view = self.logs[kind]
-            bar = view.verticalScrollBar()
-            at_end = bar.value() >= bar.maximum() - 2
-            cursor = view.textCursor()
-            cursor.movePosition(QTextCursor.MoveOperation.End)
-            cursor.insertText(data)
-            if at_end:
-                bar.setValue(bar.maximum())
-        self._offset[kind] = int(result.get("offset", self._offset[kind]))
-        self._done[kind] = bool(result.get("done"))
-        if data and not self._done[kind]:
-            QTimer.singleShot(0, self.tick)  # more is waiting: fetch it now
-
-    def _failed(self, what: str, exc: BaseException) -> None:
-        self._busy.discard(what)
-        if self._closed:
-            return
-        self.status.setText(f"{what}: {one_line(exc)}")
-        if what in self._done:
-            self._done[what] = True  # e.g. forbidden: do not ask again every second
-        elif what == "job":
-            self._state = "failed" if not self._state else self._state
-
-    def closeEvent(self, event: QCloseEvent) -> None:
-        self._closed = True
-        self.timer.stop()
-        super().closeEvent(event)
-
-    def done(self, result: int) -> None:
-        self._closed = True
-        self.timer.stop()
-        super().done(result)
-
-
 # -- editing the queue ---------------------------------------------------------------------
 class EditQueuedDialog(QDialog):
     """Update enqueued containers: select queued jobs, then one batch action."""
@@ -260,6 +100,7 @@ class EditQueuedDialog(QDialog):
         lay.addWidget(hint)
         lay.addWidget(self.panel, 1)
         lay.addLayout(row)
+        self.may_act: Callable[[list[dict[str, Any]]], bool] = lambda _rows: True
         self.set_admin(admin)
         self.panel.select_keys(selected)
         self._selection_changed()
@@ -271,7 +112,8 @@ class EditQueuedDialog(QDialog):
         self._selection_changed()
 
     def _selection_changed(self, *_: Any) -> None:
-        any_selected = bool(self.panel.view.selectionModel().selectedRows())
+        rows = [r for k in self.panel.selected_keys() if (r := self.panel.model.get(k))]
+        any_selected = bool(rows) and self.may_act(rows)  # others' jobs: admins only
         for action, b in self.buttons.items():
             b.setEnabled(any_selected and (self._admin or action in ("delete", "priority")))
 

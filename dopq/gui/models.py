@@ -42,6 +42,7 @@ from dopq.gui.columns import (
     Column,
     Row,
     queued_tip,
+    wrap_tip,
 )
 from dopq.gui.compat import emit
 
@@ -111,7 +112,7 @@ class RowModel(QAbstractTableModel):
             return fg if role == Qt.ItemDataRole.ForegroundRole else bg
         if role == Qt.ItemDataRole.ToolTipRole:
             text = c.display(row)
-            return text if len(text) > 40 else None
+            return wrap_tip(text) if len(text) > 40 else None
         if role == KEY_ROLE:
             return key
         if role == ROW_ROLE:
@@ -291,6 +292,14 @@ def _runs(rows: list[int]) -> list[list[int]]:
         else:
             runs.append([r, r])
     return runs
+
+
+def may_act(whoami: dict[str, Any], rows: Sequence[Row]) -> bool:
+    """Whether the signed-in user may cancel or edit all these jobs: theirs, or any as admin."""
+    if whoami.get("role") == "admin":
+        return True
+    user = whoami.get("user")
+    return bool(user) and all(r.get("user") == user for r in rows)
 
 
 class RunningModel(RowModel):

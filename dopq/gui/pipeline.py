@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from dopq.gui import dialogs
 from dopq.gui.compat import emit
-from dopq.gui.models import MODEL_CLASSES, RowModel
+from dopq.gui.models import MODEL_CLASSES, RowModel, may_act
 from dopq.gui.style import THEMES, StateColors, StyleManager, resolve_style
 from dopq.gui.trust import TrustKeeper
 from dopq.gui.viewthread import HISTORY_LIMIT, VIEWS, Runner, ViewThread, one_line
@@ -63,6 +63,7 @@ class Pipeline(QMainWindow):
         self.refreshes = 0
         self._asked_login = False
         self._job_dialogs: dict[int, dialogs.JobDialog] = {}
+        self._last_view = ""  # the job view whose selection the job commands act on
         self._edit_dialog: dialogs.EditQueuedDialog | None = None
         self._layout_restored = False  # a remembered layout was put back
         self._sized = False  # the default dock sizes were applied
@@ -163,7 +164,13 @@ class Pipeline(QMainWindow):
             "edit": a("&Update enqueued containers…", self.open_edit_queued, "Ctrl+E",
                       "delete, re-prioritise, hold or release queued jobs"),
             "cancel": a("&Cancel selected jobs", self.cancel_selected, "Del",
-                        "cancel the selected running or queued jobs"),
+                        "cancel the selected running or queued jobs (yours; admins: any)"),
+            "details": a("&Details and logs…", self.open_selected, "Ctrl+I",
+                         "the selected job's fields, events and logs"),
+            "run_log": a("Run &log…", functools.partial(self.open_selected, "run"), "Ctrl+L",
+                         "the selected job's run log"),
+            "build_log": a("&Build log…", functools.partial(self.open_selected, "build"),
+                           "Ctrl+B", "the selected job's build log"),
             "clear_history": a("Clear user &history…", self.clear_history,
                                tip="hide finished jobs (admins)"),
             "clear_status": a("Clear user s&tatus…", self.clear_status,
@@ -183,11 +190,15 @@ class Pipeline(QMainWindow):
             act.setCheckable(True)
             group.addAction(act)
             self.theme_actions[theme] = act
-        for name, acts in (("running", ("cancel",)), ("queued", ("edit", "cancel"))):
+        logs = ("details", "run_log", "build_log")
+        for name, acts in (("running", (*logs, "cancel")), ("queued", (*logs, "edit", "cancel")),
+                           ("finished", logs)):
             view = self.panels[name].view
             view.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
             for key in acts:
                 view.addAction(self.act[key])
+            view.selectionModel().selectionChanged.connect(
+                lambda *_a, n=name: self._selection_changed(n))
 
     def _build_menus(self) -> None:
         act = self.act
@@ -196,7 +207,8 @@ class Pipeline(QMainWindow):
         for key in ("submit", None, "sign_in", "sign_out", "switch", None, "quit"):
             m.addSeparator() if key is None else m.addAction(act[key])
         m = bar.addMenu("&Commands")
-        for key in ("edit", "cancel", None, "clear_history", "clear_status", None, "shutdown"):
+        for key in ("details", "run_log", "build_log", None, "edit", "cancel", None,
+                    "clear_history", "clear_status", None, "shutdown"):
             m.addSeparator() if key is None else m.addAction(act[key])
         m = bar.addMenu("&View")
         for dock in self.docks.values():
@@ -211,7 +223,7 @@ class Pipeline(QMainWindow):
         bar.addMenu("&Help").addAction(act["about"])
         tb = self.addToolBar("Commands")
         tb.setObjectName("commandsToolBar")
-        for key in ("submit", "edit", "cancel", None, "clear_history", "clear_status",
+        for key in ("submit", "details", "edit", "cancel", None, "clear_history", "clear_status",
                     "shutdown", None, "sign_in", "refresh"):
             tb.addSeparator() if key is None else tb.addAction(act[key])
 
@@ -254,6 +266,7 @@ class Pipeline(QMainWindow):
                        f"({who.get('role', '?')}) · {m['running'].rowCount()} running · "
                        f"{m['queued'].rowCount()} queued")
         self.setWindowTitle(f"DoPQ · {self.server_name} · {who.get('user', '')}")
+        self._update_job_actions()  # a selected job may have ended or changed hands
         self.poller.acknowledge()
         emit(self.refreshed)
 
@@ -298,6 +311,24 @@ class Pipeline(QMainWindow):
         self.act["sign_in"].setText("Sign &in…" if not signed_in else "Sign in as &another…")
         if self._edit_dialog is not None:
             self._edit_dialog.set_admin(admin)
+        self._update_job_actions()
+
+    def _selection_changed(self, name: str) -> None:
+        self._last_view = name
+        self._update_job_actions()
+
+    def _update_job_actions(self) -> None:
+        """Cancel only jobs this user may act on; details and logs of any one job."""
+        rows = [self.models[n].get(k) for n in ("running", "queued") for k in self.selected(n)]
+        who = self.whoami.get("user")
+        allowed = may_act(self.whoami, [r for r in rows if r is not None])
+        cancel = self.act["cancel"]
+        cancel.setEnabled(bool(rows) and allowed)
+        cancel.setToolTip("cancel the selected jobs" if allowed else
+                          f"only their owners or an admin may cancel them (you are {who})")
+        one = self.selected_job() is not None
+        for key in ("details", "run_log", "build_log"):
+            self.act[key].setEnabled(one)
 
     # -- style -----------------------------------------------------------------------------
     def set_style(self, spec: str) -> None:
@@ -336,6 +367,24 @@ class Pipeline(QMainWindow):
     def selected(self, name: str) -> list[Hashable]:
         return self.panels[name].selected_keys()
 
+    def selected_job(self) -> int | None:
+        """The job selected in the view used last (else in any job view)."""
+        names = [self._last_view, "running", "queued", "finished"]
+        for name in names:
+            keys = self.selected(name) if name else []
+            if keys:
+                return int(keys[0])  # type: ignore[call-overload]
+        return None
+
+    def open_selected(self, log: str = "") -> dialogs.JobDialog | None:
+        """The details of the selected job, or (``log``: run/build) its log."""
+        jid = self.selected_job()
+        if jid is None:
+            return None
+        dlg = self.open_job(jid)
+        dlg.show_log(log) if log else dlg.show_details()
+        return dlg
+
     def open_job(self, job_id: Hashable) -> dialogs.JobDialog:
         jid = int(job_id)  # type: ignore[call-overload]
         dlg = self._job_dialogs.get(jid)
@@ -352,6 +401,8 @@ class Pipeline(QMainWindow):
             dlg = dialogs.EditQueuedDialog(self.models["queued"],  # type: ignore[arg-type]
                                            self.selected("queued"), self.is_admin, self)
             dlg.requested.connect(self.edit_queued)
+            dlg.may_act = lambda rows: may_act(self.whoami, rows)
+            dlg.set_admin(self.is_admin)  # the buttons again, with may_act
             self._edit_dialog = dlg
         else:
             self._edit_dialog.panel.select_keys(self.selected("queued"))
