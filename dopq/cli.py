@@ -11,7 +11,9 @@ import getpass
 import json
 import logging
 import os
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -284,7 +286,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 QUEUE_COLS = [("position", "POS"), ("id", "ID"), ("name", "NAME"), ("user", "USER"),
               ("state", "STATE"), ("num_gpus", "GPUS"), ("priority_value", "PRIORITY"),
               ("wait", "WAITING"), ("start", "START"), ("reason", "REASON")]
-RUNNING_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("gpus", "GPUS"),
+RUNNING_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("num_gpus", "GPUS"),
+                ("gpus", "ON GPUS"),
                 ("run", "RUNNING"), ("time_limit_h", "LIMIT"), ("container", "CONTAINER")]
 HISTORY_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("state", "STATE"),
                 ("exit_code", "EXIT"), ("run", "RAN"), ("finished_at", "FINISHED"),
@@ -338,12 +341,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key in ("id", "name", "user", "state", "num_gpus", "gpus", "exit_code", "error",
                 "submitted_at", "started_at", "finished_at", "time_limit", "priority", "nice",
                 "held", "array_index", "after", "after_any", "image", "container"):
-        print(f"{key:>13}: {_cell(job.get(key))}")
+        if key == "error" and job.get(key):  # in full, wrapped under its title
+            print(_wrapped(key, printable(job[key])))
+        else:
+            print(f"{key:>13}: {_cell(job.get(key))}")
     _show_estimate(job)
     print("       events:")
     for e in job.get("events", []):
         print(printable(f"  {e['at']}  {e['state']:<10} {e['detail']}"))
     return 0
+
+
+def _wrapped(title: str, text: str) -> str:
+    """``title: text`` as ``dopq show`` prints it, the text wrapped to the terminal."""
+    width = max(40, shutil.get_terminal_size((100, 24)).columns - 1)
+    lines = textwrap.wrap(text, width - 15, break_long_words=True) or ["-"]
+    return f"{title:>13}: " + ("\n" + " " * 15).join(lines)
 
 
 def _show_estimate(job: dict[str, Any]) -> None:

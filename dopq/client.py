@@ -383,7 +383,9 @@ class Client:
             raise NotFound(f"{path}: no such file or folder")
         try:
             size = p.stat().st_size
-            upload = self.call("submit_begin", size, dict(options or {}))
+            # the job's name until its config is read (or if it cannot be read)
+            label = Path(path).name if Path(path).is_dir() else Path(path).stem
+            upload = self.call("submit_begin", size, {**(options or {}), "source_name": label})
             sent = 0
             try:
                 with p.open("rb") as fh:

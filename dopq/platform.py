@@ -41,6 +41,7 @@ from dopq.queue import PriorityQueueThread
 from dopq.runtime import ContainerRuntime, cpu_percent
 from dopq.settings import Settings
 from dopq.store import JobRow, Store
+from dopq.text import safe_name
 from dopq.views import Version, ViewCache, finished_delta, full_queue, queue_delta
 
 log = logging.getLogger("dopq.platform")
@@ -85,7 +86,7 @@ def job_view(row: JobRow, now: float) -> dict[str, Any]:
         "after": list(row["after"]),
         "after_any": list(row["after_any"]),
         "origin": row["origin"],
-        "wait_s": round(((started or now) - row["submitted_at"]), 3)
+        "wait_s": round(((started or finished or now) - row["submitted_at"]), 3)
         if row["state"] != "cancelled" or started else None,
         "run_s": round((finished or now) - started, 3) if started else None,
     }
@@ -102,6 +103,7 @@ class Upload:
     last: float = field(default_factory=time.time)
     by: str = ""
     slots: int = 1  # queue slots reserved (an array: one per element)
+    source_name: str = ""  # the zip's or folder's name: the job's name until its config names it
 
 
 class DataPlatform:
@@ -381,6 +383,7 @@ class DataPlatform:
         allowed = self.settings.users.allowed
         if allowed and user not in allowed:
             raise Forbidden(f"user {user} is not allowed to submit on this server")
+        source_name = safe_name(str(overrides.pop("source_name", "") or ""), "")[:128]
         self._check_overrides(overrides)
         wanted = submission_slots(overrides)  # every option checked before anything is kept
         gpus = overrides.get("gpus")
@@ -399,7 +402,7 @@ class DataPlatform:
             raise DopqError(f"cannot store upload: {exc.strerror}") from None
         with self._uploads_lock:
             self._uploads[uid] = Upload(uid, user, size, dict(overrides), path, by=who.name,
-                                        slots=wanted)
+                                        slots=wanted, source_name=source_name)
         return uid
 
     def _check_overrides(self, overrides: dict[str, Any]) -> None:
@@ -453,7 +456,7 @@ class DataPlatform:
                 raise Conflict(f"upload incomplete: {up.received} of {up.size} bytes")
             self._uploads.pop(up.id, None)
         target = self.settings.state_path / "incoming" / f"api-{up.id}.zip"
-        name = str(up.overrides.get("name") or "job")[:128]
+        name = str(up.overrides.get("name") or up.source_name or "job")[:128]
         try:  # the limit again, in the transaction that creates the job
             job_id = self.slots.add_job(up.id, dict(
                 name=name, user=up.user, origin="api", source=str(target), overrides=up.overrides,

@@ -453,6 +453,15 @@ class Provider:
         self._cleanup(job_id)
         self._drop_source(job)
 
+    def _name_from_config(self, job: dict[str, Any], config: Any) -> None:
+        """Name the job after its config's ``name`` before anything can reject it
+        (unless ``--name`` was given), so a rejected job is shown as its owner knows it."""
+        if (job.get("overrides") or {}).get("name") or not isinstance(config, dict):
+            return
+        name = config.get("name")
+        if isinstance(name, str) and 3 <= len(name.strip()) <= 128:
+            self.store.update_job(job["id"], name=safe_name(name))
+
     def _drop_source(self, job: dict[str, Any]) -> None:
         if job.get("source"):
             Path(job["source"]).unlink(missing_ok=True)
@@ -470,6 +479,7 @@ class Provider:
         )
         root = archive_mod.unpack(Path(source), ctx_dir, limits)
         ctx = archive_mod.inspect_context(root)
+        self._name_from_config(job, ctx.config)  # kept even if the job is rejected below
         spec = spec_mod.parse_spec(
             ctx.config, submitter=job["user"], overrides=job["overrides"],
             allowed_users=self.settings.users.allowed,
