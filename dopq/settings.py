@@ -359,29 +359,30 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
 
 
 def to_toml(settings: Settings) -> str:
-    """Render the effective settings as TOML (for ``dopq config show``)."""
+    """Render the effective settings as TOML (for ``dopq config show``): every key,
+    the derived ones as they take effect (``inbox``, ``server.name``), and
+    ``[[mounts]]`` as a commented example when there are none. Reads back as the
+    same settings."""
     data = settings.to_dict()
+    data["inbox"] = str(settings.inbox_path)
+    data["server"]["name"] = settings.server_name
     lines: list[str] = []
     tables: list[tuple[str, dict[str, Any]]] = []
-    arrays: list[tuple[str, list[dict[str, Any]]]] = []
     for key, value in data.items():
         if isinstance(value, dict):
             tables.append((key, value))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            arrays.append((key, value))
-        elif key == "mounts":
-            continue
-        else:
+        elif key != "mounts":
             lines.append(f"{key} = {_toml_value(value)}")
     for name, table in tables:
         lines.append(f"\n[{name}]")
-        for key, value in table.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-    for name, items in arrays:
-        for item in items:
-            lines.append(f"\n[[{name}]]")
-            for key, value in item.items():
-                lines.append(f"{key} = {_toml_value(value)}")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    for item in data["mounts"]:
+        lines.append("\n[[mounts]]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in item.items()]
+    if not data["mounts"]:
+        lines.append("\n# [[mounts]]  none: a host folder every job sees, one table each")
+        lines += [f"# {key} = {_toml_value(value)}"
+                  for key, value in dataclasses.asdict(MountSettings()).items()]
     return "\n".join(lines) + "\n"
 
 
