@@ -27,7 +27,7 @@ from dopq import dockerfile, images
 from dopq.dockerfile import Reference
 from dopq.errors import BuildFailed, JobRejected
 from dopq.images import check_references, owner_tag_pattern, strip_tags
-from dopq.runtime import LABEL_INSTANCE, ContainerRuntime
+from dopq.runtime import LABEL_INSTANCE, LABEL_OWNER, ContainerRuntime
 
 ID = "sha256:" + "ab12" * 16
 SHORT = ID[7:19]
@@ -345,10 +345,11 @@ def test_volume_data_goes_with_the_container(server: Running, jobs_dir: Path) ->
     df = folder / "Dockerfile"
     df.write_text(df.read_text() + "VOLUME /data\n")
     jid = alice.submit(folder)["id"]
+    mine = [f"dopq.job={jid}", f"{LABEL_OWNER}={server.server.platform.store.owner_id()}"]
     api = docker.APIClient(version="auto")
     try:
         def volume() -> str | None:
-            for c in api.containers(filters={"label": f"dopq.job={jid}"}):
+            for c in api.containers(filters={"label": mine}):
                 for m in api.inspect_container(c["Id"])["Mounts"]:
                     if m.get("Destination") == "/data":
                         return str(m["Name"])
@@ -356,7 +357,7 @@ def test_volume_data_goes_with_the_container(server: Running, jobs_dir: Path) ->
 
         name = wait_for(volume, 60)
         assert server.wait_job(jid)["state"] == "succeeded"
-        wait_for(lambda: not api.containers(all=True, filters={"label": f"dopq.job={jid}"}), 30)
+        wait_for(lambda: not api.containers(all=True, filters={"label": mine}), 30)
         names = {v["Name"] for v in (api.volumes().get("Volumes") or [])}
         assert name not in names
     finally:
@@ -457,8 +458,8 @@ def test_a_loaded_image_stays_while_its_array_needs_it(server: Running, tmp_path
         rest = [first + 1, first + 2]
         root.call("edit", rest, "hold")  # they wait until the first is over and collected
         assert server.wait_job(first)["state"] == "succeeded"
-        wait_for(lambda: not api.containers(all=True, filters={"label": f"dopq.job={first}"}),
-                 30)
+        mine = [f"dopq.job={first}", f"{LABEL_OWNER}={server.server.platform.store.owner_id()}"]
+        wait_for(lambda: not api.containers(all=True, filters={"label": mine}), 30)
         root.call("edit", rest, "release")
         jobs = [server.wait_job(j) for j in rest]
         assert [j["state"] for j in jobs] == ["succeeded"] * 2, jobs
