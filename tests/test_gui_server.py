@@ -141,8 +141,9 @@ def test_five_views_show_what_the_api_returns(world: World, qtbot: Any, tmp_path
             assert cell(m[view], row["id"], "Job") == row["name"]
             assert cell(m[view], row["id"], "User") == row["user"]
     assert m["running"].keys() == [ids["running"]]
-    assert cell(m["running"], ids["running"], "GPUs") == ",".join(
-        map(str, snap["running"][0]["gpus"]))
+    running = snap["running"][0]
+    assert cell(m["running"], ids["running"], "GPUs") == str(running["num_gpus"])  # a count
+    assert cell(m["running"], ids["running"], "On GPUs") == ", ".join(map(str, running["gpus"]))
     assert cell(m["queued"], ids["held"], "State") == "queued (held)"
     assert cell(m["queued"], ids["queued"], "State") == "queued"
     for row in snap["queued"]:
