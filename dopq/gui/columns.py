@@ -157,8 +157,7 @@ def queued_tip(r: Row) -> str | None:
     if not reason:
         return None
     start = r.get("expected_start")
-    return wrap_tip(printable(str(reason))) + (f"\nexpected start: {fmt_time(start)}"
-                                                if start else "")
+    return printable(str(reason)) + (f"\nexpected start: {fmt_time(start)}" if start else "")
 
 
 def _state_text(r: Row) -> str:

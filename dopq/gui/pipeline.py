@@ -8,12 +8,11 @@ are shown in a message box (``dialogs.show_error``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence, QShowEvent
+from PySide6.QtGui import QCloseEvent, QShowEvent
 from PySide6.QtWidgets import (
     QDialog,
     QDockWidget,
@@ -26,10 +25,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from dopq.gui import dialogs
+from dopq.gui import actions, dialogs
 from dopq.gui.compat import emit
 from dopq.gui.models import MODEL_CLASSES, RowModel, may_act
-from dopq.gui.style import THEMES, StateColors, StyleManager, resolve_style
+from dopq.gui.style import StateColors, StyleManager, resolve_style
 from dopq.gui.trust import TrustKeeper
 from dopq.gui.viewthread import HISTORY_LIMIT, VIEWS, Runner, ViewThread, one_line
 from dopq.gui.widgets import SystemPanel, TablePanel
@@ -76,8 +75,9 @@ class Pipeline(QMainWindow):
         self.styles.failed.connect(lambda msg: self.statusBar().showMessage(msg, 10000))
 
         self._build_docks()
-        self._build_actions()
-        self._build_menus()
+        self.act, self.theme_actions = actions.build_actions(self)
+        self.admin_actions = ("clear_history", "clear_status", "shutdown")
+        actions.build_menus(self)
         self.connection = QLabel(self)
         self.connection.setObjectName("connectionLabel")
         self.statusBar().addPermanentWidget(self.connection)
@@ -142,90 +142,6 @@ class Pipeline(QMainWindow):
                          Qt.Orientation.Vertical)
         self.resizeDocks([d["system"], d["users"]], [int(height * 0.42), int(height * 0.58)],
                          Qt.Orientation.Vertical)
-
-    def _action(self, text: str, slot: Callable[[], Any], shortcut: str | None = None,
-                tip: str = "") -> QAction:
-        act = QAction(text, self)
-        act.triggered.connect(lambda _=False: slot())
-        if shortcut:
-            act.setShortcut(QKeySequence(shortcut))
-        if tip:
-            act.setStatusTip(tip)
-        return act
-
-    def _build_actions(self) -> None:
-        a = self._action
-        self.act: dict[str, QAction] = {
-            "submit": a("&Submit job…", self.submit_job, "Ctrl+N", "upload a folder or a zip"),
-            "sign_in": a("Sign &in…", self.sign_in, tip="sign in and keep a token"),
-            "sign_out": a("Sign &out", self.sign_out),
-            "switch": a("S&witch server…", self.switch_server),
-            "quit": a("&Quit", self.close, "Ctrl+Q"),
-            "edit": a("&Update enqueued containers…", self.open_edit_queued, "Ctrl+E",
-                      "delete, re-prioritise, hold or release queued jobs"),
-            "cancel": a("&Cancel selected jobs", self.cancel_selected, "Del",
-                        "cancel the selected running or queued jobs (yours; admins: any)"),
-            "details": a("&Details and logs…", self.open_selected, "Ctrl+I",
-                         "the selected job's fields, events and logs"),
-            "run_log": a("Run &log…", functools.partial(self.open_selected, "run"), "Ctrl+L",
-                         "the selected job's run log"),
-            "build_log": a("&Build log…", functools.partial(self.open_selected, "build"),
-                           "Ctrl+B", "the selected job's build log"),
-            "clear_history": a("Clear user &history…", self.clear_history,
-                               tip="hide finished jobs (admins)"),
-            "clear_status": a("Clear user s&tatus…", self.clear_status,
-                              tip="forget recorded GPU usage (admins)"),
-            "shutdown": a("Shut&down server…", self.shutdown_server,
-                          tip="stop the server (admins)"),
-            "refresh": a("&Refresh now", self.thread_poke, "F5"),
-            "reset_layout": a("Reset &layout", self.reset_layout),
-            "style_file": a("Style sheet &file…", self.pick_style),
-            "about": a("&About DoPQ", self.about),
-        }
-        self.admin_actions = ("clear_history", "clear_status", "shutdown")
-        group = QActionGroup(self)
-        self.theme_actions: dict[str, QAction] = {}
-        for theme in THEMES:
-            act = a(theme.capitalize(), functools.partial(self.set_style, theme))
-            act.setCheckable(True)
-            group.addAction(act)
-            self.theme_actions[theme] = act
-        logs = ("details", "run_log", "build_log")
-        for name, acts in (("running", (*logs, "cancel")), ("queued", (*logs, "edit", "cancel")),
-                           ("finished", logs)):
-            view = self.panels[name].view
-            view.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
-            for key in acts:
-                view.addAction(self.act[key])
-            view.selectionModel().selectionChanged.connect(
-                lambda *_a, n=name: self._selection_changed(n))
-
-    def _build_menus(self) -> None:
-        act = self.act
-        bar = self.menuBar()
-        m = bar.addMenu("&DoPQ")
-        for key in ("submit", None, "sign_in", "sign_out", "switch", None, "quit"):
-            m.addSeparator() if key is None else m.addAction(act[key])
-        m = bar.addMenu("&Commands")
-        for key in ("details", "run_log", "build_log", None, "edit", "cancel", None,
-                    "clear_history", "clear_status", None, "shutdown"):
-            m.addSeparator() if key is None else m.addAction(act[key])
-        m = bar.addMenu("&View")
-        for dock in self.docks.values():
-            m.addAction(dock.toggleViewAction())
-        m.addSeparator()
-        m.addAction(act["refresh"])
-        m.addAction(act["reset_layout"])
-        theme = m.addMenu("&Theme")
-        for t in self.theme_actions.values():
-            theme.addAction(t)
-        theme.addAction(act["style_file"])
-        bar.addMenu("&Help").addAction(act["about"])
-        tb = self.addToolBar("Commands")
-        tb.setObjectName("commandsToolBar")
-        for key in ("submit", "details", "edit", "cancel", None, "clear_history", "clear_status",
-                    "shutdown", None, "sign_in", "refresh"):
-            tb.addSeparator() if key is None else tb.addAction(act[key])
 
     # -- polling ---------------------------------------------------------------------------
     def start(self) -> None:
