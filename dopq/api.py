@@ -26,6 +26,7 @@ import Pyro5.errors
 from Pyro5.serializers import SerializerBase
 
 from dopq import __version__, errors, tls
+from dopq import fetch as fetch_mod
 from dopq.auth import Principal, Role, SignInGuard, SignInLimits, check_username
 from dopq.errors import DopqError, ServerUnavailable
 from dopq.platform import DataPlatform
@@ -238,6 +239,40 @@ class Controller:
     ) -> dict[str, Any]:
         return self._p.logs(self._who(), int(job_id), str(kind), int(offset), int(limit))
 
+    @api_call
+    def array(self, job_id: int) -> list[dict[str, Any]]:
+        """The elements of the array whose first job is ``job_id`` (empty: not an array)."""
+        self._who()
+        rows = self._p.store.read(
+            "SELECT id, array_index, state, user FROM jobs WHERE array_parent = ?"
+            " ORDER BY array_index", (int(job_id),))
+        return [{"id": r["id"], "array_index": r["array_index"], "state": r["state"],
+                 "user": r["user"]} for r in rows]
+
+    # -- outputs: zipped on the server, fetched in chunks (dopq.fetch) ------------------
+    @api_call
+    def outputs_begin(self, job_id: int) -> dict[str, Any]:
+        who = self._who()
+        row = self._p.store.job(int(job_id))
+        self._p._own_or_admin(who, row, "cannot fetch the outputs of")
+        if row["state"] not in ("succeeded", "failed", "cancelled"):
+            raise errors.Conflict(f"job {row['id']} is {row['state']}: its outputs can be "
+                                  "fetched once it has ended")
+        if row["user"] != who.name:
+            self._p._audit(who, "outputs", f"job {row['id']} of {row['user']}")
+        f = self._p.fetches.begin(who.name, row["user"], row["id"])
+        return {"fetch": f.id, "size": f.size, "files": f.files, "skipped": f.skipped,
+                "chunk": fetch_mod.CHUNK}
+
+    @api_call
+    def outputs_chunk(self, fetch_id: str, offset: int) -> bytes:
+        return self._p.fetches.chunk(self._who().name, str(fetch_id), int(offset))
+
+    @api_call
+    def outputs_end(self, fetch_id: str) -> dict[str, Any]:
+        self._p.fetches.end(self._who().name, str(fetch_id))
+        return {"ended": str(fetch_id)}
+
     # -- commands ---------------------------------------------------------------------------
     @api_call
     def cancel(self, job_id: int) -> dict[str, Any]:
@@ -284,7 +319,9 @@ class Controller:
         self._p._admin(who, "user add")
         self._p.users.add(name, str(password), Role.ADMIN if admin else Role.USER)
         self._p._audit(who, "user add", f"{name} admin={bool(admin)}")
-        return {"user": check_username(name)}
+        allowed = self._p.settings.users.allowed
+        name = check_username(name)
+        return {"user": name, "allowed": not allowed or name in allowed}
 
     @api_call
     def user_remove(self, name: str) -> dict[str, Any]:

@@ -7,21 +7,24 @@ line on stderr (``dopq: error: ...``) with exit status 1; usage errors 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import getpass
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from dopq import __version__
 from dopq.errors import DopqError
 from dopq.jobs import format_duration
-from dopq.text import printable, printable_lines
+from dopq.text import printable
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -73,9 +76,15 @@ def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
     if getattr(args, "password_stdin", False):
         line = sys.stdin.readline()
         return line.rstrip("\r\n")
-    pw = getpass.getpass(prompt)
-    if getattr(args, "confirm", False) and getpass.getpass("Again: ") != pw:
-        raise DopqError("passwords differ")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            pw = getpass.getpass(prompt)
+            if getattr(args, "confirm", False) and getpass.getpass("Again: ") != pw:
+                raise DopqError("passwords differ")
+    except (getpass.GetPassWarning, EOFError):
+        raise DopqError("no terminal to ask the password on: "
+                        "pipe it in with --password-stdin") from None
     return pw
 
 
@@ -114,7 +123,22 @@ def _users_store(args: argparse.Namespace) -> Any:
     from dopq.auth import Users
     from dopq.store import Store
 
-    return Users(Store(_settings(args).db_path))
+    s = _settings(args)
+    # A named configuration may be a new server's (its users come first); without
+    # one, a missing state folder means this is not the server host.
+    if not (args.config or os.environ.get("DOPQ_CONFIG")) and not s.db_path.parent.is_dir():
+        raise DopqError(
+            f"no DoPQ server here (no --config given, nor DOPQ_CONFIG, and no {s.state_path}): "
+            "on the server host pass --config PATH; elsewhere, as a signed-in admin, "
+            "use --remote")
+    args.allowed = list(s.users.allowed)
+    return Users(Store(s.db_path))
+
+
+def _warn_not_allowed(name: str, allowed: bool) -> None:
+    if not allowed:
+        print(f"dopq: warning: {name.lower()} is not in users.allowed: they may sign in "
+              "but not submit until an admin adds them there", file=sys.stderr)
 
 
 def cmd_user(args: argparse.Namespace) -> int:
@@ -136,6 +160,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         args.confirm = True
         users.add(args.name, _read_password(args), Role.ADMIN if args.admin else Role.USER)
         print(f"user {args.name.lower()} added" + (" (admin)" if args.admin else ""))
+        _warn_not_allowed(args.name, not args.allowed or args.name.lower() in args.allowed)
     elif args.action == "passwd":
         args.confirm = True
         users.set_password(args.name, _read_password(args))
@@ -161,8 +186,9 @@ def _user_remote(args: argparse.Namespace) -> int:
         raise DopqError(f"user {args.action} needs a NAME")
     if args.action == "add":
         args.confirm = True
-        c.call("user_add", args.name, _read_password(args), bool(args.admin))
+        r = c.call("user_add", args.name, _read_password(args), bool(args.admin))
         print(f"user {args.name.lower()} added" + (" (admin)" if args.admin else ""))
+        _warn_not_allowed(args.name, bool(r.get("allowed", True)))
     elif args.action == "passwd":
         args.confirm = True
         c.call("user_passwd", args.name, _read_password(args))
@@ -213,7 +239,13 @@ def _trust_on_first_use(c: Any) -> None:
 def cmd_login(args: argparse.Namespace) -> int:
     c = _client(args)
     _trust_on_first_use(c)
-    user = args.user or getpass.getuser()
+    user = args.user
+    if not user:
+        user = getpass.getuser()
+        source = next((f"${v}" for v in ("LOGNAME", "USER", "LNAME", "USERNAME")
+                       if os.environ.get(v)), "your Unix account")
+        print(printable(f"signing in as {user} (from {source}; use --user NAME)"),
+              file=sys.stderr, flush=True)
     result = c.login(user, _read_password(args))
     print(f"signed in to {c.server_name()} as {result['user']} ({result['role']})")
     return 0
@@ -276,8 +308,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(file=sys.stderr)
 
     job = c.submit(args.path, _submit_options(args), progress)
+    from dopq.cli_jobs import array_ids
+
+    ids = array_ids(job["id"], args.array)
     if args.json:
-        _out({"id": job["id"], "state": job["state"], "user": job["user"]})
+        _out({"id": job["id"], "state": job["state"], "user": job["user"],
+              **({"ids": ids} if ids else {})})
+    elif ids:
+        print(f"submitted array {job['id']} of {len(ids)} jobs ({job['user']}): {' '.join(ids)}")
     else:
         print(f"submitted job {job['id']} ({job['user']})")
     return 0
@@ -307,32 +345,6 @@ def _add_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _listing(method: str, cols: list[tuple[str, str]], **kw: Any) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        extra = {k: getattr(args, k) for k in kw if getattr(args, k, None) is not None}
-        if getattr(args, "all_servers", False):
-            rows = []
-            base = _client(args)
-            for name in sorted(base.servers()):
-                from dopq.client import Client
-
-                c = Client(args.ns_host, args.ns_port, name)
-                for r in c.call(method, **extra):
-                    r["server"] = name
-                    rows.append(r)
-            cols_here = [("server", "SERVER"), *cols]
-        else:
-            rows = _client(args).call(method, **extra)
-            cols_here = cols
-        if args.json:
-            _out(rows)
-        else:
-            _table(_add_times(rows), cols_here)
-        return 0
-
-    return handler
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     job = _client(args).call("job", args.id)
     if args.json:
@@ -340,9 +352,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     for key in ("id", "name", "user", "state", "num_gpus", "gpus", "exit_code", "error",
                 "submitted_at", "started_at", "finished_at", "time_limit", "priority", "nice",
-                "held", "array_index", "after", "after_any", "image", "container"):
+                "held", "array_index", "after", "after_any", "image", "container",
+                "outputs"):
         if key == "error" and job.get(key):  # in full, wrapped under its title
             print(_wrapped(key, printable(job[key])))
+        elif key == "outputs" and job.get(key):  # in full: a path to copy
+            print(f"{key:>13}: {printable(job[key])}\n{'':>15}(on the server host; "
+                  f"elsewhere: dopq outputs {job['id']})")
         else:
             print(f"{key:>13}: {_cell(job.get(key))}")
     _show_estimate(job)
@@ -371,44 +387,6 @@ def _show_estimate(job: dict[str, Any]) -> None:
     elif job.get("expected_start_first") or job.get("expected_start_last"):
         print(f"{'estimated':>13}: first {_cell(job.get('expected_start_first'))}, "
               f"last while waiting {_cell(job.get('expected_start_last'))}")
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    c = _client(args)
-    kind = "build" if args.build else "run"
-    offset = 0
-    # Another user's log (users.logs_visible_to_all) could drive this terminal:
-    # its control characters are written out, only newlines and tabs stay.
-    mine = c.call("job", args.id)["user"] == c.call("whoami")["user"]
-    while True:
-        r = c.call("logs", args.id, kind, offset)
-        if r["data"]:
-            sys.stdout.write(r["data"] if mine else printable_lines(r["data"]))
-            sys.stdout.flush()
-        offset = r["offset"]
-        if not args.follow or r["done"]:
-            return 0
-        if not r["data"]:
-            time.sleep(0.5)
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    c = _client(args)
-    for job_id in args.ids:
-        r = c.call("cancel", job_id)
-        print(f"job {job_id}: {r['state']}" + (" (stopping)" if r["state"] == "running" else ""))
-    return 0
-
-
-def cmd_wait(args: argparse.Namespace) -> int:
-    job = _client(args).wait(args.id, args.timeout)
-    if args.json:
-        _out(job)
-    else:
-        extra = f", exit code {job['exit_code']}" if job["exit_code"] is not None else ""
-        err = f": {job['error']}" if job.get("error") else ""
-        print(printable(f"job {job['id']} {job['state']}{extra}{err}"))
-    return 0 if job["state"] == "succeeded" else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -476,20 +454,6 @@ def cmd_priority(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_edit(args: argparse.Namespace) -> int:
-    actions = [(a, v) for a, v in (
-        ("delete", args.delete), ("hold", args.hold), ("release", args.release),
-        ("top", args.top)) if v] + [(a, v) for a, v in (
-        ("priority", args.priority), ("nice", args.nice)) if v is not None]
-    if len(actions) != 1:
-        raise DopqError("give exactly one of --delete, --priority N, --nice N, --hold, "
-                        "--release, --top")
-    action, value = actions[0]
-    r = _client(args).call("edit", args.ids, action, None if isinstance(value, bool) else value)
-    _out(r) if args.json else print(f"{action}: jobs {', '.join(map(str, r['changed']))}")
-    return 0
-
-
 def _simple(method: str, fmt: Callable[[Any], str], *names: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         r = _client(args).call(method, *[getattr(args, n) for n in names])
@@ -533,8 +497,12 @@ def cmd_servers(args: argparse.Namespace) -> int:
 
 # -- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dopq", description="DoPQ, the Docker Priority Queue")
+    from dopq import cli_jobs
+
+    p = Parser(prog="dopq", description="DoPQ, the Docker Priority Queue")
     p.add_argument("--version", action="version", version=f"dopq {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an unexpected error")
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument("--ns-host", help="name server host (env DOPQ_NS_HOST)")
     conn.add_argument("--ns-port", type=int, help="name server port (env DOPQ_NS_PORT)")
@@ -592,39 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--array", help="job array indices, e.g. 0-9")
     sp.add_argument("--env", action="append", help="KEY=VALUE (repeatable)")
     sp.add_argument("--command", help="command to run instead of the image's")
-    for name, cols, help in (("queue", QUEUE_COLS, "queued jobs in priority order"),
-                             ("running", RUNNING_COLS, "running jobs")):
-        sp = add(name, _listing(name, cols), help)
-        sp.add_argument("--all-servers", action="store_true")
-    sp = add("history", _listing("history", HISTORY_COLS, limit=None, user=None),
-             "finished jobs, newest first")
-    sp.add_argument("--limit", type=int, default=50)
-    sp.add_argument("--user")
-    sp.add_argument("--all-servers", action="store_true")
-    sp = add("show", cmd_show, "one job with its events")
-    sp.add_argument("id", type=int)
-    sp = add("logs", cmd_logs, "a job's run (or build) log", (conn,))
-    sp.add_argument("id", type=int)
-    sp.add_argument("--build", action="store_true")
-    sp.add_argument("-f", "--follow", action="store_true")
-    sp = add("cancel", cmd_cancel, "cancel jobs", (conn,))
-    sp.add_argument("ids", type=int, nargs="+")
-    sp = add("wait", cmd_wait, "wait for a job; exit 0 only if it succeeded")
-    sp.add_argument("id", type=int)
-    sp.add_argument("--timeout", type=float)
+    cli_jobs.add_commands(sub, add, conn, js, (QUEUE_COLS, RUNNING_COLS, HISTORY_COLS))
+    sp = add("show", cli_jobs.resolving(cmd_show), "one job with its events")
+    sp.add_argument("id", type=cli_jobs.job_ref)
     add("status", cmd_status, "server, queue, provider, engine and GPUs")
     add("users", cmd_users, "per-user statistics and fair share")
     add("images", cmd_images, "the base images a build may use, and your own job images")
     sp = add("priority", cmd_priority, "priority factors of queued jobs")
     sp.add_argument("id", type=int, nargs="?")
-    sp = add("edit", cmd_edit, "change queued jobs (one atomic batch)")
-    sp.add_argument("ids", type=int, nargs="+")
-    sp.add_argument("--delete", action="store_true")
-    sp.add_argument("--priority", type=int)
-    sp.add_argument("--nice", type=int)
-    sp.add_argument("--hold", action="store_true")
-    sp.add_argument("--release", action="store_true")
-    sp.add_argument("--top", action="store_true")
     sp = add("clear-history", _simple(
         "clear_history", lambda r: f"{r['cleared']} finished jobs cleared", "user"),
         "admin: hide finished jobs from the history")
@@ -647,10 +590,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser that suggests the nearest command for a mistyped one."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip(" '") for c in m.group(2).split(",")]
+            near = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+            if near:
+                message = f"invalid choice: {m.group(1)!r}: did you mean {near[0]}?"
+        return super().error(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("DOPQ_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     try:
+        if argv[:1] == ["simulate"]:  # its own parser, its own --help
+            return cmd_simulate(argparse.Namespace(rest=argv[1:]))
+        args = build_parser().parse_args(argv)
         return int(args.fn(args))
     except DopqError as exc:
         print(f"dopq: error: {printable(exc)}", file=sys.stderr)
@@ -659,6 +619,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (OSError, EOFError) as exc:  # a file, a terminal or the network: the user can act
+        if debug:
+            raise
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            str(exc) or exc.__class__.__name__)
+        where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        print(printable(f"dopq: error: {what}{where}"), file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if debug:
+            raise
+        print(printable(f"dopq: error: unexpected {exc.__class__.__name__}: {exc} "
+                        "(run again with --debug for the traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

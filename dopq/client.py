@@ -42,7 +42,7 @@ CHUNK = 1 << 20
 # Calls that change nothing: tried again once when a connection drops.
 IDEMPOTENT = frozenset({
     "ping", "whoami", "job", "queue", "running", "history", "status", "users", "priority",
-    "snapshot", "logs", "user_list", "audit",
+    "snapshot", "logs", "user_list", "audit", "array", "outputs_chunk",
 })
 STALE_AFTER = 5.0  # seconds; the server closes connections idle for server.idle_timeout
 SERIALIZER = "msgpack"

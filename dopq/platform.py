@@ -30,16 +30,19 @@ from dopq.errors import (
     DopqError,
     EngineUnavailable,
     Forbidden,
+    JobRejected,
     LimitExceeded,
     NotFound,
 )
 from dopq.estimates import StartEstimates
+from dopq.fetch import OutputFetches
 from dopq.jobs import FINAL_STATES, JobState
 from dopq.limits import QueueSlots, submission_slots
 from dopq.provider import job_dir, start_process
 from dopq.queue import PriorityQueueThread
 from dopq.runtime import ContainerRuntime, cpu_percent
 from dopq.settings import Settings
+from dopq.spec import check_overrides
 from dopq.store import JobRow, Store
 from dopq.text import safe_name
 from dopq.views import Version, ViewCache, finished_delta, full_queue, queue_delta
@@ -49,7 +52,8 @@ log = logging.getLogger("dopq.platform")
 MAX_CHUNK = 4 * 2**20
 VIEW_TTL = 0.5  # seconds a shared view may be old (writes through the API show at once)
 HISTORY_CACHED = 1000  # finished jobs kept in the shared views
-EDIT_ACTIONS = ("delete", "priority", "nice", "hold", "release", "top")
+EDIT_ACTIONS = ("delete", "priority", "nice", "hold", "release", "top", "time_limit")
+ADMIN_HOLD = 2  # jobs.held: an admin held another user's job; only an admin releases it
 
 
 def iso(ts: float | None) -> str | None:
@@ -128,6 +132,8 @@ class DataPlatform:
         self._uploads: dict[str, Upload] = {}
         self._uploads_lock = threading.Lock()
         self.slots = QueueSlots(self.store, settings.policy.max_queued_per_user)
+        self.fetches = OutputFetches(settings)
+        self.fetches.clear()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._provider: Any = None
@@ -487,6 +493,7 @@ class DataPlatform:
         # The spec holds the job's environment: only its owner and admins see it.
         view["spec"] = row["spec"] if (row["user"] == who.name or who.is_admin) else None
         view["image"] = row["image"] if (row["user"] == who.name or who.is_admin) else None
+        view["outputs"] = str(self.fetches.folders.path(row["user"], row["id"]))
         shown = self.estimates.shown.get(row["id"]) if row["state"] == "queued" else None
         view["expected_start"], view["reason"] = shown if shown else (None, None)
         # Start estimates kept for the record: the first made, the last while it waited.
@@ -521,7 +528,8 @@ class DataPlatform:
         entries = {e.id: e for e in decision.entries} if decision else {}
         rows = self.store.read(
             "SELECT id, name, user, state, num_gpus, submitted_at, time_limit, priority, nice,"
-            " held, array_index FROM jobs WHERE state IN ('received', 'building', 'queued')"
+            " held, array_index, array_parent FROM jobs"
+            " WHERE state IN ('received', 'building', 'queued')"
         )
         shown = self.estimates.update(decision, seq, [r[0] for r in rows if r[3] == "queued"])
         old = prev.queued if prev is not None else {}
@@ -535,7 +543,7 @@ class DataPlatform:
                 "id": jid, "name": r[1], "user": r[2], "state": state, "num_gpus": r[4],
                 "submitted_at": o["submitted_at"] if o and o["submitted_ts"] == ts else iso(ts),
                 "submitted_ts": ts, "time_limit": r[6], "priority": r[7], "nice": r[8],
-                "held": bool(r[9]), "array_index": r[10],
+                "held": bool(r[9]), "array_index": r[10], "array_parent": r[11],
                 "reason": eta[1] if eta else str(e.reason) if e
                 else ("Priority" if state == "queued" else "Building"),
                 "priority_value": round(e.priority, 1) if e else None,
@@ -777,9 +785,15 @@ class DataPlatform:
             raise DopqError("no job ids given")
         if action not in EDIT_ACTIONS:
             raise DopqError(f"unknown action {action!r}: use one of {', '.join(EDIT_ACTIONS)}")
-        if action in ("hold", "release", "top"):
+        if action == "top":
             self._admin(who, action)
         num: int | None = None
+        limit: float | None = None
+        if action == "time_limit":
+            try:
+                limit = check_overrides({"time_limit": value}).time_limit
+            except JobRejected as exc:
+                raise DopqError(exc.reason) from None
         if action in ("priority", "nice"):
             try:
                 num = int(value)
@@ -803,10 +817,13 @@ class DataPlatform:
                     raise Conflict(f"job {i} is {r['state']}, no longer queued; nothing changed")
                 if r["user"] != who.name and not who.is_admin:
                     raise Forbidden(f"job {i} belongs to {r['user']}; nothing changed")
-                if action == "priority" and num is not None and num > r["priority"] \
-                        and not who.is_admin:
-                    raise Forbidden(
-                        f"only an admin may raise a priority (job {i}); nothing changed")
+                if action == "priority" and num is not None and not who.is_admin \
+                        and num > max(0, r["priority"]):
+                    raise Forbidden(f"only an admin may set a priority above 0 (job {i}); "
+                                    "nothing changed")
+                if action == "release" and r["held"] == ADMIN_HOLD and not who.is_admin:
+                    raise Forbidden(f"job {i} was held by an admin: only an admin may "
+                                    "release it; nothing changed")
                 if action == "nice" and num is not None and num < r["nice"] and not who.is_admin:
                     raise Forbidden(f"only an admin may lower nice (job {i}); nothing changed")
             top = 0
@@ -829,13 +846,19 @@ class DataPlatform:
                 elif action == "nice":
                     db.execute("UPDATE jobs SET nice=? WHERE id=?", (num, i))
                 elif action == "hold":
-                    db.execute("UPDATE jobs SET held=1 WHERE id=?", (i,))
+                    admin_hold = who.is_admin and rows[i]["user"] != who.name
+                    db.execute("UPDATE jobs SET held=? WHERE id=?",
+                               (ADMIN_HOLD if admin_hold else 1, i))
+                elif action == "time_limit":
+                    db.execute("UPDATE jobs SET time_limit=? WHERE id=?", (limit, i))
                 elif action == "release":
                     db.execute("UPDATE jobs SET held=0 WHERE id=?", (i,))
                 elif action == "top":
                     db.execute("UPDATE jobs SET top=? WHERE id=?", (top + len(ids) - n, i))
                 # An event row for the edit: the queue thread re-reads changed jobs.
-                detail = f"{action}" + (f" {num}" if num is not None else "") + f" by {who.name}"
+                shown = num if num is not None else limit
+                detail = f"{action}" + (f" {shown:g}" if shown is not None else "") \
+                    + f" by {who.name}"
                 db.execute("INSERT INTO events (job_id, at, state, detail) VALUES (?,?,?,?)",
                            (i, now, rows[i]["state"], detail))
         if who.is_admin:

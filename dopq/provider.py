@@ -102,6 +102,8 @@ class InboxWatcher:
         self.incoming = settings.state_path / INCOMING
         self._seen: dict[Path, tuple[int, float, float]] = {}
         self._next_folders = 0.0
+        self._no_account: set[str] = set()  # users told about once: no Unix account
+        self._misplaced: set[tuple[str, int, float]] = set()  # files in inbox/ itself, reported
 
     def scan(self, now: float) -> list[int]:
         new_jobs: list[int] = []
@@ -110,6 +112,7 @@ class InboxWatcher:
             self.make_folders()
         try:
             user_dirs = [d for d in self.inbox.iterdir() if d.is_dir() and not d.is_symlink()]
+            self._report_misplaced()
         except OSError:
             return new_jobs
         alive: set[Path] = set()
@@ -155,17 +158,62 @@ class InboxWatcher:
         return new_jobs
 
     def make_folders(self) -> None:
-        """``inbox/<user>/`` for every DoPQ user with a Unix account: theirs, 0700."""
+        """``inbox/<user>/`` for every allowed user (``users.allowed``; empty: every
+        DoPQ user), owned by their Unix account, 0700; a user without one is logged."""
         if not self.settings.users.check_owner:
             return
-        names = {r["name"] for r in self.store.read("SELECT name FROM users")}
-        for user in sorted(names | set(self.settings.users.uid_map)):
+        allowed = set(self.settings.users.allowed)
+        names = allowed or {r["name"] for r in self.store.read("SELECT name FROM users")}
+        for user in sorted(names):
+            if user != user.lower() or "/" in user or user.startswith("."):
+                continue
             ids = hostfs.unix_ids(self.settings, user)
-            if ids is not None and user == user.lower() and "/" not in user:
-                try:
-                    hostfs.ensure_dir(self.inbox / user, 0o700, ids)
-                except (OSError, DopqError) as exc:
-                    log.warning("inbox/%s: %s", user, exc)
+            if ids is None:
+                if user not in self._no_account:
+                    self._no_account.add(user)
+                    log.info("inbox/%s not made: no Unix account %r (set users.uid_map)",
+                             user, user)
+                continue
+            try:
+                hostfs.ensure_dir(self.inbox / user, 0o700, ids)
+            except (OSError, DopqError) as exc:
+                log.warning("inbox/%s: %s", user, exc)
+
+    def _report_misplaced(self) -> None:
+        """A zip dropped in ``inbox/`` itself is not taken: tell its owner, once."""
+        for entry in os.scandir(self.inbox):
+            if entry.name.startswith(".") or not entry.name.endswith(".zip"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            key = (entry.name, st.st_ino, st.st_mtime)
+            if stat_mod.S_ISDIR(st.st_mode) or key in self._misplaced:
+                continue
+            self._misplaced.add(key)
+            shown = "".join(c if c.isprintable() else "?" for c in entry.name)[:128]
+            user = self._user_of_uid(st.st_uid)
+            reason = (f"rejected: inbox/{shown} is in inbox/ itself, not taken; "
+                      f"drop it in inbox/{user or '<user>'}/")
+            log.warning("%s (file owner uid %s)", reason, st.st_uid)
+            if user is not None:
+                self.store.add_job(name=shown if len(shown) >= 3 else "inbox file", user=user,
+                                   origin="inbox", source=None, state=JobState.FAILED,
+                                   error=reason, finished_at=time.time())
+
+    def _user_of_uid(self, uid: int) -> str | None:
+        """The DoPQ user whose Unix account has ``uid`` (``users.uid_map`` first)."""
+        known = {r["name"] for r in self.store.read("SELECT name FROM users")}
+        mapped = [u for u, m in self.settings.users.uid_map.items() if m == uid and u in known]
+        if mapped:  # several DoPQ users on one account: whose it is cannot be told
+            return str(mapped[0]) if len(mapped) == 1 else None
+        try:
+            name = pwd.getpwuid(uid).pw_name.lower()
+        except KeyError:
+            return None
+        mapped_elsewhere = name in self.settings.users.uid_map
+        return name if name in known and not mapped_elsewhere else None
 
     def _own_folder(self, udir: Path, user: str) -> None:
         """Keep ``inbox/<user>/`` the user's and 0700, so nobody else drops or swaps files."""

@@ -358,14 +358,20 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
     return from_dict(data)
 
 
+def effective(settings: Settings) -> dict[str, Any]:
+    """Every key with the value in effect: ``inbox`` and ``server.name`` as derived."""
+    data = settings.to_dict()
+    data["inbox"] = str(settings.inbox_path)
+    data["server"]["name"] = settings.server_name
+    return data
+
+
 def to_toml(settings: Settings) -> str:
     """Render the effective settings as TOML (for ``dopq config show``): every key,
     the derived ones as they take effect (``inbox``, ``server.name``), and
     ``[[mounts]]`` as a commented example when there are none. Reads back as the
     same settings."""
-    data = settings.to_dict()
-    data["inbox"] = str(settings.inbox_path)
-    data["server"]["name"] = settings.server_name
+    data = effective(settings)
     lines: list[str] = []
     tables: list[tuple[str, dict[str, Any]]] = []
     for key, value in data.items():

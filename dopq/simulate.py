@@ -346,6 +346,21 @@ def format_result(result: SimResult, title: str = "") -> str:
     return "\n".join(lines)
 
 
+TRACE_HELP = """\
+trace format: JSON lines, one job each; blank lines and # comments are skipped.
+  {"submit": 0, "user": "ana", "gpus": 1, "duration": 3600, "time_limit": 7200}
+  submit      seconds from the start of the trace when the job is submitted (required)
+  user        who submits it (required)
+  gpus        whole GPUs, 0 = CPU only (required)
+  duration    seconds it runs (required)
+  time_limit  seconds; a job running past it is killed at the limit (optional)
+  priority    an integer, as `dopq submit --priority` (optional, default 0)
+Jobs are numbered from 1 in file order.
+
+example: dopq simulate bench/traces/mixed_day.jsonl --gpus 8 --policy recency --json
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: ``TRACE [--gpus N] [--policy P] [--half-life S] [--json]``.
 
@@ -356,11 +371,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args_in) > 1 and args_in[0] == "simulate":
         args_in = args_in[1:]
     parser = argparse.ArgumentParser(
-        prog="dopq simulate", description="Replay a job trace against the scheduling policy."
+        prog="dopq simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay a job trace against the scheduling policy (the server's own "
+        "code, on a virtual clock) and report waits, GPU use and fairness.",
+        epilog=TRACE_HELP,
     )
-    parser.add_argument("trace", help="JSON-lines trace, one job per line")
+    parser.add_argument("trace", help="JSON-lines trace, one job per line (format below)")
     parser.add_argument("--gpus", type=int, default=4, help="GPUs in the machine (default 4)")
-    parser.add_argument("--policy", choices=POLICIES, default="fairshare")
+    parser.add_argument("--policy", choices=POLICIES, default="fairshare",
+                        help="fairshare (default) or recency (DoPQ 1.0's ordering)")
     parser.add_argument("--half-life", default="7d", help="usage half-life, e.g. 7d or 86400")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(args_in)

@@ -118,6 +118,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN expected_start_first REAL;
     ALTER TABLE jobs ADD COLUMN expected_start_last REAL
     """,
+    # 5: an array's elements are found by their first job (--after, cancel, wait)
+    """
+    CREATE INDEX jobs_array ON jobs(array_parent)
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -427,6 +431,17 @@ class Store:
                 st = JobState(r["state"])
                 if st in FINAL_STATES:
                     out[int(r["id"])] = st
+            # An array's first job stands for the whole array (``--after 23``):
+            # over when every element is, succeeded only when every one did.
+            elements = self.read(
+                f"SELECT array_parent, state FROM jobs WHERE array_parent IN "
+                f"({', '.join('?' * len(part))})", part)
+            for r in elements:
+                head, st = int(r["array_parent"]), JobState(r["state"])
+                if st not in FINAL_STATES:
+                    out.pop(head, None)
+                elif head in out and out[head] is JobState.SUCCEEDED:
+                    out[head] = st
         return out
 
     def counts_by_user(self) -> dict[str, dict[str, int]]:

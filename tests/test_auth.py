@@ -564,12 +564,14 @@ def test_a_batch_edit_is_all_or_nothing(server: Running, jobs_dir: Path) -> None
          f"job {qb} belongs to bob; nothing changed"),
         (alice, [qa1, qb], "delete", None, Forbidden,
          f"job {qb} belongs to bob; nothing changed"),
-        (alice, [qa1, qa2], "priority", -5, Forbidden,
-         f"only an admin may raise a priority (job {qa2}); nothing changed"),
+        (alice, [qa2, qa1], "priority", 5, Forbidden,
+         f"only an admin may set a priority above 0 (job {qa2}); nothing changed"),
         (alice, [qa1, 999999], "nice", 5, NotFound, "no job 999999"),
         (alice, [qa1, blocker], "nice", 5, Conflict,
          f"job {blocker} is running, no longer queued; nothing changed"),
-        (bob, [qb, qa1], "hold", None, Forbidden, "hold needs the admin role"),
+        (bob, [qb, qa1], "hold", None, Forbidden, f"job {qa1} belongs to alice; nothing changed"),
+        (alice, [qa1], "top", None, Forbidden, "top needs the admin role"),
+        (alice, [qa1], "time_limit", "2 fortnights", DopqError, "--time-limit"),
         (alice, [], "delete", None, DopqError, "no job ids given"),
         (alice, [qa1], "explode", None, DopqError, "unknown action 'explode'"),
         (alice, [qa1], "priority", "high", DopqError, "priority needs an integer value"),
@@ -594,21 +596,25 @@ def test_a_batch_edit_is_all_or_nothing(server: Running, jobs_dir: Path) -> None
 
 
 @docker
-def test_users_may_lower_but_not_raise_their_priority(server: Running, jobs_dir: Path) -> None:
+def test_users_may_lower_and_restore_but_not_raise_their_priority_above_0(
+    server: Running, jobs_dir: Path
+) -> None:
     alice, root = server["alice"], server["root"]
     _blocked(server, jobs_dir)
     job = alice.submit(good_job(jobs_dir, "alice", "humble", "true", num_gpus=2))["id"]
     wait_state(alice, job, "queued")
     for action, value in (("priority", -5), ("priority", -5), ("nice", 100), ("nice", 100)):
         assert alice.call("edit", [job], action, value)["changed"] == [job]
-    for action, value, words in (("priority", -4, "only an admin may raise a priority"),
-                                 ("priority", 1000, "only an admin may raise a priority"),
+    for action, value, words in (("priority", 1, "only an admin may set a priority above 0"),
+                                 ("priority", 1000, "only an admin may set a priority above 0"),
                                  ("nice", 99, "only an admin may lower nice")):
         with pytest.raises(Forbidden) as info:
             alice.call("edit", [job], action, value)
         assert one_line(info.value).startswith(words)
     view = alice.call("job", job)
     assert (view["priority"], view["nice"]) == (-5, 100)
+    alice.call("edit", [job], "priority", 0)  # restored, up to 0
+    assert alice.call("job", job)["priority"] == 0
     root.call("edit", [job], "priority", 20)
     root.call("edit", [job], "nice", 0)
     view = alice.call("job", job)
@@ -657,11 +663,20 @@ def test_hold_release_and_top_are_admin_only_and_take_effect(
     store = server.server.platform.store
     before = tables(store, "jobs", "audit")
     for client, job_id in ((alice, held), (alice, topped), (bob, other)):
-        for action in ("hold", "release", "top"):
-            with pytest.raises(Forbidden) as info:
-                client.call("edit", [job_id], action)
-            assert one_line(info.value) == f"{action} needs the admin role"
+        with pytest.raises(Forbidden) as info:
+            client.call("edit", [job_id], "top")
+        assert one_line(info.value) == "top needs the admin role"
+    for action in ("hold", "release"):  # never another user's job
+        with pytest.raises(Forbidden) as info:
+            bob.call("edit", [held], action)
+        assert one_line(info.value) == f"job {held} belongs to alice; nothing changed"
     assert tables(store, "jobs", "audit") == before
+    # users hold and release their own jobs (not audited: no admin acted)
+    alice.call("edit", [held], "hold")
+    assert alice.call("job", held)["held"] is True
+    alice.call("edit", [held], "release")
+    assert alice.call("job", held)["held"] is False
+    assert tables(store, "audit") == {k: v for k, v in before.items() if k == "audit"}
 
     root.call("edit", [topped], "top")
     wait_for(lambda: alice.call("queue")[0]["id"] == topped)
@@ -669,6 +684,9 @@ def test_hold_release_and_top_are_admin_only_and_take_effect(
     root.call("edit", [held], "hold")
     assert alice.call("job", held)["held"] is True
     wait_for(lambda: (queue_entry(alice, held) or {}).get("reason") == "Held")
+    with pytest.raises(Forbidden) as info:  # an admin's hold is the admins' to release
+        alice.call("edit", [held], "release")
+    assert "held by an admin" in one_line(info.value)
 
     # GPUs free up: the topped job goes first, then bob's; the held job waits
     alice.call("cancel", blocker)

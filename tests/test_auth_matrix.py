@@ -219,15 +219,31 @@ def consumed_if_allowed(expect: dict[str, Any]) -> Callable[[World, str], int]:
 
 
 def edit_args(action: str, delta: int | None = None, ends_job: bool = False,
-              expect: dict[str, Any] = ADMIN_ONLY) -> Args:
+              expect: dict[str, Any] = ADMIN_ONLY, low: int | None = None,
+              high: int | None = None, held: int | None = None) -> Args:
+    """Edit args; ``low``/``high`` bound the new value, ``held`` sets the job's hold first."""
+
     def args(w: World, p: str) -> tuple[Any, ...]:
         job_id = consumed_if_allowed(expect)(w, p) if ends_job else w.live_queued()
+        if held is not None:
+            with w.store.transaction() as db:
+                db.execute("UPDATE jobs SET held = ? WHERE id = ?", (held, job_id))
         if delta is None:
             return ([job_id], action)
-        current = w.store.job(job_id)[action]
-        return ([job_id], action, current + delta)
+        value = w.store.job(job_id)[action] + delta
+        value = value if low is None else max(low, value)
+        value = value if high is None else min(high, value)
+        return ([job_id], action, value)
 
     return args
+
+
+def time_limit_args(w: World, p: str) -> tuple[Any, ...]:
+    return ([w.live_queued()], "time_limit", "30m")
+
+
+def fetch_of_alice(w: World, p: str) -> tuple[Any, ...]:
+    return (w.platform.fetches.begin("alice", "alice", w.finished).id, 0)
 
 
 def check_edit(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
@@ -240,6 +256,8 @@ def check_edit(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
         assert row[action] == a[2]
     elif action in ("hold", "release"):
         assert row["held"] is (action == "hold")
+    elif action == "time_limit":
+        assert row["time_limit"] == 1800
     elif action == "top":
         assert row["top"] > 0
 
@@ -349,12 +367,27 @@ CASES: list[Case] = [
          OWN_OR_ADMIN, check_edit, audited=True),
     Case("edit", "priority-lower", edit_args("priority", -1), OWN_OR_ADMIN, check_edit,
          audited=True),
-    Case("edit", "priority-raise", edit_args("priority", +1), ADMIN_ONLY, check_edit,
+    # Users lower their own priority and restore it up to 0; above 0 is the admins'.
+    Case("edit", "priority-restore", edit_args("priority", +1, high=0), OWN_OR_ADMIN,
+         check_edit, audited=True),
+    Case("edit", "priority-above-0", edit_args("priority", +1, low=1), ADMIN_ONLY, check_edit,
          audited=True),
     Case("edit", "nice-raise", edit_args("nice", +1), OWN_OR_ADMIN, check_edit, audited=True),
     Case("edit", "nice-lower", edit_args("nice", -1), ADMIN_ONLY, check_edit, audited=True),
-    Case("edit", "hold", edit_args("hold"), ADMIN_ONLY, check_edit, audited=True),
-    Case("edit", "release", edit_args("release"), ADMIN_ONLY, check_edit, audited=True),
+    # Users hold and release their own jobs; a hold an admin put on stays the admins'.
+    Case("edit", "hold", edit_args("hold"), OWN_OR_ADMIN, check_edit, audited=True),
+    Case("edit", "release", edit_args("release", held=1), OWN_OR_ADMIN, check_edit,
+         audited=True),
+    Case("edit", "release-admin-hold", edit_args("release", held=2), ADMIN_ONLY, check_edit,
+         audited=True),
+    Case("edit", "time-limit", time_limit_args, OWN_OR_ADMIN, check_edit, audited=True),
+    Case("array", "", queued, SIGNED_IN, R(lambda w, r, a, p: r == [])),
+    Case("outputs_begin", "", lambda w, p: (w.finished,), OWN_OR_ADMIN,
+         R(lambda w, r, a, p: len(r["fetch"]) == 32 and r["size"] > 0), audited=True),
+    Case("outputs_chunk", "", fetch_of_alice, _rule(Forbidden, OK, Forbidden),
+         R(lambda w, r, a, p: r[:2] == b"PK")),
+    Case("outputs_end", "", lambda w, p: fetch_of_alice(w, p)[:1], _rule(Forbidden, OK, Forbidden),
+         R(lambda w, r, a, p: r == {"ended": a[0]})),
     Case("edit", "top", edit_args("top"), ADMIN_ONLY, check_edit, audited=True),
     Case("clear_history", "", none, ADMIN_ONLY, check_clear_history, audited=True),
     Case("clear_status", "", none, ADMIN_ONLY, check_clear_status, audited=True),

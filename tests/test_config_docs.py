@@ -75,3 +75,14 @@ def test_readme_priority_formula_is_the_policys() -> None:
     from dopq.policy import job_term
 
     assert job_term(0, 1000.0) == 500.0 and job_term(1000, 1000.0) == 1000.0
+
+
+def test_config_show_json_has_the_effective_inbox(capsys: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.delenv("DOPQ_CONFIG", raising=False)
+    assert cli.main(["config", "show", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["inbox"] == str(Settings().inbox_path) and data["server"]["name"]
+    assert "mounts" in data
