@@ -113,7 +113,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     if args.json:
-        _out(s.to_dict())
+        _out(settings.effective(s))
     else:
         print(settings.to_toml(s), end="")
     return 0
