@@ -152,7 +152,8 @@ def test_cancel_only_for_own_jobs_unless_admin(window: Pipeline, client: DetailC
     dlg = window.open_edit_queued()
     assert not dlg.buttons["delete"].isEnabled() and not dlg.buttons["priority"].isEnabled()
     dlg.panel.select_keys([10])
-    assert dlg.buttons["delete"].isEnabled()
+    assert all(dlg.buttons[a].isEnabled() for a in ("delete", "priority", "hold", "release"))
+    assert not dlg.buttons["top"].isEnabled()  # the admins'
     dlg.close()
 
     with client.lock:

@@ -107,15 +107,14 @@ class EditQueuedDialog(QDialog):
 
     def set_admin(self, admin: bool) -> None:
         self._admin = admin
-        for action in ("hold", "release", "top"):
-            self.buttons[action].setToolTip("" if admin else "admins only")
+        self.buttons["top"].setToolTip("" if admin else "admins only")
         self._selection_changed()
 
     def _selection_changed(self, *_: Any) -> None:
         rows = [r for k in self.panel.selected_keys() if (r := self.panel.model.get(k))]
         any_selected = bool(rows) and self.may_act(rows)  # others' jobs: admins only
         for action, b in self.buttons.items():
-            b.setEnabled(any_selected and (self._admin or action in ("delete", "priority")))
+            b.setEnabled(any_selected and (self._admin or action != "top"))
 
     def request(self, action: str) -> None:
         ids = [int(k) for k in self.panel.selected_keys()]  # type: ignore[call-overload]
