@@ -165,11 +165,16 @@ class Controller:
 
     # -- submission -------------------------------------------------------------------
     @api_call
-    def submit_begin(self, size: int, options: dict[str, Any] | None = None) -> str:
+    def submit_begin(self, size: int, options: dict[str, Any] | None = None,
+                     check: dict[str, Any] | None = None) -> str:
+        """Begin an upload. ``check``: the ``container_config.json`` (``config``) and
+        ``dockerfile`` text the client read, judged now (``dopq.intake``)."""
         who = self._who()
         if options is not None and not isinstance(options, dict):
             raise DopqError("options must be a dict")
-        return self._p.begin_upload(who, int(size), dict(options or {}))
+        if check is not None and not isinstance(check, dict):
+            raise DopqError("check must be a dict")
+        return self._p.begin_upload(who, int(size), dict(options or {}), check)
 
     @api_call
     def submit_chunk(self, upload_id: str, data: Any) -> int:

@@ -19,7 +19,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -110,6 +110,34 @@ def unpack(zip_path: Path, dest: Path, limits: ArchiveLimits) -> Path:
         _wipe(real_dest, remove_self=created)
         raise
     return real_dest / _root_folder(entries)
+
+
+def peek(zip_path: Path, limits: ArchiveLimits, names: tuple[str, ...] = (
+        CONFIG_NAME, DOCKERFILE_NAME)) -> tuple[set[str], dict[str, bytes]]:
+    """Without unpacking: (the file names at the context root, the bytes of ``names``
+    found there). Every entry is checked as ``unpack`` checks it; each file read
+    is at most ``MAX_CONFIG_BYTES``. For the verdict at submit time."""
+    with _open_zip(Path(zip_path), limits) as zf:
+        entries = _plan(zf.infolist(), limits)
+        top = tuple(p for p in [_root_folder(entries)] if p)
+        files = {e.parts[-1]: e for e in entries
+                 if not e.is_dir and e.parts[:-1] == top}
+        data: dict[str, bytes] = {}
+        for name in names:
+            if name in files:
+                chunks, size = [], 0
+                for chunk in _chunks(zf, files[name].info):
+                    size += len(chunk)
+                    if size > MAX_CONFIG_BYTES:
+                        raise JobRejected(f"{name} is larger than {MAX_CONFIG_BYTES} bytes")
+                    chunks.append(chunk)
+                data[name] = b"".join(chunks)
+    return set(files), data
+
+
+def load_config(data: bytes) -> dict[str, Any]:
+    """``container_config.json``'s bytes as a dict (``JobRejected`` says what is wrong)."""
+    return _load_config(data)
 
 
 def _open_zip(zip_path: Path, limits: ArchiveLimits) -> zipfile.ZipFile:
@@ -373,8 +401,10 @@ def _file_digest(path: Path) -> bytes:
         return hashlib.file_digest(f, "sha256").digest()
 
 
-def zip_folder(folder: Path, out: Path) -> Path:
-    """Zip the contents of ``folder`` into ``out`` for upload; return ``out``.
+def zip_folder(folder: Path, out: Path,
+               files: Iterable[tuple[str, Path, os.stat_result]] | None = None) -> Path:
+    """Zip the contents of ``folder`` (or just ``files``, as ``_tree`` yields them:
+    what ``.dockerignore`` leaves, ``dopq.dockerignore``) into ``out``; return ``out``.
 
     Deterministic: sorted entries, a fixed timestamp, modes reduced to 0o644/0o755.
     Symlinks and special files are skipped, as the server would refuse them.
@@ -385,7 +415,7 @@ def zip_folder(folder: Path, out: Path) -> Path:
         raise JobRejected(f"not a folder: {folder}")
     out_real = out.resolve()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for rel, path, st in _tree(folder):
+        for rel, path, st in _tree(folder) if files is None else files:
             if path.resolve() == out_real:
                 continue
             if stat.S_ISDIR(st.st_mode):

@@ -275,10 +275,10 @@ def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["cpus"] = args.cpus
     if args.priority is not None:
         opts["priority"] = args.priority
-    if args.after:
-        opts["after"] = [int(x) for x in args.after.split(",") if x]
+    if args.after:  # "12,13": read and checked by dopq.spec (a mistake is one line)
+        opts["after"] = args.after
     if args.after_any:
-        opts["after_any"] = [int(x) for x in args.after_any.split(",") if x]
+        opts["after_any"] = args.after_any
     if args.env:
         env = {}
         for item in args.env:
@@ -293,20 +293,10 @@ def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from dopq.submitcheck import UploadProgress
+
     c = _client(args)
-    last = [0.0]
-
-    def progress(sent: int, total: int) -> None:
-        if args.json or not sys.stderr.isatty():
-            return
-        now = time.monotonic()
-        if now - last[0] > 0.1 or sent == total:
-            last[0] = now
-            print(f"\ruploading {sent * 100 // max(total, 1):3d}% ({sent}/{total} bytes)",
-                  end="", file=sys.stderr, flush=True)
-            if sent == total:
-                print(file=sys.stderr)
-
+    progress = UploadProgress(sys.stderr, quiet=args.json)  # a terminal only
     job = c.submit(args.path, _submit_options(args), progress)
     from dopq.cli_jobs import array_ids
 

@@ -26,8 +26,9 @@ import Pyro5.errors
 from Pyro5 import protocol, serializers, socketutil
 
 from dopq import api as _api  # noqa: F401 - registers DoPQ's error classes
-from dopq import tls
-from dopq.archive import zip_folder
+from dopq import submitcheck, tls
+from dopq.archive import IMAGE_TAR_NAME, zip_folder
+from dopq.dockerignore import ALWAYS_SENT, context_files
 from dopq.errors import (
     DopqError,
     LimitExceeded,
@@ -369,15 +370,21 @@ class Client:
         path: str | Path,
         options: dict[str, Any] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        precheck: bool = True,
     ) -> dict[str, Any]:
-        """Upload a zip (or a folder, zipped on the fly) and return the new job."""
+        """Upload a zip (or a folder, zipped on the fly as ``.dockerignore`` says) and
+        return the new job. ``precheck``: check the job here first and send its config
+        and Dockerfile with ``submit_begin`` for the server's verdict
+        (``dopq.submitcheck``); without, the server judges the archive at the end."""
         p = Path(path)
         tmp: Path | None = None
+        prepared = submitcheck.prepare(p, options) if precheck else None
         if p.is_dir():
             fd, name = tempfile.mkstemp(suffix=".zip", prefix="dopq-")
             os.close(fd)
             tmp = Path(name)
-            zip_folder(p, tmp)
+            zip_folder(p, tmp, prepared.files if prepared else context_files(
+                p, ALWAYS_SENT | {IMAGE_TAR_NAME}))
             p = tmp
         elif not p.is_file():
             raise NotFound(f"{path}: no such file or folder")
@@ -385,7 +392,8 @@ class Client:
             size = p.stat().st_size
             # the job's name until its config is read (or if it cannot be read)
             label = Path(path).name if Path(path).is_dir() else Path(path).stem
-            upload = self.call("submit_begin", size, {**(options or {}), "source_name": label})
+            upload = self.call("submit_begin", size, {**(options or {}), "source_name": label},
+                               prepared.check() if prepared else None)
             sent = 0
             try:
                 with p.open("rb") as fh:

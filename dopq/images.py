@@ -88,7 +88,13 @@ def check_references(
         seen.add(ref.ref)
         info = resolve(ref.ref)
         if not is_allowed_base(ref.ref, allowed):
-            if info is None or str(info.get("Id")) not in own_images:
+            if info is None:  # a build would have to pull it
+                raise JobRejected(
+                    f"{ref.instruction} {ref.ref} (Dockerfile line {ref.line}): not available "
+                    "on this server (no registry access) and not an allowed base image; "
+                    f"allowed bases: {allowed_text(allowed)}, scratch, or your own earlier job "
+                    "images (dopq images)")
+            if str(info.get("Id")) not in own_images:
                 where = f"{ref.instruction} on Dockerfile line {ref.line}"
                 raise JobRejected(
                     f"{where}: {ref.ref!r} is not an allowed base image; a build may start "

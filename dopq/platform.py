@@ -36,6 +36,7 @@ from dopq.errors import (
 )
 from dopq.estimates import StartEstimates
 from dopq.fetch import OutputFetches
+from dopq.intake import Intake
 from dopq.jobs import FINAL_STATES, JobState
 from dopq.limits import QueueSlots, submission_slots
 from dopq.provider import job_dir, start_process
@@ -370,7 +371,8 @@ class DataPlatform:
             self.store.audit(who.name, action, detail)
 
     # -- submission ---------------------------------------------------------------
-    def begin_upload(self, who: Principal, size: int, overrides: dict[str, Any]) -> str:
+    def begin_upload(self, who: Principal, size: int, overrides: dict[str, Any],
+                     check: dict[str, Any] | None = None) -> str:
         size = int(size)
         limit = self.settings.bytes_of("limits.max_upload")
         if size <= 0:
@@ -398,6 +400,7 @@ class DataPlatform:
         prio = overrides.get("priority")
         if isinstance(prio, int) and prio > 0 and not who.is_admin:
             raise Forbidden("only an admin may submit with a priority above 0")
+        self._intake().at_begin(who, user, overrides, check)  # the verdict, before a byte
         uid = uuid.uuid4().hex
         self.slots.reserve(uid, user, wanted)  # the queue limit, uploads in flight counted
         path = self.settings.state_path / "uploads" / f"{uid}.part"
@@ -410,6 +413,9 @@ class DataPlatform:
             self._uploads[uid] = Upload(uid, user, size, dict(overrides), path, by=who.name,
                                         slots=wanted, source_name=source_name)
         return uid
+
+    def _intake(self) -> Intake:
+        return Intake(self.settings, self.store, self.runtime, len(self.gpu_info))
 
     def _check_overrides(self, overrides: dict[str, Any]) -> None:
         allowed = {
@@ -461,6 +467,11 @@ class DataPlatform:
             if up.received != up.size:
                 raise Conflict(f"upload incomplete: {up.received} of {up.size} bytes")
             self._uploads.pop(up.id, None)
+        try:  # the archive's own verdict, before a job exists
+            self._intake().archive(who, up.user, up.path, up.overrides)
+        except DopqError:
+            self._discard_upload(up)
+            raise
         target = self.settings.state_path / "incoming" / f"api-{up.id}.zip"
         name = str(up.overrides.get("name") or up.source_name or "job")[:128]
         try:  # the limit again, in the transaction that creates the job

@@ -42,6 +42,7 @@ from dopq.errors import (
     Conflict,
     DopqError,
     Forbidden,
+    JobRejected,
     NotAuthenticated,
     NotFound,
     RateLimited,
@@ -623,10 +624,9 @@ def test_users_may_lower_and_restore_but_not_raise_their_priority_above_0(
     with pytest.raises(Forbidden, match="only an admin may submit with a priority above 0"):
         alice.submit(good_job(jobs_dir, "alice", "eager", "true", num_gpus=2), {"priority": 5})
     # ... nor through container_config.json
-    eager = alice.submit(good_job(jobs_dir, "alice", "eager-cfg", "true", num_gpus=2,
-                                  config={"priority": 5}))["id"]
-    failed = wait_state(alice, eager, "failed")
-    assert failed["error"] == "rejected: only an admin may submit with a priority above 0"
+    with pytest.raises(JobRejected, match="only an admin may submit with a priority above 0"):
+        alice.submit(good_job(jobs_dir, "alice", "eager-cfg", "true", num_gpus=2,
+                              config={"priority": 5}))
     boss = root.submit(good_job(jobs_dir, "root", "boss", "true", num_gpus=2),
                        {"priority": 5})["id"]
     assert wait_state(root, boss, "queued")["priority"] == 5

@@ -11,7 +11,7 @@ import pytest
 from conftest import Running, wait_for
 from hostile import ARCHIVE_CASES, CONFIG_CASES, good_job, zip_it
 
-from dopq.errors import Conflict, DopqError, Forbidden, LimitExceeded
+from dopq.errors import Conflict, DopqError, Forbidden, JobRejected, LimitExceeded
 
 pytestmark = pytest.mark.docker
 
@@ -102,24 +102,40 @@ def test_cancel_time_limit_and_wait(server: Running, jobs_dir: Path) -> None:
         alice.call("cancel", long)
 
 
-def test_hostile_archives_fail_their_job_only(server: Running, tmp_path: Path,
-                                              jobs_dir: Path) -> None:
+def test_hostile_archives_are_refused_at_submit_or_fail_their_job_only(
+        server: Running, tmp_path: Path, jobs_dir: Path) -> None:
     alice = server["alice"]
     cases = {**ARCHIVE_CASES, **CONFIG_CASES}
     ids = {}
-    for name, (builder, _words) in cases.items():
+    for name, (builder, words) in cases.items():
         d = tmp_path / "hostile" / name
         d.mkdir(parents=True)
-        ids[name] = alice.submit(builder(d))["id"]
+        archive = builder(d)
+        try:  # the server's verdict at submit, without the client's own checks
+            ids[name] = alice.submit(archive, precheck=False)["id"]
+        except JobRejected as exc:
+            # this reason, or another mistake found first (most name another executor)
+            reason = str(exc)
+            assert reason.startswith("rejected:") and "\n" not in reason, (name, reason)
+            assert words in reason or "differs" in reason, (name, reason)
+        # dropped in the inbox, where no one waits for an answer: a failed job
+        inbox = server.settings.inbox_path / "alice"
+        inbox.mkdir(parents=True, exist_ok=True)
+        shutil.copy(archive, inbox / f"{name}.zip.part")
+        os.replace(inbox / f"{name}.zip.part", inbox / f"{name}.zip")
+    assert set(ids) <= {"lying_bomb"}  # only what shows when it is unpacked for real
     extra = {
-        "build_fails": good_job(jobs_dir, "alice", "nobuild", config={}),
-        "too_many_gpus": good_job(jobs_dir, "alice", "greedy", num_gpus=3),
-        "other_executor": good_job(jobs_dir, "bob", "notmine"),
-        "too_much_memory": good_job(jobs_dir, "alice", "hog", config={"required_memory": "1t"}),
+        "too_many_gpus": (good_job(jobs_dir, "alice", "greedy", num_gpus=3), "asks for 3 GPUs"),
+        "other_executor": (good_job(jobs_dir, "bob", "notmine"), "differs"),
+        "too_much_memory": (good_job(jobs_dir, "alice", "hog", config={"required_memory": "1t"}),
+                            "over the limit"),
     }
-    (extra["build_fails"] / "Dockerfile").write_text("FROM dopq/busybox:latest\nRUN false\n")
-    for name, folder in extra.items():
-        ids[name] = alice.submit(folder)["id"]
+    for folder, words in extra.values():
+        with pytest.raises(JobRejected, match=words):
+            alice.submit(folder)
+    nobuild = good_job(jobs_dir, "alice", "nobuild", config={})
+    (nobuild / "Dockerfile").write_text("FROM dopq/busybox:latest\nRUN false\n")
+    ids["build_fails"] = alice.submit(nobuild)["id"]
     good = alice.submit(good_job(jobs_dir, "alice", "fine", "echo still-fine"))["id"]
     jobs = {name: server.wait_job(i, 60) for name, i in ids.items()}
     for name, job in jobs.items():
@@ -129,8 +145,10 @@ def test_hostile_archives_fail_their_job_only(server: Running, tmp_path: Path,
             assert "RUN false" in alice.call("logs", job["id"], "build")["data"]
         else:
             assert job["error"].startswith("rejected:"), (name, job["error"])
-    assert "asks for 3 GPUs" in jobs["too_many_gpus"]["error"]
-    assert "differs" in jobs["other_executor"]["error"]
+    dropped = wait_for(lambda: (lambda h: h if len(h) == len(cases) else None)(
+        [j for j in server["root"].call("history", 500) if j["origin"] == "inbox"]), 60)
+    for job in dropped:
+        assert job["state"] == "failed" and job["error"].startswith("rejected:"), job
     assert server.wait_job(good)["state"] == "succeeded"
     status = alice.call("status")
     assert status["provider_state"] == "running" and status["provider_restarts"] == 0
@@ -145,7 +163,7 @@ def test_upload_limits_and_bad_calls(server_factory: Any, jobs_dir: Path) -> Non
     big = jobs_dir / "big.zip"
     big.write_bytes(os.urandom(4096))
     with pytest.raises(LimitExceeded, match="over the limit"):
-        alice.submit(big)
+        alice.submit(big, precheck=False)
     upload = alice.call("submit_begin", 100, {})
     with pytest.raises(LimitExceeded, match="larger than announced"):
         alice.call("submit_chunk", upload, b"x" * 101)

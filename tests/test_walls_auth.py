@@ -332,10 +332,20 @@ def test_control_characters_in_a_name_are_refused_before_anything_is_stored(
             alice.submit(folder, {"name": bad})
         assert one_line(info.value).startswith("rejected: --name: control character")
     assert job_names(store) == [] and not list(uploads.iterdir())
-    # In container_config.json: the job fails with a one-line reason, and no
-    # stored name or error holds the character.
-    job = alice.submit(good_job(jobs_dir, "alice", "viaconfig", config={"name": EVIL}))
-    done = server.wait_job(job["id"], 60)
+    # In container_config.json: refused at submit, by the client and (without its
+    # checks) by the server, in one line; nothing stored.
+    viaconfig = good_job(jobs_dir, "alice", "viaconfig", config={"name": EVIL})
+    for precheck in (True, False):
+        with pytest.raises(JobRejected) as info:
+            alice.submit(zip_it(viaconfig), precheck=precheck)
+        assert one_line(info.value).startswith("rejected: name: control character \\x1b")
+    assert job_names(store) == [] and not list(uploads.iterdir())
+    # Dropped in the inbox: the job fails with a one-line reason, and no stored
+    # name or error holds the character.
+    inbox = server.settings.inbox_path / "alice"
+    inbox.mkdir(parents=True, exist_ok=True)
+    shutil.copy(zip_it(viaconfig), inbox / "viaconfig.zip")
+    done = wait_for(lambda: (server["root"].call("history") or [None])[0], 30)
     assert done["state"] == "failed"
     assert one_line(Exception(done["error"])).startswith("rejected: name: control character \\x1b")
     rows = store.read("SELECT name, error FROM jobs")
