@@ -215,10 +215,11 @@ def test_a_time_limit_edit_lets_a_job_backfill(server: Running, capsys: Any,
                   "--time-limit", "1h")["id"]
     wait_for(lambda: state(server, busy) == "running", 60)
     big = submit(capsys, good_job(jobs_dir, "alice", "big", "sleep 1", num_gpus=2))["id"]
+    wait_for(lambda: state(server, big) == "queued", 60)  # and holds the free GPU
     small = submit(capsys, good_job(jobs_dir, "alice", "small", "echo small", num_gpus=1))["id"]
-    wait_for(lambda: state(server, big) == "queued" and state(server, small) == "queued", 60)
-    wait_for(lambda: any(r["id"] == small and r.get("reason") for r in
-                         server["alice"].call("queue")), 10)
+    wait_for(lambda: state(server, small) == "queued", 60)
+    wait_for(lambda: any(r["id"] == small and "Reserved" in (r.get("reason") or "")
+                         for r in server["alice"].call("queue")), 20)
     assert state(server, small) == "queued"
     code, _, err = run(capsys, "edit", str(small), "--time-limit", "10m")
     assert code == 0, err
