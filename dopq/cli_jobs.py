@@ -261,6 +261,7 @@ def cmd_outputs(args: argparse.Namespace) -> int:
     from dopq.archive import ArchiveLimits, unpack
 
     c = _client(args)
+    c.timeout = max(c.timeout, 900.0)  # the server zips the whole folder before answering
     job_id = one(c, args.id)
     dest = Path(args.to or f"dopq-outputs-{args.id}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):

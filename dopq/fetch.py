@@ -76,6 +76,10 @@ def _add_dir(dir_fd: int, prefix: str, walk: _Walk, limit: int, depth: int) -> N
         return
     for name in sorted(os.listdir(dir_fd)):
         rel = f"{prefix}{name}"
+        problem = _name_problem(name)
+        if problem is not None:  # a name no safe unpacker takes: said, not sent
+            walk.skip(ascii(rel)[1:-1], problem)
+            continue
         st = lstat_at(name, dir_fd)
         if st is None:
             continue
@@ -94,6 +98,16 @@ def _add_dir(dir_fd: int, prefix: str, walk: _Walk, limit: int, depth: int) -> N
             _add_file(dir_fd, name, rel, walk, limit)
         else:
             walk.skip(rel, "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file")
+
+
+def _name_problem(name: str) -> str | None:
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "name is not UTF-8"
+    if not name.isprintable() or "\\" in name:
+        return "control character or backslash in the name"
+    return "name too long" if size > 255 else None
 
 
 def _add_file(dir_fd: int, name: str, rel: str, walk: _Walk, limit: int) -> None:

@@ -284,7 +284,8 @@ def test_outputs_fetched_through_the_api(server: Running, capsys: Any, jobs_dir:
     as_user(server, monkeypatch, "alice")
     script = ("echo result > /outdir/result.txt; mkdir -p /outdir/sub; "
               "echo deep > /outdir/sub/deep.txt; ln -s /etc/passwd /outdir/passwd; "
-              "ln -s /etc /outdir/etc; ln -s .. /outdir/up; mkfifo /outdir/pipe; exit 0")
+              "ln -s /etc /outdir/etc; ln -s .. /outdir/up; mkfifo /outdir/pipe; "
+              "touch \"/outdir/$(printf 'a\\tb')\"; exit 0")
     job_id = submit(capsys, good_job(jobs_dir, "alice", "writer", script))["id"]
     assert server.wait_job(job_id)["state"] == "succeeded"
     code, out, _ = run(capsys, "show", str(job_id))
@@ -315,6 +316,7 @@ def test_outputs_fetched_through_the_api(server: Running, capsys: Any, jobs_dir:
         if p.is_file():
             assert "root:" not in p.read_text() and p.read_text() != passwd
     assert "skipped passwd (symlink)" in out
+    assert "control character or backslash in the name" in out  # a\tb: said, not sent
     code, _, err = run(capsys, "outputs", str(job_id), "--to", str(dest))
     one_line_error(code, err, "not empty")
 
