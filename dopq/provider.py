@@ -159,11 +159,13 @@ class InboxWatcher:
 
     def make_folders(self) -> None:
         """``inbox/<user>/`` for every allowed user (``users.allowed``; empty: every
-        DoPQ user), owned by their Unix account, 0700; a user without one is logged."""
+        DoPQ user and every user of ``users.uid_map``), owned by their Unix account,
+        0700; a user without one is logged."""
         if not self.settings.users.check_owner:
             return
         allowed = set(self.settings.users.allowed)
-        names = allowed or {r["name"] for r in self.store.read("SELECT name FROM users")}
+        names = allowed or ({r["name"] for r in self.store.read("SELECT name FROM users")}
+                            | set(self.settings.users.uid_map))
         for user in sorted(names):
             if user != user.lower() or "/" in user or user.startswith("."):
                 continue
