@@ -306,8 +306,8 @@ def test_the_forms_people_write_are_accepted(alice_cli: Running, capsys: Any,
     job = alice_cli.wait_job(first)
     assert job["state"] == "succeeded" and job["time_limit"] == 86400
     assert job["spec"]["memory"] == 256 * 2**20
-    elements = wait_for(lambda: [j for j in alice_cli["root"].call("history")
-                                 if j.get("array_parent") == first] or None)
+    elements = wait_for(lambda: (lambda done: done if len(done) == 2 else None)(
+        [j for j in alice_cli["root"].call("history") if j.get("array_parent") == first]))
     assert sorted(j["array_index"] for j in elements) == [0, 2]
 
 
