@@ -21,7 +21,8 @@ fi
 
 echo "engine: starting dockerd"
 mkdir -p /var/log
-nohup dockerd --bridge=none --iptables=false --ip-masq=false \
+# setsid: the engine outlives the shell (or test) that started it.
+setsid nohup dockerd --bridge=none --iptables=false --ip-masq=false \
     >/var/log/dopq-dockerd.log 2>&1 &
 echo $! >/var/run/dopq-dockerd.pid
 for _ in $(seq 1 120); do
