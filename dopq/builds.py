@@ -43,6 +43,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CONTROLLERS = ("pids", "memory", "cpu")
 
 
+# A name no image has: as the only cache source it turns the layer cache off
+# (an empty list would mean "every image on the engine").
+NO_CACHE_SOURCE = "dopq-no-cache-source:none"
+
+
 @dataclass
 class BuildLimits:
     memory: int | None = None  # bytes; RUN steps get no swap beyond it
@@ -50,6 +55,11 @@ class BuildLimits:
     pids: int | None = None
     time_limit: float = 3600.0
     network: bool = True
+    # Images whose layers the build may reuse: the user's own. The classic
+    # builder otherwise reuses any matching layer on the engine, so an
+    # identical RUN line would hand one user the output another user's step
+    # produced. Empty: no layer is reused.
+    cache_from: tuple[str, ...] = ()
 
 
 def _fmt_bytes(n: int) -> str:
@@ -310,6 +320,7 @@ def build(
                 rm=True, forcerm=True, pull=False, decode=True,
                 container_limits=container_limits or None,
                 network_mode=None if limits.network else "none",
+                cache_from=list(limits.cache_from) or [NO_CACHE_SOURCE],
             )
             for chunk in stream:
                 text = chunk_text(chunk)

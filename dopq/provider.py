@@ -560,6 +560,10 @@ class Provider:
             self._check_bases(ctx.dockerfile, spec.user)
             chash = archive_mod.context_hash(root)
             known = self.store.image_for(chash)
+            # Only the user's own: another user's image of the same context holds
+            # what their RUN steps produced (fetched with their network access).
+            if known and known not in self._own_images(spec.user, 1000):
+                known = None
             if known and self.runtime.image_exists(known):
                 on_log(f"[dopq] identical context already built: reusing {known[:19]}\n")
                 self.runtime.tag(known, tag)
@@ -602,7 +606,15 @@ class Provider:
             pids=s.docker.pids_limit,
             time_limit=s.build_time_limit(),
             network=s.build.network,
+            cache_from=tuple(self._own_images(spec.user, 20)),
         )
+
+    def _own_images(self, user: str, limit: int) -> list[str]:
+        """The user's most recent job images still on the engine (build cache sources)."""
+        rows = self.store.read(
+            "SELECT image, MAX(id) AS job FROM jobs WHERE user = ? AND image IS NOT NULL"
+            " GROUP BY image ORDER BY job DESC LIMIT ?", (user, limit))
+        return [str(r["image"]) for r in rows]
 
     def _is_admin(self, user: str) -> bool:
         rows = self.store.read("SELECT role FROM users WHERE name = ?", (user,))

@@ -476,3 +476,41 @@ def test_a_loaded_image_stays_while_its_array_needs_it(server: Running, tmp_path
             server.server.platform.store.owner_id(), "alice", "evil-load", first)}), 30)
     finally:
         api.close()
+
+
+def test_the_layer_cache_is_never_shared_between_users(server: Running, jobs_dir: Path) -> None:
+    """bob writes alice's RUN line again: the classic builder would hand him the
+    layer her step produced (her secret fetched at build time); DoPQ lets a build
+    reuse only the user's own layers."""
+    alice, bob = server["alice"], server["bob"]
+    step = "RUN cat /proc/sys/kernel/random/uuid > /stamp\n"
+    tail = "COPY note.txt /note.txt\nCMD [\"cat\", \"/stamp\"]\n"
+
+    def stamp(client: Any, name: str, user: str, note: str) -> str:
+        folder = _job(jobs_dir, name, f"FROM {BASE_IMAGE}\n{step}{tail}", user, note_txt=note)
+        job = server.wait_job(client.submit(folder)["id"], 90)
+        assert job["state"] == "succeeded", job
+        return str(client.call("logs", job["id"])["data"]).strip()
+
+    first = stamp(alice, "cache-a1", "alice", "one")
+    assert stamp(alice, "cache-a2", "alice", "two") == first  # her own layers are reused
+    assert stamp(bob, "cache-b1", "bob", "three") != first  # never hers for bob
+
+
+def test_an_identical_context_reuses_only_the_users_own_image(
+    server: Running, jobs_dir: Path
+) -> None:
+    alice, bob = server["alice"], server["bob"]
+    folder = jobs_dir / "same-context"  # no executor_name: anyone may submit it as it is
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\n"
+                                       "RUN cat /proc/sys/kernel/random/uuid > /stamp\n"
+                                       "CMD [\"cat\", \"/stamp\"]\n")
+    (folder / "container_config.json").write_text('{"name": "same", "num_gpus": 0}')
+    first = server.wait_job(alice.submit(folder)["id"], 90)
+    again = server.wait_job(alice.submit(folder)["id"], 90)
+    theirs = server.wait_job(bob.submit(folder)["id"], 90)
+    assert first["state"] == again["state"] == theirs["state"] == "succeeded"
+    assert "reusing" in alice.call("logs", again["id"], "build")["data"]
+    assert "reusing" not in bob.call("logs", theirs["id"], "build")["data"]
+    assert bob.call("logs", theirs["id"])["data"] != alice.call("logs", first["id"])["data"]
