@@ -183,3 +183,26 @@ def test_a_long_error_is_shown_whole(window: Pipeline, client: DetailClient, qtb
     qtbot.waitUntil(lambda: cell(m, 1, "Error") == LONG_ERROR, timeout=3000)
     tip = cell(m, 1, "Error", Qt.ItemDataRole.ToolTipRole)
     assert tip.replace("\n", " ") == LONG_ERROR and max(map(len, tip.splitlines())) <= 100
+
+
+def test_the_sign_in_dialog_says_why_and_never_offers_root(
+    qtbot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PySide6.QtWidgets import QLabel
+
+    from dopq.gui import dialogs
+
+    monkeypatch.setattr(dialogs.getpass, "getuser", lambda: "root")
+    dlg = dialogs.LoginDialog("gpu1", reason="You are not signed in to gpu1 (token expired).")
+    qtbot.addWidget(dlg)
+    assert dlg.user.text() == "" and dlg.user.placeholderText()
+    why = dlg.findChild(QLabel, "loginReason")
+    assert why is not None and "token expired" in why.text()
+    monkeypatch.setattr(dialogs.getpass, "getuser", lambda: "alice")
+    plain = dialogs.LoginDialog("gpu1")
+    qtbot.addWidget(plain)
+    assert plain.user.text() == "alice"
+    assert "Sign in to gpu1" in plain.findChild(QLabel, "loginReason").text()
+    last = dialogs.LoginDialog("gpu1", user="bob")  # the name last signed in with
+    qtbot.addWidget(last)
+    assert last.user.text() == "bob"

@@ -31,6 +31,7 @@ from dopq.gui.details import JobDialog as JobDialog  # where the window and test
 from dopq.gui.models import QueuedModel
 from dopq.gui.viewthread import one_line
 from dopq.gui.widgets import TablePanel
+from dopq.text import printable
 
 FINAL = ("succeeded", "failed", "cancelled")
 ALL_USERS = "(all users)"
@@ -136,16 +137,34 @@ class EditQueuedDialog(QDialog):
 
 
 # -- sign-in and submission ----------------------------------------------------------------
+def default_login_name() -> str:
+    """The Unix name to offer, but never ``root``: a lab member running the GUI
+    under sudo should not sign in as the admin by accident."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+    return "" if name == "root" else name
+
+
 class LoginDialog(QDialog):
-    def __init__(self, server: str = "", parent: QWidget | None = None) -> None:
+    def __init__(self, server: str = "", parent: QWidget | None = None,
+                 reason: str = "", user: str | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle(f"Sign in to {server}" if server else "Sign in")
-        self.user = QLineEdit(getpass.getuser(), self)
+        why = QLabel(printable(reason) if reason else
+                     f"Sign in to {printable(server) or 'the DoPQ server'} with your DoPQ "
+                     "account to see and submit jobs.", self)
+        why.setObjectName("loginReason")
+        why.setWordWrap(True)
+        self.user = QLineEdit(default_login_name() if user is None else user, self)
+        self.user.setPlaceholderText("your DoPQ user name")
         self.password = QLineEdit(self)
         self.password.setEchoMode(QLineEdit.EchoMode.Password)
         self.remember = QCheckBox("Remember me on this computer", self)
         self.remember.setChecked(True)
         form = QFormLayout(self)
+        form.addRow(why)
         form.addRow("User", self.user)
         form.addRow("Password", self.password)
         form.addRow("", self.remember)
@@ -154,7 +173,7 @@ class LoginDialog(QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
-        self.password.setFocus()
+        (self.password if self.user.text() else self.user).setFocus()
 
     def values(self) -> tuple[str, str, bool]:
         return self.user.text().strip(), self.password.text(), self.remember.isChecked()

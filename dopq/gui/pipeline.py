@@ -61,6 +61,7 @@ class Pipeline(QMainWindow):
         self.state = "connecting"
         self.refreshes = 0
         self._asked_login = False
+        self._last_user = ""  # offered in the sign-in dialog next time
         self._job_dialogs: dict[int, dialogs.JobDialog] = {}
         self._last_view = ""  # the job view whose selection the job commands act on
         self._edit_dialog: dialogs.EditQueuedDialog | None = None
@@ -196,7 +197,8 @@ class Pipeline(QMainWindow):
         self._set_live(False, "auth", f"Not signed in: {message} (DoPQ ▸ Sign in)")
         if self.ask_login and not self._asked_login:
             self._asked_login = True
-            self.sign_in()
+            self.sign_in(f"You are not signed in to {self.server_name or 'this server'} "
+                         f"({message}). Sign in to see the queue and submit jobs.")
 
     def _set_live(self, live: bool, state: str, text: str) -> None:
         changed = state != self.state
@@ -404,16 +406,19 @@ class Pipeline(QMainWindow):
         progress.canceled.connect(task.cancelled.set)
         return progress
 
-    def sign_in(self) -> None:
-        dlg = dialogs.LoginDialog(self.server_name or str(getattr(self.client, "server", "")
-                                                          or ""), self)
+    def sign_in(self, reason: str = "") -> None:
+        server = self.server_name or str(getattr(self.client, "server", "") or "")
+        dlg = dialogs.LoginDialog(server, self, reason=reason, user=self._last_user or None)
         if dlg.exec() == QDialog.DialogCode.Accepted:
             self.login(*dlg.values())
 
     def login(self, user: str, password: str, remember: bool = True) -> None:
         self._run("Sign in", self.client.login, user, password, remember,
-                  done=lambda r: self.statusBar().showMessage(
-                      f"signed in as {r.get('user')} ({r.get('role')})", 8000))
+                  done=lambda r: self._signed_in(r))
+
+    def _signed_in(self, r: dict[str, Any]) -> None:
+        self._last_user = str(r.get("user") or "")
+        self.statusBar().showMessage(f"signed in as {r.get('user')} ({r.get('role')})", 8000)
 
     def sign_out(self) -> None:
         self._run("Sign out", self.client.logout,
