@@ -51,7 +51,7 @@ def test_first_contact_shows_the_fingerprint_and_pins_it(
     monkeypatch.setattr(trust, "ask_trust",
                         lambda _parent, _server, seen: asked.append(seen) or next(answers))
     signed_in: list[str] = []
-    monkeypatch.setattr(Pipeline, "sign_in", lambda self: signed_in.append("asked"))
+    monkeypatch.setattr(Pipeline, "sign_in", lambda self, reason="": signed_in.append("asked"))
     w = _window(qtbot, server, tmp_path)
     w.show()
     wait_for(lambda: (qtbot.wait(50), asked)[1], 20)
