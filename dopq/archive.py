@@ -19,7 +19,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -360,8 +360,15 @@ def _one_line(err: BaseException) -> str:
     return text[:200]
 
 
-def _tree(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
-    """Yield (relative posix path, path, lstat) below ``root``, sorted, links not followed."""
+def tree(
+    root: Path, choose: Callable[[str, bool], tuple[bool, bool]] | None = None,
+) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """Yield (relative posix path, path, lstat) below ``root``, sorted, links not followed.
+
+    ``choose(rel, is_dir)`` says whether an entry is listed and whether a folder
+    is walked into (``.dockerignore`` can leave a folder out yet keep files below
+    it); without it, everything is listed and walked.
+    """
     items: list[tuple[str, Path, os.stat_result]] = []
     stack = [root]
     while stack:
@@ -370,8 +377,12 @@ def _tree(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
             for item in it:
                 path = Path(item.path)
                 st = item.stat(follow_symlinks=False)
-                items.append((path.relative_to(root).as_posix(), path, st))
-                if stat.S_ISDIR(st.st_mode):
+                rel = path.relative_to(root).as_posix()
+                is_dir = stat.S_ISDIR(st.st_mode)
+                listed, walked = (True, is_dir) if choose is None else choose(rel, is_dir)
+                if listed:
+                    items.append((rel, path, st))
+                if is_dir and walked:
                     stack.append(path)
     items.sort(key=lambda item: os.fsencode(item[0]))
     yield from items
@@ -384,7 +395,7 @@ def context_hash(root: Path) -> str:
     identical folder maps to the same hash and its image can be reused.
     """
     digest = hashlib.sha256(b"dopq-context-v1\0")
-    for rel, path, st in _tree(Path(root)):
+    for rel, path, st in tree(Path(root)):
         name = os.fsencode(rel)
         if stat.S_ISDIR(st.st_mode):
             digest.update(b"d\0" + name + b"\0")
@@ -403,7 +414,7 @@ def _file_digest(path: Path) -> bytes:
 
 def zip_folder(folder: Path, out: Path,
                files: Iterable[tuple[str, Path, os.stat_result]] | None = None) -> Path:
-    """Zip the contents of ``folder`` (or just ``files``, as ``_tree`` yields them:
+    """Zip the contents of ``folder`` (or just ``files``, as ``tree`` yields them:
     what ``.dockerignore`` leaves, ``dopq.dockerignore``) into ``out``; return ``out``.
 
     Deterministic: sorted entries, a fixed timestamp, modes reduced to 0o644/0o755.
@@ -415,7 +426,7 @@ def zip_folder(folder: Path, out: Path,
         raise JobRejected(f"not a folder: {folder}")
     out_real = out.resolve()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for rel, path, st in _tree(folder) if files is None else files:
+        for rel, path, st in tree(folder) if files is None else files:
             if path.resolve() == out_real:
                 continue
             if stat.S_ISDIR(st.st_mode):

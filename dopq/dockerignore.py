@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dopq.archive import tree
 from dopq.errors import DopqError
 
 IGNORE_FILE = ".dockerignore"
@@ -162,22 +163,11 @@ def context_files(
     folder = Path(folder)
     rules = read_rules(folder) if rules is None else rules
     keep = frozenset(always)
-    items: list[tuple[str, Path, os.stat_result]] = []
-    stack = [folder]
-    while stack:
-        current = stack.pop()
-        with os.scandir(current) as it:
-            for entry in it:
-                path = Path(entry.path)
-                st = entry.stat(follow_symlinks=False)
-                rel = path.relative_to(folder).as_posix()
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if rules is not None and rel not in keep and rules.excluded(rel):
-                    if is_dir and rules.may_bring_back_below(rel):
-                        stack.append(path)  # its folder entry is left out, not its kept files
-                    continue
-                items.append((rel, path, st))
-                if is_dir:
-                    stack.append(path)
-    items.sort(key=lambda item: os.fsencode(item[0]))
-    yield from items
+
+    def choose(rel: str, is_dir: bool) -> tuple[bool, bool]:
+        if rules is None or rel in keep or not rules.excluded(rel):
+            return True, is_dir
+        # an excluded folder's entry is left out, not the files a '!' line keeps below it
+        return False, is_dir and rules.may_bring_back_below(rel)
+
+    yield from tree(folder, choose)
