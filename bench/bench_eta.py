@@ -21,8 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_policy import DAY, make_state  # noqa: E402
+from bench_policy import DAY, _time, make_state  # noqa: E402
 
 from dopq.eta import RunTimes, estimate, typical_run_times  # noqa: E402
 from dopq.policy import ClusterState, Decision, PolicyConfig, decide  # noqa: E402
 from dopq.simulate import load_trace, simulate  # noqa: E402
 
 TRACES = ROOT / "bench" / "traces"
-
-
-def _time(fn: Callable[[], Any], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def cost(sizes: list[int], reps: int) -> list[dict[str, Any]]:
