@@ -236,3 +236,29 @@ def jobs_dir(tmp_path: Path) -> Path:
     d = tmp_path / "jobs"
     d.mkdir()
     return d
+
+
+# -- the CLI in tests --------------------------------------------------------------------
+def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    """``dopq ARGV`` in this process: (exit code, stdout, stderr)."""
+    from dopq import cli
+
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_login(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+              user: str = "alice") -> None:
+    """Point the CLI at ``server`` with a config folder of its own, and sign in as
+    ``user`` the way a person does (``dopq login --password-stdin``)."""
+    import io
+
+    from dopq import cli
+
+    monkeypatch.setenv("DOPQ_NS_PORT", str(server.settings.nameserver.port))
+    monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DOPQ_TOKEN", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORDS[user] + "\n"))
+    assert cli.main(["login", "--user", user, "--password-stdin"]) == 0

@@ -8,27 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORDS, Running, free_port, write_toml
+from conftest import PASSWORDS, Running, cli_login, free_port, run_cli, write_toml
 from hostile import good_job
 
 from dopq import cli
 
-
-def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 @pytest.fixture
 def signed_in(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Running:
-    ns = server.settings.nameserver
-    monkeypatch.setenv("DOPQ_NS_PORT", str(ns.port))
-    monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DOPQ_TOKEN", raising=False)
-    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORDS["alice"] + "\n"))
-    assert cli.main(["login", "--user", "alice", "--password-stdin"]) == 0
+    cli_login(server, monkeypatch, tmp_path)
     token_file = tmp_path / "home" / "dopq" / "tokens.json"
     assert token_file.stat().st_mode & 0o777 == 0o600
     return server

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORDS, Running, wait_for, write_toml
+from conftest import PASSWORDS, Running, run_cli, wait_for, write_toml
 from hostile import good_job, zip_it
 
 from dopq import cli
@@ -24,10 +24,7 @@ from dopq.store import Store
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def as_user(server: Running, monkeypatch: pytest.MonkeyPatch, user: str) -> None:

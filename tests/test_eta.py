@@ -8,7 +8,6 @@ times and words; then through a real server (``dopq queue --json``, the table,
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import os
 import time
@@ -16,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORDS, Running, wait_for
+from conftest import Running, cli_login, run_cli, wait_for
 from hostile import good_job
 
-from dopq import cli
 from dopq.eta import (
     STARTING,
     RunTimes,
@@ -184,20 +182,13 @@ def test_bench_eta_quick(tmp_path: Path) -> None:
 # -- through the server ---------------------------------------------------------------------
 @pytest.fixture
 def signed_in(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Running:
-    ns = server.settings.nameserver
-    monkeypatch.setenv("DOPQ_NS_PORT", str(ns.port))
-    monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DOPQ_FINGERPRINT", server.fingerprint)
-    monkeypatch.delenv("DOPQ_TOKEN", raising=False)
-    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORDS["alice"] + "\n"))
-    assert cli.main(["login", "--user", "alice", "--password-stdin"]) == 0
+    cli_login(server, monkeypatch, tmp_path)
     return server
 
 
 def run(capsys: Any, *argv: str) -> tuple[int, str]:
-    code = cli.main(list(argv))
-    return code, capsys.readouterr().out
+    code, out, _err = run_cli(capsys, *argv)
+    return code, out
 
 
 def test_queue_shows_expected_start_and_words(signed_in: Running, capsys: Any,

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORDS, Running, wait_for
+from conftest import Running, cli_login, run_cli, wait_for
 from hostile import good_job
 
-from dopq import cli, forms
+from dopq import forms
 from dopq.archive import zip_folder
 from dopq.dockerignore import IgnoreRules, context_files
 from dopq.errors import JobRejected
@@ -154,20 +154,12 @@ def test_progress_is_one_updating_line_on_a_terminal_only() -> None:
 # -- against a server ----------------------------------------------------------------
 
 
-def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 @pytest.fixture
 def alice_cli(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Running:
-    monkeypatch.setenv("DOPQ_NS_PORT", str(server.settings.nameserver.port))
-    monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DOPQ_TOKEN", raising=False)
-    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORDS["alice"] + "\n"))
-    assert cli.main(["login", "--user", "alice", "--password-stdin"]) == 0
+    cli_login(server, monkeypatch, tmp_path)
     return server
 
 
