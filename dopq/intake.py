@@ -125,8 +125,7 @@ class Intake:
     def bases(self, text: str, user: str) -> None:
         """The images the Dockerfile reads are allowed bases or the user's own."""
         refs = dockerfile_mod.references(text)
-        own = {r["image"] for r in self.store.read(
-            "SELECT DISTINCT image FROM jobs WHERE user = ? AND image IS NOT NULL", (user,))}
+        own = set(self.store.images_of(user))
         try:
             images_mod.check_references(refs, self.settings.images.allowed_bases, own,
                                         self.runtime.inspect_image)

@@ -562,7 +562,7 @@ class Provider:
             known = self.store.image_for(chash)
             # Only the user's own: another user's image of the same context holds
             # what their RUN steps produced (fetched with their network access).
-            if known and known not in self._own_images(spec.user, 1000):
+            if known and known not in self.store.images_of(spec.user):
                 known = None
             if known and self.runtime.image_exists(known):
                 on_log(f"[dopq] identical context already built: reusing {known[:19]}\n")
@@ -592,8 +592,7 @@ class Provider:
         except UnicodeDecodeError:
             raise JobRejected("Dockerfile is not UTF-8 text") from None
         refs = dockerfile_mod.references(text)
-        own = {r["image"] for r in self.store.read(
-            "SELECT DISTINCT image FROM jobs WHERE user = ? AND image IS NOT NULL", (user,))}
+        own = set(self.store.images_of(user))
         images_mod.check_references(refs, self.settings.images.allowed_bases, own,
                                     self.runtime.inspect_image)
 
@@ -606,15 +605,8 @@ class Provider:
             pids=s.docker.pids_limit,
             time_limit=s.build_time_limit(),
             network=s.build.network,
-            cache_from=tuple(self._own_images(spec.user, 20)),
+            cache_from=tuple(self.store.images_of(spec.user, 20)),
         )
-
-    def _own_images(self, user: str, limit: int) -> list[str]:
-        """The user's most recent job images still on the engine (build cache sources)."""
-        rows = self.store.read(
-            "SELECT image, MAX(id) AS job FROM jobs WHERE user = ? AND image IS NOT NULL"
-            " GROUP BY image ORDER BY job DESC LIMIT ?", (user, limit))
-        return [str(r["image"]) for r in rows]
 
     def _is_admin(self, user: str) -> bool:
         rows = self.store.read("SELECT role FROM users WHERE name = ?", (user,))

@@ -477,6 +477,13 @@ class Store:
             )
 
     # -- images ---------------------------------------------------------------
+    def images_of(self, user: str, limit: int = -1) -> list[str]:
+        """The images of ``user``'s jobs, the most recent job's first (-1: all)."""
+        rows = self.read(
+            "SELECT image, MAX(id) AS job FROM jobs WHERE user = ? AND image IS NOT NULL"
+            " GROUP BY image ORDER BY job DESC LIMIT ?", (user, limit))
+        return [str(r["image"]) for r in rows]
+
     def image_for(self, context_hash: str) -> str | None:
         rows = self.read("SELECT image_id FROM images WHERE context_hash = ?", (context_hash,))
         return rows[0]["image_id"] if rows else None
