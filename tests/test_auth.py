@@ -720,9 +720,13 @@ def test_clear_history_keeps_usage_and_clear_status_resets_it(
     def raw() -> dict[str, float]:
         return platform.queue.ledger.snapshot(time.time())
 
-    def charged() -> dict[str, float] | None:  # the shared views lag up to half a second
-        h = gpu_hours()
-        return h if h.get("alice", 0) > 0 and h.get("bob", 0) > 0 else None
+    def charged() -> dict[str, float] | None:
+        # The shared views lag up to half a second: wait until they show the
+        # ledger's final charge, not a view built before the jobs' last charge.
+        h, ledger = gpu_hours(), raw()
+        final = all(h.get(u, 0) > 0 and h[u] == round(ledger.get(u, 0) / 3600.0, 4)
+                    for u in ("alice", "bob"))
+        return h if final else None
 
     hours = wait_for(charged, 10)
     usage = raw()
