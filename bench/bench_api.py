@@ -76,7 +76,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
     """Run ``plan["pollers"]`` pollers and ``plan["submitters"]`` submitters as threads."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dopq.client import Client
+    from dopq.client.remote import Client
 
     samples: list[tuple[str, float, float, str | None]] = []
     lock = threading.Lock()
@@ -106,7 +106,7 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
             time.sleep(max(0.0, min(cycle + 1.0 - time.monotonic(), end - time.time())))
         c.close()
 
-    from dopq.client import SnapshotFollower
+    from dopq.client.remote import SnapshotFollower
 
     followers: dict[int, SnapshotFollower] = {}
 
@@ -133,7 +133,7 @@ def _worker(conn: dict[str, Any], plan: dict[str, Any], out: str) -> None:
 
 
 def _pinger(conn: dict[str, Any], end: float, samples: list[float], errors: list[str]) -> None:
-    from dopq.client import Client
+    from dopq.client.remote import Client
 
     c = Client(conn["ns_host"], conn["ns_port"], conn["server"], token=conn["token"],
                fingerprint=conn["fingerprint"])
@@ -280,7 +280,7 @@ def run(quick: bool, profile: Path | None = None) -> dict[str, Any]:
         hold = good_job(jobs, "root", "gpu-holder", "sleep 3600", num_gpus=4)
         holder = root.submit(hold)["id"]
         wait_for(lambda: _running(root, holder), 120, 0.1)
-        from dopq.store import Store
+        from dopq.server.store import Store
 
         store = Store(srv.settings.db_path)
         t = time.perf_counter()

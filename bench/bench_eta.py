@@ -1,4 +1,4 @@
-"""How much ``dopq.eta.estimate`` costs, and how far its estimates are from the truth.
+"""How much ``dopq.core.eta.estimate`` costs, and how far its estimates are from the truth.
 
     python bench/bench_eta.py [--quick] [--json PATH]
 
@@ -8,7 +8,7 @@ is what the server pays (the queue's own decision and explain are reused),
 ``full_ms`` computes them too. Median of several runs.
 
 Error: each trace in bench/traces/ is replayed on 4 GPUs with the real
-policy (:func:`dopq.simulate.simulate`); when a job is submitted its start is
+policy (:func:`dopq.core.simulate.simulate`); when a job is submitted its start is
 estimated from that instant's state, using time limits, else the median run
 time of the user's jobs finished so far. Reported: median and p90 of
 |estimated - real start| over the jobs that got an estimate (all, and those
@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_policy import DAY, _time, make_state  # noqa: E402
 
-from dopq.eta import RunTimes, estimate, typical_run_times  # noqa: E402
-from dopq.policy import ClusterState, Decision, PolicyConfig, decide  # noqa: E402
-from dopq.simulate import load_trace, simulate  # noqa: E402
+from dopq.core.eta import RunTimes, estimate, typical_run_times  # noqa: E402
+from dopq.core.policy import ClusterState, Decision, PolicyConfig, decide  # noqa: E402
+from dopq.core.simulate import load_trace, simulate  # noqa: E402
 
 TRACES = ROOT / "bench" / "traces"
 

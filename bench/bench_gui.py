@@ -29,8 +29,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from PySide6.QtCore import QSettings, Qt  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from dopq.gui.pipeline import Pipeline  # noqa: E402
-from dopq.platform import iso  # noqa: E402
+from dopq.client.gui.pipeline import Pipeline  # noqa: E402
+from dopq.server.platform import iso  # noqa: E402
 
 T0 = 1_700_000_000.0
 

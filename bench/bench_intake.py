@@ -113,7 +113,7 @@ def docker_build(folder: Path, labels: dict[str, str] | None = None) -> float:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from dopq.settings import IntakeSettings
+    from dopq.core.settings import IntakeSettings
 
     drops = 3 if quick else 10
     tmp = Path(tempfile.mkdtemp(prefix="dopq-bench-intake-"))

@@ -1,4 +1,4 @@
-"""Time ``dopq.policy.decide`` on large synthetic queues.
+"""Time ``dopq.core.policy.decide`` on large synthetic queues.
 
     python bench/bench_policy.py [--quick] [--json PATH]
     python bench/bench_policy.py --write-traces bench/traces
@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopq.policy import ClusterState, PolicyConfig, QueuedJob, RunningJob, decide  # noqa: E402
+from dopq.core.policy import ClusterState, PolicyConfig, QueuedJob, RunningJob, decide  # noqa: E402
 
 DAY = 86400.0
 

@@ -37,7 +37,7 @@ MIB = 2**20
 
 def fill(db: Path, n: int, image: str) -> float:
     """Write ``n`` finished jobs with their events; return the seconds it took."""
-    from dopq.store import Store
+    from dopq.server.store import Store
 
     t = time.perf_counter()
     store = Store(db)

@@ -39,8 +39,8 @@ from conftest import (  # noqa: E402
 )
 from hostile import BASE_IMAGE, good_job, zip_it  # noqa: E402
 
-from dopq.client import Client  # noqa: E402
-from dopq.errors import DopqError  # noqa: E402
+from dopq.client.remote import Client  # noqa: E402
+from dopq.core.errors import DopqError  # noqa: E402
 
 __all__ = [
     "BASE_IMAGE", "PASSWORDS", "Running", "ServerProcess", "add_users", "bench_config",
@@ -125,7 +125,7 @@ class ServerProcess:
     """``python -m dopq.cli server`` on a prepared state directory, as a child process."""
 
     def __init__(self, cfg: dict[str, Any], workdir: Path) -> None:
-        from dopq import settings as settings_mod
+        from dopq.core import settings as settings_mod
 
         self.cfg = cfg
         self.settings = settings_mod.from_dict(cfg)
@@ -239,7 +239,7 @@ def job_rows(
     """
     import random
 
-    from dopq.spec import parse_spec
+    from dopq.core.spec import parse_spec
 
     rng = random.Random(seed)
     now = time.time() if now is None else now

@@ -66,7 +66,7 @@ as alice submit examples/hello-alice --name hello-again --time-limit 5m
 as bob submit examples/gpu-bob
 mkdir -p "$STATE/inbox/bob"
 (cd examples/cpu-bob && "$PWD/../../.venv/bin/python" -c \
-    'import sys; from dopq.archive import zip_folder; from pathlib import Path; zip_folder(Path("."), Path(sys.argv[1]))' \
+    'import sys; from dopq.core.archive import zip_folder; from pathlib import Path; zip_folder(Path("."), Path(sys.argv[1]))' \
     "$STATE/inbox/bob/prep.zip.part")
 mv "$STATE/inbox/bob/prep.zip.part" "$STATE/inbox/bob/prep.zip"
 

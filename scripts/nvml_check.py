@@ -16,8 +16,8 @@ from pathlib import Path
 # Works from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopq.errors import ConfigError  # noqa: E402
-from dopq.gpus import external_busy, open_backend  # noqa: E402
+from dopq.core.errors import ConfigError  # noqa: E402
+from dopq.server.gpus import external_busy, open_backend  # noqa: E402
 
 
 def main() -> int:

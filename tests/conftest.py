@@ -1,6 +1,6 @@
 """Shared fixtures: a real Docker engine, real DoPQ servers, signed-in clients.
 
-Servers run in-process (``dopq.api.Server``) on free loopback ports with their
+Servers run in-process (``dopq.server.api.Server``) on free loopback ports with their
 own state directory, name server and container-name prefix, so tests never
 see each other's containers. Every fixture removes what it created.
 """
@@ -89,7 +89,7 @@ def shared_tls() -> tuple[str, str, str]:
     pins it (``DOPQ_FINGERPRINT``), so every client of the suite verifies
     the server it talks to. Tests of TLS itself make servers with their own.
     """
-    from dopq import tls
+    from dopq.wire import tls
 
     folder = Path(tempfile.mkdtemp(prefix="dopq-test-tls-"))
     atexit.register(shutil.rmtree, folder, True)
@@ -127,15 +127,15 @@ def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
 
 
 def write_toml(cfg: dict[str, Any], path: Path) -> Path:
-    from dopq import settings
+    from dopq.core import settings
 
     path.write_text(settings.to_toml(settings.from_dict(cfg)))
     return path
 
 
 def add_users(db_path: Path) -> None:
-    from dopq.auth import Role, Users
-    from dopq.store import Store
+    from dopq.server.auth import Role, Users
+    from dopq.server.store import Store
 
     store = Store(db_path)
     users = Users(store)
@@ -149,8 +149,8 @@ class Running:
     """A started in-process server with signed-in clients for root, alice and bob."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        from dopq import settings
-        from dopq.api import Server
+        from dopq.core import settings
+        from dopq.server.api import Server
 
         self.cfg = cfg
         self.settings = settings.from_dict(cfg)
@@ -162,7 +162,7 @@ class Running:
         self.stopped = False
 
     def client(self, user: str | None = None) -> Any:
-        from dopq.client import Client
+        from dopq.client.remote import Client
 
         ns = self.settings.nameserver
         c = Client(ns.host, ns.port, self.settings.server_name, token="",
@@ -211,7 +211,7 @@ def server_factory(tmp_path: Path, engine: None) -> Iterator[Callable[..., Runni
 
 def release_outputs(settings: Any) -> None:
     """Undo the nosuid outputs mount a server kept for jobs it left running."""
-    from dopq.hostfs import OutputMount
+    from dopq.server.hostfs import OutputMount
 
     OutputMount(settings).unmount(force=True)
 
@@ -221,7 +221,7 @@ def no_mounts_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Servers killed with -9 leave their outputs mounted: undo that under this
     session's temp folder, or pytest cannot remove it later."""
     yield
-    from dopq.hostfs import unmount_all_under
+    from dopq.server.hostfs import unmount_all_under
 
     unmount_all_under(tmp_path_factory.getbasetemp())
 
@@ -241,7 +241,7 @@ def jobs_dir(tmp_path: Path) -> Path:
 # -- the CLI in tests --------------------------------------------------------------------
 def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     """``dopq ARGV`` in this process: (exit code, stdout, stderr)."""
-    from dopq import cli
+    from dopq.client import commands as cli
 
     code = cli.main(list(argv))
     out = capsys.readouterr()
@@ -254,7 +254,7 @@ def cli_login(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     ``user`` the way a person does (``dopq login --password-stdin``)."""
     import io
 
-    from dopq import cli
+    from dopq.client import commands as cli
 
     monkeypatch.setenv("DOPQ_NS_PORT", str(server.settings.nameserver.port))
     monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)

@@ -5,7 +5,7 @@ write: NUL in names, duplicates, symlink and device modes, encryption flags,
 lying sizes and entry counts. Every builder takes a folder and returns the
 path of the zip it wrote there.
 
-``ARCHIVE_CASES`` (refused by ``dopq.archive.unpack``) and ``CONFIG_CASES``
+``ARCHIVE_CASES`` (refused by ``dopq.core.archive.unpack``) and ``CONFIG_CASES``
 (unpacked fine, refused later by ``inspect_context`` or ``parse_spec``) map a
 case name to ``(builder, words expected in the reason)``.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dopq.archive import zip_folder
+from dopq.core.archive import zip_folder
 
 BASE_IMAGE = "dopq/busybox:latest"
 REG = (stat.S_IFREG | 0o644) << 16

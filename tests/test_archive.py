@@ -12,9 +12,9 @@ import hostile
 import pytest
 from hostile import RawEntry, raw_zip
 
-from dopq import archive
-from dopq.archive import ArchiveLimits, context_hash, inspect_context, unpack, zip_folder
-from dopq.errors import JobRejected
+from dopq.core import archive
+from dopq.core.archive import ArchiveLimits, context_hash, inspect_context, unpack, zip_folder
+from dopq.core.errors import JobRejected
 
 LIMITS = ArchiveLimits(max_archive_bytes=16 * 1024**2, max_unpacked_bytes=16 * 1024**2,
                        max_entries=20)

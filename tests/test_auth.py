@@ -27,18 +27,9 @@ import pytest
 from conftest import PASSWORDS, Running, wait_for, write_toml
 from hostile import good_job, zip_it
 
-from dopq import auth, cli
-from dopq.api import Controller
-from dopq.auth import (
-    Principal,
-    RateLimiter,
-    Role,
-    Users,
-    hash_password,
-    verify_password,
-)
-from dopq.client import Client
-from dopq.errors import (
+from dopq.client import commands as cli
+from dopq.client.remote import Client
+from dopq.core.errors import (
     Conflict,
     DopqError,
     Forbidden,
@@ -48,7 +39,17 @@ from dopq.errors import (
     RateLimited,
     ServerUnavailable,
 )
-from dopq.store import Store
+from dopq.server import auth
+from dopq.server.api import Controller
+from dopq.server.auth import (
+    Principal,
+    RateLimiter,
+    Role,
+    Users,
+    hash_password,
+    verify_password,
+)
+from dopq.server.store import Store
 
 docker = pytest.mark.docker
 

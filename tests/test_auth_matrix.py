@@ -28,12 +28,12 @@ import pytest
 from conftest import PASSWORDS, Running, cleanup_docker, make_config, wait_for
 from hostile import good_job, zip_it
 
-from dopq import settings as settings_mod
-from dopq.api import Controller
-from dopq.auth import Principal, Role
-from dopq.client import Client
-from dopq.errors import DopqError, Forbidden, NotAuthenticated, ServerUnavailable
-from dopq.store import Store
+from dopq.client.remote import Client
+from dopq.core import settings as settings_mod
+from dopq.core.errors import DopqError, Forbidden, NotAuthenticated, ServerUnavailable
+from dopq.server.api import Controller
+from dopq.server.auth import Principal, Role
+from dopq.server.store import Store
 
 pytestmark = pytest.mark.docker
 

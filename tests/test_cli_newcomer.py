@@ -17,9 +17,9 @@ import pytest
 from conftest import PASSWORDS, Running, run_cli, wait_for, write_toml
 from hostile import good_job, zip_it
 
-from dopq import cli
-from dopq import settings as settings_mod
-from dopq.store import Store
+from dopq.client import commands as cli
+from dopq.core import settings as settings_mod
+from dopq.server.store import Store
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -59,7 +59,7 @@ def one_line_error(code: int, err: str, *words: str) -> None:
 def test_user_add_mistakes_are_one_line(capsys: Any, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DOPQ_CONFIG", raising=False)
-    monkeypatch.setattr("dopq.settings.load", lambda path: settings_mod.from_dict(
+    monkeypatch.setattr("dopq.core.settings.load", lambda path: settings_mod.from_dict(
         {"state_dir": str(tmp_path / "none")}))
     code, _, err = run(capsys, "user", "add", "carol")
     one_line_error(code, err, "no DoPQ server here", "--config", "--remote")
@@ -101,7 +101,7 @@ def test_mistyped_commands_and_help(capsys: Any, monkeypatch: pytest.MonkeyPatch
     for word in ("--gpus", "--policy", "--half-life", "trace format", "duration", "time_limit"):
         assert word in out
     # An unexpected error is one line, with the hint; --debug shows the traceback.
-    monkeypatch.setattr("dopq.settings.to_toml", lambda s: 1 / 0)
+    monkeypatch.setattr("dopq.core.settings.to_toml", lambda s: 1 / 0)
     code, _, err = run(capsys, "config", "show")
     one_line_error(code, err, "ZeroDivisionError", "--debug")
     with pytest.raises(ZeroDivisionError):

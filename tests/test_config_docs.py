@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from dopq import cli, settings
-from dopq.settings import MountSettings, Settings
+from dopq.client import commands as cli
+from dopq.core import settings
+from dopq.core.settings import MountSettings, Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -72,7 +73,7 @@ def test_readme_documents_every_key() -> None:
 def test_readme_priority_formula_is_the_policys() -> None:
     text = README.read_text()
     assert "w_fairshare·F + w_age·min(1, wait/max_age) + w_job·(p + 1000)/2000 − nice" in text
-    from dopq.policy import job_term
+    from dopq.core.policy import job_term
 
     assert job_term(0, 1000.0) == 500.0 and job_term(1000, 1000.0) == 1000.0
 

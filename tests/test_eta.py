@@ -1,6 +1,6 @@
-"""When will my job start (issue 11, items 12-13): dopq.eta, and where it shows.
+"""When will my job start (issue 11, items 12-13): dopq.core.eta, and where it shows.
 
-Pure tests of :func:`dopq.eta.estimate` on a fake 2-GPU state with exact
+Pure tests of :func:`dopq.core.eta.estimate` on a fake 2-GPU state with exact
 times and words; then through a real server (``dopq queue --json``, the table,
 ``dopq show``), the GUI's Queued model, and the store's record of estimates.
 """
@@ -18,7 +18,7 @@ import pytest
 from conftest import Running, cli_login, run_cli, wait_for
 from hostile import good_job
 
-from dopq.eta import (
+from dopq.core.eta import (
     STARTING,
     RunTimes,
     estimate,
@@ -26,9 +26,9 @@ from dopq.eta import (
     start_text,
     typical_run_times,
 )
-from dopq.jobs import JobState
-from dopq.policy import ClusterState, PolicyConfig, QueuedJob, RunningJob
-from dopq.store import Store
+from dopq.core.jobs import JobState
+from dopq.core.policy import ClusterState, PolicyConfig, QueuedJob, RunningJob
+from dopq.server.store import Store
 
 CFG = PolicyConfig().validate()
 NOW = 1000.0
@@ -254,7 +254,7 @@ def test_gui_queued_model_shows_start_and_reason(qtbot: Any) -> None:
     pytest.importorskip("PySide6.QtWidgets")
     from PySide6.QtCore import Qt
 
-    from dopq.gui.models import QueuedModel
+    from dopq.client.gui.models import QueuedModel
 
     now = time.time()
     start = dt.datetime.fromtimestamp(now + 1800, dt.UTC).isoformat().replace("+00:00", "Z")

@@ -17,7 +17,7 @@ import pytest
 from conftest import Running, wait_for
 from hostile import good_job
 
-from dopq.errors import DopqError, LimitExceeded
+from dopq.core.errors import DopqError, LimitExceeded
 
 pytestmark = pytest.mark.docker
 FULL = os.environ.get("DOPQ_FAULTS_FULL") == "1"

@@ -29,10 +29,10 @@ from hostile import RawEntry, raw_zip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dopq.archive import ArchiveLimits, unpack
-from dopq.errors import JobRejected
-from dopq.jobs import JobSpec
-from dopq.spec import ENV_KEY_RE, USER_RE, normalise_tag, parse_array, parse_spec
+from dopq.core.archive import ArchiveLimits, unpack
+from dopq.core.errors import JobRejected
+from dopq.core.jobs import JobSpec
+from dopq.core.spec import ENV_KEY_RE, USER_RE, normalise_tag, parse_array, parse_spec
 
 FUZZ = settings(
     max_examples=300,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from dopq.errors import ConfigError, Conflict, DopqError
-from dopq.gpus import (
+from dopq.core.errors import ConfigError, Conflict, DopqError
+from dopq.server.gpus import (
     VIRTUAL_MEMORY,
     GpuInfo,
     GpuPool,

@@ -25,12 +25,12 @@ from PySide6.QtCore import QPersistentModelIndex, QSettings, Qt  # noqa: E402
 from PySide6.QtGui import QColor  # noqa: E402
 from PySide6.QtWidgets import QInputDialog, QMessageBox  # noqa: E402
 
-from dopq.errors import Forbidden, NotAuthenticated, ServerUnavailable  # noqa: E402
-from dopq.gui import app as gui_app  # noqa: E402
-from dopq.gui import dialogs  # noqa: E402
-from dopq.gui.models import KEY_ROLE, QueuedModel, UsersModel  # noqa: E402
-from dopq.gui.pipeline import Pipeline  # noqa: E402
-from dopq.gui.style import STYLES_DIR  # noqa: E402
+from dopq.client.gui import app as gui_app  # noqa: E402
+from dopq.client.gui import dialogs  # noqa: E402
+from dopq.client.gui.models import KEY_ROLE, QueuedModel, UsersModel  # noqa: E402
+from dopq.client.gui.pipeline import Pipeline  # noqa: E402
+from dopq.client.gui.style import STYLES_DIR  # noqa: E402
+from dopq.core.errors import Forbidden, NotAuthenticated, ServerUnavailable  # noqa: E402
 
 POLL = 0.02
 
@@ -405,7 +405,7 @@ def test_screenshot_fails_without_a_server(qtbot: Any, tmp_path: Path, capsys: A
 
 
 def test_queued_model_has_no_widget_code() -> None:
-    import dopq.gui.models as models
+    import dopq.client.gui.models as models
 
     assert "QtWidgets" not in Path(models.__file__).read_text()
     assert QueuedModel.key_field == "id"

@@ -23,8 +23,8 @@ from PySide6.QtGui import QColor  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 from test_gui import FakeClient, cell, job, open_window, snapshot  # noqa: E402
 
-from dopq.gui.details import human, human_bytes, human_duration  # noqa: E402
-from dopq.gui.pipeline import Pipeline  # noqa: E402
+from dopq.client.gui.details import human, human_bytes, human_duration  # noqa: E402
+from dopq.client.gui.pipeline import Pipeline  # noqa: E402
 
 LONG_ERROR = ("rejected: container_config.json: run_params.privileged is not allowed "
               "(only working_dir, entrypoint, user, tty, stop_signal, labels, ulimits, "
@@ -190,7 +190,7 @@ def test_the_sign_in_dialog_says_why_and_never_offers_root(
 ) -> None:
     from PySide6.QtWidgets import QLabel
 
-    from dopq.gui import dialogs
+    from dopq.client.gui import dialogs
 
     monkeypatch.setattr(dialogs.getpass, "getuser", lambda: "root")
     dlg = dialogs.LoginDialog("gpu1", reason="You are not signed in to gpu1 (token expired).")

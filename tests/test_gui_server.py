@@ -28,9 +28,9 @@ from PySide6.QtCore import QSettings, Qt  # noqa: E402
 from PySide6.QtGui import QColor  # noqa: E402
 from PySide6.QtWidgets import QMessageBox  # noqa: E402
 
-from dopq.gui import dialogs  # noqa: E402
-from dopq.gui.pipeline import Pipeline  # noqa: E402
-from dopq.gui.style import STYLES_DIR  # noqa: E402
+from dopq.client.gui import dialogs  # noqa: E402
+from dopq.client.gui.pipeline import Pipeline  # noqa: E402
+from dopq.client.gui.style import STYLES_DIR  # noqa: E402
 
 pytestmark = pytest.mark.docker
 

@@ -19,9 +19,9 @@ pytest.importorskip("PySide6.QtWidgets")
 from conftest import Running, wait_for  # noqa: E402
 from PySide6.QtCore import QSettings  # noqa: E402
 
-from dopq.client import Client, load_pins, save_pin  # noqa: E402
-from dopq.gui import dialogs, trust  # noqa: E402
-from dopq.gui.pipeline import Pipeline  # noqa: E402
+from dopq.client.gui import dialogs, trust  # noqa: E402
+from dopq.client.gui.pipeline import Pipeline  # noqa: E402
+from dopq.client.remote import Client, load_pins, save_pin  # noqa: E402
 
 pytestmark = pytest.mark.docker
 

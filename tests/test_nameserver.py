@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from conftest import PASSWORDS, add_users, cleanup_docker, make_config, wait_for, write_toml
 
-from dopq import settings as settings_mod
-from dopq.client import Client
-from dopq.errors import DopqError, ServerUnavailable
+from dopq.client.remote import Client
+from dopq.core import settings as settings_mod
+from dopq.core.errors import DopqError, ServerUnavailable
 
 pytestmark = pytest.mark.docker
 

@@ -8,10 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dopq.errors import ConfigError, Conflict
-from dopq.gpus import GpuPool
-from dopq.jobs import JobState, WaitReason
-from dopq.policy import (
+from dopq.core.errors import ConfigError, Conflict
+from dopq.core.jobs import JobState, WaitReason
+from dopq.core.policy import (
     ClusterState,
     PolicyConfig,
     QueuedJob,
@@ -23,8 +22,9 @@ from dopq.policy import (
     recency_penalties,
     validate_gpus,
 )
-from dopq.simulate import TraceJob, simulate
-from dopq.usage import UsageLedger
+from dopq.core.simulate import TraceJob, simulate
+from dopq.core.usage import UsageLedger
+from dopq.server.gpus import GpuPool
 
 NOW = 1_000_000.0
 CFG = PolicyConfig()

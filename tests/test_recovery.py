@@ -15,9 +15,9 @@ import pytest
 from conftest import PASSWORDS, add_users, cleanup_docker, make_config, wait_for, write_toml
 from hostile import good_job, zip_it
 
-from dopq import settings as settings_mod
-from dopq.client import Client
-from dopq.errors import DopqError
+from dopq.client.remote import Client
+from dopq.core import settings as settings_mod
+from dopq.core.errors import DopqError
 
 pytestmark = pytest.mark.docker
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from conftest import Running, wait_for
 
-from dopq import cli
-from dopq.errors import DopqError
+from dopq.client import commands as cli
+from dopq.core.errors import DopqError
 
 DOCKERFILE = "FROM dopq/busybox:latest\nCMD [\"true\"]\n"
 
@@ -108,7 +108,7 @@ def test_show_wraps_a_long_error() -> None:
 
 
 def test_upload_name_is_a_fallback(tmp_path: Path) -> None:
-    from dopq.client import Client
+    from dopq.client.remote import Client
 
     sent: list[dict[str, Any]] = []
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import Running, wait_for
 from hostile import ARCHIVE_CASES, CONFIG_CASES, good_job, zip_it
 
-from dopq.errors import Conflict, DopqError, Forbidden, JobRejected, LimitExceeded
+from dopq.core.errors import Conflict, DopqError, Forbidden, JobRejected, LimitExceeded
 
 pytestmark = pytest.mark.docker
 

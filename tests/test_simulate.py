@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dopq.errors import DopqError, JobRejected
-from dopq.policy import PolicyConfig
-from dopq.simulate import TraceError, TraceJob, load_trace, main, parse_trace, simulate
+from dopq.core.errors import DopqError, JobRejected
+from dopq.core.policy import PolicyConfig
+from dopq.core.simulate import TraceError, TraceJob, load_trace, main, parse_trace, simulate
 
 TRACES = Path(__file__).resolve().parents[1] / "bench" / "traces"
 CFG = PolicyConfig()

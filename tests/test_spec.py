@@ -8,9 +8,9 @@ from typing import Any
 import hostile
 import pytest
 
-from dopq.archive import ArchiveLimits, inspect_context, unpack
-from dopq.errors import JobRejected
-from dopq.spec import normalise_tag, parse_array, parse_spec
+from dopq.core.archive import ArchiveLimits, inspect_context, unpack
+from dopq.core.errors import JobRejected
+from dopq.core.spec import normalise_tag, parse_array, parse_spec
 
 ORIGINAL = {"name": "3d-ae-naive", "executor_name": "ilja", "num_gpus": 1,
             "required_memory": "32g", "num_slots": 1, "build_flag": True, "run_params": {}}

@@ -22,12 +22,12 @@ import pytest
 from conftest import Running, cli_login, run_cli, wait_for
 from hostile import good_job
 
-from dopq import forms
-from dopq.archive import zip_folder
-from dopq.dockerignore import IgnoreRules, context_files
-from dopq.errors import JobRejected
-from dopq.spec import check_overrides
-from dopq.submitcheck import UploadProgress
+from dopq.core import forms
+from dopq.core.archive import zip_folder
+from dopq.core.dockerignore import IgnoreRules, context_files
+from dopq.core.errors import JobRejected
+from dopq.core.spec import check_overrides
+from dopq.core.submitcheck import UploadProgress
 
 # -- the forms people write ----------------------------------------------------------
 

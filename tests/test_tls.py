@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from conftest import PASSWORDS, Running, add_users, make_config, wait_for, write_toml
 
-from dopq import cli, tls
-from dopq import settings as settings_mod
-from dopq.errors import DopqError
+from dopq.client import commands as cli
+from dopq.core import settings as settings_mod
+from dopq.core.errors import DopqError
+from dopq.wire import tls
 
 
 def _openssl_cert(tmp: Path) -> tuple[Path, Path]:
@@ -163,7 +164,7 @@ def test_fingerprint_spellings() -> None:
 
 
 def test_tls_settings_are_checked(tmp_path: Path) -> None:
-    from dopq.errors import ConfigError
+    from dopq.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="server.tls_cert"):
         settings_mod.from_dict({"server": {"tls_cert": str(tmp_path / "nope.pem"),

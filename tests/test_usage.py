@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dopq.policy import RunningJob
-from dopq.usage import UsageLedger, charge, charge_rates, decay
+from dopq.core.policy import RunningJob
+from dopq.core.usage import UsageLedger, charge, charge_rates, decay
 
 DAY = 86400.0
 WEEK = 7 * DAY

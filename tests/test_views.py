@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from dopq.client import SnapshotFollower
-from dopq.views import Version, ViewCache, full_queue, queue_delta
+from dopq.client.remote import SnapshotFollower
+from dopq.server.views import Version, ViewCache, full_queue, queue_delta
 
 
 def _row(jid: int, state: str = "queued", prio: float = 1.0) -> dict[str, Any]:

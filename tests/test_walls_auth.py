@@ -31,15 +31,16 @@ import pytest
 from conftest import PASSWORDS, Running, wait_for
 from hostile import good_job, zip_it
 
-from dopq import auth, cli
-from dopq import settings as settings_mod
-from dopq.api import Controller
-from dopq.auth import Role, SignInGuard, SignInLimits, Users
-from dopq.errors import JobRejected, LimitExceeded, NotAuthenticated, RateLimited
-from dopq.limits import QueueSlots, add_job_within, check_room
-from dopq.provider import job_dir
-from dopq.store import Store
-from dopq.text import check_display_text, printable, safe_name
+from dopq.client import commands as cli
+from dopq.core import settings as settings_mod
+from dopq.core.errors import JobRejected, LimitExceeded, NotAuthenticated, RateLimited
+from dopq.core.text import check_display_text, printable, safe_name
+from dopq.server import auth
+from dopq.server.api import Controller
+from dopq.server.auth import Role, SignInGuard, SignInLimits, Users
+from dopq.server.limits import QueueSlots, add_job_within, check_room
+from dopq.server.provider import job_dir
+from dopq.server.store import Store
 
 docker = pytest.mark.docker
 
@@ -416,7 +417,7 @@ def test_gui_models_show_stored_control_characters_escaped(qtbot: Any) -> None:
     pytest.importorskip("PySide6.QtWidgets")
     from PySide6.QtCore import Qt
 
-    from dopq.gui.models import FinishedModel, QueuedModel, RunningModel
+    from dopq.client.gui.models import FinishedModel, QueuedModel, RunningModel
 
     row = {"id": 1, "name": EVIL, "user": "alice", "state": "failed", "num_gpus": 0,
            "gpus": [], "exit_code": None, "error": f"build failed: {EVIL}",

@@ -25,9 +25,9 @@ import pytest
 from conftest import Running, cleanup_docker, make_config, release_outputs, wait_for
 from hostile import good_job, zip_it
 
-from dopq import hostfs, outputs, provider
-from dopq import settings as settings_mod
-from dopq.store import Store
+from dopq.core import settings as settings_mod
+from dopq.server import hostfs, outputs, provider
+from dopq.server.store import Store
 
 UA, UB = 45101, 45102  # alice's and bob's Unix uids on this host
 

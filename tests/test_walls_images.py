@@ -23,11 +23,12 @@ import pytest
 from conftest import Running, wait_for
 from hostile import BASE_IMAGE, good_job
 
-from dopq import dockerfile, images
-from dopq.dockerfile import Reference
-from dopq.errors import BuildFailed, JobRejected
-from dopq.images import check_references, owner_tag_pattern, strip_tags
-from dopq.runtime import LABEL_INSTANCE, LABEL_OWNER, ContainerRuntime
+from dopq.core import dockerfile
+from dopq.core.dockerfile import Reference
+from dopq.core.errors import BuildFailed, JobRejected
+from dopq.server import images
+from dopq.server.images import check_references, owner_tag_pattern, strip_tags
+from dopq.server.runtime import LABEL_INSTANCE, LABEL_OWNER, ContainerRuntime
 
 ID = "sha256:" + "ab12" * 16
 SHORT = ID[7:19]
@@ -308,7 +309,7 @@ def test_builds_cannot_read_another_users_image(server: Running, jobs_dir: Path)
 
 # -- item 8: builds escape the limits -----------------------------------------------------------
 def _cgroups_left(owner: str) -> list[str]:
-    from dopq.builds import cgroup_prefix
+    from dopq.server.builds import cgroup_prefix
 
     return [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{cgroup_prefix(owner)}*")]
 
@@ -434,7 +435,7 @@ def test_cancelled_and_rejected_jobs_leave_no_tag(server: Running, jobs_dir: Pat
 
 
 def test_a_crash_leaves_no_build_cgroup_of_ours(tmp_path: Path) -> None:
-    from dopq.builds import cgroup_prefix, remove_stale
+    from dopq.server.builds import cgroup_prefix, remove_stale
 
     for ctrl in ("pids", "memory", "cpu", "cpuset"):
         (tmp_path / ctrl / f"{cgroup_prefix('mine')}1" / ("c" * 64)).mkdir(parents=True)

@@ -23,10 +23,10 @@ import pytest
 from conftest import PASSWORDS, Running, wait_for
 from Pyro5 import protocol
 
-from dopq import tls
-from dopq.client import Client, save_pin
-from dopq.errors import ServerIdentityChanged
-from dopq.transport import ANON_ITEMS, ANON_MAX, SIGNED_MAX, Refused, Slots, check_msgpack
+from dopq.client.remote import Client, save_pin
+from dopq.core.errors import ServerIdentityChanged
+from dopq.wire import tls
+from dopq.wire.transport import ANON_ITEMS, ANON_MAX, SIGNED_MAX, Refused, Slots, check_msgpack
 
 pytestmark = pytest.mark.docker
 SERPENT, MARSHAL, JSON, MSGPACK = 1, 2, 3, 4
@@ -303,7 +303,7 @@ def test_the_name_server_refuses_bombs_too(server: Running) -> None:
 
 
 def test_calls_that_are_too_large_get_a_clear_error(server: Running) -> None:
-    from dopq.errors import LimitExceeded
+    from dopq.core.errors import LimitExceeded
 
     with pytest.raises(LimitExceeded) as err:
         server["alice"].call("submit_chunk", "x", b"y" * SIGNED_MAX)

@@ -1,0 +1,406 @@
+"""``dopq simulate TRACE``: replay a job trace against the real policy.
+
+A discrete-event simulation on a virtual clock. It calls the same
+:func:`dopq.core.policy.decide` and :class:`dopq.core.usage.UsageLedger` as the server,
+so what it reports is what the queue would do. Events are submits, job ends
+and the ``next_wakeup`` of each decision; a job running past its time limit
+is killed at the limit. The GPU pool is validated after every event.
+
+A trace is JSON lines, one job each (blank lines and ``#`` comments skipped)::
+
+    {"submit": 0, "user": "ana", "gpus": 1, "duration": 3600, "time_limit": 7200}
+
+``submit``, ``duration`` and ``time_limit`` are seconds; ``priority`` is
+optional. Jobs are numbered from 1 in file order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dopq.core.errors import DopqError, JobRejected
+from dopq.core.jobs import JobState, format_duration, parse_duration
+from dopq.core.policy import (
+    POLICIES,
+    ClusterState,
+    Decision,
+    PolicyConfig,
+    QueuedJob,
+    RunningJob,
+    decide,
+    validate_gpus,
+)
+from dopq.core.usage import UsageLedger, charge_rates
+from dopq.server.gpus import GpuPool
+
+TRACE_KEYS = {"submit", "user", "gpus", "duration", "time_limit", "priority"}
+
+
+class TraceError(DopqError):
+    """A trace line is not a valid job; names the file and line."""
+
+    def __init__(self, where: str, line: int, problem: str) -> None:
+        super().__init__(f"{where}:{line}: {problem}")
+        self.where = where
+        self.line = line
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    id: int
+    submit: float
+    user: str
+    gpus: int
+    duration: float
+    time_limit: float | None = None
+    priority: int = 0
+
+
+@dataclass
+class JobRecord:
+    """What happened to one job; ``start`` is None if it never ran."""
+
+    id: int
+    user: str
+    gpus: int
+    submit: float
+    start: float | None
+    end: float | None
+    killed: bool = False
+    gpu_ids: tuple[int, ...] = ()
+
+    @property
+    def wait(self) -> float | None:
+        return None if self.start is None else self.start - self.submit
+
+
+@dataclass
+class UserResult:
+    user: str
+    jobs: int
+    gpu_hours: float
+    share: float  # weight / sum of the weights of the users in the trace
+    mean_wait: float
+    worst_wait: float
+
+
+@dataclass
+class SimResult:
+    gpus: int
+    policy: str
+    half_life: float
+    users: list[UserResult]
+    jobs: list[JobRecord]
+    makespan: float
+    utilisation: float
+    jain: float
+    events: int
+
+    def to_dict(self, with_jobs: bool = False) -> dict[str, Any]:
+        out = {
+            "gpus": self.gpus,
+            "policy": self.policy,
+            "half_life": self.half_life,
+            "makespan": self.makespan,
+            "utilisation": self.utilisation,
+            "jain": self.jain,
+            "events": self.events,
+            "unstarted": sum(1 for j in self.jobs if j.start is None),
+            "users": [asdict(u) for u in self.users],
+        }
+        if with_jobs:
+            out["jobs"] = [asdict(j) for j in self.jobs]
+        return out
+
+
+# ------------------------------------------------------------------ traces
+
+
+def _number(job: dict[str, Any], key: str, positive: bool) -> float:
+    value = job[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{key}: must be {'positive' if positive else 'at least 0'}")
+    return float(value)
+
+
+def _parse_job(text: str, job_id: int) -> TraceJob:
+    job = json.loads(text)
+    if not isinstance(job, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(set(job) - TRACE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}")
+    missing = sorted({"submit", "user", "gpus", "duration"} - set(job))
+    if missing:
+        raise ValueError(f"missing key {missing[0]!r}")
+    user = job["user"]
+    if not isinstance(user, str) or not user.strip():
+        raise ValueError("user: expected a non-empty string")
+    gpus = job["gpus"]
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise ValueError(f"gpus: expected a whole number >= 0, got {gpus!r}")
+    priority = job.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority: expected an integer, got {priority!r}")
+    limit = None
+    if job.get("time_limit") is not None:
+        limit = _number(job, "time_limit", positive=True)
+    return TraceJob(
+        id=job_id,
+        submit=_number(job, "submit", positive=False),
+        user=user.strip(),
+        gpus=gpus,
+        duration=_number(job, "duration", positive=True),
+        time_limit=limit,
+        priority=priority,
+    )
+
+
+def parse_trace(lines: Iterable[str], where: str = "<trace>") -> list[TraceJob]:
+    jobs: list[TraceJob] = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            jobs.append(_parse_job(text, len(jobs) + 1))
+        except json.JSONDecodeError as err:
+            raise TraceError(where, number, f"not JSON: {err.msg}") from None
+        except ValueError as err:
+            raise TraceError(where, number, str(err)) from None
+    return jobs
+
+
+def load_trace(path: str | Path) -> list[TraceJob]:
+    """Read a JSON-lines trace; a bad line raises :class:`TraceError` with its number."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            return parse_trace(f, str(path))
+    except OSError as err:
+        raise TraceError(str(path), 0, err.strerror or "cannot read") from None
+    except UnicodeDecodeError:
+        raise TraceError(str(path), 0, "not UTF-8 text") from None
+
+
+# -------------------------------------------------------------- simulation
+
+
+def simulate(
+    jobs: Sequence[TraceJob], gpus: int, cfg: PolicyConfig, *, check: bool = True,
+    observe: Callable[[float, ClusterState, Decision], None] | None = None,
+) -> SimResult:
+    """Run ``jobs`` on ``gpus`` GPUs under ``cfg`` and report what each user got.
+
+    ``observe(now, state, decision)`` is called after every decision (the
+    start-time estimates of ``bench/bench_eta.py`` are taken there).
+    """
+    if gpus < 1:
+        raise JobRejected("the simulated machine needs at least one GPU")
+    for tj in jobs:
+        if tj.gpus > gpus:
+            raise JobRejected(f"job {tj.id} wants {tj.gpus} GPUs, the machine has {gpus}")
+    trace = {tj.id: tj for tj in jobs}
+    arrivals = sorted(jobs, key=lambda tj: (tj.submit, tj.id))
+    records = {tj.id: JobRecord(tj.id, tj.user, tj.gpus, tj.submit, None, None) for tj in jobs}
+    pool = GpuPool(range(gpus))
+    ledger = UsageLedger(cfg.half_life)
+    queued: dict[int, QueuedJob] = {}
+    running: dict[int, RunningJob] = {}
+    ends: list[tuple[float, int]] = []
+    history: deque[str] = deque(maxlen=1000)  # exp(-1000) is far below rounding
+    finished: dict[int, JobState] = {}
+    wakeup: float | None = None
+    nxt = 0
+    events = 0
+    busy = 0.0  # GPU-seconds
+    while nxt < len(arrivals) or queued or running:
+        times = [ends[0][0]] if ends else []
+        if nxt < len(arrivals):
+            times.append(arrivals[nxt].submit)
+        if wakeup is not None:
+            times.append(wakeup)
+        if not times:
+            break  # queued jobs that nothing will ever start
+        now = min(times)
+        events += 1
+        ledger.advance(now, charge_rates(running.values(), cfg.cpu_fraction))
+        while ends and ends[0][0] <= now:
+            _, job_id = heapq.heappop(ends)
+            job = running.pop(job_id)
+            pool.release(job_id)
+            rec = records[job_id]
+            rec.end = now
+            busy += job.num_gpus * (now - job.started_at)
+            finished[job_id] = JobState.FAILED if rec.killed else JobState.SUCCEEDED
+            history.appendleft(job.user)
+        while nxt < len(arrivals) and arrivals[nxt].submit <= now:
+            tj = arrivals[nxt]
+            nxt += 1
+            queued[tj.id] = QueuedJob(
+                tj.id, tj.user, tj.gpus, tj.submit, tj.time_limit, priority=tj.priority
+            )
+        state = ClusterState(
+            list(queued.values()),
+            list(running.values()),
+            pool.free(),
+            ledger.snapshot(now),
+            finished,
+            history,
+            gpus,
+        )
+        decision = decide(state, now, cfg)
+        if observe is not None:
+            observe(now, state, decision)
+        for job_id, held in decision.starts:
+            q = queued.pop(job_id)
+            pool.acquire(job_id, held)
+            running[job_id] = RunningJob(job_id, q.user, q.num_gpus, held, now, q.time_limit)
+            tj = trace[job_id]
+            runtime = tj.duration
+            if tj.time_limit is not None and tj.time_limit < runtime:
+                runtime = tj.time_limit
+                records[job_id].killed = True
+            records[job_id].start = now
+            records[job_id].gpu_ids = held
+            heapq.heappush(ends, (now + runtime, job_id))
+        for job_id, _reason in decision.fail:
+            queued.pop(job_id, None)
+        wakeup = decision.next_wakeup
+        if wakeup is not None and wakeup <= now:
+            wakeup = None
+        if check:
+            pool.validate()
+            validate_gpus(pool.total, list(running.values()), free=pool.free())
+    return _summarise(list(records.values()), gpus, cfg, busy, events)
+
+
+def _summarise(
+    records: list[JobRecord], gpus: int, cfg: PolicyConfig, busy: float, events: int
+) -> SimResult:
+    names: dict[str, str] = {}
+    for rec in records:
+        names.setdefault(rec.user.lower(), rec.user)
+    weights = {u: cfg.weight(u) for u in names}
+    wsum = sum(weights.values()) or 1.0
+    users = []
+    for key, name in sorted(names.items()):
+        mine = [r for r in records if r.user.lower() == key]
+        waits = [r.wait for r in mine if r.wait is not None]
+        received = sum(r.gpus * (r.end - r.start) for r in mine
+                       if r.start is not None and r.end is not None)
+        users.append(
+            UserResult(
+                user=name,
+                jobs=len(mine),
+                gpu_hours=received / 3600,
+                share=weights[key] / wsum,
+                mean_wait=sum(waits) / len(waits) if waits else 0.0,
+                worst_wait=max(waits, default=0.0),
+            )
+        )
+    first = min((r.submit for r in records), default=0.0)
+    last = max((r.end for r in records if r.end is not None), default=first)
+    makespan = last - first
+    utilisation = busy / (gpus * makespan) if makespan > 0 else 0.0
+    # Jain's index over GPU-hours per unit of share, among users who asked for GPUs.
+    gpu_users = {r.user.lower() for r in records if r.gpus}
+    x = [u.gpu_hours / u.share for u in users if u.user.lower() in gpu_users]
+    squares = sum(v * v for v in x)
+    jain = sum(x) ** 2 / (len(x) * squares) if squares > 0 else 1.0
+    return SimResult(gpus, cfg.policy, cfg.half_life, users, records, makespan, utilisation,
+                     jain, events)
+
+
+def format_result(result: SimResult, title: str = "") -> str:
+    jobs = len(result.jobs)
+    lines = [
+        f"{title + ': ' if title else ''}{jobs} jobs on {result.gpus} GPUs, "
+        f"policy {result.policy}, half-life {format_duration(result.half_life)}",
+        f"{'user':<12} {'jobs':>5} {'GPU-hours':>10} {'share':>6} {'mean wait':>10} "
+        f"{'worst wait':>10}",
+    ]
+    for u in result.users:
+        lines.append(
+            f"{u.user:<12} {u.jobs:>5} {u.gpu_hours:>10.1f} {u.share:>6.3f} "
+            f"{format_duration(u.mean_wait):>10} {format_duration(u.worst_wait):>10}"
+        )
+    unstarted = sum(1 for j in result.jobs if j.start is None)
+    lines.append(
+        f"makespan {format_duration(result.makespan)}, utilisation "
+        f"{result.utilisation:.1%}, Jain index {result.jain:.3f}"
+        + (f", {unstarted} never started" if unstarted else "")
+    )
+    return "\n".join(lines)
+
+
+TRACE_HELP = """\
+trace format: JSON lines, one job each; blank lines and # comments are skipped.
+  {"submit": 0, "user": "ana", "gpus": 1, "duration": 3600, "time_limit": 7200}
+  submit      seconds from the start of the trace when the job is submitted (required)
+  user        who submits it (required)
+  gpus        whole GPUs, 0 = CPU only (required)
+  duration    seconds it runs (required)
+  time_limit  seconds; a job running past it is killed at the limit (optional)
+  priority    an integer, as `dopq submit --priority` (optional, default 0)
+Jobs are numbered from 1 in file order.
+
+example: dopq simulate bench/traces/mixed_day.jsonl --gpus 8 --policy recency --json
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: ``TRACE [--gpus N] [--policy P] [--half-life S] [--json]``.
+
+    ``argv`` are the arguments after ``dopq simulate`` (a leading
+    ``simulate`` is tolerated).
+    """
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if len(args_in) > 1 and args_in[0] == "simulate":
+        args_in = args_in[1:]
+    parser = argparse.ArgumentParser(
+        prog="dopq simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay a job trace against the scheduling policy (the server's own "
+        "code, on a virtual clock) and report waits, GPU use and fairness.",
+        epilog=TRACE_HELP,
+    )
+    parser.add_argument("trace", help="JSON-lines trace, one job per line (format below)")
+    parser.add_argument("--gpus", type=int, default=4, help="GPUs in the machine (default 4)")
+    parser.add_argument("--policy", choices=POLICIES, default="fairshare",
+                        help="fairshare (default) or recency (DoPQ 1.0's ordering)")
+    parser.add_argument("--half-life", default="7d", help="usage half-life, e.g. 7d or 86400")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(args_in)
+    try:
+        text = args.half_life
+        half_life = parse_duration(float(text) if _is_number(text) else text, "--half-life")
+        cfg = PolicyConfig(policy=args.policy, half_life=half_life).validate()
+        result = simulate(load_trace(args.trace), args.gpus, cfg)
+    except DopqError as err:
+        print(f"dopq simulate: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_result(result, Path(args.trace).name))
+    return 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

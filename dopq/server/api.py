@@ -1,0 +1,507 @@
+"""The Controller: DoPQ's public API, served with Pyro5.
+
+``Controller`` is a thin, exposed class: it finds out who calls (the token
+sent as the ``TOKN`` message annotation), forwards to the ``DataPlatform``
+and returns only dicts, lists, strings and numbers. Unexpected errors are
+logged and reach the client as a one-line ``DopqError``; DoPQ's own errors
+reach it as their own classes (registered with Pyro5's serializer here).
+
+``serve()`` runs a server: Pyro5 daemon, name-server registration (embedded
+name server when none answers), and a registrar that registers again when the
+name server comes back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import Pyro5.api
+import Pyro5.errors
+from Pyro5.serializers import SerializerBase
+
+from dopq import __version__
+from dopq.core import errors
+from dopq.core.errors import DopqError, ServerUnavailable
+from dopq.core.settings import Settings
+from dopq.server import fetch as fetch_mod
+from dopq.server.auth import Principal, Role, SignInGuard, SignInLimits, check_username
+from dopq.server.platform import DataPlatform
+from dopq.wire import tls
+from dopq.wire.transport import Guard, GuardedDaemon, GuardedNameServerDaemon
+
+log = logging.getLogger("dopq.server.api")
+
+TOKEN_ANNOTATION = "TOKN"
+MAX_REPLY_SIZE = 256 * 2**20  # replies; what a client may send is dopq.wire.transport's to cap
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- error classes across the wire ----------------------------------------------------
+def _error_from_dict(classname: str, data: dict[str, Any]) -> Exception:
+    cls = next(c for c in errors.ALL_ERRORS if f"dopq.core.errors.{c.__name__}" == classname)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *data.get("args", ()))
+    for key, value in (data.get("attributes") or {}).items():
+        setattr(exc, key, value)
+    if not hasattr(exc, "message"):
+        exc.message = str(data.get("args", [""])[0] if data.get("args") else "")
+    return exc
+
+
+def register_errors() -> None:
+    for cls in errors.ALL_ERRORS:
+        SerializerBase.register_dict_to_class(f"dopq.core.errors.{cls.__name__}", _error_from_dict)
+
+
+register_errors()
+
+
+def configure_pyro(settings: Settings) -> None:
+    c = Pyro5.api.config
+    c.SERVERTYPE = "thread"
+    # DoPQ's daemons take msgpack only: its name-server lookups speak it too.
+    c.SERIALIZER = "msgpack"
+    # Workers: one per connection slot (server.max_connections), and room for
+    # the connections that are being closed to make way for new ones.
+    c.THREADPOOL_SIZE = settings.server.max_connections + 16
+    c.THREADPOOL_SIZE_MIN = min(8, settings.server.max_connections)
+    c.MAX_MESSAGE_SIZE = MAX_REPLY_SIZE
+    c.COMMTIMEOUT = settings.server.idle_timeout
+    c.DETAILED_TRACEBACK = False
+
+
+def guard_for(settings: Settings, context: Any, token_ok: Callable[[str], bool]) -> Guard:
+    s = settings.server
+    return Guard(tls=context, handshake_timeout=s.handshake_timeout,
+                 idle_timeout=s.idle_timeout, per_address=s.max_connections_per_address,
+                 total=s.max_connections, token_ok=token_ok)
+
+
+def to_bytes(data: Any) -> bytes:
+    if isinstance(data, bytes | bytearray):
+        return bytes(data)
+    raise DopqError("upload data must be bytes")
+
+
+def api_call(fn: F) -> F:
+    """Turn unexpected exceptions into a one-line DopqError; log the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DopqError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise DopqError(f"bad arguments to {fn.__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001
+            log.error("API %s failed\n%s", fn.__name__, traceback.format_exc())
+            raise DopqError(f"internal error in {fn.__name__}: {exc.__class__.__name__}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@Pyro5.api.expose
+@Pyro5.api.behavior(instance_mode="single")
+class Controller:
+    """The remote API. Every method but ``ping`` and ``login`` needs a token."""
+
+    def __init__(self, platform: DataPlatform) -> None:
+        self._p = platform
+        s = platform.settings
+        u = s.users
+        self._guard = SignInGuard(SignInLimits(
+            pair_attempts=u.login_attempts, user_attempts=u.login_user_attempts,
+            window=u.login_window, max_delay=u.login_max_delay,
+            concurrency=u.login_concurrency, busy_wait=u.login_busy_wait,
+        ))
+
+    # -- who is calling ---------------------------------------------------------------
+    def _token(self) -> str:
+        ann = getattr(Pyro5.api.current_context, "annotations", None) or {}
+        raw = ann.get(TOKEN_ANNOTATION, b"")
+        try:
+            return bytes(raw).decode("ascii")
+        except (UnicodeDecodeError, TypeError):
+            return ""
+
+    def _who(self) -> Principal:
+        if self._p.closing:
+            raise ServerUnavailable(f"server {self._p.settings.server_name} is shutting down")
+        return self._p.users.principal_for(self._token())
+
+    def _client_addr(self) -> str:
+        addr = getattr(Pyro5.api.current_context, "client_sock_addr", None)
+        return str(addr[0]) if addr else "?"
+
+    # -- session ---------------------------------------------------------------------
+    @api_call
+    def ping(self) -> dict[str, Any]:
+        return {"name": self._p.settings.server_name, "version": __version__}
+
+    @api_call
+    def login(self, user: str, password: str) -> dict[str, Any]:
+        name = check_username(str(user))
+        who = self._guard.sign_in(
+            name, self._client_addr(), lambda: self._p.users.authenticate(name, str(password))
+        )
+        token, expires = self._p.users.issue_token(who.name, self._p.settings.users.token_ttl)
+        return {"token": token, "user": who.name, "role": who.role.value, "expires_at": expires}
+
+    @api_call
+    def logout(self) -> dict[str, Any]:
+        self._who()
+        self._p.users.revoke(self._token())
+        return {"logged_out": True}
+
+    @api_call
+    def whoami(self) -> dict[str, Any]:
+        who = self._who()
+        return {"user": who.name, "role": who.role.value}
+
+    # -- submission -------------------------------------------------------------------
+    @api_call
+    def submit_begin(self, size: int, options: dict[str, Any] | None = None,
+                     check: dict[str, Any] | None = None) -> str:
+        """Begin an upload. ``check``: the ``container_config.json`` (``config``) and
+        ``dockerfile`` text the client read, judged now (``dopq.server.intake``)."""
+        who = self._who()
+        if options is not None and not isinstance(options, dict):
+            raise DopqError("options must be a dict")
+        if check is not None and not isinstance(check, dict):
+            raise DopqError("check must be a dict")
+        return self._p.begin_upload(who, int(size), dict(options or {}), check)
+
+    @api_call
+    def submit_chunk(self, upload_id: str, data: Any) -> int:
+        return self._p.upload_chunk(self._who(), str(upload_id), to_bytes(data))
+
+    @api_call
+    def submit_finish(self, upload_id: str) -> dict[str, Any]:
+        return self._p.finish_upload(self._who(), str(upload_id))
+
+    @api_call
+    def submit_abort(self, upload_id: str) -> dict[str, Any]:
+        self._p.abort_upload(self._who(), str(upload_id))
+        return {"aborted": upload_id}
+
+    # -- views --------------------------------------------------------------------------
+    @api_call
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._p.job(self._who(), int(job_id))
+
+    @api_call
+    def queue(self) -> list[dict[str, Any]]:
+        return self._p.queued(self._who())
+
+    @api_call
+    def running(self) -> list[dict[str, Any]]:
+        return self._p.running(self._who())
+
+    @api_call
+    def history(self, limit: int = 200, user: str | None = None) -> list[dict[str, Any]]:
+        who = self._who()
+        return self._p.history(int(limit), check_username(user) if user else None, who)
+
+    @api_call
+    def status(self) -> dict[str, Any]:
+        return self._p.status(self._who())
+
+    @api_call
+    def users(self) -> list[dict[str, Any]]:
+        return self._p.user_stats(self._who())
+
+    @api_call
+    def images(self) -> dict[str, Any]:
+        """The allowed base images and the caller's own job images (``dopq images``)."""
+        return self._p.images(self._who())
+
+    @api_call
+    def priority(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.priorities(None if job_id is None else int(job_id))
+
+    @api_call
+    def snapshot(self, history_limit: int = 200, since: int | None = None) -> dict[str, Any]:
+        """The five views the GUI shows, in one call.
+
+        With ``since`` (the ``version`` of an earlier snapshot, or 0) the queue
+        comes as ``queued_delta``: changed rows, removed ids and the new order
+        when it moved (``dopq.client.remote.SnapshotFollower`` merges them).
+        """
+        who = self._who()
+        out = self._p.snapshot(int(history_limit), None if since is None else int(since), who)
+        out["whoami"] = {"user": who.name, "role": who.role.value}
+        return out
+
+    @api_call
+    def logs(
+        self, job_id: int, kind: str = "run", offset: int = 0, limit: int = 1 << 20
+    ) -> dict[str, Any]:
+        return self._p.logs(self._who(), int(job_id), str(kind), int(offset), int(limit))
+
+    @api_call
+    def array(self, job_id: int) -> list[dict[str, Any]]:
+        """The elements of the array whose first job is ``job_id`` (empty: not an array)."""
+        self._who()
+        rows = self._p.store.read(
+            "SELECT id, array_index, state, user FROM jobs WHERE array_parent = ?"
+            " ORDER BY array_index", (int(job_id),))
+        return [{"id": r["id"], "array_index": r["array_index"], "state": r["state"],
+                 "user": r["user"]} for r in rows]
+
+    # -- outputs: zipped on the server, fetched in chunks (dopq.server.fetch) ------------------
+    @api_call
+    def outputs_begin(self, job_id: int) -> dict[str, Any]:
+        who = self._who()
+        row = self._p.store.job(int(job_id))
+        self._p._own_or_admin(who, row, "cannot fetch the outputs of")
+        if row["state"] not in ("succeeded", "failed", "cancelled"):
+            raise errors.Conflict(f"job {row['id']} is {row['state']}: its outputs can be "
+                                  "fetched once it has ended")
+        if row["user"] != who.name:
+            self._p._audit(who, "outputs", f"job {row['id']} of {row['user']}")
+        f = self._p.fetches.begin(who.name, row["user"], row["id"])
+        return {"fetch": f.id, "size": f.size, "files": f.files, "skipped": f.skipped,
+                "chunk": fetch_mod.CHUNK}
+
+    @api_call
+    def outputs_chunk(self, fetch_id: str, offset: int) -> bytes:
+        return self._p.fetches.chunk(self._who().name, str(fetch_id), int(offset))
+
+    @api_call
+    def outputs_end(self, fetch_id: str) -> dict[str, Any]:
+        self._p.fetches.end(self._who().name, str(fetch_id))
+        return {"ended": str(fetch_id)}
+
+    # -- commands ---------------------------------------------------------------------------
+    @api_call
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return self._p.cancel(self._who(), int(job_id))
+
+    @api_call
+    def edit(self, ids: list[int], action: str, value: Any = None) -> dict[str, Any]:
+        who = self._who()
+        if not isinstance(ids, list | tuple):
+            raise DopqError("ids must be a list of job ids")
+        return self._p.edit_queued(who, ids, str(action), value)
+
+    @api_call
+    def clear_history(self, user: str | None = None) -> dict[str, Any]:
+        return self._p.clear_history(self._who(), user)
+
+    @api_call
+    def clear_status(self, user: str | None = None) -> dict[str, Any]:
+        return self._p.clear_status(self._who(), user)
+
+    @api_call
+    def shutdown(self, stop_running: bool = False) -> dict[str, Any]:
+        return self._p.request_shutdown(self._who(), bool(stop_running))
+
+    @api_call
+    def set_share(self, user: str, weight: float) -> dict[str, Any]:
+        return self._p.set_share(self._who(), check_username(user), float(weight))
+
+    @api_call
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        who = self._who()
+        self._p._admin(who, "audit")
+        return self._p.store.audit_log(int(limit))
+
+    # -- users (admins) ---------------------------------------------------------------------
+    @api_call
+    def user_list(self) -> list[dict[str, Any]]:
+        self._who()
+        return self._p.users.list()
+
+    @api_call
+    def user_add(self, name: str, password: str, admin: bool = False) -> dict[str, Any]:
+        who = self._who()
+        self._p._admin(who, "user add")
+        self._p.users.add(name, str(password), Role.ADMIN if admin else Role.USER)
+        self._p._audit(who, "user add", f"{name} admin={bool(admin)}")
+        allowed = self._p.settings.users.allowed
+        name = check_username(name)
+        return {"user": name, "allowed": not allowed or name in allowed}
+
+    @api_call
+    def user_remove(self, name: str) -> dict[str, Any]:
+        who = self._who()
+        self._p._admin(who, "user remove")
+        self._p.users.remove(name)
+        self._p._audit(who, "user remove", name)
+        return {"removed": check_username(name)}
+
+    @api_call
+    def user_passwd(self, name: str, password: str) -> dict[str, Any]:
+        who = self._who()
+        if check_username(name) != who.name:
+            self._p._admin(who, "changing another user's password")
+        self._p.users.set_password(name, str(password))
+        self._p._audit(who, "user passwd", name)
+        return {"user": check_username(name)}
+
+    @api_call
+    def revoke_tokens(self, name: str) -> dict[str, Any]:
+        who = self._who()
+        self._p._admin(who, "revoke tokens")
+        n = self._p.users.revoke_all(check_username(name))
+        self._p._audit(who, "revoke tokens", name)
+        return {"revoked": n}
+
+
+# -- serving -----------------------------------------------------------------------------------
+class Registrar(threading.Thread):
+    """Keeps ``dopq.<name>`` registered; registers again when the name server returns."""
+
+    def __init__(self, settings: Settings, uri: Any, stop: threading.Event) -> None:
+        super().__init__(name="dopq-registrar", daemon=True)
+        self.settings = settings
+        self.uri = uri
+        self._halt = stop
+        self.registered = threading.Event()
+
+    def _ns(self) -> Any:
+        ns = Pyro5.api.locate_ns(self.settings.nameserver.host, self.settings.nameserver.port)
+        ns._pyroTimeout = 3.0
+        return ns
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                with self._ns() as ns:
+                    current = ns.list(prefix=self.settings.object_name).get(
+                        self.settings.object_name
+                    )
+                    if current != str(self.uri):
+                        ns.register(self.settings.object_name, self.uri, metadata={"dopq"})
+                        log.info("registered %s in the name server", self.settings.object_name)
+                self.registered.set()
+            except Pyro5.errors.PyroError:
+                self.registered.clear()
+            self._halt.wait(1.0)
+
+    def unregister(self) -> None:
+        try:
+            with self._ns() as ns:
+                ns.remove(self.settings.object_name)
+        except Pyro5.errors.PyroError:
+            pass
+
+
+def _name_server_answers(settings: Settings) -> bool:
+    try:
+        ns = Pyro5.api.locate_ns(settings.nameserver.host, settings.nameserver.port)
+        ns._pyroTimeout = 2.0
+        ns.ping()
+        ns._pyroRelease()
+        return True
+    except Pyro5.errors.PyroError:
+        return False
+
+
+def start_embedded_ns(settings: Settings, stop: threading.Event) -> Any:
+    # Plain TCP: the name server holds nothing secret (clients verify the
+    # server they reach through it), but it is guarded like the API.
+    ns_daemon = GuardedNameServerDaemon(
+        settings.nameserver.host, settings.nameserver.port,
+        guard=guard_for(settings, None, lambda _token: False),
+    )
+    t = threading.Thread(target=ns_daemon.requestLoop, name="dopq-nameserver", daemon=True)
+    t.start()
+    log.info("embedded name server on %s:%s", settings.nameserver.host, settings.nameserver.port)
+    return ns_daemon
+
+
+class Server:
+    """A running DoPQ server: platform, Pyro5 daemon, name server, registrar."""
+
+    def __init__(self, settings: Settings) -> None:
+        configure_pyro(settings)
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.platform = DataPlatform(settings)
+        self.ns_daemon: Any = None
+        self.daemon: Any = None
+        self.registrar: Registrar | None = None
+        self._loop: threading.Thread | None = None
+        self.fingerprint = ""
+
+    def start(self) -> None:
+        s = self.settings
+        # TLS always, with our own context: Pyro5's SSL settings are per process
+        # and would put the name server (and every client here) on TLS too.
+        cert, key = tls.ensure_certificate(s.server.tls_cert, s.server.tls_key,
+                                           s.state_path, s.server_name)
+        self.fingerprint = tls.file_fingerprint(cert)
+        context = tls.server_context(cert, key)
+        embedded = s.nameserver.embedded
+        if embedded == "yes" or (embedded == "auto" and not _name_server_answers(s)):
+            self.ns_daemon = start_embedded_ns(s, self.stop_event)
+        self.platform.start()
+        self.daemon = GuardedDaemon(
+            host=s.server.host, port=s.server.port,
+            guard=guard_for(s, context, self._token_ok),
+        )
+        uri = self.daemon.register(Controller(self.platform), objectId=s.object_name)
+        self.uri = uri
+        self._loop = threading.Thread(
+            target=self.daemon.requestLoop, name="dopq-daemon", daemon=True
+        )
+        self._loop.start()
+        self.registrar = Registrar(s, uri, self.stop_event)
+        self.registrar.start()
+        self.registrar.registered.wait(10)
+        log.info("DoPQ %s serving %s as %s (TLS, certificate %s)", __version__, uri,
+                 s.object_name, self.fingerprint)
+
+    def _token_ok(self, token: str) -> bool:
+        try:
+            self.platform.users.principal_for(token)
+            return True
+        except DopqError:
+            return False
+
+    def wait(self) -> None:
+        """Block until a signal or a shutdown call."""
+        while not self.stop_event.is_set():
+            if self.platform.shutdown_requested.wait(0.5):
+                break
+
+    def stop(self) -> None:
+        """Refuse new calls, leave the name server, close the API, then stop the work."""
+        self.platform.closing = True
+        self.stop_event.set()
+        if self.registrar is not None:
+            self.registrar.unregister()
+        if self.daemon is not None:
+            self.daemon.shutdown()
+            self.daemon.close()
+        self.platform.stop(stop_running=self.platform.stop_running_on_shutdown)
+        if self.ns_daemon is not None:
+            self.ns_daemon.shutdown()
+            self.ns_daemon.close()
+
+
+def serve(settings: Settings) -> int:
+    server = Server(settings)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: stopping", signum)
+        server.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print(f"dopq: server {settings.object_name} ready at {server.uri}", flush=True)
+    print(f"dopq: certificate fingerprint {server.fingerprint}", flush=True)
+    server.wait()
+    server.stop()
+    print("dopq: server stopped", flush=True)
+    return 0

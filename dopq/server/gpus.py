@@ -1,0 +1,419 @@
+"""The GPUs of the host: the one seam around NVML, and the pool that counts them.
+
+Two halves, kept apart on purpose:
+
+* The *seam* (``GpuBackend``): ``NvmlBackend`` reads real devices through
+  ``pynvml``; ``VirtualBackend`` stands in on machines without a GPU (tests, the
+  simulator, a laptop demo). ``open_backend`` picks one from the settings.
+* The *accounting* (``GpuPool``, ``external_busy``, ``parse_visible``): pure
+  functions and a small class with no I/O, so the scheduler and its tests can use
+  them without hardware.
+
+GPU indices are NVML indices, the same numbers ``NVIDIA_VISIBLE_DEVICES`` and
+Docker's ``DeviceRequest(device_ids=...)`` understand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from dopq.core.errors import ConfigError, Conflict
+
+GIB = 1024**3
+VIRTUAL_MEMORY = 16 * GIB
+BACKEND_KINDS = ("auto", "nvml", "virtual")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What does not change about a GPU while the server runs."""
+
+    index: int
+    uuid: str  # "" when NVML would not say
+    name: str
+    memory_total: int  # bytes; 0 when NVML would not say
+    minor: int | None  # N of /dev/nvidiaN
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One reading of a GPU; a field is None where the card does not report it."""
+
+    index: int
+    utilization: float | None  # percent of time a kernel ran, last sample period
+    memory_used: int | None  # bytes
+    memory_total: int | None  # bytes
+    processes: tuple[int, ...]  # host PIDs of compute (and graphics) processes
+
+
+class GpuBackend(Protocol):
+    kind: str  # "nvml" | "virtual"
+
+    def devices(self) -> list[GpuInfo]: ...
+
+    def sample(self) -> list[GpuSample]: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- NVML
+
+
+class NvmlBackend:
+    """Real GPUs through ``pynvml`` (the nvidia-ml-py package).
+
+    NVML is initialised once here and shut down by ``close()``. A call that fails
+    for one device or one field (``NOT_SUPPORTED`` on consumer cards,
+    ``NO_PERMISSION``, a lost GPU) gives None for that field, never an exception:
+    a monitoring read must not take the server down.
+
+    Raises ``ConfigError("gpus.backend", ...)`` when NVML cannot be loaded or
+    initialised; ``open_backend`` is the usual way in.
+    """
+
+    kind = "nvml"
+
+    def __init__(self) -> None:
+        try:
+            # Imported here, not at the top, so that the module imports (and the
+            # virtual backend works) where nvidia-ml-py is not installed.
+            nvml: Any = importlib.import_module("pynvml")
+        except ImportError as exc:
+            raise _unavailable(f"pynvml is not installed ({exc})") from exc
+        self._nvml = nvml
+        # pynvml raises NVMLLibraryMismatchError (not an NVMLError) from
+        # unversioned calls when the driver is older than the bindings.
+        self._errors: tuple[type[BaseException], ...] = tuple(
+            {nvml.NVMLError, getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError)}
+        )
+        try:
+            nvml.nvmlInit()
+        except self._errors as exc:
+            raise _unavailable(_describe(exc)) from exc
+        self._open = True
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        except self._errors as exc:
+            self.close()
+            raise _unavailable(f"cannot count devices: {_describe(exc)}") from exc
+        self._handles: dict[int, Any] = {}
+        for index in range(count):
+            handle = self._try(nvml.nvmlDeviceGetHandleByIndex, index)
+            if handle is not None:  # an unreadable GPU is left out, not scheduled
+                self._handles[index] = handle
+        self._devices = [self._describe_device(i, h) for i, h in self._handles.items()]
+
+    def _try(self, fn: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return fn(*args)
+        except self._errors:
+            return None
+
+    def _describe_device(self, index: int, handle: Any) -> GpuInfo:
+        nvml = self._nvml
+        memory = self._try(nvml.nvmlDeviceGetMemoryInfo, handle)
+        minor = self._try(nvml.nvmlDeviceGetMinorNumber, handle)
+        return GpuInfo(
+            index=index,
+            uuid=_text(self._try(nvml.nvmlDeviceGetUUID, handle)) or "",
+            name=_text(self._try(nvml.nvmlDeviceGetName, handle)) or "Unknown GPU",
+            memory_total=int(memory.total) if memory is not None else 0,
+            minor=int(minor) if minor is not None else None,
+        )
+
+    def devices(self) -> list[GpuInfo]:
+        return list(self._devices)
+
+    def sample(self) -> list[GpuSample]:
+        nvml = self._nvml
+        samples = []
+        for index, handle in self._handles.items():
+            rates = self._try(nvml.nvmlDeviceGetUtilizationRates, handle)
+            memory = self._try(nvml.nvmlDeviceGetMemoryInfo, handle)
+            pids: set[int] = set()
+            for list_processes in (
+                nvml.nvmlDeviceGetComputeRunningProcesses,
+                getattr(nvml, "nvmlDeviceGetGraphicsRunningProcesses", None),
+            ):
+                if list_processes is None:
+                    continue
+                for proc in self._try(list_processes, handle) or ():
+                    pids.add(int(proc.pid))
+            samples.append(
+                GpuSample(
+                    index=index,
+                    utilization=float(rates.gpu) if rates is not None else None,
+                    memory_used=int(memory.used) if memory is not None else None,
+                    memory_total=int(memory.total) if memory is not None else None,
+                    processes=tuple(sorted(pids)),
+                )
+            )
+        return samples
+
+    def close(self) -> None:
+        """Shut NVML down; safe to call twice."""
+        if self._open:
+            self._open = False
+            self._try(self._nvml.nvmlShutdown)
+
+
+def _unavailable(reason: str) -> ConfigError:
+    return ConfigError("gpus.backend", f"nvml requested but NVML is not available: {reason}")
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # NVMLError.__str__ itself calls into the library
+        text = ""
+    return text or type(exc).__name__
+
+
+def _text(value: object) -> str | None:
+    # Old pynvml releases return bytes, new ones str.
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return None if value is None else str(value)
+
+
+# ------------------------------------------------------------------------ virtual
+
+
+class VirtualBackend:
+    """``count`` pretend GPUs, for machines without one.
+
+    They report no utilisation and no memory use. ``set_processes`` lets a test
+    or the simulator pretend that something runs on one.
+    """
+
+    kind = "virtual"
+
+    def __init__(self, count: int) -> None:
+        if count < 0:
+            raise ConfigError("gpus.virtual_count", f"must be >= 0, not {count}")
+        self._devices = [
+            GpuInfo(
+                index=i,
+                uuid=f"VIRTUAL-GPU-{i}",
+                name="Virtual GPU",
+                memory_total=VIRTUAL_MEMORY,
+                minor=i,
+            )
+            for i in range(count)
+        ]
+        self._processes: dict[int, tuple[int, ...]] = {}
+
+    def devices(self) -> list[GpuInfo]:
+        return list(self._devices)
+
+    def set_processes(self, index: int, pids: Iterable[int]) -> None:
+        if not 0 <= index < len(self._devices):
+            raise IndexError(f"no virtual GPU {index}")
+        self._processes[index] = tuple(sorted(set(pids)))
+
+    def sample(self) -> list[GpuSample]:
+        return [
+            GpuSample(
+                index=d.index,
+                utilization=None,
+                memory_used=None,
+                memory_total=d.memory_total,
+                processes=self._processes.get(d.index, ()),
+            )
+            for d in self._devices
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def open_backend(kind: str, virtual_count: int) -> GpuBackend:
+    """The backend the settings ask for.
+
+    ``"nvml"`` insists on NVML (``ConfigError`` naming ``gpus.backend`` if it is
+    missing); ``"virtual"`` gives ``virtual_count`` pretend GPUs; ``"auto"`` takes
+    NVML when it initialises and reports at least one GPU, else virtual ones.
+    """
+    if kind == "nvml":
+        return NvmlBackend()
+    if kind == "virtual":
+        return VirtualBackend(virtual_count)
+    if kind == "auto":
+        try:
+            backend = NvmlBackend()
+        except ConfigError:
+            return VirtualBackend(virtual_count)
+        if backend.devices():
+            return backend
+        backend.close()
+        return VirtualBackend(virtual_count)
+    raise ConfigError("gpus.backend", f"must be one of {', '.join(BACKEND_KINDS)}, not {kind!r}")
+
+
+# ----------------------------------------------------------------- pure helpers
+
+
+def external_busy(samples: Sequence[GpuSample], our_pids: set[int]) -> set[int]:
+    """Indices of GPUs running a process that is not one of ``our_pids``.
+
+    ``our_pids`` are the host PIDs inside DoPQ's own containers; anything else on
+    a GPU belongs to someone working around the queue, and that GPU is not free.
+    """
+    return {s.index for s in samples if any(pid not in our_pids for pid in s.processes)}
+
+
+def parse_visible(value: str, uuids: Mapping[str, int]) -> set[int] | None:
+    """GPU indices named by an ``NVIDIA_VISIBLE_DEVICES`` value; None means all.
+
+    Accepts indices (``"0,2"``), GPU UUIDs (looked up in ``uuids``, UUID ->
+    index), MIG ``"gpu:instance"`` pairs (counted as their whole GPU), ``"all"``,
+    and ``"none"``/``"void"``/empty for no GPU. Names it cannot resolve are
+    skipped: there is nothing on this host to mark busy for them.
+    """
+    text = value.strip()
+    if text.lower() == "all":
+        return None
+    if text.lower() in ("", "none", "void"):
+        return set()
+    by_uuid = {u.lower(): i for u, i in uuids.items() if u}
+    found: set[int] = set()
+    for token in (t.strip() for t in text.split(",")):
+        head = token.split(":", 1)[0]
+        if head.isdigit():
+            found.add(int(head))
+        elif token.lower() in by_uuid:
+            found.add(by_uuid[token.lower()])
+    return found
+
+
+def visible_devices_in_env(
+    env: Sequence[str], uuids: Mapping[str, int] | None = None
+) -> set[int] | None:
+    """GPUs a container sees, from its ``Config.Env`` list; None means all.
+
+    A container without ``NVIDIA_VISIBLE_DEVICES`` sees none. The image's own
+    environment is part of ``Config.Env``, so CUDA base images (which set
+    ``all``) count as using every GPU, as they do under the NVIDIA runtime.
+    """
+    value: str | None = None
+    for entry in env:
+        name, sep, rest = entry.partition("=")
+        if sep and name == "NVIDIA_VISIBLE_DEVICES":
+            value = rest  # the last one wins, as in a shell
+    if value is None:
+        return set()
+    return parse_visible(value, uuids or {})
+
+
+def uuid_index(devices: Iterable[GpuInfo]) -> dict[str, int]:
+    """UUID -> index for ``parse_visible``, leaving out GPUs without a UUID."""
+    return {d.uuid: d.index for d in devices if d.uuid}
+
+
+# ------------------------------------------------------------------------- pool
+
+
+class GpuPool:
+    """Whole, exclusive GPUs: which job holds which, which are busy from outside.
+
+    Every GPU is in exactly one of three states: free, held by one job, or
+    external (busy with a process DoPQ did not start). ``validate()`` checks that,
+    and tests call it after every event.
+    """
+
+    def __init__(self, indices: Iterable[int]) -> None:
+        self._all = frozenset(indices)
+        self._holder: dict[int, int] = {}  # gpu -> job
+        self._jobs: dict[int, tuple[int, ...]] = {}  # job -> gpus, in acquire order
+        self._external: frozenset[int] = frozenset()
+
+    @property
+    def total(self) -> frozenset[int]:
+        return self._all
+
+    def acquire(self, job_id: int, gpus: Sequence[int]) -> None:
+        """Give ``gpus`` to ``job_id``, all or nothing; ``Conflict`` if any is taken."""
+        if job_id in self._jobs:
+            raise Conflict(f"job {job_id} already holds GPUs {list(self._jobs[job_id])}")
+        wanted = tuple(gpus)
+        if len(set(wanted)) != len(wanted):
+            raise Conflict(f"job {job_id} asked for a GPU twice: {list(wanted)}")
+        for gpu in wanted:
+            if gpu not in self._all:
+                raise Conflict(f"job {job_id} asked for unknown GPU {gpu}")
+            if gpu in self._holder:
+                raise Conflict(f"GPU {gpu} is held by job {self._holder[gpu]}")
+            if gpu in self._external:
+                raise Conflict(f"GPU {gpu} is busy with a process outside DoPQ")
+        if not wanted:
+            return  # a CPU-only job holds nothing
+        self._jobs[job_id] = wanted
+        for gpu in wanted:
+            self._holder[gpu] = job_id
+
+    def release(self, job_id: int) -> tuple[int, ...]:
+        """Free the GPUs of ``job_id`` and return them; () if it held none."""
+        gpus = self._jobs.pop(job_id, ())
+        for gpu in gpus:
+            del self._holder[gpu]
+        return gpus
+
+    def holder(self, gpu: int) -> int | None:
+        return self._holder.get(gpu)
+
+    def of(self, job_id: int) -> tuple[int, ...]:
+        """The GPUs ``job_id`` holds, in the order it asked for them."""
+        return self._jobs.get(job_id, ())
+
+    def free(self) -> frozenset[int]:
+        return self._all - self._holder.keys() - self._external
+
+    def held(self) -> dict[int, int]:
+        """GPU -> job, a copy."""
+        return dict(self._holder)
+
+    def external(self) -> frozenset[int]:
+        return self._external
+
+    def set_external(self, busy: Iterable[int]) -> None:
+        """Replace the set of GPUs busy from outside DoPQ.
+
+        A GPU one of our jobs holds stays held (its new process may simply not
+        be in the caller's PID list yet); GPUs this host does not have are ignored.
+        """
+        self._external = frozenset(busy) & (self._all - self._holder.keys())
+
+    def validate(self) -> None:
+        """Assert the invariants; ``AssertionError`` says which one broke."""
+        held = set(self._holder)
+        free = self.free()
+        problems = []
+        if not held <= self._all:
+            problems.append(f"held GPUs not in pool: {sorted(held - self._all)}")
+        if not self._external <= self._all:
+            problems.append(f"external GPUs not in pool: {sorted(self._external - self._all)}")
+        if held & self._external:
+            problems.append(f"GPUs both held and external: {sorted(held & self._external)}")
+        counted = len(free) + len(held) + len(self._external)
+        if counted != len(self._all):
+            problems.append(
+                f"free {len(free)} + held {len(held)} + external {len(self._external)}"
+                f" != total {len(self._all)}"
+            )
+        seen: dict[int, int] = {}
+        for job, gpus in self._jobs.items():
+            if not gpus:
+                problems.append(f"job {job} recorded with no GPUs")
+            for gpu in gpus:
+                if gpu in seen:
+                    problems.append(f"GPU {gpu} held by jobs {seen[gpu]} and {job}")
+                seen[gpu] = job
+        if seen != self._holder:
+            problems.append(f"job table {seen} disagrees with holder table {self._holder}")
+        if problems:
+            raise AssertionError("GpuPool invalid: " + "; ".join(problems))

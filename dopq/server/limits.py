@@ -1,0 +1,162 @@
+"""The per-user queue limit (``policy.max_queued_per_user``), kept where jobs are made.
+
+A user's *slots* are their waiting jobs (received, building, queued), an
+array counting one slot per element, plus the uploads they have begun and
+not finished. The limit is kept in two places:
+
+- when an upload begins, its slots are reserved (``QueueSlots.reserve``):
+  six uploads begun at once against a limit of 3 get three reservations
+  and three refusals, before a byte is sent;
+- inside the store transaction that creates job rows (``QueueSlots.add_job``
+  for uploads, ``add_job_within`` for the drop folder, ``check_room`` when a
+  built array becomes its element jobs), counted again from the table.
+
+Transactions are ``BEGIN IMMEDIATE``, so the count and the insert cannot
+interleave with another writer, in this process or the Provider's.
+Reservations live in the server process: the Provider does not see them,
+but its own inserts are counted in the table, so an upload that lost its
+slot to a drop-folder job meanwhile is refused when it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dopq.core.errors import JobRejected, LimitExceeded
+from dopq.core.jobs import JobState
+from dopq.core.spec import check_overrides
+from dopq.server.store import Store
+
+WAITING = (JobState.RECEIVED.value, JobState.BUILDING.value, JobState.QUEUED.value)
+
+
+def slots_of(state: str, overrides: Any) -> int:
+    """Slots one stored job takes: an array not yet expanded counts its elements."""
+    if state == JobState.QUEUED.value:
+        return 1  # arrays are expanded into one row per element when queued
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides or "{}")
+        except ValueError:
+            return 1
+    if not isinstance(overrides, dict) or not overrides.get("array"):
+        return 1
+    return overrides_slots({"array": overrides["array"]})
+
+
+def submission_slots(overrides: dict[str, Any]) -> int:
+    """Check a submission's options (``JobRejected`` names a bad one: a control
+    character in ``--name``, a bad ``--array``...) and return the slots it takes."""
+    return max(1, len(check_overrides(overrides).array))
+
+
+def overrides_slots(overrides: dict[str, Any]) -> int:
+    """Slots a submission with these options takes (``--array 0-19``: 20)."""
+    if not overrides.get("array"):
+        return 1
+    try:
+        return max(1, len(check_overrides({"array": overrides["array"]}).array))
+    except JobRejected:
+        return 1  # refused with its reason when it is built
+
+
+def waiting_slots(db: sqlite3.Connection, user: str, exclude: int | None = None) -> int:
+    """Slots ``user``'s waiting jobs take (without job ``exclude``)."""
+    rows = db.execute(
+        f"SELECT id, state, overrides FROM jobs WHERE user = ? AND state IN"
+        f" ({','.join('?' * len(WAITING))})",
+        (user, *WAITING),
+    ).fetchall()
+    return sum(slots_of(r["state"], r["overrides"]) for r in rows if r["id"] != exclude)
+
+
+def refusal(user: str, cap: int, taken: int, wanted: int) -> LimitExceeded:
+    left = max(0, cap - taken)
+    what = f"an array of {wanted} jobs" if wanted > 1 else "a job"
+    return LimitExceeded(
+        f"queue limit: {user} may have {cap} jobs waiting, {left} slot"
+        f"{'' if left == 1 else 's'} left; {what} does not fit"
+    )
+
+
+def check_room(
+    db: sqlite3.Connection, user: str, cap: int, wanted: int, *,
+    reserved: int = 0, exclude: int | None = None,
+) -> None:
+    """Raise ``LimitExceeded`` unless ``wanted`` more slots fit (inside a transaction)."""
+    if cap <= 0:
+        return
+    taken = waiting_slots(db, user, exclude) + reserved
+    if taken + wanted > cap:
+        raise refusal(user, cap, taken, wanted)
+
+
+def add_job_within(store: Store, cap: int, fields: dict[str, Any], wanted: int = 1) -> int:
+    """Create a job (state ``received`` unless given) if its slots fit the limit."""
+    fields = {"state": JobState.RECEIVED, **fields}
+    fields.setdefault("submitted_at", time.time())
+    with store.transaction() as db:
+        check_room(db, fields["user"], cap, wanted)
+        return store._insert_job(db, fields)
+
+
+@dataclass
+class _Reservation:
+    user: str
+    slots: int
+
+
+class QueueSlots:
+    """Reservations of uploads in flight, and job creation that honours them."""
+
+    def __init__(self, store: Store, cap: int) -> None:
+        self.store = store
+        self.cap = cap
+        self._held: dict[str, _Reservation] = {}
+        self._lock = threading.Lock()
+
+    def reserved(self, user: str, but: str | None = None) -> int:
+        with self._lock:
+            return sum(r.slots for k, r in self._held.items() if r.user == user and k != but)
+
+    def reserve(self, key: str, user: str, slots: int) -> None:
+        """Hold ``slots`` for upload ``key`` or raise ``LimitExceeded``.
+
+        Counted in a write transaction, so no job can be created between the
+        count and the reservation."""
+        if self.cap <= 0:
+            return
+        with self.store.transaction() as db, self._lock:
+            taken = waiting_slots(db, user) + sum(
+                r.slots for r in self._held.values() if r.user == user)
+            if taken + slots > self.cap:
+                raise refusal(user, self.cap, taken, slots)
+            self._held[key] = _Reservation(user, slots)
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+
+    def add_job(self, key: str, fields: dict[str, Any], slots: int) -> int:
+        """Create upload ``key``'s job, checked again against the table; the
+        reservation is released in the same transaction (and on refusal)."""
+        fields = {"state": JobState.RECEIVED, **fields}
+        fields.setdefault("submitted_at", time.time())
+        try:
+            with self.store.transaction() as db:
+                check_room(db, fields["user"], self.cap, slots,
+                           reserved=self.reserved(fields["user"], but=key))
+                job_id = self.store._insert_job(db, fields)
+                self.release(key)
+                return job_id
+        finally:
+            self.release(key)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
