@@ -30,7 +30,10 @@ class JobState(StrEnum):
 
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE_STATES = frozenset({JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED, JobState.RUNNING})
+# Waiting to run: what the queue view lists, what counts against the per-user
+# queue limit and what a user may still edit.
+WAITING_STATES = frozenset({JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED})
+ACTIVE_STATES = WAITING_STATES | {JobState.RUNNING}
 
 
 class WaitReason(StrEnum):
