@@ -209,8 +209,8 @@ def test_config_validation_names_the_key():
         ({"half_life": 60}, "half_life"),
         ({"policy": "fifo"}, "policy"),
         ({"w_age": -1}, "w_age"),
-        ({"max_running_per_user": 0}, "max_running_per_user"),
-        ({"shares": {"ana": 0}}, "shares"),
+        ({"max_running_per_user": -1}, "max_running_per_user"),
+        ({"shares": {"ana": 0}}, "shares.ana"),
         ({"max_age": 0}, "max_age"),
         ({"bogus": 1}, "bogus"),
     ]:

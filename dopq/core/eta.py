@@ -297,7 +297,7 @@ class _Words:
         mine = [(r.id, len(r.gpus)) for r in self.state.running if r.user.lower() == u]
         mine += [(jid, len(g)) for jid, g in self.first.starts
                  if self.queued[jid].user.lower() == u]
-        if cfg.max_running_per_user is not None and len(mine) >= cfg.max_running_per_user:
+        if cfg.max_running_per_user and len(mine) >= cfg.max_running_per_user:
             return (f"User limit: {q.user} has {_plural(len(mine), 'job')} running "
                     f"(at most {cfg.max_running_per_user})")
         gpus = sum(n for _, n in mine)

@@ -55,16 +55,19 @@ import bisect
 import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
 
-from dopq.core.errors import ConfigError
+from dopq.core.fairshare import POLICIES, PolicyConfig, fairshare_factors
 from dopq.core.jobs import JobState, WaitReason
 
-POLICIES = ("fairshare", "recency")
+# PolicyConfig and the fair-share factor are defined in dopq.core.fairshare.
+__all__ = [
+    "POLICIES", "ClusterState", "Decision", "PolicyConfig", "QueueEntry", "QueuedJob",
+    "RunningJob", "decide", "explain", "fairshare_factors", "validate_gpus",
+]
+
 PRIORITY_SPAN = 1000
-ACTIVE_FRACTION = 1e-6
 INF = math.inf
 _AGED = -INF  # sort key of an aged job: before every priority
 
@@ -96,64 +99,6 @@ class RunningJob:
     gpus: tuple[int, ...]
     started_at: float
     time_limit: float | None = None
-
-
-@dataclass
-class PolicyConfig:
-    """Settings of the policy; :meth:`validate` names the bad key."""
-
-    policy: str = "fairshare"
-    half_life: float = 7 * 86400.0
-    w_fairshare: float = 10000.0
-    w_age: float = 1000.0
-    w_job: float = 1000.0
-    max_age: float = 7 * 86400.0
-    cpu_fraction: float = 0.1
-    max_gpus_per_user: int | None = None
-    max_running_per_user: int | None = None
-    max_queued_per_user: int | None = None
-    shares: dict[str, float] = field(default_factory=dict)
-
-    def validate(self) -> PolicyConfig:
-        if self.policy not in POLICIES:
-            raise ConfigError("policy", f"must be one of {', '.join(POLICIES)}")
-        if not 3600 <= self.half_life <= 30 * 86400:
-            raise ConfigError("half_life", "must be between 3600 s (1h) and 2592000 s (30d)")
-        for key in ("w_fairshare", "w_age", "w_job"):
-            value = getattr(self, key)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ConfigError(key, "must be a finite number >= 0")
-        if not (math.isfinite(self.max_age) and self.max_age > 0):
-            raise ConfigError("max_age", "must be a positive number of seconds")
-        if not 0 <= self.cpu_fraction <= 1:
-            raise ConfigError("cpu_fraction", "must be between 0 and 1")
-        for key in ("max_gpus_per_user", "max_running_per_user", "max_queued_per_user"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ConfigError(key, "must be a positive integer or unset")
-        for user, weight in self.shares.items():
-            if not isinstance(user, str) or not user:
-                raise ConfigError("shares", f"bad user name {user!r}")
-            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
-                raise ConfigError("shares", f"{user}: weight must be a positive number")
-        return self
-
-    def weight(self, user: str) -> float:
-        """The user's fair-share weight (1 unless set in ``shares``)."""
-        low = user.lower()
-        for name, weight in self.shares.items():
-            if name.lower() == low:
-                return float(weight)
-        return 1.0
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PolicyConfig:
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ConfigError(key, "unknown policy setting")
-        return cls(**data).validate()
 
 
 @dataclass(frozen=True)
@@ -226,30 +171,6 @@ class Decision:
 
 
 # ---------------------------------------------------------------- priority
-
-
-def fairshare_factors(
-    usage: Mapping[str, float], active: Iterable[str], shares: Mapping[str, float]
-) -> dict[str, float]:
-    """F per user (lower-cased) for the active users and everyone with usage."""
-    use: dict[str, float] = {}
-    for user, value in usage.items():
-        key = user.lower()
-        use[key] = use.get(key, 0.0) + max(0.0, value)
-    total = sum(use.values())
-    act = {u.lower() for u in active}
-    if total > 0:
-        act.update(u for u, v in use.items() if v > ACTIVE_FRACTION * total)
-    weights = {u.lower(): float(w) for u, w in shares.items()}
-    wsum = sum(weights.get(u, 1.0) for u in act)
-    if wsum <= 0:
-        return {}
-    out = {}
-    for user in act | use.keys():
-        share = weights.get(user, 1.0) / wsum
-        used = use.get(user, 0.0) / total if total > 0 else 0.0
-        out[user] = 2.0 ** (-used / share)
-    return out
 
 
 def job_term(priority: int, w_job: float) -> float:
@@ -382,7 +303,7 @@ class _Placer:
         self.shadow: float | None = None  # set once a job holds the reservation
         self.count: dict[str, int] = {}
         self.gpus: dict[str, int] = {}
-        if cfg.max_running_per_user is not None or cfg.max_gpus_per_user is not None:
+        if cfg.max_running_per_user or cfg.max_gpus_per_user:
             for r in state.running:
                 u = r.user.lower()
                 self.count[u] = self.count.get(u, 0) + 1
@@ -399,13 +320,13 @@ class _Placer:
             return WaitReason.DEPENDENCY
         cfg = self.cfg
         need = q.num_gpus
-        if cfg.max_running_per_user is not None or cfg.max_gpus_per_user is not None:
+        if cfg.max_running_per_user or cfg.max_gpus_per_user:
             u = q.user.lower()
-            if cfg.max_running_per_user is not None and (
+            if cfg.max_running_per_user and (
                 self.count.get(u, 0) >= cfg.max_running_per_user
             ):
                 return WaitReason.USER_LIMIT
-            if cfg.max_gpus_per_user is not None and (
+            if cfg.max_gpus_per_user and (
                 need and self.gpus.get(u, 0) + need > cfg.max_gpus_per_user
             ):
                 return WaitReason.USER_LIMIT

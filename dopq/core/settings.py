@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dopq.core.errors import ConfigError, JobRejected
+from dopq.core.fairshare import PolicyConfig
 from dopq.core.jobs import parse_duration, parse_size
 
 ENV_CONFIG = "DOPQ_CONFIG"
@@ -130,20 +131,6 @@ class UserSettings:
 
 
 @dataclass
-class PolicySettings:
-    policy: str = "fairshare"  # fairshare | recency
-    half_life: float = 7 * 86400.0
-    w_fairshare: float = 10000.0
-    w_age: float = 1000.0
-    w_job: float = 1000.0
-    max_age: float = 7 * 86400.0
-    cpu_fraction: float = 0.1
-    max_gpus_per_user: int = 0  # 0: no limit
-    max_running_per_user: int = 0
-    max_queued_per_user: int = 0
-
-
-@dataclass
 class GuiSettings:
     poll_interval: float = 1.0
     style: str = ""  # path of a Qt style sheet; empty: the shipped dark theme
@@ -162,7 +149,7 @@ class Settings:
     images: ImageSettings = field(default_factory=ImageSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     users: UserSettings = field(default_factory=UserSettings)
-    policy: PolicySettings = field(default_factory=PolicySettings)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # dopq.core.fairshare
     gui: GuiSettings = field(default_factory=GuiSettings)
     mounts: list[MountSettings] = field(default_factory=list)
 
@@ -207,7 +194,6 @@ class Settings:
         _choice("nameserver.embedded", self.nameserver.embedded, ("auto", "yes", "no"))
         _choice("gpus.backend", self.gpus.backend, ("auto", "nvml", "virtual"))
         _choice("docker.gpu_mode", self.docker.gpu_mode, ("auto", "nvidia", "env"))
-        _choice("policy.policy", self.policy.policy, ("fairshare", "recency"))
         if not 0 <= self.gpus.virtual_count <= 64:
             raise ConfigError("gpus.virtual_count", "must be between 0 and 64")
         for key in ("server.port", "nameserver.port"):
@@ -260,10 +246,7 @@ class Settings:
         ):
             if _get(self, key) <= 0:
                 raise ConfigError(key, "must be positive")
-        if not 3600 <= self.policy.half_life <= 30 * 86400:
-            raise ConfigError("policy.half_life", "must be between 3600 (1 h) and 2592000 (30 d)")
-        if self.policy.max_age <= 0:
-            raise ConfigError("policy.max_age", "must be positive")
+        self.policy.validate("policy.")
         for i, mount in enumerate(self.mounts):
             if not mount.source.startswith("/") or not mount.target.startswith("/"):
                 raise ConfigError(f"mounts[{i}]", "source and target must be absolute paths")

@@ -32,6 +32,7 @@ from dopq.core.errors import (
     LimitExceeded,
     NotFound,
 )
+from dopq.core.fairshare import fair_shares
 from dopq.core.jobs import FINAL_STATES, JobState
 from dopq.core.settings import Settings
 from dopq.core.spec import check_overrides
@@ -694,24 +695,16 @@ class DataPlatform:
     def _user_stats(self) -> list[dict[str, Any]]:
         now = time.time()
         counts = self.store.counts_by_user()
-        shares = self.users.shares()
-        ledger = self.queue.ledger
-        snap = ledger.snapshot(now)
-        users = set(counts) | set(snap) | set(shares)
-        usage = {u: snap.get(u, 0.0) for u in users}
-        total = sum(usage.values())
-        active = {
-            u for u in users
-            if counts.get(u, {}).get("queued") or counts.get(u, {}).get("running")
-            or (total > 0 and usage[u] > 1e-6 * total)
-        }
-        weight_sum = sum(shares.get(u, 1.0) for u in active) or 1.0
+        weights = {**self.settings.policy.shares, **self.users.shares()}
+        snap = self.queue.ledger.snapshot(now)
+        users = set(counts) | set(snap) | set(weights)
+        active = {u for u in users
+                  if counts.get(u, {}).get("queued") or counts.get(u, {}).get("running")}
+        standing = fair_shares(snap, active, weights)  # the policy's own numbers
         out = []
         for u in sorted(users):
             c = counts.get(u, {})
-            share = shares.get(u, 1.0) / weight_sum if u in active else 0.0
-            norm = usage[u] / total if total > 0 else 0.0
-            factor = 2 ** (-norm / share) if share > 0 else (1.0 if norm == 0 else 0.0)
+            mine = standing.get(u.lower())
             out.append({
                 "user": u,
                 "queued": sum(c.get(s, 0) for s in ("received", "building", "queued")),
@@ -719,11 +712,11 @@ class DataPlatform:
                 "finished": sum(c.get(s, 0) for s in ("succeeded", "failed", "cancelled")),
                 "succeeded": c.get("succeeded", 0),
                 "failed": c.get("failed", 0),
-                "gpu_hours": round(usage[u] / 3600.0, 4),
-                "weight": shares.get(u, 1.0),
-                "share": round(share, 4),
-                "fairshare": round(factor, 4),
-                "penalty": round(norm / share, 4) if share > 0 else None,
+                "gpu_hours": round(snap.get(u, 0.0) / 3600.0, 4),
+                "weight": weights.get(u, 1.0),
+                "share": round(mine.share, 4) if mine else 0.0,
+                "fairshare": round(mine.factor, 4) if mine else 1.0,
+                "penalty": round(mine.penalty, 4) if mine else None,
             })
         return out
 

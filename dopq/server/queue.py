@@ -11,6 +11,7 @@ saved and the container removed, which happens on a worker thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -51,15 +52,8 @@ TIMEOUT = "timeout"
 
 
 def policy_config(settings: Settings, shares: dict[str, float]) -> policy_mod.PolicyConfig:
-    p = settings.policy
-    return policy_mod.PolicyConfig(
-        policy=p.policy, half_life=p.half_life, w_fairshare=p.w_fairshare, w_age=p.w_age,
-        w_job=p.w_job, max_age=p.max_age, cpu_fraction=p.cpu_fraction,
-        max_gpus_per_user=p.max_gpus_per_user or None,
-        max_running_per_user=p.max_running_per_user or None,
-        max_queued_per_user=p.max_queued_per_user or None,
-        shares=dict(shares),
-    )
+    """The settings' policy with the weights in the store over those of the file."""
+    return dataclasses.replace(settings.policy, shares={**settings.policy.shares, **shares})
 
 
 def queued_job(row: JobRow) -> policy_mod.QueuedJob:
