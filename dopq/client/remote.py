@@ -1,7 +1,7 @@
 """The client the CLI and the GUI share: finds a server, signs calls, uploads.
 
 One Pyro5 proxy per thread (proxies are not thread-safe). The token travels
-as the ``TOKN`` annotation of every call, and only to a server that proved,
+as an annotation of every call (``dopq.wire.protocol``), and only to a server that proved,
 in the TLS handshake, that it holds the pinned certificate (``dopq.wire.tls``):
 pins live per server in ``~/.config/dopq/known_servers.json``. Network trouble becomes a one-line
 ``ServerUnavailable``; the next call looks the server up again, so a client
@@ -36,19 +36,12 @@ from dopq.core.errors import (
     ServerUnavailable,
     UnknownServer,
 )
-from dopq.server import api as _api  # noqa: F401 - registers DoPQ's error classes
 from dopq.wire import tls
+from dopq.wire.protocol import IDEMPOTENT_CALLS, NS_PREFIX, SERIALIZER, TOKEN_ANNOTATION
 from dopq.wire.transport import SIGNED_MAX
 
 CHUNK = 1 << 20
-# Calls that change nothing: tried again once when a connection drops.
-IDEMPOTENT = frozenset({
-    "ping", "whoami", "job", "queue", "running", "history", "status", "users", "priority",
-    "snapshot", "logs", "user_list", "audit", "array", "outputs_chunk",
-})
 STALE_AFTER = 5.0  # seconds; the server closes connections idle for server.idle_timeout
-SERIALIZER = "msgpack"
-NS_PREFIX = "dopq."
 # DoPQ's name server, like its API, takes msgpack only (dopq.wire.transport).
 Pyro5.api.config.SERIALIZER = SERIALIZER
 
@@ -315,7 +308,7 @@ class Client:
         over a fresh connection when this one sat idle (the server closes idle
         ones), and a failure is reported, not retried.
         """
-        safe = method in IDEMPOTENT
+        safe = method in IDEMPOTENT_CALLS  # tried again once when a connection drops
         size = _approx_size(args) + _approx_size(kwargs)
         if size > SIGNED_MAX - 4096:
             raise LimitExceeded(f"the call {method} is too large ({size} bytes; "
@@ -330,7 +323,7 @@ class Client:
                     proxy._pyroRelease()
                 if proxy._pyroConnection is None:
                     proxy._pyroBind()  # a failure here sent nothing: safe to retry
-                Pyro5.api.current_context.annotations = {"TOKN": token.encode()}
+                Pyro5.api.current_context.annotations = {TOKEN_ANNOTATION: token.encode()}
                 sent = True
                 result = getattr(proxy, method)(*args, **kwargs)
                 self._local.last_used = time.monotonic()

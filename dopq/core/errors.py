@@ -17,7 +17,7 @@
         └── ServerIdentityChanged   the server's TLS certificate is not the pinned one
 
 Every message is one line that a user can act on. The classes are registered
-with Pyro5 (see ``dopq.server.api``) so that clients receive the same class.
+with Pyro5 (``dopq.wire.protocol``) so that clients receive the same class.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 sent as the ``TOKN`` message annotation), forwards to the ``DataPlatform``
 and returns only dicts, lists, strings and numbers. Unexpected errors are
 logged and reach the client as a one-line ``DopqError``; DoPQ's own errors
-reach it as their own classes (registered with Pyro5's serializer here).
+reach it as their own classes (registered with Pyro5 by ``dopq.wire.protocol``).
 
 ``serve()`` runs a server: Pyro5 daemon, name-server registration (embedded
 name server when none answers), and a registrar that registers again when the
@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import Pyro5.api
 import Pyro5.errors
-from Pyro5.serializers import SerializerBase
 
 from dopq import __version__
 from dopq.core import errors
@@ -33,33 +32,13 @@ from dopq.server import fetch as fetch_mod
 from dopq.server.auth import Principal, Role, SignInGuard, SignInLimits, check_username
 from dopq.server.platform import DataPlatform
 from dopq.wire import tls
+from dopq.wire.protocol import TOKEN_ANNOTATION  # importing it registers the errors
 from dopq.wire.transport import Guard, GuardedDaemon, GuardedNameServerDaemon
 
 log = logging.getLogger("dopq.server.api")
 
-TOKEN_ANNOTATION = "TOKN"
 MAX_REPLY_SIZE = 256 * 2**20  # replies; what a client may send is dopq.wire.transport's to cap
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-# -- error classes across the wire ----------------------------------------------------
-def _error_from_dict(classname: str, data: dict[str, Any]) -> Exception:
-    cls = next(c for c in errors.ALL_ERRORS if f"dopq.core.errors.{c.__name__}" == classname)
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, *data.get("args", ()))
-    for key, value in (data.get("attributes") or {}).items():
-        setattr(exc, key, value)
-    if not hasattr(exc, "message"):
-        exc.message = str(data.get("args", [""])[0] if data.get("args") else "")
-    return exc
-
-
-def register_errors() -> None:
-    for cls in errors.ALL_ERRORS:
-        SerializerBase.register_dict_to_class(f"dopq.core.errors.{cls.__name__}", _error_from_dict)
-
-
-register_errors()
 
 
 def configure_pyro(settings: Settings) -> None:

@@ -44,6 +44,8 @@ from Pyro5.svr_threads import (
     SocketServer_Threadpool,
 )
 
+from dopq.wire.protocol import TOKEN_ANNOTATION
+
 log = logging.getLogger("dopq.wire.transport")
 
 MSGPACK_ID = 4  # Pyro5's serializer id of msgpack
@@ -282,11 +284,14 @@ class GuardedConnection(socketutil.SocketConnection):  # type: ignore[misc]
         return annotations + body
 
 
+_TOKEN_NAME = TOKEN_ANNOTATION.encode()
+
+
 def _token(annotations: bytes) -> str:
     i = 0
     while i + 8 <= len(annotations):
         name, length = annotations[i:i + 4], int.from_bytes(annotations[i + 4:i + 8], "big")
-        if name == b"TOKN":
+        if name == _TOKEN_NAME:
             try:
                 return annotations[i + 8:i + 8 + length].decode("ascii")
             except UnicodeDecodeError:
