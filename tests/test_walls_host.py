@@ -26,7 +26,8 @@ from conftest import Running, cleanup_docker, make_config, release_outputs, wait
 from hostile import good_job, zip_it
 
 from dopq.core import settings as settings_mod
-from dopq.server import hostfs, outputs, provider
+from dopq.server import hostfs, outputs
+from dopq.server import inbox as inbox_mod
 from dopq.server.store import Store
 
 UA, UB = 45101, 45102  # alice's and bob's Unix uids on this host
@@ -240,13 +241,13 @@ def test_state_folder_is_the_servers_alone(walled: Running, jobs_dir: Path) -> N
 
 # -- 7. the drop folder ---------------------------------------------------------------------------
 @pytest.fixture
-def watcher(base: Path) -> Iterator[tuple[provider.InboxWatcher, Any]]:
+def watcher(base: Path) -> Iterator[tuple[inbox_mod.InboxWatcher, Any]]:
     cfg = make_config(base, users={"uid_map": {"alice": UA, "bob": UB}})
     s = settings_mod.from_dict(cfg)
     hostfs.secure_state(s)
     store = Store(s.db_path)
     try:
-        yield provider.InboxWatcher(s, store), s
+        yield inbox_mod.InboxWatcher(s, store), s
     finally:
         store.close()
 
@@ -268,7 +269,7 @@ def _incoming(s: Any) -> list[Path]:
 
 
 def test_inbox_refuses_symlinks_fifos_and_hard_links(
-    watcher: tuple[provider.InboxWatcher, Any], base: Path, tmp_path: Path
+    watcher: tuple[inbox_mod.InboxWatcher, Any], base: Path, tmp_path: Path
 ) -> None:
     w, s = watcher
     jobs_dir = tmp_path / "jobs"
@@ -297,7 +298,7 @@ def test_inbox_refuses_symlinks_fifos_and_hard_links(
 
 
 def test_inbox_symlink_swapped_in_after_the_scan_gains_nothing(
-    watcher: tuple[provider.InboxWatcher, Any], base: Path, tmp_path: Path,
+    watcher: tuple[inbox_mod.InboxWatcher, Any], base: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     w, s = watcher
@@ -308,7 +309,7 @@ def test_inbox_symlink_swapped_in_after_the_scan_gains_nothing(
     decoy = inbox / "mine.zip"
     shutil.copy(zip_it(good_job(jobs_dir, "alice", "decoy")), decoy)
     os.chown(decoy, UA, UA)
-    real_check = provider._complete_zip
+    real_check = inbox_mod._complete_zip
 
     def swap_after_check(path: Path) -> bool:
         ok = real_check(path)  # the scan saw alice's own complete zip ...
@@ -316,7 +317,7 @@ def test_inbox_symlink_swapped_in_after_the_scan_gains_nothing(
         path.symlink_to(victim)  # ... and now the name points at bob's
         return ok
 
-    monkeypatch.setattr(provider, "_complete_zip", swap_after_check)
+    monkeypatch.setattr(inbox_mod, "_complete_zip", swap_after_check)
     assert w.scan(time.time()) == []
     assert any("mine.zip is a symbolic link" in r for r in _refusals(w.store))
     assert not _incoming(s) and victim.read_bytes()[:2] == b"PK"
@@ -334,7 +335,7 @@ def test_inbox_symlink_swapped_in_after_the_scan_gains_nothing(
 
 
 def test_inbox_takes_alices_own_archive(
-    watcher: tuple[provider.InboxWatcher, Any], tmp_path: Path
+    watcher: tuple[inbox_mod.InboxWatcher, Any], tmp_path: Path
 ) -> None:
     w, s = watcher
     w.scan(time.time())

@@ -89,8 +89,4 @@ class StartEstimates:
                 self._waiting[jid] = e.start
         if not first and not left:
             return
-        with self.store.transaction() as db:
-            db.executemany("UPDATE jobs SET expected_start_first = ? WHERE id = ?"
-                           " AND expected_start_first IS NULL", first)
-            db.executemany("UPDATE jobs SET expected_start_last = ? WHERE id = ?"
-                           " AND started_at IS NOT NULL", left)
+        self.store.record_estimates(first, left)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +30,6 @@ from dopq.core.errors import JobRejected, LimitExceeded
 from dopq.core.jobs import JobState
 from dopq.core.spec import check_overrides
 from dopq.server.store import Store
-
-WAITING = (JobState.RECEIVED.value, JobState.BUILDING.value, JobState.QUEUED.value)
 
 
 def slots_of(state: str, overrides: Any) -> int:
@@ -67,11 +64,7 @@ def overrides_slots(overrides: dict[str, Any]) -> int:
 
 def waiting_slots(db: sqlite3.Connection, user: str, exclude: int | None = None) -> int:
     """Slots ``user``'s waiting jobs take (without job ``exclude``)."""
-    rows = db.execute(
-        f"SELECT id, state, overrides FROM jobs WHERE user = ? AND state IN"
-        f" ({','.join('?' * len(WAITING))})",
-        (user, *WAITING),
-    ).fetchall()
+    rows = Store.waiting_of(db, user)
     return sum(slots_of(r["state"], r["overrides"]) for r in rows if r["id"] != exclude)
 
 
@@ -98,11 +91,7 @@ def check_room(
 
 def add_job_within(store: Store, cap: int, fields: dict[str, Any], wanted: int = 1) -> int:
     """Create a job (state ``received`` unless given) if its slots fit the limit."""
-    fields = {"state": JobState.RECEIVED, **fields}
-    fields.setdefault("submitted_at", time.time())
-    with store.transaction() as db:
-        check_room(db, fields["user"], cap, wanted)
-        return store._insert_job(db, fields)
+    return store.add_job(room=lambda db: check_room(db, fields["user"], cap, wanted), **fields)
 
 
 @dataclass
@@ -145,15 +134,13 @@ class QueueSlots:
     def add_job(self, key: str, fields: dict[str, Any], slots: int) -> int:
         """Create upload ``key``'s job, checked again against the table; the
         reservation is released in the same transaction (and on refusal)."""
-        fields = {"state": JobState.RECEIVED, **fields}
-        fields.setdefault("submitted_at", time.time())
+        def room(db: sqlite3.Connection) -> None:
+            check_room(db, fields["user"], self.cap, slots,
+                       reserved=self.reserved(fields["user"], but=key))
+            self.release(key)  # the job's row takes its place in this transaction
+
         try:
-            with self.store.transaction() as db:
-                check_room(db, fields["user"], self.cap, slots,
-                           reserved=self.reserved(fields["user"], but=key))
-                job_id = self.store._insert_job(db, fields)
-                self.release(key)
-                return job_id
+            return self.store.add_job(room=room, **fields)
         finally:
             self.release(key)
 

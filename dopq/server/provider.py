@@ -1,9 +1,9 @@
 """The Provider: a separate process that turns archives into ready images.
 
 As in the first DoPQ, the Provider runs in its own process. It has two doors:
-the drop folder (``inbox/<user>/*.zip``), which it watches itself, and uploads
-through the API, which the server hands over as ``("job", id)`` commands. For
-each job it unpacks the archive into a private directory, validates the job
+the drop folder (``inbox/<user>/*.zip``, ``dopq.server.inbox``), which it
+watches itself, and uploads through the API, which the server hands over as
+``("job", id)`` commands. For each job it unpacks the archive into a private directory, validates the job
 spec, builds (or reuses, or loads) the image and moves the job to ``queued``.
 A bad archive or a failed build fails that job only, with the reason kept;
 nothing a user sends stops the Provider.
@@ -18,15 +18,11 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import pwd
 import queue as queue_mod
 import shutil
-import stat as stat_mod
 import threading
 import time
 import traceback
-import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,11 +41,13 @@ from dopq.core.errors import (
 from dopq.core.jobs import JobSpec, JobState
 from dopq.core.settings import Settings
 from dopq.core.text import safe_name
-from dopq.server import hostfs
+from dopq.server import authz, hostfs
 from dopq.server import images as images_mod
 from dopq.server import limits as limits_mod
+from dopq.server.auth import Principal, Role, Users
 from dopq.server.builds import BuildLimits, remove_stale
 from dopq.server.images import cache_tag, job_tag
+from dopq.server.inbox import INCOMING, InboxWatcher
 from dopq.server.runtime import (
     LABEL_CONTEXT,
     LABEL_INSTANCE,
@@ -61,7 +59,6 @@ from dopq.server.store import Store
 
 log = logging.getLogger("dopq.server.provider")
 
-INCOMING = "incoming"  # archives owned by a job (or about to be)
 
 
 def job_dir(settings: Settings, job_id: int) -> Path:
@@ -84,234 +81,6 @@ def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int) -> Non
     cap = settings.max_time_limit()
     if cap is not None and spec.time_limit is not None and spec.time_limit > cap:
         raise JobRejected(f"time_limit is over the limit of {settings.limits.max_time_limit}")
-
-
-class InboxWatcher:
-    """Finds complete archives in ``inbox/<user>/`` and turns them into jobs.
-
-    A file (not ``*.part``) is complete when it reads as a whole zip (the
-    end-of-archive record is written last, so a zip being copied does not), or
-    when it has not changed for ``settle_seconds`` (then it is taken, and a
-    file that is no zip is refused with that reason).
-    """
-
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.settings = settings
-        self.store = store
-        self.inbox = settings.inbox_path
-        self.incoming = settings.state_path / INCOMING
-        self._seen: dict[Path, tuple[int, float, float]] = {}
-        self._next_folders = 0.0
-        self._no_account: set[str] = set()  # users told about once: no Unix account
-        self._misplaced: set[tuple[str, int, float]] = set()  # files in inbox/ itself, reported
-
-    def scan(self, now: float) -> list[int]:
-        new_jobs: list[int] = []
-        if now >= self._next_folders:
-            self._next_folders = now + 10.0
-            self.make_folders()
-        try:
-            user_dirs = [d for d in self.inbox.iterdir() if d.is_dir() and not d.is_symlink()]
-            self._report_misplaced()
-        except OSError:
-            return new_jobs
-        alive: set[Path] = set()
-        for udir in user_dirs:
-            user = udir.name.lower()
-            try:
-                self._own_folder(udir, user)
-                with os.scandir(udir) as it:
-                    entries = list(it)
-            except (OSError, DopqError):
-                continue
-            for entry in entries:
-                f = Path(entry.path)
-                if f.name.startswith(".") or f.name.endswith(".part"):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat_mod.S_ISDIR(st.st_mode):
-                    continue  # a folder (even one named x.zip) is not an upload
-                if not stat_mod.S_ISREG(st.st_mode):
-                    # A symlink, FIFO, socket or device: never read, never waited on.
-                    self._take(f, user)
-                    continue
-                alive.add(f)
-                key = (st.st_size, st.st_mtime)
-                prev = self._seen.get(f)
-                if prev is None or prev[:2] != key:
-                    self._seen[f] = (key[0], key[1], now)
-                    # A zip's end record is written last: a file that already
-                    # reads as a whole zip is complete (a renamed .part, a cp).
-                    if not _complete_zip(f):
-                        continue
-                elif now - prev[2] < self.settings.intake.settle_seconds:
-                    continue
-                job_id = self._take(f, user)
-                self._seen.pop(f, None)
-                if job_id is not None:
-                    new_jobs.append(job_id)
-        for gone in set(self._seen) - alive:
-            self._seen.pop(gone, None)
-        return new_jobs
-
-    def make_folders(self) -> None:
-        """``inbox/<user>/`` for every allowed user (``users.allowed``; empty: every
-        DoPQ user and every user of ``users.uid_map``), owned by their Unix account,
-        0700; a user without one is logged."""
-        if not self.settings.users.check_owner:
-            return
-        allowed = set(self.settings.users.allowed)
-        names = allowed or ({r["name"] for r in self.store.read("SELECT name FROM users")}
-                            | set(self.settings.users.uid_map))
-        for user in sorted(names):
-            if user != user.lower() or "/" in user or user.startswith("."):
-                continue
-            ids = hostfs.unix_ids(self.settings, user)
-            if ids is None:
-                if user not in self._no_account:
-                    self._no_account.add(user)
-                    log.info("inbox/%s not made: no Unix account %r (set users.uid_map)",
-                             user, user)
-                continue
-            try:
-                hostfs.ensure_dir(self.inbox / user, 0o700, ids)
-            except (OSError, DopqError) as exc:
-                log.warning("inbox/%s: %s", user, exc)
-
-    def _report_misplaced(self) -> None:
-        """A zip dropped in ``inbox/`` itself is not taken: tell its owner, once."""
-        for entry in os.scandir(self.inbox):
-            if entry.name.startswith(".") or not entry.name.endswith(".zip"):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            key = (entry.name, st.st_ino, st.st_mtime)
-            if stat_mod.S_ISDIR(st.st_mode) or key in self._misplaced:
-                continue
-            self._misplaced.add(key)
-            shown = "".join(c if c.isprintable() else "?" for c in entry.name)[:128]
-            user = self._user_of_uid(st.st_uid)
-            reason = (f"rejected: inbox/{shown} is in inbox/ itself, not taken; "
-                      f"drop it in inbox/{user or '<user>'}/")
-            log.warning("%s (file owner uid %s)", reason, st.st_uid)
-            if user is not None:
-                self.store.add_job(name=shown if len(shown) >= 3 else "inbox file", user=user,
-                                   origin="inbox", source=None, state=JobState.FAILED,
-                                   error=reason, finished_at=time.time())
-
-    def _user_of_uid(self, uid: int) -> str | None:
-        """The DoPQ user whose Unix account has ``uid`` (``users.uid_map`` first)."""
-        known = {r["name"] for r in self.store.read("SELECT name FROM users")}
-        mapped = [u for u, m in self.settings.users.uid_map.items() if m == uid and u in known]
-        if mapped:  # several DoPQ users on one account: whose it is cannot be told
-            return str(mapped[0]) if len(mapped) == 1 else None
-        try:
-            name = pwd.getpwuid(uid).pw_name.lower()
-        except KeyError:
-            return None
-        mapped_elsewhere = name in self.settings.users.uid_map
-        return name if name in known and not mapped_elsewhere else None
-
-    def _own_folder(self, udir: Path, user: str) -> None:
-        """Keep ``inbox/<user>/`` the user's and 0700, so nobody else drops or swaps files."""
-        ids = hostfs.unix_ids(self.settings, user) if self.settings.users.check_owner else None
-        if ids is None:
-            return
-        st = os.lstat(udir)
-        if (st.st_uid, st.st_gid, stat_mod.S_IMODE(st.st_mode)) != (*ids, 0o700):
-            hostfs.ensure_dir(udir, 0o700, ids)
-
-    def _take(self, path: Path, user: str) -> int | None:
-        """Move the file into ``incoming/`` and create its job (or a refusal).
-
-        Whatever the name holds at the move is what is checked, on the open
-        descriptor (owner, a regular file, one link), and a symlink is never
-        followed: a file swapped in after the scan gains nothing.
-        """
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        target = self.incoming / f"inbox-{user}-{uuid.uuid4().hex}.zip"
-        try:
-            uid, problem = hostfs.take_file(path, target)
-        except OSError as exc:
-            log.warning("cannot take %s: %s", path, exc)
-            return None
-        if problem is not None:
-            self._refuse(path, user, problem)
-            return None
-        return self.adopt(target, user, uid, path.stem[:128] or "job")
-
-    def _refuse(self, path: Path, user: str, problem: str) -> None:
-        shown = "".join(c if c.isprintable() else "?" for c in path.name)[:128]
-        reason = (f"rejected: inbox/{user}/{shown} {problem}; "
-                  "only a regular file of your own is taken")
-        log.warning("%s", reason)
-        self.store.add_job(name=shown if len(shown) >= 3 else "inbox file", user=user,
-                           origin="inbox", source=None, state=JobState.FAILED, error=reason,
-                           finished_at=time.time())
-
-    def adopt(self, target: Path, user: str, uid: int, name: str) -> int | None:
-        """Create the job of an archive in ``incoming/`` (or its refusal)."""
-        name = safe_name(name)  # from a file name: no control characters reach a terminal
-        reason = self._owner_problem(user, uid)
-        if reason is None:
-            try:  # the per-user queue limit, counted in the transaction that inserts
-                return limits_mod.add_job_within(
-                    self.store, self.settings.policy.max_queued_per_user,
-                    dict(name=name, user=user, origin="inbox", source=str(target)))
-            except LimitExceeded as exc:
-                reason = str(exc)
-        if reason is not None:
-            job_id = self.store.add_job(
-                name=name, user=user, origin="inbox", source=None,
-                state=JobState.FAILED, error=f"rejected: {reason}", finished_at=time.time(),
-            )
-            rejected = self.settings.state_path / "rejected"
-            rejected.mkdir(parents=True, exist_ok=True)
-            os.replace(target, rejected / f"{job_id}.zip")
-        return None
-
-    def _owner_problem(self, user: str, uid: int) -> str | None:
-        allowed = self.settings.users.allowed
-        if allowed and user not in allowed:
-            return f"unknown user {user!r}"
-        accounts = self.store.read("SELECT name FROM users")
-        if accounts and user not in {r["name"] for r in accounts}:
-            return f"no DoPQ user {user!r} (ask an admin: dopq user add {user})"
-        if not self.settings.users.check_owner:
-            return None
-        expected = self.settings.users.uid_map.get(user)
-        if expected is None:
-            try:
-                expected = pwd.getpwnam(user).pw_uid
-            except KeyError:
-                return f"no Unix user {user!r} owns inbox/{user} (set users.uid_map)"
-        if uid != expected:
-            return f"file owner uid {uid} is not user {user!r} (uid {expected})"
-        return None
-
-
-def _complete_zip(path: Path) -> bool:
-    """Whether the file reads as a whole zip: an end record whose central
-    directory is really there (an inner zip's end record near the end of a
-    half-copied archive does not pass)."""
-    try:
-        fd = os.open(path, hostfs.FILE_FLAGS)  # no symlink followed, a FIFO never waited on
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            if not stat_mod.S_ISREG(os.fstat(fh.fileno()).st_mode) or not zipfile.is_zipfile(fh):
-                return False
-            with zipfile.ZipFile(fh) as zf:
-                zf.infolist()
-        return True
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError, RuntimeError):
-        return False
 
 
 class Provider:
@@ -392,10 +161,7 @@ class Provider:
         incoming = self.settings.state_path / INCOMING
         if incoming.is_dir():
             owned = {j["source"] for j in self.store.jobs([JobState.RECEIVED])}
-            known = {
-                r["source"]
-                for r in self.store.read("SELECT source FROM jobs WHERE source IS NOT NULL")
-            }
+            known = self.store.sources()
             for f in incoming.iterdir():
                 if str(f) in owned or str(f) in known:
                     continue
@@ -535,8 +301,10 @@ class Provider:
             allowed_users=self.settings.users.allowed,
         )
         check_spec_limits(spec, self.settings, self.total_gpus)
-        if spec.priority > 0 and not self._is_admin(job.get("submitted_by") or job["user"]):
-            raise JobRejected("only an admin may submit with a priority above 0")
+        refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
+                                authz.Action.SUBMIT, priority=spec.priority)
+        if refused is not None:
+            raise JobRejected(refused)
         tag = job_tag(self.store.owner_id(), spec.user, spec.name, job["id"])
         self.store.update_job(job["id"], name=spec.name)
         cap = [self.settings.bytes_of("docker.log_max_bytes")]  # a build's log is capped too
@@ -608,18 +376,19 @@ class Provider:
             cache_from=tuple(self.store.images_of(spec.user, 20)),
         )
 
-    def _is_admin(self, user: str) -> bool:
-        rows = self.store.read("SELECT role FROM users WHERE name = ?", (user,))
-        return bool(rows) and rows[0]["role"] == "admin"
+    def _principal(self, user: str) -> Principal:
+        """Who submitted, as the rules see them (the role they have now)."""
+        record = Users(self.store).get(user)
+        return Principal(user, Role.ADMIN if record and record["role"] == "admin" else Role.USER)
 
     def _enqueue(
         self, job: dict[str, Any], spec: JobSpec, image: str, context_hash: str | None
     ) -> None:
-        now = time.time()
         fields: dict[str, Any] = dict(
             name=spec.name, spec=spec.to_dict(), num_gpus=spec.num_gpus,
             time_limit=spec.time_limit, priority=spec.priority, after=spec.after,
-            after_any=spec.after_any, image=image, context_hash=context_hash, queued_at=now,
+            after_any=spec.after_any, image=image, context_hash=context_hash,
+            queued_at=time.time(),
         )
         if not spec.array:
             self.store.transition(
@@ -629,27 +398,10 @@ class Provider:
             self._notify("queued", job["id"])
             return
         # A job array: one build, one job per index; the first row is index 0.
-        first, rest = spec.array[0], spec.array[1:]
-        with self.store.transaction() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job["id"],)).fetchone()
-            if row is None or row["state"] != JobState.BUILDING.value:
-                return
-            limits_mod.check_room(db, job["user"], self.settings.policy.max_queued_per_user,
-                                  len(spec.array), exclude=job["id"])
-            self.store._update(db, job["id"], {**fields, "state": JobState.QUEUED,
-                                              "array_index": first, "array_parent": job["id"]})
-            db.execute(
-                "INSERT INTO events (job_id, at, state, detail) VALUES (?, ?, 'queued', ?)",
-                (job["id"], now, "image ready"),
-            )
-            for index in rest:
-                self.store._insert_job(db, {
-                    **fields, "user": job["user"], "origin": job["origin"],
-                    "state": JobState.QUEUED, "submitted_at": job["submitted_at"],
-                    "array_index": index, "array_parent": job["id"],
-                    "overrides": job["overrides"],
-                })
-        self._notify("queued", job["id"])
+        cap = self.settings.policy.max_queued_per_user
+        if self.store.enqueue_array(job["id"], fields, spec.array, room=lambda db: (
+                limits_mod.check_room(db, job["user"], cap, len(spec.array), exclude=job["id"]))):
+            self._notify("queued", job["id"])
 
 
 def start_process(settings: Settings, total_gpus: int) -> tuple[Any, Any, Any]:

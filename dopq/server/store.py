@@ -4,171 +4,35 @@ One writer connection guarded by a lock (writes go through
 ``with store.transaction() as db:``); reads use a connection per thread, which
 WAL lets run beside the writer. Every state change of a job is committed, with
 an ``events`` row, before anyone acts on it, so a crash at any point leaves a
-state that start-up recovery can finish. The schema version lives in
-``PRAGMA user_version`` and moves forward through ``MIGRATIONS``.
+state that start-up recovery can finish. The store is the only writer of jobs:
+its methods (``add_job``, ``transition``, ``edit_jobs``, ``enqueue_array``)
+add the event row the queue's incremental refresh (``changed_since``) reads,
+so no caller can forget it. The schema is ``dopq.server.schema``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dopq.core.errors import Conflict, NotFound
-from dopq.core.jobs import FINAL_STATES, JobState
+from dopq.core.jobs import FINAL_STATES, WAITING_STATES, JobState
+from dopq.server.schema import JOB_COLUMNS, MIGRATIONS, SCHEMA_VERSION, JobRow, encode, migrate
 
-MIGRATIONS: list[str] = [
-    # 1: the first schema
-    """
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        name TEXT NOT NULL,
-        user TEXT NOT NULL,
-        state TEXT NOT NULL,
-        origin TEXT NOT NULL DEFAULT 'api',
-        source TEXT,
-        overrides TEXT NOT NULL DEFAULT '{}',
-        spec TEXT,
-        num_gpus INTEGER NOT NULL DEFAULT 0,
-        gpus TEXT NOT NULL DEFAULT '',
-        time_limit REAL,
-        priority INTEGER NOT NULL DEFAULT 0,
-        nice INTEGER NOT NULL DEFAULT 0,
-        held INTEGER NOT NULL DEFAULT 0,
-        top INTEGER NOT NULL DEFAULT 0,
-        after TEXT NOT NULL DEFAULT '',
-        after_any TEXT NOT NULL DEFAULT '',
-        array_index INTEGER,
-        array_parent INTEGER,
-        context_hash TEXT,
-        image TEXT,
-        container TEXT,
-        exit_code INTEGER,
-        error TEXT,
-        submitted_at REAL NOT NULL,
-        queued_at REAL,
-        started_at REAL,
-        finished_at REAL,
-        hidden INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX jobs_state ON jobs(state);
-    CREATE INDEX jobs_user ON jobs(user);
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id INTEGER NOT NULL,
-        at REAL NOT NULL,
-        state TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX events_job ON events(job_id);
-    CREATE TABLE usage (
-        user TEXT PRIMARY KEY,
-        value REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE TABLE images (
-        context_hash TEXT PRIMARY KEY,
-        image_id TEXT NOT NULL,
-        built_at REAL NOT NULL,
-        last_used REAL NOT NULL
-    );
-    CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        role TEXT NOT NULL DEFAULT 'user',
-        pw_hash TEXT NOT NULL DEFAULT '',
-        share REAL NOT NULL DEFAULT 1.0,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE tokens (
-        hash TEXT PRIMARY KEY,
-        user TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        revoked INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT ''
-    );
-    CREATE TABLE meta (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    );
-    """,
-    # 2: who submitted (an admin may submit for a user, with a raised priority)
-    """
-    ALTER TABLE jobs ADD COLUMN submitted_by TEXT
-    """,
-    # 3: the history is read newest first
-    """
-    CREATE INDEX jobs_finished ON jobs(finished_at)
-    """,
-    # 4: start estimates (dopq.core.eta): the first one made, and the last while it waited
-    """
-    ALTER TABLE jobs ADD COLUMN expected_start_first REAL;
-    ALTER TABLE jobs ADD COLUMN expected_start_last REAL
-    """,
-    # 5: an array's elements are found by their first job (--after, cancel, wait)
-    """
-    CREATE INDEX jobs_array ON jobs(array_parent)
-    """,
-]
+__all__ = ["JOB_COLUMNS", "MIGRATIONS", "SCHEMA_VERSION", "JobRow", "Store"]
 
-SCHEMA_VERSION = len(MIGRATIONS)
-
-JOB_COLUMNS = (
-    "id", "name", "user", "state", "origin", "source", "overrides", "spec", "num_gpus",
-    "gpus", "time_limit", "priority", "nice", "held", "top", "after", "after_any",
-    "array_index", "array_parent", "context_hash", "image", "container", "exit_code",
-    "error", "submitted_at", "queued_at", "started_at", "finished_at", "hidden",
-    "submitted_by", "expected_start_first", "expected_start_last",
-)
-
-
-def _ids(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _join(ids: Iterable[int]) -> str:
-    return ",".join(str(int(i)) for i in ids)
-
-
-class JobRow(dict[str, Any]):
-    """One job as stored, with list columns decoded (``gpus``, ``after``...)."""
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> JobRow:
-        d = cls(zip(row.keys(), tuple(row), strict=True))
-        d["gpus"] = _ids(d["gpus"])
-        d["after"] = _ids(d["after"])
-        d["after_any"] = _ids(d["after_any"])
-        d["held"] = bool(d["held"])
-        d["hidden"] = bool(d["hidden"])
-        d["overrides"] = json.loads(d.get("overrides") or "{}")
-        d["spec"] = json.loads(d["spec"]) if d.get("spec") else None
-        return d
-
-
-def _encode(field: str, value: Any) -> Any:
-    if field in ("gpus", "after", "after_any"):
-        return _join(value)
-    if field in ("overrides", "spec"):
-        return None if value is None else json.dumps(value)
-    if field in ("held", "hidden"):
-        return int(bool(value))
-    if isinstance(value, JobState):
-        return value.value
-    return value
+RoomCheck = Callable[[sqlite3.Connection], None]  # reads in the transaction, raises to refuse
+WAITING = tuple(sorted(s.value for s in WAITING_STATES))
+# Columns the queue schedules by: changed only with an event row.
+SCHEDULED = frozenset({"state", "priority", "nice", "held", "top", "time_limit", "num_gpus",
+                       "after", "after_any", "array_index", "array_parent"})
 
 
 class Store:
@@ -231,13 +95,7 @@ class Store:
 
     def _migrate(self) -> None:
         with self.transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for i in range(version, SCHEMA_VERSION):
-                for stmt in MIGRATIONS[i].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-            if version < SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            migrate(db)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -257,28 +115,37 @@ class Store:
         return self._reader().execute(sql, params).fetchall()
 
     # -- jobs ---------------------------------------------------------------
-    def add_job(self, **fields: Any) -> int:
-        """Insert a job in state ``received`` (unless given) and return its id."""
-        fields.setdefault("state", JobState.RECEIVED)
-        fields.setdefault("submitted_at", time.time())
+    def add_job(self, *, room: RoomCheck | None = None, **fields: Any) -> int:
+        """Insert a job in state ``received`` (unless given) and return its id.
+
+        ``room`` runs first in the same transaction and may refuse (the queue
+        limit, ``dopq.server.limits``): no other writer can add a job between
+        its count and this insert."""
         with self.transaction() as db:
+            if room is not None:
+                room(db)
             return self._insert_job(db, fields)
 
     def _insert_job(self, db: sqlite3.Connection, fields: dict[str, Any]) -> int:
+        fields = {"state": JobState.RECEIVED, **fields}
+        fields.setdefault("submitted_at", time.time())
         cols = list(fields)
         unknown = set(cols) - set(JOB_COLUMNS)
         if unknown:
             raise ValueError(f"unknown job columns: {sorted(unknown)}")
         cur = db.execute(
             f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            [_encode(c, fields[c]) for c in cols],
+            [encode(c, fields[c]) for c in cols],
         )
         job_id = int(cur.lastrowid or 0)
-        db.execute(
-            "INSERT INTO events (job_id, at, state, detail) VALUES (?, ?, ?, ?)",
-            (job_id, fields["submitted_at"], str(fields["state"]), fields.get("origin", "")),
-        )
+        self._event(db, job_id, fields["submitted_at"], fields["state"], fields.get("origin", ""))
         return job_id
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: int, at: float, state: Any, detail: str) -> None:
+        """The row ``changed_since`` finds: every write of a job makes one."""
+        db.execute("INSERT INTO events (job_id, at, state, detail) VALUES (?, ?, ?, ?)",
+                   (job_id, at, str(state), detail))
 
     def add_jobs(self, rows: Sequence[dict[str, Any]]) -> list[int]:
         with self.transaction() as db:
@@ -318,17 +185,9 @@ class Store:
                 f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(part))})", part)]
         return last, out
 
-    def jobs(
-        self,
-        states: Iterable[JobState | str] | None = None,
-        *,
-        user: str | None = None,
-        include_hidden: bool = True,
-        order: str = "id",
-        limit: int | None = None,
-        desc: bool = False,
-        light: bool = False,
-    ) -> list[JobRow]:
+    def jobs(self, states: Iterable[JobState | str] | None = None, *, user: str | None = None,
+             include_hidden: bool = True, order: str = "id", limit: int | None = None,
+             desc: bool = False, light: bool = False) -> list[JobRow]:
         """Jobs by state/user; ``light`` leaves out the spec and overrides (faster)."""
         where: list[str] = []
         params: list[Any] = []
@@ -354,17 +213,9 @@ class Store:
             params.append(int(limit))
         return [JobRow.from_row(r) for r in self.read(sql, params)]
 
-    def transition(
-        self,
-        job_id: int,
-        to: JobState,
-        *,
-        expect: Iterable[JobState] | None = None,
-        detail: str = "",
-        at: float | None = None,
-        unless_held: bool = False,
-        **fields: Any,
-    ) -> JobRow:
+    def transition(self, job_id: int, to: JobState, *, expect: Iterable[JobState] | None = None,
+                   detail: str = "", at: float | None = None, unless_held: bool = False,
+                   **fields: Any) -> JobRow:
         """Move a job to ``to`` (with ``fields``) if it is in one of ``expect``.
 
         Compare-and-set: raises ``Conflict`` when the job has moved on, so two
@@ -386,18 +237,75 @@ class Store:
             if to in FINAL_STATES:
                 fields.setdefault("finished_at", at)
             self._update(db, job_id, fields)
-            db.execute(
-                "INSERT INTO events (job_id, at, state, detail) VALUES (?, ?, ?, ?)",
-                (job_id, at, to.value, detail),
-            )
+            self._event(db, job_id, at, to, detail)
         return self.job(job_id)
 
     def update_job(self, job_id: int, **fields: Any) -> None:
-        """Change fields other than the state (no event row)."""
-        if "state" in fields:
-            raise ValueError("use transition() to change a job's state")
+        """Change fields the queue does not schedule by (name, error, container...).
+
+        No event row: what the queue reads goes through ``transition``,
+        ``edit_jobs`` or ``enqueue_array``, which make one."""
+        scheduled = set(fields) & SCHEDULED
+        if scheduled:
+            raise ValueError(f"{sorted(scheduled)}: change them with transition() or edit_jobs()")
         with self.transaction() as db:
             self._update(db, job_id, fields)
+
+    def edit_jobs(self, ids: Sequence[int], check: Callable[[JobRow], None],
+                  change: Callable[[JobRow, int, int], tuple[dict[str, Any], str]],
+                  at: float | None = None) -> None:
+        """Edit waiting jobs, all or nothing, with an event row each.
+
+        Each job must exist (``NotFound``), be waiting (``Conflict``) and pass
+        ``check`` (which raises to refuse; it sees ``held`` as stored: 0, 1 or 2,
+        an admin's hold), in the order given; then
+        ``change(row, n, top)`` gives its new fields and the event's detail
+        (``n``: its place in ``ids``; ``top``: the highest ``top`` so far).
+        """
+        at = time.time() if at is None else at
+        with self.transaction() as db:
+            marks = ",".join("?" * len(ids))
+            rows = {}
+            for r in db.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", list(ids)):
+                rows[r["id"]] = JobRow.from_row(r)
+                rows[r["id"]]["held"] = r["held"]
+            for i in ids:
+                row = rows.get(i)
+                if row is None:
+                    raise NotFound(f"no job {i}")
+                if row["state"] not in WAITING_STATES:
+                    raise Conflict(f"job {i} is {row['state']}, no longer queued; nothing changed")
+                check(row)
+            top = int(db.execute("SELECT COALESCE(MAX(top), 0) FROM jobs").fetchone()[0])
+            for n, i in enumerate(ids):
+                fields, detail = change(rows[i], n, top)
+                self._update(db, i, fields)
+                self._event(db, i, at, fields.get("state", rows[i]["state"]), detail)
+
+    def enqueue_array(self, job_id: int, fields: dict[str, Any], indices: Sequence[int], *,
+                      room: RoomCheck | None = None, detail: str = "image ready") -> bool:
+        """A built array job becomes queued element 0 (``indices[0]``) and one new
+        queued job per further index, in one transaction. False (nothing done)
+        when the job is no longer building (cancelled meanwhile)."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] != JobState.BUILDING.value:
+                return False
+            if room is not None:
+                room(db)
+            job = JobRow.from_row(row)
+            self._update(db, job_id, {**fields, "state": JobState.QUEUED,
+                                      "array_index": indices[0], "array_parent": job_id})
+            self._event(db, job_id, now, JobState.QUEUED, detail)
+            for index in indices[1:]:
+                self._insert_job(db, {
+                    **fields, "user": job["user"], "origin": job["origin"],
+                    "state": JobState.QUEUED, "submitted_at": job["submitted_at"],
+                    "array_index": index, "array_parent": job_id,
+                    "overrides": job["overrides"],
+                })
+        return True
 
     def _update(self, db: sqlite3.Connection, job_id: int, fields: dict[str, Any]) -> None:
         if not fields:
@@ -408,7 +316,7 @@ class Store:
         sets = ", ".join(f"{c} = ?" for c in fields)
         db.execute(
             f"UPDATE jobs SET {sets} WHERE id = ?",
-            [_encode(c, v) for c, v in fields.items()] + [job_id],
+            [encode(c, v) for c, v in fields.items()] + [job_id],
         )
 
     def events(self, job_id: int) -> list[dict[str, Any]]:
@@ -450,6 +358,39 @@ class Store:
         for r in rows:
             out.setdefault(r["user"], {})[r["state"]] = int(r["n"])
         return out
+
+    def state_counts(self) -> dict[str, int]:
+        """Jobs per state, every state present (zero when none)."""
+        counts = {s.value: 0 for s in JobState}
+        for r in self.read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[r["state"]] = int(r["n"])
+        return counts
+
+    @staticmethod
+    def waiting_of(db: sqlite3.Connection, user: str) -> list[sqlite3.Row]:
+        """``user``'s waiting jobs (id, state, overrides as stored), read in the
+        caller's transaction (the queue limit counts them: ``dopq.server.limits``)."""
+        return db.execute(f"SELECT id, state, overrides FROM jobs WHERE user = ? AND state IN"
+                          f" ({','.join('?' * len(WAITING))})", (user, *WAITING)).fetchall()
+
+    def array_elements(self, job_id: int) -> list[sqlite3.Row]:
+        """The elements of the array whose first job is ``job_id``, by index."""
+        return self.read("SELECT id, array_index, state, user FROM jobs WHERE array_parent = ?"
+                         " ORDER BY array_index", (int(job_id),))
+
+    def sources(self) -> set[str]:
+        """The archives jobs were made from (and not yet dropped)."""
+        return {r["source"] for r in self.read("SELECT source FROM jobs WHERE source IS NOT NULL")}
+
+    def record_estimates(self, first: Sequence[tuple[float, int]],
+                         left: Sequence[tuple[float, int]]) -> None:
+        """Start estimates kept for the record (``dopq.server.estimates``): ``first``
+        (estimate, id) where none is kept yet, ``left`` for jobs that started."""
+        with self.transaction() as db:
+            db.executemany("UPDATE jobs SET expected_start_first = ? WHERE id = ?"
+                           " AND expected_start_first IS NULL", first)
+            db.executemany("UPDATE jobs SET expected_start_last = ? WHERE id = ?"
+                           " AND started_at IS NOT NULL", left)
 
     def hide_history(self, user: str | None = None) -> int:
         states = [s.value for s in FINAL_STATES]
