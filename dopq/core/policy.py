@@ -54,10 +54,11 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from dopq.core.capacity import validate_gpus
 from dopq.core.fairshare import POLICIES, PolicyConfig, fairshare_factors
 from dopq.core.jobs import JobState, WaitReason
 
@@ -466,28 +467,3 @@ def explain(state: ClusterState, now: float, cfg: PolicyConfig) -> list[QueueEnt
         QueueEntry(q.id, pos, scorer.priority(q), placer.visit(q), scorer.factors(q))
         for pos, q in enumerate(order, 1)
     ]
-
-
-# ---------------------------------------------------------------- GPU pool
-
-
-def validate_gpus(
-    total: frozenset[int],
-    running: Sequence[RunningJob],
-    starts: Iterable[tuple[int, tuple[int, ...]]] = (),
-    free: frozenset[int] | None = None,
-) -> None:
-    """Raise AssertionError unless no GPU is held twice, and free + held == total."""
-    held: dict[int, int] = {}
-    for job_id, gpus in [(r.id, r.gpus) for r in running] + list(starts):
-        for g in gpus:
-            if g in held:
-                raise AssertionError(f"GPU {g} held by jobs {held[g]} and {job_id}")
-            if g not in total:
-                raise AssertionError(f"job {job_id} holds unknown GPU {g}")
-            held[g] = job_id
-    if free is not None:
-        if not free.isdisjoint(held):
-            raise AssertionError(f"GPUs {sorted(free & held.keys())} both free and held")
-        if free | held.keys() != total:
-            raise AssertionError(f"GPUs {sorted(total - free - held.keys())} neither free nor held")

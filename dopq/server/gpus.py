@@ -5,9 +5,9 @@ Two halves, kept apart on purpose:
 * The *seam* (``GpuBackend``): ``NvmlBackend`` reads real devices through
   ``pynvml``; ``VirtualBackend`` stands in on machines without a GPU (tests, the
   simulator, a laptop demo). ``open_backend`` picks one from the settings.
-* The *accounting* (``GpuPool``, ``external_busy``, ``parse_visible``): pure
-  functions and a small class with no I/O, so the scheduler and its tests can use
-  them without hardware.
+* The *pure helpers* (``external_busy``, ``parse_visible``): no I/O, so the
+  scheduler and its tests can use them without hardware. The pool that counts
+  GPUs is ``dopq.core.capacity.GpuPool`` (imported here for older callers).
 
 GPU indices are NVML indices, the same numbers ``NVIDIA_VISIBLE_DEVICES`` and
 Docker's ``DeviceRequest(device_ids=...)`` understand.
@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from dopq.core.errors import ConfigError, Conflict
+from dopq.core.capacity import Device
+from dopq.core.capacity import GpuPool as GpuPool  # its old home; tests import it here
+from dopq.core.errors import ConfigError
 
 GIB = 1024**3
 VIRTUAL_MEMORY = 16 * GIB
@@ -318,102 +320,6 @@ def uuid_index(devices: Iterable[GpuInfo]) -> dict[str, int]:
 # ------------------------------------------------------------------------- pool
 
 
-class GpuPool:
-    """Whole, exclusive GPUs: which job holds which, which are busy from outside.
-
-    Every GPU is in exactly one of three states: free, held by one job, or
-    external (busy with a process DoPQ did not start). ``validate()`` checks that,
-    and tests call it after every event.
-    """
-
-    def __init__(self, indices: Iterable[int]) -> None:
-        self._all = frozenset(indices)
-        self._holder: dict[int, int] = {}  # gpu -> job
-        self._jobs: dict[int, tuple[int, ...]] = {}  # job -> gpus, in acquire order
-        self._external: frozenset[int] = frozenset()
-
-    @property
-    def total(self) -> frozenset[int]:
-        return self._all
-
-    def acquire(self, job_id: int, gpus: Sequence[int]) -> None:
-        """Give ``gpus`` to ``job_id``, all or nothing; ``Conflict`` if any is taken."""
-        if job_id in self._jobs:
-            raise Conflict(f"job {job_id} already holds GPUs {list(self._jobs[job_id])}")
-        wanted = tuple(gpus)
-        if len(set(wanted)) != len(wanted):
-            raise Conflict(f"job {job_id} asked for a GPU twice: {list(wanted)}")
-        for gpu in wanted:
-            if gpu not in self._all:
-                raise Conflict(f"job {job_id} asked for unknown GPU {gpu}")
-            if gpu in self._holder:
-                raise Conflict(f"GPU {gpu} is held by job {self._holder[gpu]}")
-            if gpu in self._external:
-                raise Conflict(f"GPU {gpu} is busy with a process outside DoPQ")
-        if not wanted:
-            return  # a CPU-only job holds nothing
-        self._jobs[job_id] = wanted
-        for gpu in wanted:
-            self._holder[gpu] = job_id
-
-    def release(self, job_id: int) -> tuple[int, ...]:
-        """Free the GPUs of ``job_id`` and return them; () if it held none."""
-        gpus = self._jobs.pop(job_id, ())
-        for gpu in gpus:
-            del self._holder[gpu]
-        return gpus
-
-    def holder(self, gpu: int) -> int | None:
-        return self._holder.get(gpu)
-
-    def of(self, job_id: int) -> tuple[int, ...]:
-        """The GPUs ``job_id`` holds, in the order it asked for them."""
-        return self._jobs.get(job_id, ())
-
-    def free(self) -> frozenset[int]:
-        return self._all - self._holder.keys() - self._external
-
-    def held(self) -> dict[int, int]:
-        """GPU -> job, a copy."""
-        return dict(self._holder)
-
-    def external(self) -> frozenset[int]:
-        return self._external
-
-    def set_external(self, busy: Iterable[int]) -> None:
-        """Replace the set of GPUs busy from outside DoPQ.
-
-        A GPU one of our jobs holds stays held (its new process may simply not
-        be in the caller's PID list yet); GPUs this host does not have are ignored.
-        """
-        self._external = frozenset(busy) & (self._all - self._holder.keys())
-
-    def validate(self) -> None:
-        """Assert the invariants; ``AssertionError`` says which one broke."""
-        held = set(self._holder)
-        free = self.free()
-        problems = []
-        if not held <= self._all:
-            problems.append(f"held GPUs not in pool: {sorted(held - self._all)}")
-        if not self._external <= self._all:
-            problems.append(f"external GPUs not in pool: {sorted(self._external - self._all)}")
-        if held & self._external:
-            problems.append(f"GPUs both held and external: {sorted(held & self._external)}")
-        counted = len(free) + len(held) + len(self._external)
-        if counted != len(self._all):
-            problems.append(
-                f"free {len(free)} + held {len(held)} + external {len(self._external)}"
-                f" != total {len(self._all)}"
-            )
-        seen: dict[int, int] = {}
-        for job, gpus in self._jobs.items():
-            if not gpus:
-                problems.append(f"job {job} recorded with no GPUs")
-            for gpu in gpus:
-                if gpu in seen:
-                    problems.append(f"GPU {gpu} held by jobs {seen[gpu]} and {job}")
-                seen[gpu] = job
-        if seen != self._holder:
-            problems.append(f"job table {seen} disagrees with holder table {self._holder}")
-        if problems:
-            raise AssertionError("GpuPool invalid: " + "; ".join(problems))
+def as_devices(infos: Iterable[GpuInfo]) -> list[Device]:
+    """The scheduler's view of the backend's GPUs (:mod:`dopq.core.capacity`)."""
+    return [Device(i.index, i.uuid, i.memory_total) for i in infos]
