@@ -241,7 +241,7 @@ def jobs_dir(tmp_path: Path) -> Path:
 # -- the CLI in tests --------------------------------------------------------------------
 def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     """``dopq ARGV`` in this process: (exit code, stdout, stderr)."""
-    from dopq.client import commands as cli
+    from dopq import cli
 
     code = cli.main(list(argv))
     out = capsys.readouterr()
@@ -254,7 +254,7 @@ def cli_login(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     ``user`` the way a person does (``dopq login --password-stdin``)."""
     import io
 
-    from dopq.client import commands as cli
+    from dopq import cli
 
     monkeypatch.setenv("DOPQ_NS_PORT", str(server.settings.nameserver.port))
     monkeypatch.setenv("DOPQ_SERVER", server.settings.server_name)

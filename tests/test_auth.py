@@ -27,7 +27,7 @@ import pytest
 from conftest import PASSWORDS, Running, wait_for, write_toml
 from hostile import good_job, zip_it
 
-from dopq.client import commands as cli
+from dopq import cli
 from dopq.client.remote import Client
 from dopq.core.errors import (
     Conflict,

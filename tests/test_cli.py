@@ -11,7 +11,7 @@ import pytest
 from conftest import PASSWORDS, Running, cli_login, free_port, run_cli, write_toml
 from hostile import good_job
 
-from dopq.client import commands as cli
+from dopq import cli
 
 run = run_cli
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import PASSWORDS, Running, run_cli, wait_for, write_toml
 from hostile import good_job, zip_it
 
-from dopq.client import commands as cli
+from dopq import cli
 from dopq.core import settings as settings_mod
 from dopq.server.store import Store
 

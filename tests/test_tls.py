@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import PASSWORDS, Running, add_users, make_config, wait_for, write_toml
 
-from dopq.client import commands as cli
+from dopq import cli
 from dopq.core import settings as settings_mod
 from dopq.core.errors import DopqError
 from dopq.wire import tls

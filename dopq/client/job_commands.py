@@ -1,4 +1,4 @@
-"""``dopq`` commands on jobs: listings with filters, arrays, logs, cancel, wait,
+"""``dopq`` commands on jobs: submit, listings with filters, arrays, logs, cancel, wait,
 edit and outputs. ``dopq.client.commands`` builds the parser; these parse and call the client.
 
 A job is named by its id (``31``) or, for an element of an array, by the
@@ -13,11 +13,13 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dopq.client.commands import _add_times, _client, _out, _table
+from dopq.client.commands import _client
+from dopq.core.console import add_times as _add_times
+from dopq.core.console import out_json as _out
+from dopq.core.console import table as _table
 from dopq.core.errors import DopqError, NotFound
 from dopq.core.text import printable, printable_lines
 
@@ -28,6 +30,16 @@ STATES = {
     "history": FINAL,
 }
 _REF = re.compile(r"(\d{1,12})(?:_(\d{1,9}))?")
+
+QUEUE_COLS = [("position", "POS"), ("id", "ID"), ("name", "NAME"), ("user", "USER"),
+              ("state", "STATE"), ("num_gpus", "GPUS"), ("priority_value", "PRIORITY"),
+              ("wait", "WAITING"), ("start", "START"), ("reason", "REASON")]
+RUNNING_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("num_gpus", "GPUS"),
+                ("gpus", "ON GPUS"),
+                ("run", "RUNNING"), ("time_limit_h", "LIMIT"), ("container", "CONTAINER")]
+HISTORY_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("state", "STATE"),
+                ("exit_code", "EXIT"), ("run", "RAN"), ("finished_at", "FINISHED"),
+                ("error", "ERROR")]
 
 
 # -- naming jobs ---------------------------------------------------------------------
@@ -87,6 +99,72 @@ def resolving(handler: Any) -> Any:
         return int(handler(args))
 
     return wrapped
+
+
+# -- submitting -----------------------------------------------------------------------
+def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for key in ("user", "name", "memory", "time_limit", "shm_size", "array"):
+        v = getattr(args, key)
+        if v is not None:
+            opts[key] = v
+    if args.gpus is not None:
+        opts["gpus"] = args.gpus
+    if args.cpus is not None:
+        opts["cpus"] = args.cpus
+    if args.priority is not None:
+        opts["priority"] = args.priority
+    if args.after:  # "12,13": read and checked by dopq.core.spec (a mistake is one line)
+        opts["after"] = args.after
+    if args.after_any:
+        opts["after_any"] = args.after_any
+    if args.env:
+        env = {}
+        for item in args.env:
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise DopqError(f"--env {item!r}: use KEY=VALUE")
+            env[k] = v
+        opts["env"] = env
+    if args.command:
+        opts["command"] = args.command
+    return opts
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dopq.core.submitcheck import UploadProgress
+
+    c = _client(args)
+    progress = UploadProgress(sys.stderr, quiet=args.json)  # a terminal only
+    job = c.submit(args.path, _submit_options(args), progress)
+    ids = array_ids(job["id"], args.array)
+    if args.json:
+        _out({"id": job["id"], "state": job["state"], "user": job["user"],
+              **({"ids": ids} if ids else {})})
+    elif ids:
+        print(f"submitted array {job['id']} of {len(ids)} jobs ({job['user']}): {' '.join(ids)}")
+    else:
+        print(f"submitted job {job['id']} ({job['user']})")
+    return 0
+
+
+def add_submit(add: Any) -> None:
+    """Register ``submit`` (``add`` is ``build_parser``'s helper)."""
+    sp = add("submit", cmd_submit, "submit a zip or a folder")
+    sp.add_argument("path")
+    sp.add_argument("--user")
+    sp.add_argument("--name")
+    sp.add_argument("--gpus", type=int)
+    sp.add_argument("--memory")
+    sp.add_argument("--cpus", type=float)
+    sp.add_argument("--shm-size", dest="shm_size")
+    sp.add_argument("--time-limit", dest="time_limit")
+    sp.add_argument("--priority", type=int)
+    sp.add_argument("--after", help="start after these jobs succeeded (ID[,ID])")
+    sp.add_argument("--after-any", dest="after_any", help="start after these jobs ended")
+    sp.add_argument("--array", help="job array indices, e.g. 0-9")
+    sp.add_argument("--env", action="append", help="KEY=VALUE (repeatable)")
+    sp.add_argument("--command", help="command to run instead of the image's")
 
 
 # -- listings --------------------------------------------------------------------------
@@ -323,12 +401,11 @@ def _lift(tmp: Path, dest: Path) -> None:
     tmp.rmdir()
 
 
-def add_commands(sub: Any, add: Any, conn: Any, js: Any, cols: Sequence[Any]) -> None:
-    """Register this module's commands (``add`` is ``cli.build_parser``'s helper)."""
-    queue_cols, running_cols, history_cols = cols
-    for name, c, help in (("queue", queue_cols, "queued jobs in priority order"),
-                          ("running", running_cols, "running jobs"),
-                          ("history", history_cols, "finished jobs, newest first")):
+def add_commands(add: Any, conn: Any) -> None:
+    """Register the listings and the commands on jobs (``add`` is ``build_parser``'s helper)."""
+    for name, c, help in (("queue", QUEUE_COLS, "queued jobs in priority order"),
+                          ("running", RUNNING_COLS, "running jobs"),
+                          ("history", HISTORY_COLS, "finished jobs, newest first")):
         sp = add(name, listing(name, list(c)), help)
         add_filters(sp, name)
         if name == "history":
