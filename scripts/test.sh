@@ -9,5 +9,6 @@ bash scripts/base-image.sh
 export QT_QPA_PLATFORM=offscreen
 echo "== ruff"; .venv/bin/ruff check dopq tests bench scripts
 echo "== mypy"; .venv/bin/mypy dopq
+echo "== lint-imports"; .venv/bin/lint-imports --no-cache --no-logo  # the layers: pyproject.toml
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
