@@ -1,10 +1,11 @@
 """``dopq simulate TRACE``: replay a job trace against the real policy.
 
-A discrete-event simulation on a virtual clock. It calls the same
-:func:`dopq.core.policy.decide` and :class:`dopq.core.usage.UsageLedger` as the server,
+A discrete-event simulation on a virtual clock. It drives the server's own
+:class:`dopq.core.scheduler.Scheduler` (policy, usage ledger, GPU pool, time
+limits, exit classification), with an in-memory runtime in place of Docker,
 so what it reports is what the queue would do. Events are submits, job ends
-and the ``next_wakeup`` of each decision; a job running past its time limit
-is killed at the limit. The GPU pool is validated after every event.
+and the scheduler's next wake-up; a job running past its time limit is
+stopped at the limit. The scheduler's books are validated after every event.
 
 A trace is JSON lines, one job each (blank lines and ``#`` comments skipped)::
 
@@ -21,26 +22,29 @@ import heapq
 import json
 import math
 import sys
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dopq.core.capacity import Capacity, validate_gpus
 from dopq.core.errors import DopqError, JobRejected
-from dopq.core.jobs import JobState, format_duration, parse_duration
-from dopq.core.policy import (
-    POLICIES,
-    ClusterState,
-    Decision,
-    PolicyConfig,
-    QueuedJob,
-    RunningJob,
-    decide,
-    validate_gpus,
+from dopq.core.jobs import FINAL_STATES, format_duration, parse_duration
+from dopq.core.policy import POLICIES, ClusterState, Decision, PolicyConfig, QueuedJob
+from dopq.core.scheduler import (
+    TIMEOUT,
+    CommitJob,
+    ContainerExited,
+    DeadlinesDue,
+    Instruction,
+    JobQueued,
+    Scheduler,
+    SchedulerConfig,
+    StartJob,
+    StopContainer,
+    Tick,
 )
-from dopq.core.usage import UsageLedger, charge_rates
-from dopq.server.gpus import GpuPool
+from dopq.core.usage import UsageLedger
 
 TRACE_KEYS = {"submit", "user", "gpus", "duration", "time_limit", "priority"}
 
@@ -198,14 +202,60 @@ def load_trace(path: str | Path) -> list[TraceJob]:
 # -------------------------------------------------------------- simulation
 
 
+class VirtualRuntime:
+    """An in-memory container runtime for the simulator: a started trace job
+    "runs" for its duration and then exits 0; a stopped one exits 137 at once.
+
+    The simulator hands the scheduler's instructions to it and feeds the exits
+    it reports back as :class:`~dopq.core.scheduler.ContainerExited` events.
+    """
+
+    def __init__(self) -> None:
+        self._ends: list[tuple[float, int, int]] = []  # (at, job, exit code)
+        self._live: dict[int, float] = {}  # job -> when it ends by itself
+
+    def run(self, job_id: int, now: float, duration: float) -> None:
+        self._live[job_id] = now + duration
+        heapq.heappush(self._ends, (now + duration, job_id, 0))
+
+    def stop(self, job_id: int, now: float) -> None:
+        if job_id in self._live:
+            self._live[job_id] = now
+            heapq.heappush(self._ends, (now, job_id, 137))
+
+    def next_exit(self) -> float | None:
+        self._drop_stale()
+        return self._ends[0][0] if self._ends else None
+
+    def exits(self, now: float) -> list[ContainerExited]:
+        """The containers that have ended by ``now``, in (time, job id) order."""
+        out = []
+        while self.next_exit() is not None and self._ends[0][0] <= now:
+            at, job_id, code = heapq.heappop(self._ends)
+            del self._live[job_id]
+            out.append(ContainerExited(job_id, f"sim-{job_id}", code, at, deferrable=False))
+        return out
+
+    def _drop_stale(self) -> None:
+        # An end superseded by a stop (or the reverse) is skipped.
+        while self._ends and self._live.get(self._ends[0][1]) != self._ends[0][0]:
+            heapq.heappop(self._ends)
+
+
 def simulate(
     jobs: Sequence[TraceJob], gpus: int, cfg: PolicyConfig, *, check: bool = True,
     observe: Callable[[float, ClusterState, Decision], None] | None = None,
 ) -> SimResult:
     """Run ``jobs`` on ``gpus`` GPUs under ``cfg`` and report what each user got.
 
-    ``observe(now, state, decision)`` is called after every decision (the
-    start-time estimates of ``bench/bench_eta.py`` are taken there).
+    The server's own :class:`~dopq.core.scheduler.Scheduler` decides, on a
+    virtual clock, with a :class:`VirtualRuntime` in place of Docker. At each
+    event time: the containers that ended are reported, deadlines are
+    enforced (a job past its time limit is stopped and exits at once), new
+    submits are queued, and the scheduler decides; with ``check`` its books
+    are validated after every event. ``observe(now, state, decision)`` is
+    called after every decision (``bench/bench_eta.py`` takes its start-time
+    estimates there).
     """
     if gpus < 1:
         raise JobRejected("the simulated machine needs at least one GPU")
@@ -215,75 +265,61 @@ def simulate(
     trace = {tj.id: tj for tj in jobs}
     arrivals = sorted(jobs, key=lambda tj: (tj.submit, tj.id))
     records = {tj.id: JobRecord(tj.id, tj.user, tj.gpus, tj.submit, None, None) for tj in jobs}
-    pool = GpuPool(range(gpus))
-    ledger = UsageLedger(cfg.half_life)
-    queued: dict[int, QueuedJob] = {}
-    running: dict[int, RunningJob] = {}
-    ends: list[tuple[float, int]] = []
-    history: deque[str] = deque(maxlen=1000)  # exp(-1000) is far below rounding
-    finished: dict[int, JobState] = {}
+    sched = Scheduler(SchedulerConfig(cfg, stop_grace=0.0, remember_finished=True),
+                      Capacity.single(range(gpus)), UsageLedger(cfg.half_life))
+    runtime = VirtualRuntime()
     wakeup: float | None = None
     nxt = 0
     events = 0
     busy = 0.0  # GPU-seconds
-    while nxt < len(arrivals) or queued or running:
-        times = [ends[0][0]] if ends else []
+
+    def carry_out(instructions: list[Instruction], now: float) -> None:
+        nonlocal busy
+        for ins in instructions:
+            if isinstance(ins, StartJob):
+                runtime.run(ins.job_id, now, trace[ins.job_id].duration)
+                rec = records[ins.job_id]
+                rec.start, rec.gpu_ids = now, ins.gpus
+            elif isinstance(ins, StopContainer) and ins.job_id is not None:
+                runtime.stop(ins.job_id, now)
+            elif isinstance(ins, CommitJob) and ins.state in FINAL_STATES:
+                rec = records[ins.job_id]
+                if rec.start is not None:
+                    rec.end = now
+                    rec.killed = ins.fields.get("error") == TIMEOUT
+                    busy += rec.gpus * (now - rec.start)
+
+    def report_exits(now: float) -> None:
+        for ev in runtime.exits(now):
+            carry_out(sched.handle(ev, now), now)
+
+    while nxt < len(arrivals) or sched.queued or sched.running:
+        times = [t for t in (runtime.next_exit(), wakeup) if t is not None]
         if nxt < len(arrivals):
             times.append(arrivals[nxt].submit)
-        if wakeup is not None:
-            times.append(wakeup)
         if not times:
             break  # queued jobs that nothing will ever start
         now = min(times)
         events += 1
-        ledger.advance(now, charge_rates(running.values(), cfg.cpu_fraction))
-        while ends and ends[0][0] <= now:
-            _, job_id = heapq.heappop(ends)
-            job = running.pop(job_id)
-            pool.release(job_id)
-            rec = records[job_id]
-            rec.end = now
-            busy += job.num_gpus * (now - job.started_at)
-            finished[job_id] = JobState.FAILED if rec.killed else JobState.SUCCEEDED
-            history.appendleft(job.user)
+        report_exits(now)
+        carry_out(sched.handle(DeadlinesDue(), now), now)
+        report_exits(now)  # the jobs stopped at their time limit
         while nxt < len(arrivals) and arrivals[nxt].submit <= now:
             tj = arrivals[nxt]
             nxt += 1
-            queued[tj.id] = QueuedJob(
-                tj.id, tj.user, tj.gpus, tj.submit, tj.time_limit, priority=tj.priority
-            )
-        state = ClusterState(
-            list(queued.values()),
-            list(running.values()),
-            pool.free(),
-            ledger.snapshot(now),
-            finished,
-            history,
-            gpus,
-        )
-        decision = decide(state, now, cfg)
-        if observe is not None:
-            observe(now, state, decision)
-        for job_id, held in decision.starts:
-            q = queued.pop(job_id)
-            pool.acquire(job_id, held)
-            running[job_id] = RunningJob(job_id, q.user, q.num_gpus, held, now, q.time_limit)
-            tj = trace[job_id]
-            runtime = tj.duration
-            if tj.time_limit is not None and tj.time_limit < runtime:
-                runtime = tj.time_limit
-                records[job_id].killed = True
-            records[job_id].start = now
-            records[job_id].gpu_ids = held
-            heapq.heappush(ends, (now + runtime, job_id))
-        for job_id, _reason in decision.fail:
-            queued.pop(job_id, None)
-        wakeup = decision.next_wakeup
+            sched.handle(JobQueued(QueuedJob(
+                tj.id, tj.user, tj.gpus, tj.submit, tj.time_limit, priority=tj.priority)), now)
+        carry_out(sched.handle(Tick(), now), now)
+        decision = sched.last_decision
+        if observe is not None and decision is not None and decision.inputs is not None:
+            observe(now, decision.inputs[0], decision)
+        wakeup = sched.next_wakeup()
         if wakeup is not None and wakeup <= now:
             wakeup = None
         if check:
-            pool.validate()
-            validate_gpus(pool.total, list(running.values()), free=pool.free())
+            sched.validate()
+            pool = sched.pool
+            validate_gpus(pool.total, list(sched.running.values()), free=pool.free())
     return _summarise(list(records.values()), gpus, cfg, busy, events)
 
 

@@ -1,0 +1,719 @@
+"""The scheduler as a state machine: events in, instructions out.
+
+:meth:`Scheduler.handle` takes an event (something that happened: a job was
+queued, a container exited, the engine went down, a deadline came) and
+``now``, updates what the scheduler knows (queued and running jobs, who holds
+which GPUs, decayed usage, stops in flight, the engine's health) and returns
+the instructions that follow (start this job on these GPUs of this node, stop
+that container, commit this state change, save usage). It reads no clock, no
+store and no Docker. The server's queue thread (:mod:`dopq.server.queue`)
+feeds it from the store and the engine and carries its instructions out; the
+simulator (:mod:`dopq.core.simulate`) drives the very same object with a
+virtual clock and an in-memory runtime, so what the simulator proves holds
+for the loop the server runs.
+
+The scheduler applies a change as soon as it decides it and tells the driver
+to commit it; a commit the store refuses (compare-and-set) comes back as an
+event: only a refused start needs undoing (:class:`StartRefused`).
+
+How a container's end is classified (:meth:`Scheduler._exit`), first match:
+the job's stop reason (cancelled, timeout, output limit), a vanished
+container, out of memory, a signal exit around an engine outage (requeued or
+failed per ``requeue_on_engine_restart``), exit 0, a signal from outside, any
+other exit code. A signal exit DoPQ did not ask for is looked at again after
+``DEFER_SIGNAL_EXIT`` seconds: the engine may be on its way down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dopq.core import policy as policy_mod
+from dopq.core.capacity import Capacity, GpuPool
+from dopq.core.errors import Conflict
+from dopq.core.jobs import JobState
+from dopq.core.usage import UsageLedger, charge_rates
+
+log = logging.getLogger("dopq.core.scheduler")
+
+SIGNAL_EXITS = (137, 143)  # SIGKILL, SIGTERM
+DEFER_SIGNAL_EXIT = 3.0  # seconds before a signal exit from outside is classified
+OUTAGE_BEFORE = 30.0  # an exit this long before an outage began counts as caused by it
+OUTAGE_AFTER = 5.0  # ... and this long after it ended
+USAGE_SAVE_EVERY = 15.0
+CANCELLED_PREFIX = "cancelled"
+TIMEOUT = "timeout"
+OUTPUT_LIMIT = "output limit"  # the prefix of dopq.server.outputs' stop reason
+OOM = "out of memory (killed at the memory limit)"
+HISTORY = 1000  # finished users the recency policy looks at (exp(-1000) is nothing)
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class JobQueued:
+    """A job is queued (again), or a queued job was edited (same payload)."""
+
+    job: policy_mod.QueuedJob
+
+
+@dataclass(frozen=True)
+class JobEdited(JobQueued):
+    pass
+
+
+@dataclass(frozen=True)
+class JobLeftQueue:
+    """A queued job moved on without the scheduler (cancelled, deleted, held elsewhere)."""
+
+    job_id: int
+
+
+@dataclass(frozen=True)
+class QueueLoaded:
+    """Every queued job, read afresh: replaces what the scheduler had."""
+
+    jobs: Sequence[policy_mod.QueuedJob]
+
+
+@dataclass(frozen=True)
+class JobAdopted:
+    """A job the store says is running (after a restart, or found by a reconcile)."""
+
+    job: Running
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    """Someone asked to cancel a job the store has in ``state``."""
+
+    job_id: int
+    state: JobState
+    by: str
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputLimitReached:
+    job_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartRefused:
+    """The store refused a start's compare-and-set (the job moved on), or it was not tried."""
+
+    job_id: int
+
+
+@dataclass(frozen=True)
+class ContainerStarted:
+    """The job's container runs; ``marker`` is the job's stop reason in the store."""
+
+    job_id: int
+    container: str
+    marker: str | None = None
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    job_id: int
+    error: str
+    engine_down: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerExited:
+    job_id: int
+    container: str
+    exit_code: int | None
+    finished_at: float | None
+    oom: bool = False
+    deferrable: bool = True  # False: classify now (a recheck, or a reconcile)
+
+
+@dataclass(frozen=True)
+class ContainerMissing:
+    """A running job has no container; ``ran``: it had one and was started."""
+
+    job_id: int
+    ran: bool
+
+
+@dataclass(frozen=True)
+class ContainerNeverStarted:
+    """Cut off between create and start (a crash): start afresh."""
+
+    job_id: int
+    container: str
+
+
+@dataclass(frozen=True)
+class StrayContainer:
+    """A container of ours whose job is not running (``state``: None if unknown)."""
+
+    job_id: int
+    container: str
+    running: bool
+    state: JobState | None
+
+
+@dataclass(frozen=True)
+class EngineDown:
+    pass
+
+
+@dataclass(frozen=True)
+class EngineUp:
+    pass
+
+
+@dataclass(frozen=True)
+class CapacityChanged:
+    """GPUs busy with processes outside DoPQ, and (if given) the node's devices now."""
+
+    external: frozenset[int] = frozenset()
+    node: str | None = None
+    devices: Sequence[int] | None = None
+
+
+@dataclass(frozen=True)
+class UsageReset:
+    user: str | None
+
+
+@dataclass(frozen=True)
+class DeadlinesDue:
+    """Time passed: enforce time limits, retry stops, recheck deferred exits."""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Decide: charge usage and start what the policy says.
+
+    ``finished_states``/``history`` are what the policy needs from the store
+    (final states of the dependencies in :meth:`Scheduler.dependencies`, users
+    of finished jobs newest first); None: what the scheduler saw end itself.
+    """
+
+    finished_states: Mapping[int, JobState] | None = None
+    history: Sequence[str] | None = None
+
+
+Event = (JobQueued | JobLeftQueue | QueueLoaded | JobAdopted | CancelRequested
+         | OutputLimitReached | StartRefused | ContainerStarted | StartFailed | ContainerExited
+         | ContainerMissing | ContainerNeverStarted | StrayContainer | EngineDown | EngineUp
+         | CapacityChanged | UsageReset | DeadlinesDue | Tick)
+
+
+# ----------------------------------------------------------- instructions
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """Commit queued -> running (unless held), then run the container."""
+
+    job_id: int
+    node: str
+    gpus: tuple[int, ...]
+    started_at: float
+
+
+@dataclass(frozen=True)
+class StopContainer:
+    """Stop a container (``ref`` None: the job's own name), ``grace`` None: the default."""
+
+    job_id: int | None
+    ref: str | None
+    grace: float | None = None
+
+
+@dataclass(frozen=True)
+class CommitJob:
+    """Change a job in the store: to ``state`` (compare-and-set on ``expect``), or,
+    with ``state`` None, only its ``fields``. ``then`` runs only if it was committed."""
+
+    job_id: int
+    state: JobState | None
+    expect: tuple[JobState, ...] = ()
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    detail: str = ""
+    then: tuple[Instruction, ...] = ()
+
+
+@dataclass(frozen=True)
+class SealOutputs:
+    job_id: int
+    user: str
+
+
+@dataclass(frozen=True)
+class CollectContainer:
+    """Save the container's log, then remove it."""
+
+    job_id: int
+    container: str
+
+
+@dataclass(frozen=True)
+class RemoveContainer:
+    """Remove a container (``ref`` None: the job's own name), on a worker if ``background``."""
+
+    job_id: int | None
+    ref: str | None
+    background: bool = True
+
+
+@dataclass(frozen=True)
+class Untag:
+    """Drop the job's image tag (unless another active job needs it)."""
+
+    job_id: int
+
+
+@dataclass(frozen=True)
+class RecheckContainer:
+    """Ping the engine: if up, report the container's exit again (not deferrable);
+    if down, report :class:`EngineDown`."""
+
+    job_id: int
+    container: str
+
+
+@dataclass(frozen=True)
+class SaveUsage:
+    """Persist the ledger's rows (``Scheduler.ledger.to_rows()``)."""
+
+
+Instruction = (StartJob | StopContainer | CommitJob | SealOutputs | CollectContainer
+               | RemoveContainer | Untag | RecheckContainer | SaveUsage)
+
+
+# ------------------------------------------------------------------ state
+
+
+@dataclass
+class Running:
+    """A running job as the scheduler tracks it; ``error`` is its stop reason."""
+
+    id: int
+    user: str
+    num_gpus: int
+    gpus: tuple[int, ...]
+    started_at: float | None
+    time_limit: float | None = None
+    node: str = ""
+    container: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: policy_mod.PolicyConfig = field(default_factory=policy_mod.PolicyConfig)
+    stop_grace: float = 10.0
+    requeue_on_engine_restart: bool = False
+    remember_finished: bool = False  # keep final states and history (no store to ask)
+
+
+class Scheduler:
+    """All of the queue's decisions; see the module docstring."""
+
+    def __init__(
+        self, config: SchedulerConfig, capacity: Capacity, ledger: UsageLedger | None = None
+    ) -> None:
+        self.config = config
+        self.capacity = capacity
+        self.ledger = ledger if ledger is not None else UsageLedger(config.policy.half_life)
+        self.shares: dict[str, float] | None = None  # over the policy's own, when set
+        self.queued: dict[int, policy_mod.QueuedJob] = {}
+        self.running: dict[int, Running] = {}
+        self.stopping: dict[int, float] = {}  # job -> when its stop was asked
+        self.deferred: list[tuple[float, int, str]] = []  # (due, job, container)
+        self.external: frozenset[int] = frozenset()
+        self.engine_up = True
+        self.engine_down_since: float | None = None
+        self.last_outage: tuple[float, float] | None = None
+        self.paused = False
+        self.last_decision: policy_mod.Decision | None = None
+        self.finished: dict[int, JobState] = {}
+        self.history: deque[str] = deque(maxlen=HISTORY)
+        self._deadline: float | None = None
+        self._policy_wakeup: float | None = None
+        self._last_usage_save = -math.inf  # the first charge saves
+
+    @property
+    def pool(self) -> GpuPool:
+        return self.capacity.default.pool
+
+    # -- the one entry point ------------------------------------------------------
+    def handle(self, event: Event, now: float) -> list[Instruction]:
+        """Apply ``event`` at ``now``; return what the driver must do, in order."""
+        out: list[Instruction] = []
+        handler = getattr(self, "_on_" + type(event).__name__)
+        handler(event, now, out)
+        return out
+
+    def handle_all(self, events: Iterable[Event], now: float) -> list[Instruction]:
+        out: list[Instruction] = []
+        for event in events:
+            out += self.handle(event, now)
+        return out
+
+    # -- queue --------------------------------------------------------------------
+    def _on_JobQueued(self, ev: JobQueued, now: float, out: list[Instruction]) -> None:
+        self.queued[ev.job.id] = ev.job
+
+    _on_JobEdited = _on_JobQueued
+
+    def _on_JobLeftQueue(self, ev: JobLeftQueue, now: float, out: list[Instruction]) -> None:
+        self.queued.pop(ev.job_id, None)
+
+    def _on_QueueLoaded(self, ev: QueueLoaded, now: float, out: list[Instruction]) -> None:
+        self.queued = {q.id: q for q in ev.jobs}
+
+    def _on_CancelRequested(self, ev: CancelRequested, now: float,
+                            out: list[Instruction]) -> None:
+        reason = f"{CANCELLED_PREFIX} by {ev.by}"
+        if ev.state in (JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED):
+            # The queue drops it when the store says it left (a start racing
+            # this cancel loses the compare-and-set, or this one does).
+            out.append(CommitJob(ev.job_id, JobState.CANCELLED, (ev.state,),
+                                 {"error": reason}, reason, then=(Untag(ev.job_id),)))
+            return
+        if ev.state != JobState.RUNNING:
+            raise Conflict(f"job {ev.job_id} already ended ({ev.state.value})")
+        out.append(CommitJob(ev.job_id, None, fields={"error": reason}))
+        live = self.running.get(ev.job_id)
+        if live is not None:
+            live.error = reason
+        # A job whose container is being created has none to stop yet: the
+        # stop is retried, and ContainerStarted looks at the stop reason again.
+        self._stop(ev.job_id, live.container if live else ev.container, now, out)
+
+    def _on_OutputLimitReached(self, ev: OutputLimitReached, now: float,
+                               out: list[Instruction]) -> None:
+        live = self.running.get(ev.job_id)
+        if live is None or (live.error or "").startswith(CANCELLED_PREFIX):
+            return
+        live.error = ev.reason
+        out.append(CommitJob(ev.job_id, None, fields={"error": ev.reason}))
+        self._stop(ev.job_id, live.container, now, out, grace=0.0)  # it would keep writing
+
+    # -- starts -------------------------------------------------------------------
+    def _on_StartRefused(self, ev: StartRefused, now: float, out: list[Instruction]) -> None:
+        self.queued.pop(ev.job_id, None)
+        self._release(ev.job_id)
+
+    def _on_ContainerStarted(self, ev: ContainerStarted, now: float,
+                             out: list[Instruction]) -> None:
+        live = self.running.get(ev.job_id)
+        if live is None:
+            return
+        live.container = ev.container
+        marker = ev.marker or live.error or ""
+        if marker.startswith(CANCELLED_PREFIX):
+            # A cancel that came while the container was being created found
+            # nothing to stop; it left its mark, so stop it now.
+            live.error = marker
+            self._stop(ev.job_id, live.container, now, out)
+
+    def _on_StartFailed(self, ev: StartFailed, now: float, out: list[Instruction]) -> None:
+        if ev.engine_down:
+            self._requeue(ev.job_id, "engine unavailable", out)
+            self._engine_lost(now)
+            return
+        error = f"start failed: {ev.error}"
+        out.append(CommitJob(ev.job_id, JobState.FAILED, (JobState.RUNNING,),
+                             {"error": error}, error))
+        self._release(ev.job_id)
+        out.append(RemoveContainer(ev.job_id, None, background=False))
+        out.append(Untag(ev.job_id))
+
+    # -- exits ----------------------------------------------------------------------
+    def _on_ContainerExited(self, ev: ContainerExited, now: float,
+                            out: list[Instruction]) -> None:
+        live = self.running.get(ev.job_id)
+        if live is None:
+            return
+        if ev.deferrable and ev.exit_code in SIGNAL_EXITS and ev.job_id not in self.stopping:
+            # Killed by a signal DoPQ did not send: if the engine is going down,
+            # that is why; look again shortly to tell the user the right reason.
+            self.deferred.append((now + DEFER_SIGNAL_EXIT, ev.job_id, ev.container))
+            return
+        self._exit(live, ev.exit_code, ev.finished_at, now, out, oom=ev.oom)
+        out.append(CollectContainer(ev.job_id, ev.container))
+
+    def _on_ContainerMissing(self, ev: ContainerMissing, now: float,
+                             out: list[Instruction]) -> None:
+        live = self.running.get(ev.job_id)
+        if live is None:
+            return
+        if ev.ran:
+            self._exit(live, None, None, now, out, vanished="container vanished")
+        else:
+            self._requeue(ev.job_id, "container was never started", out)
+
+    def _on_ContainerNeverStarted(self, ev: ContainerNeverStarted, now: float,
+                                  out: list[Instruction]) -> None:
+        out.append(RemoveContainer(ev.job_id, ev.container, background=False))
+        self._requeue(ev.job_id, "container was created but never started", out)
+
+    def _on_StrayContainer(self, ev: StrayContainer, now: float, out: list[Instruction]) -> None:
+        if not ev.running:
+            out.append(CollectContainer(ev.job_id, ev.container))
+        elif ev.state != JobState.RUNNING:
+            out.append(StopContainer(None, ev.container))
+
+    def _exit(self, live: Running, exit_code: int | None, finished_at: float | None,
+              now: float, out: list[Instruction], vanished: str | None = None,
+              oom: bool = False) -> None:
+        """Commit the job's end (state, exit code, reason), then free its GPUs."""
+        marker = live.error or ""
+        error: str | None
+        if marker.startswith(CANCELLED_PREFIX):
+            state, error = JobState.CANCELLED, marker
+        elif marker == TIMEOUT:
+            state, error = JobState.FAILED, TIMEOUT
+        elif marker.startswith(OUTPUT_LIMIT):
+            state, error = JobState.FAILED, marker
+        elif vanished:
+            state, error = JobState.FAILED, vanished
+        elif oom:
+            state, error = JobState.FAILED, OOM
+        elif exit_code in SIGNAL_EXITS and self._in_outage(finished_at):
+            if self.config.requeue_on_engine_restart:
+                self._requeue(live.id, f"requeued: Docker engine restart (exit code {exit_code})",
+                              out)
+                out.append(RemoveContainer(live.id, live.container or ""))
+                return
+            state, error = (JobState.FAILED,
+                            f"killed by a Docker engine restart (exit code {exit_code})")
+        elif exit_code == 0:
+            state, error = JobState.SUCCEEDED, None
+        elif exit_code in SIGNAL_EXITS:
+            assert exit_code is not None
+            state, error = JobState.FAILED, (
+                f"exit code {exit_code} (killed by signal {exit_code - 128} from outside DoPQ)")
+        else:
+            state, error = JobState.FAILED, f"exit code {exit_code}"
+        out.append(CommitJob(
+            live.id, state, (JobState.RUNNING,),
+            {"exit_code": exit_code, "error": error, "finished_at": finished_at or now},
+            error or "exit code 0"))
+        self._charge(now, out)
+        self._release(live.id)
+        if self.config.remember_finished:
+            self.finished[live.id] = state
+            self.history.appendleft(live.user)
+        out.append(SealOutputs(live.id, live.user))
+
+    def _requeue(self, job_id: int, why: str, out: list[Instruction]) -> None:
+        out.append(CommitJob(job_id, JobState.QUEUED, (JobState.RUNNING,),
+                             {"gpus": [], "container": None, "started_at": None}, why))
+        self._release(job_id)
+
+    def _release(self, job_id: int) -> None:
+        live = self.running.pop(job_id, None)
+        self.stopping.pop(job_id, None)
+        node = self.capacity.nodes.get(live.node) if live and live.node else None
+        (node or self.capacity.default).pool.release(job_id)
+
+    # -- recovery ---------------------------------------------------------------------
+    def _on_JobAdopted(self, ev: JobAdopted, now: float, out: list[Instruction]) -> None:
+        job = ev.job
+        if job.id in self.running:
+            return
+        node = self.capacity.nodes.get(job.node) or self.capacity.default
+        job.node = node.name
+        try:
+            node.pool.acquire(job.id, job.gpus)
+        except Conflict:
+            log.error("job %s: GPUs %s already held; not adopting its GPUs", job.id, job.gpus)
+        self.queued.pop(job.id, None)
+        self.running[job.id] = job
+
+    # -- the engine and the machine -----------------------------------------------------
+    def _on_EngineDown(self, ev: EngineDown, now: float, out: list[Instruction]) -> None:
+        self._engine_lost(now)
+
+    def _engine_lost(self, now: float) -> None:
+        if self.engine_down_since is None:
+            self.engine_down_since = now
+        self.engine_up = False
+
+    def _on_EngineUp(self, ev: EngineUp, now: float, out: list[Instruction]) -> None:
+        if self.engine_down_since is not None:
+            log.warning("Docker engine is back after %.1f s", now - self.engine_down_since)
+            self.last_outage = (self.engine_down_since, now)
+            self.engine_down_since = None
+        self.engine_up = True
+
+    def _in_outage(self, finished_at: float | None) -> bool:
+        """Did a container end around an engine outage (stop, crash, restart)?"""
+        if self.engine_down_since is not None:
+            return True
+        if self.last_outage is None or finished_at is None:
+            return False
+        start, end = self.last_outage
+        return start - OUTAGE_BEFORE <= finished_at <= end + OUTAGE_AFTER
+
+    def _on_CapacityChanged(self, ev: CapacityChanged, now: float,
+                            out: list[Instruction]) -> None:
+        node = self.capacity.nodes[ev.node] if ev.node else self.capacity.default
+        if ev.devices is not None:
+            node.pool.set_devices(ev.devices)
+        self.external = frozenset(ev.external)
+
+    # -- usage --------------------------------------------------------------------------
+    def _on_UsageReset(self, ev: UsageReset, now: float, out: list[Instruction]) -> None:
+        self.ledger.reset(ev.user)
+        self._save_usage(now, out)
+
+    def _charge(self, now: float, out: list[Instruction]) -> None:
+        self.ledger.advance(now, charge_rates(self.running.values(),
+                                              self.config.policy.cpu_fraction))
+        if now - self._last_usage_save >= USAGE_SAVE_EVERY:
+            self._save_usage(now, out)
+
+    def _save_usage(self, now: float, out: list[Instruction]) -> None:
+        out.append(SaveUsage())
+        self._last_usage_save = now
+
+    def save_usage(self, now: float) -> list[Instruction]:
+        """The usage rows to save now (at shutdown)."""
+        out: list[Instruction] = []
+        self._save_usage(now, out)
+        return out
+
+    # -- time ---------------------------------------------------------------------------
+    def _on_DeadlinesDue(self, ev: DeadlinesDue, now: float, out: list[Instruction]) -> None:
+        for item in list(self.deferred):
+            due, job_id, container = item
+            if due <= now:
+                self.deferred.remove(item)
+                out.append(RecheckContainer(job_id, container))
+        self._charge(now, out)
+        self._enforce_limits(now, out)
+
+    def _enforce_limits(self, now: float, out: list[Instruction]) -> None:
+        deadline: float | None = None
+        retry_after = self.config.stop_grace + 5.0
+        for job_id, live in list(self.running.items()):
+            asked = self.stopping.get(job_id)
+            if asked is not None:
+                # A stop that did not take (engine busy, container not yet
+                # created when it was asked): ask again.
+                if now - asked >= retry_after:
+                    self._stop(job_id, live.container, now, out)
+                else:
+                    deadline = _earliest(deadline, asked + retry_after)
+                continue
+            if not live.time_limit or live.started_at is None:
+                continue
+            end = live.started_at + live.time_limit
+            if end <= now:
+                out.append(CommitJob(job_id, None, fields={"error": TIMEOUT}))
+                live.error = TIMEOUT
+                self._stop(job_id, live.container, now, out)
+            else:
+                deadline = _earliest(deadline, end)
+        self._deadline = deadline
+
+    def _stop(self, job_id: int, container: str | None, now: float, out: list[Instruction],
+              grace: float | None = None) -> None:
+        self.stopping[job_id] = now
+        out.append(StopContainer(job_id, container, grace))
+
+    def next_wakeup(self) -> float | None:
+        """When the scheduler wants a :class:`DeadlinesDue` and a :class:`Tick` at the latest."""
+        times = [t for t in (self._deadline, self._policy_wakeup) if t is not None]
+        times += [due for due, _, _ in self.deferred]
+        return min(times, default=None)
+
+    # -- deciding -------------------------------------------------------------------------
+    def policy_config(self) -> policy_mod.PolicyConfig:
+        cfg = self.config.policy
+        if self.shares is None:
+            return cfg
+        return dataclasses.replace(cfg, shares={**cfg.shares, **self.shares})
+
+    def dependencies(self) -> set[int]:
+        """Jobs the queued jobs wait for: the final states a :class:`Tick` should carry."""
+        deps: set[int] = set()
+        for q in self.queued.values():
+            deps.update(q.after)
+            deps.update(q.after_any)
+        return deps
+
+    def cluster_state(self, now: float, finished_states: Mapping[int, JobState] | None = None,
+                      history: Sequence[str] | None = None) -> policy_mod.ClusterState:
+        pool = self.pool
+        pool.set_external(self.external - set(pool.held()))
+        running = [
+            policy_mod.RunningJob(r.id, r.user, r.num_gpus, r.gpus,
+                                  now if r.started_at is None else r.started_at, r.time_limit)
+            for r in self.running.values()
+        ]
+        return policy_mod.ClusterState(
+            queued=list(self.queued.values()), running=running, free_gpus=pool.free(),
+            usage=self.ledger.snapshot(now),
+            finished_states=self.finished if finished_states is None else finished_states,
+            history=self.history if history is None else history,
+            total_gpus=len(pool.total),
+        )
+
+    def _on_Tick(self, ev: Tick, now: float, out: list[Instruction]) -> None:
+        self._charge(now, out)
+        if self.paused:
+            return
+        cfg = self.policy_config()
+        decision = policy_mod.decide(
+            self.cluster_state(now, ev.finished_states, ev.history), now, cfg)
+        self.last_decision = decision
+        self._policy_wakeup = decision.next_wakeup
+        for job_id, reason in decision.fail:
+            out.append(CommitJob(job_id, JobState.FAILED, (JobState.QUEUED,),
+                                 {"error": reason}, reason, then=(Untag(job_id),)))
+            self.queued.pop(job_id, None)
+            if self.config.remember_finished:
+                self.finished[job_id] = JobState.FAILED
+        node = self.capacity.default
+        for job_id, gpus in decision.starts:
+            try:
+                node.pool.acquire(job_id, gpus)
+            except Conflict as exc:
+                log.error("job %s: %s", job_id, exc)
+                continue
+            q = self.queued.pop(job_id)
+            self.running[job_id] = Running(job_id, q.user, q.num_gpus, tuple(gpus), now,
+                                           q.time_limit, node.name)
+            out.append(StartJob(job_id, node.name, tuple(gpus), now))
+
+    def validate(self) -> None:
+        """Assert the books balance: the pools, and running jobs against them."""
+        self.capacity.validate()
+        for node in self.capacity.nodes.values():
+            mine = {r.id: r.gpus for r in self.running.values() if r.node == node.name and r.gpus}
+            held: dict[int, list[int]] = {}
+            for gpu, job in node.pool.held().items():
+                held.setdefault(job, []).append(gpu)
+            for job, gpus in mine.items():
+                if job in held and sorted(held[job]) != sorted(gpus):
+                    raise AssertionError(f"job {job} runs on {gpus}, the pool says {held[job]}")
+            stray = set(held) - set(mine)
+            if stray:
+                raise AssertionError(f"jobs {sorted(stray)} hold GPUs but are not running")
+        both = self.queued.keys() & self.running.keys()
+        if both:
+            raise AssertionError(f"jobs {sorted(both)} both queued and running")
+
+
+def _earliest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
