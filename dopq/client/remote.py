@@ -26,7 +26,7 @@ import Pyro5.errors
 from Pyro5 import protocol, serializers, socketutil
 
 from dopq.core import submitcheck
-from dopq.core.archive import IMAGE_TAR_NAME, zip_folder
+from dopq.core.context import IMAGE_TAR_NAME, zip_folder
 from dopq.core.dockerignore import ALWAYS_SENT, context_files
 from dopq.core.errors import (
     DopqError,

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dopq.core.archive import tree
+from dopq.core.context import tree
 from dopq.core.errors import DopqError
 
 IGNORE_FILE = ".dockerignore"
