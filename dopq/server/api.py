@@ -25,11 +25,11 @@ import Pyro5.api
 import Pyro5.errors
 
 from dopq import __version__
-from dopq.core import errors
 from dopq.core.errors import DopqError, ServerUnavailable
 from dopq.core.settings import Settings
-from dopq.server import fetch as fetch_mod
-from dopq.server.auth import Principal, Role, SignInGuard, SignInLimits, check_username
+from dopq.server import authz
+from dopq.server.auth import Principal, SignInGuard, SignInLimits, check_username
+from dopq.server.authz import Action
 from dopq.server.platform import DataPlatform
 from dopq.wire import tls
 from dopq.wire.protocol import TOKEN_ANNOTATION  # importing it registers the errors
@@ -229,26 +229,12 @@ class Controller:
     def array(self, job_id: int) -> list[dict[str, Any]]:
         """The elements of the array whose first job is ``job_id`` (empty: not an array)."""
         self._who()
-        rows = self._p.store.read(
-            "SELECT id, array_index, state, user FROM jobs WHERE array_parent = ?"
-            " ORDER BY array_index", (int(job_id),))
-        return [{"id": r["id"], "array_index": r["array_index"], "state": r["state"],
-                 "user": r["user"]} for r in rows]
+        return self._p.array(int(job_id))
 
     # -- outputs: zipped on the server, fetched in chunks (dopq.server.fetch) ------------------
     @api_call
     def outputs_begin(self, job_id: int) -> dict[str, Any]:
-        who = self._who()
-        row = self._p.store.job(int(job_id))
-        self._p._own_or_admin(who, row, "cannot fetch the outputs of")
-        if row["state"] not in ("succeeded", "failed", "cancelled"):
-            raise errors.Conflict(f"job {row['id']} is {row['state']}: its outputs can be "
-                                  "fetched once it has ended")
-        if row["user"] != who.name:
-            self._p._audit(who, "outputs", f"job {row['id']} of {row['user']}")
-        f = self._p.fetches.begin(who.name, row["user"], row["id"])
-        return {"fetch": f.id, "size": f.size, "files": f.files, "skipped": f.skipped,
-                "chunk": fetch_mod.CHUNK}
+        return self._p.commands.outputs_begin(self._who(), int(job_id))
 
     @api_call
     def outputs_chunk(self, fetch_id: str, offset: int) -> bytes:
@@ -289,9 +275,7 @@ class Controller:
 
     @api_call
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        who = self._who()
-        self._p._admin(who, "audit")
-        return self._p.store.audit_log(int(limit))
+        return self._p.commands.audit_log(self._who(), int(limit))
 
     # -- users (admins) ---------------------------------------------------------------------
     @api_call
@@ -301,38 +285,41 @@ class Controller:
 
     @api_call
     def user_add(self, name: str, password: str, admin: bool = False) -> dict[str, Any]:
-        who = self._who()
-        self._p._admin(who, "user add")
-        self._p.users.add(name, str(password), Role.ADMIN if admin else Role.USER)
-        self._p._audit(who, "user add", f"{name} admin={bool(admin)}")
-        allowed = self._p.settings.users.allowed
-        name = check_username(name)
-        return {"user": name, "allowed": not allowed or name in allowed}
+        return self._p.commands.user_add(self._who(), name, str(password), bool(admin))
 
     @api_call
     def user_remove(self, name: str) -> dict[str, Any]:
-        who = self._who()
-        self._p._admin(who, "user remove")
-        self._p.users.remove(name)
-        self._p._audit(who, "user remove", name)
-        return {"removed": check_username(name)}
+        return self._p.commands.user_remove(self._who(), name)
 
     @api_call
     def user_passwd(self, name: str, password: str) -> dict[str, Any]:
-        who = self._who()
-        if check_username(name) != who.name:
-            self._p._admin(who, "changing another user's password")
-        self._p.users.set_password(name, str(password))
-        self._p._audit(who, "user passwd", name)
-        return {"user": check_username(name)}
+        return self._p.commands.user_passwd(self._who(), name, str(password))
 
     @api_call
     def revoke_tokens(self, name: str) -> dict[str, Any]:
-        who = self._who()
-        self._p._admin(who, "revoke tokens")
-        n = self._p.users.revoke_all(check_username(name))
-        self._p._audit(who, "revoke tokens", name)
-        return {"revoked": n}
+        return self._p.commands.revoke_tokens(self._who(), name)
+
+
+# Which rules of ``dopq.server.authz`` guard each API method (tests/test_authz.py
+# checks that every public method has an entry, and what each rule allows).
+RULES: dict[str, tuple[Action, ...]] = {
+    "ping": (Action.PING,), "login": (Action.LOGIN,),
+    **{m: (Action.READ,) for m in (
+        "logout", "whoami", "queue", "running", "history", "status", "users", "images",
+        "priority", "snapshot", "array", "user_list")},
+    "job": (Action.READ, Action.SEE_PRIVATE),  # the spec and image: the owner's and admins'
+    "submit_begin": (Action.SUBMIT, Action.DEPEND),
+    "submit_finish": (Action.UPLOAD, Action.SUBMIT),  # the archive's config: its priority
+    **{m: (Action.UPLOAD,) for m in ("submit_chunk", "submit_abort")},
+    "logs": (Action.READ_LOGS,), "cancel": (Action.CANCEL,),
+    "edit": tuple(authz.EDITS.values()),
+    "outputs_begin": (Action.FETCH_OUTPUTS,),
+    "outputs_chunk": (Action.READ_FETCH,), "outputs_end": (Action.READ_FETCH,),
+    "clear_history": (Action.CLEAR_HISTORY,), "clear_status": (Action.CLEAR_STATUS,),
+    "shutdown": (Action.SHUTDOWN,), "set_share": (Action.SET_SHARE,), "audit": (Action.AUDIT,),
+    "user_add": (Action.USER_ADD,), "user_remove": (Action.USER_REMOVE,),
+    "user_passwd": (Action.USER_PASSWD,), "revoke_tokens": (Action.REVOKE_TOKENS,),
+}
 
 
 # -- serving -----------------------------------------------------------------------------------

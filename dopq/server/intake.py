@@ -27,10 +27,11 @@ from typing import Any
 from dopq.core import archive as archive_mod
 from dopq.core import dockerfile as dockerfile_mod
 from dopq.core import spec as spec_mod
-from dopq.core.errors import EngineUnavailable, Forbidden, JobRejected, NotFound
+from dopq.core.errors import EngineUnavailable, JobRejected, NotFound
 from dopq.core.jobs import JobSpec
 from dopq.core.settings import Settings
 from dopq.core.submitcheck import near_miss
+from dopq.server import authz
 from dopq.server import images as images_mod
 from dopq.server.auth import Principal
 from dopq.server.provider import check_spec_limits
@@ -102,8 +103,9 @@ class Intake:
         spec = spec_mod.parse_spec(config, submitter=user, overrides=overrides,
                                    allowed_users=self.settings.users.allowed)
         check_spec_limits(spec, self.settings, self.total_gpus)
-        if spec.priority > 0 and not who.is_admin:
-            raise JobRejected("only an admin may submit with a priority above 0")
+        refused = authz.refusal(who, authz.Action.SUBMIT, priority=spec.priority)
+        if refused is not None:
+            raise JobRejected(refused)
         return spec
 
     def dependencies(self, who: Principal, user: str, spec: JobSpec) -> None:
@@ -114,9 +116,8 @@ class Intake:
                     row = self.store.job(job_id)
                 except NotFound:
                     raise JobRejected(f"{flag} {job_id}: no job {job_id}") from None
-                if row["user"] != user and not who.is_admin:
-                    raise Forbidden(f"{flag} {job_id}: job {job_id} belongs to {row['user']};"
-                                    " a job may wait only for its owner's jobs")
+                if row["user"] != user:
+                    authz.require(who, authz.Action.DEPEND, row["user"], job=job_id, flag=flag)
                 if flag == "--after" and row["state"] in ("failed", "cancelled"):
                     raise JobRejected(f"--after {job_id}: job {job_id} is {row['state']}, so "
                                       "this job could never start (--after-any waits for "

@@ -3,8 +3,9 @@
 As in the first DoPQ, the Provider runs in its own process. It has two doors:
 the drop folder (``inbox/<user>/*.zip``, ``dopq.server.inbox``), which it
 watches itself, and uploads through the API, which the server hands over as
-``("job", id)`` commands. For each job it unpacks the archive into a private directory, validates the job
-spec, builds (or reuses, or loads) the image and moves the job to ``queued``.
+``("job", id)`` commands. For each job it unpacks the archive into a private
+directory, validates the job spec, builds (or reuses, or loads) the image and
+moves the job to ``queued``.
 A bad archive or a failed build fails that job only, with the reason kept;
 nothing a user sends stops the Provider.
 

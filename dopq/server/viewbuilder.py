@@ -1,0 +1,310 @@
+"""What the views show: jobs as plain data, and the five shared views built from the store.
+
+``ViewBuilder`` builds one ``Version`` (``dopq.server.views``) of the queued,
+running, finished, users and system views from the store, the queue thread's
+last decision and the workers' samples (``Supervisor``); the ``ViewCache``
+shares it between every client. A caller who has just changed something reads
+a version built after its change (``wrote``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from dopq import __version__
+from dopq.core.errors import DopqError, NotFound
+from dopq.core.fairshare import fair_shares
+from dopq.core.jobs import FINAL_STATES, WAITING_STATES, JobState
+from dopq.core.settings import Settings
+from dopq.server import authz
+from dopq.server.auth import Principal, Users
+from dopq.server.estimates import StartEstimates
+from dopq.server.fetch import OutputFetches
+from dopq.server.store import JobRow, Store
+from dopq.server.supervisor import Supervisor
+from dopq.server.views import Version, ViewCache, finished_delta, full_queue, queue_delta
+
+VIEW_TTL = 0.5  # seconds a shared view may be old (writes through the API show at once)
+HISTORY_CACHED = 1000  # finished jobs kept in the shared views
+WAITING = ", ".join(f"'{s.value}'" for s in sorted(WAITING_STATES))
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def job_view(row: JobRow, now: float) -> dict[str, Any]:
+    """A job as the API shows it: plain types, ISO 8601 UTC times."""
+    started, finished = row["started_at"], row["finished_at"]
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "user": row["user"],
+        "state": row["state"],
+        "num_gpus": row["num_gpus"],
+        "gpus": list(row["gpus"]),
+        "exit_code": row["exit_code"],
+        "error": row["error"] if row["state"] in ("failed", "cancelled") else None,
+        "submitted_at": iso(row["submitted_at"]),
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "image": None,  # image ids only in ``job`` for the owner and admins: an id reads the code
+        "container": row["container"],
+        "time_limit": row["time_limit"],
+        "priority": row["priority"],
+        "nice": row["nice"],
+        "held": row["held"],
+        "array_index": row["array_index"],
+        "array_parent": row["array_parent"],
+        "after": list(row["after"]),
+        "after_any": list(row["after_any"]),
+        "origin": row["origin"],
+        "wait_s": round(((started or finished or now) - row["submitted_at"]), 3)
+        if row["state"] != "cancelled" or started else None,
+        "run_s": round((finished or now) - started, 3) if started else None,
+    }
+
+
+class ViewBuilder:
+    """The views every client reads, built at most every ``VIEW_TTL`` and shared."""
+
+    def __init__(self, settings: Settings, store: Store, users: Users, workers: Supervisor,
+                 fetches: OutputFetches) -> None:
+        self.settings = settings
+        self.store = store
+        self.users = users
+        self.workers = workers
+        self.fetches = fetches
+        self.started_at = time.time()
+        self.cache = ViewCache(self._build, self._key, ttl=VIEW_TTL)
+        self.estimates = StartEstimates(store, iso)
+        self._write_gen: dict[str, int] = {}
+
+    # -- reads -----------------------------------------------------------------------
+    def wrote(self, who: Principal) -> None:
+        """``who`` changed something: build the views now, so every read after shows it."""
+        generation = self.cache.invalidate()
+        self._write_gen[who.name] = generation
+        self.cache.current(generation)
+
+    def view(self, who: Principal | None) -> Version:
+        return self.cache.current(self._write_gen.get(who.name, 0) if who else 0)
+
+    def snapshot(self, history_limit: int, since: int | None, who: Principal | None
+                 ) -> dict[str, Any]:
+        """All five views; with ``since`` (a version the client has) the queue as a delta."""
+        v = self.view(who)
+        now = time.time()
+        limit = max(1, min(int(history_limit), HISTORY_CACHED))
+        out: dict[str, Any] = {
+            "version": v.number, "now": now, "running": v.rest["running"],
+            "finished": v.rest["finished"][:limit], "users": v.rest["users"],
+            "system": v.rest["system"],
+        }
+        if since is None:
+            out["queued"] = full_queue(v, now)
+        else:
+            old = self.cache.find(int(since)) if since else None
+            out["queued_delta"] = queue_delta(old, v)
+            out["finished_delta"] = finished_delta(old, v)
+            out["history_limit"] = limit
+            del out["finished"]
+        return out
+
+    def history(self, limit: int, user: str | None, who: Principal | None
+                ) -> list[dict[str, Any]]:
+        limit = max(1, min(int(limit), 100000))
+        if user is None and limit <= HISTORY_CACHED:
+            return list(self.view(who).rest["finished"][:limit])
+        return self._history_rows(limit, user)
+
+    def _history_rows(self, limit: int, user: str | None) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = self.store.jobs(FINAL_STATES, user=user, include_hidden=False,
+                               order="finished_at", desc=True, limit=limit, light=True)
+        return [job_view(r, now) for r in rows]
+
+    def job(self, who: Principal, job_id: int) -> dict[str, Any]:
+        row = self.store.job(int(job_id))
+        view = job_view(row, time.time())
+        view["events"] = [
+            {"at": iso(e["at"]), "state": e["state"], "detail": e["detail"]}
+            for e in self.store.events(row["id"])
+        ]
+        # The spec holds the job's environment: only its owner and admins see it.
+        private = authz.may(who, authz.Action.SEE_PRIVATE, row["user"])
+        view["spec"] = row["spec"] if private else None
+        view["image"] = row["image"] if private else None
+        view["outputs"] = str(self.fetches.folders.path(row["user"], row["id"]))
+        shown = self.estimates.shown.get(row["id"]) if row["state"] == "queued" else None
+        view["expected_start"], view["reason"] = shown if shown else (None, None)
+        # Start estimates kept for the record: the first made, the last while it waited.
+        view["expected_start_first"] = iso(row.get("expected_start_first"))
+        view["expected_start_last"] = iso(row.get("expected_start_last"))
+        return view
+
+    def images(self, who: Principal) -> dict[str, Any]:
+        """What ``who`` may build from: the allowed bases and their own job images."""
+        rows = self.store.read(
+            "SELECT image, MAX(id) AS job, COUNT(*) AS jobs FROM jobs WHERE user = ?"
+            " AND image IS NOT NULL GROUP BY image ORDER BY job DESC LIMIT 100", (who.name,))
+        own = []
+        for r in rows:
+            try:
+                present = self.workers.runtime.image_exists(r["image"])
+            except DopqError:
+                present = None
+            own.append({"image": r["image"], "job": r["job"], "jobs": r["jobs"],
+                        "present": present})
+        return {"allowed_bases": list(self.settings.images.allowed_bases), "own": own,
+                "build_network": self.settings.build.network,
+                "build_time_limit": self.settings.build.time_limit}
+
+    def priorities(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        decision = self.workers.queue.last_decision
+        out = []
+        for e in decision.entries if decision else []:
+            if job_id is not None and e.id != int(job_id):
+                continue
+            out.append({"id": e.id, "position": e.position, "priority": round(e.priority, 3),
+                        "reason": str(e.reason), "factors": e.factors})
+        if job_id is not None and not out:
+            raise NotFound(f"job {job_id} is not queued")
+        return out
+
+    # -- building a version ------------------------------------------------------------
+    def _key(self) -> Any:
+        queue = self.workers.queue
+        return (self.store.data_version(), id(queue), queue.decision_seq,
+                self.workers.stats_version, int(time.time() // 5))
+
+    def _build(self, prev: Version | None) -> Version:
+        queue = self.workers.queue
+        with queue.decision_lock:
+            decision, seq = queue.last_decision, queue.decision_seq
+        entries = {e.id: e for e in decision.entries} if decision else {}
+        rows = self.store.read(
+            "SELECT id, name, user, state, num_gpus, submitted_at, time_limit, priority, nice,"
+            f" held, array_index, array_parent FROM jobs WHERE state IN ({WAITING})"
+        )
+        shown = self.estimates.update(decision, seq, [r[0] for r in rows if r[3] == "queued"])
+        old = prev.queued if prev is not None else {}
+        queued: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            jid, state, ts = r[0], r[3], r[5]
+            e = entries.get(jid) if state == "queued" else None
+            eta = shown.get(jid) if state == "queued" else None
+            o = old.get(jid)
+            row = {
+                "id": jid, "name": r[1], "user": r[2], "state": state, "num_gpus": r[4],
+                "submitted_at": o["submitted_at"] if o and o["submitted_ts"] == ts else iso(ts),
+                "submitted_ts": ts, "time_limit": r[6], "priority": r[7], "nice": r[8],
+                "held": bool(r[9]), "array_index": r[10], "array_parent": r[11],
+                "reason": eta[1] if eta else str(e.reason) if e
+                else ("Priority" if state == "queued" else "Building"),
+                "priority_value": round(e.priority, 1) if e else None,
+                "expected_start": eta[0] if eta else None,
+            }
+            queued[jid] = o if o == row else row  # unchanged rows stay the same object
+        order = [e.id for e in decision.entries if e.id in queued] if decision else []
+        placed = set(order)
+        order += sorted(j for j in queued if j not in placed)
+        running = self.store.jobs([JobState.RUNNING], light=True)
+        finished_rows = self._history_rows(HISTORY_CACHED, None)
+        old_finished = prev.finished if prev is not None else {}
+        finished = {}
+        for row in finished_rows:
+            o = old_finished.get(row["id"])
+            finished[row["id"]] = o if o == row else row
+        rest = {
+            "running": self._running_view(running),
+            "finished": [finished[r["id"]] for r in finished_rows],
+            "users": self._user_stats(),
+            "system": self._status(running),
+        }
+        return Version(self.cache.next_number(), 0.0, None, queued, order, rest,
+                       finished=finished, finished_order=[r["id"] for r in finished_rows])
+
+    def _running_view(self, running: list[JobRow]) -> list[dict[str, Any]]:
+        now = time.time()
+        stats, samples = self.workers.stats, self.workers.gpu_samples
+        out = []
+        for row in running:
+            v = job_view(row, now)
+            s = stats.get(row["id"]) or {}
+            v["cpu_percent"] = s.get("cpu")
+            v["memory_bytes"] = s.get("memory")
+            v["gpu_samples"] = [{"index": g, **samples.get(g, {})} for g in row["gpus"]]
+            out.append(v)
+        return out
+
+    def _status(self, running: list[JobRow]) -> dict[str, Any]:
+        now = time.time()
+        w = self.workers
+        holders = {}
+        for row in running:
+            for g in row["gpus"]:
+                holders[g] = (row["id"], row["user"])
+        queue = w.queue
+        external = queue.pool.external() if queue.is_alive() else set()
+        gpus = []
+        for g in w.gpu_info:
+            job = holders.get(g.index)
+            gpus.append({
+                "index": g.index, "name": g.name, "uuid": g.uuid, "memory_total": g.memory_total,
+                "job": job[0] if job else None, "user": job[1] if job else None,
+                "external": g.index in external,
+                **{k: v for k, v in w.gpu_samples.get(g.index, {}).items()
+                   if k != "memory_total"},
+            })
+        return {
+            "name": self.settings.server_name,
+            "version": __version__,
+            "queue_state": "paused" if queue.paused else (
+                "running" if queue.is_alive() else "stopped"),
+            "provider_state": "running" if w.provider_alive else "stopped",
+            "engine_state": "up" if queue.engine_up else "down",
+            "started_at": iso(self.started_at),
+            "uptime_s": round(now - self.started_at, 1),
+            "gpu_backend": w.gpu_backend.kind,
+            "gpu_mode": w.gpu_mode,
+            "gpus": gpus,
+            "counts": self.store.state_counts(),
+            "policy": self.settings.policy.policy,
+            "provider_restarts": w.provider_restarts,
+            "queue_restarts": w.queue_restarts,
+        }
+
+    def _user_stats(self) -> list[dict[str, Any]]:
+        now = time.time()
+        counts = self.store.counts_by_user()
+        weights = {**self.settings.policy.shares, **self.users.shares()}
+        snap = self.workers.queue.ledger.snapshot(now)
+        users = set(counts) | set(snap) | set(weights)
+        active = {u for u in users
+                  if counts.get(u, {}).get("queued") or counts.get(u, {}).get("running")}
+        standing = fair_shares(snap, active, weights)  # the policy's own numbers
+        out = []
+        for u in sorted(users):
+            c = counts.get(u, {})
+            mine = standing.get(u.lower())
+            out.append({
+                "user": u,
+                "queued": sum(c.get(s, 0) for s in WAITING_STATES),
+                "running": c.get("running", 0),
+                "finished": sum(c.get(s, 0) for s in FINAL_STATES),
+                "succeeded": c.get("succeeded", 0),
+                "failed": c.get("failed", 0),
+                "gpu_hours": round(snap.get(u, 0.0) / 3600.0, 4),
+                "weight": weights.get(u, 1.0),
+                "share": round(mine.share, 4) if mine else 0.0,
+                "fairshare": round(mine.factor, 4) if mine else 1.0,
+                "penalty": round(mine.penalty, 4) if mine else None,
+            })
+        return out
