@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import Pyro5.api
 import Pyro5.core
@@ -39,6 +39,7 @@ from dopq.core.errors import (
 from dopq.wire import tls
 from dopq.wire.protocol import IDEMPOTENT_CALLS, NS_PREFIX, SERIALIZER, TOKEN_ANNOTATION
 from dopq.wire.transport import SIGNED_MAX
+from dopq.wire.views import JobDetail, Snapshot
 
 CHUNK = 1 << 20
 STALE_AFTER = 5.0  # seconds; the server closes connections idle for server.idle_timeout
@@ -407,10 +408,11 @@ class Client:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
 
-    def wait(self, job_id: int, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+    def wait(self, job_id: int, timeout: float | None = None, poll: float = 0.5) -> JobDetail:
+        """The job once it ended, or as it is when ``timeout`` seconds have passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job: dict[str, Any] = self.call("job", job_id)
+            job: JobDetail = self.call("job", job_id)
             if job["state"] in ("succeeded", "failed", "cancelled"):
                 return job
             if deadline is not None and time.monotonic() >= deadline:
@@ -453,7 +455,7 @@ class SnapshotFollower:
             rows[r["id"]] = r
         return order if delta["order"] is None else list(delta["order"])
 
-    def update(self) -> dict[str, Any]:
+    def update(self) -> Snapshot:
         try:
             snap: dict[str, Any] = self.client.call("snapshot", self.history_limit, self.version)
         except DopqError:
@@ -461,7 +463,7 @@ class SnapshotFollower:
             raise
         delta = snap.pop("queued_delta", None)
         if delta is None:  # a server (or a stand-in) without deltas
-            return snap
+            return cast(Snapshot, snap)
         self._order = self._merge(self._rows, self._order, delta)
         done = snap.pop("finished_delta", None)
         if done is not None:
@@ -480,4 +482,4 @@ class SnapshotFollower:
             queued.append(q)
         snap["queued"] = queued
         self.version = int(snap["version"])
-        return snap
+        return cast(Snapshot, snap)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from dopq.core.eta import start_text
 from dopq.core.jobs import format_duration
 from dopq.core.text import printable
 
-Row = dict[str, Any]
+Row = Mapping[str, Any]  # a view's row (dopq.wire.views), read only
 LEFT = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter
 RIGHT = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
 

@@ -4,7 +4,7 @@ the small message-box helpers every command goes through (tests patch these)."""
 from __future__ import annotations
 
 import getpass
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from PySide6.QtCore import Signal
@@ -101,7 +101,7 @@ class EditQueuedDialog(QDialog):
         lay.addWidget(hint)
         lay.addWidget(self.panel, 1)
         lay.addLayout(row)
-        self.may_act: Callable[[list[dict[str, Any]]], bool] = lambda _rows: True
+        self.may_act: Callable[[list[Mapping[str, Any]]], bool] = lambda _rows: True
         self.set_admin(admin)
         self.panel.select_keys(selected)
         self._selection_changed()

@@ -20,7 +20,7 @@ window from the style sheet.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from PySide6.QtCore import (
@@ -294,7 +294,7 @@ def _runs(rows: list[int]) -> list[list[int]]:
     return runs
 
 
-def may_act(whoami: dict[str, Any], rows: Sequence[Row]) -> bool:
+def may_act(whoami: Mapping[str, Any], rows: Sequence[Row]) -> bool:
     """Whether the signed-in user may cancel or edit all these jobs: theirs, or any as admin."""
     if whoami.get("role") == "admin":
         return True

@@ -8,10 +8,10 @@ are shown in a message box (``dialogs.show_error``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
+from PySide6.QtCore import QSettings, QTimer, Signal
 from PySide6.QtGui import QCloseEvent, QShowEvent
 from PySide6.QtWidgets import (
     QDialog,
@@ -25,17 +25,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from dopq.client.gui import actions, dialogs
+from dopq.client.gui import actions, dialogs, layout
 from dopq.client.gui.compat import emit
 from dopq.client.gui.models import MODEL_CLASSES, RowModel, may_act
 from dopq.client.gui.style import StateColors, StyleManager, resolve_style
 from dopq.client.gui.trust import TrustKeeper
-from dopq.client.gui.viewthread import HISTORY_LIMIT, VIEWS, Runner, ViewThread, one_line
+from dopq.client.gui.viewthread import HISTORY_LIMIT, Runner, ViewThread, one_line
 from dopq.client.gui.widgets import SystemPanel, TablePanel
-
-TITLES = {"running": "Running", "queued": "Queued", "finished": "Finished",
-          "users": "Users", "system": "System"}
-LAYOUT_VERSION = 1
+from dopq.wire.views import Snapshot, StatusView, WhoAmI
 
 
 class Pipeline(QMainWindow):
@@ -56,7 +53,7 @@ class Pipeline(QMainWindow):
         self.poll_interval = poll_interval
         self.settings = settings if settings is not None else QSettings("dopq", "dopq-gui")
         self.ask_login = ask_login
-        self.whoami: dict[str, Any] = {}
+        self.whoami: dict[str, Any] = {}  # a WhoAmI; empty while signed out
         self.server_name = ""
         self.state = "connecting"
         self.refreshes = 0
@@ -65,7 +62,6 @@ class Pipeline(QMainWindow):
         self._job_dialogs: dict[int, dialogs.JobDialog] = {}
         self._last_view = ""  # the job view whose selection the job commands act on
         self._edit_dialog: dialogs.EditQueuedDialog | None = None
-        self._layout_restored = False  # a remembered layout was put back
         self._sized = False  # the default dock sizes were applied
 
         self.models: dict[str, RowModel] = {n: cls(self) for n, cls in MODEL_CLASSES.items()}
@@ -75,7 +71,10 @@ class Pipeline(QMainWindow):
         self.styles.applied.connect(self._style_applied)
         self.styles.failed.connect(lambda msg: self.statusBar().showMessage(msg, 10000))
 
-        self._build_docks()
+        self.panels: dict[str, TablePanel] = {}
+        self.docks: dict[str, QDockWidget] = {}
+        self.system_panel: SystemPanel
+        layout.build_docks(self)
         self.act, self.theme_actions = actions.build_actions(self)
         self.admin_actions = ("clear_history", "clear_status", "shutdown")
         actions.build_menus(self)
@@ -96,53 +95,12 @@ class Pipeline(QMainWindow):
         self.trust = TrustKeeper(self, ask_login)  # unknown or changed certificates
 
         self.styles.load(style_path or str(self.settings.value("style", "") or "") or None)
-        self._default_state = self.saveState(LAYOUT_VERSION)
-        self._restore_layout()
+        self._default_state = self.saveState(layout.VERSION)
+        self._layout_restored = layout.restore(self)  # a remembered layout was put back
         self._set_live(False, "connecting", f"connecting to {self._target()}…")
         self._update_actions()
         if start:
             self.start()
-
-    # -- construction ----------------------------------------------------------------------
-    def _build_docks(self) -> None:
-        self.panels: dict[str, TablePanel] = {}
-        self.docks: dict[str, QDockWidget] = {}
-        self.system_panel = SystemPanel(self.models["system"], self)
-        for name in VIEWS:
-            widget: QWidget
-            if name == "system":
-                panel, widget = self.system_panel.table, self.system_panel
-            else:
-                panel = TablePanel(self.models[name], name, self)
-                widget = panel
-            self.panels[name] = panel
-            dock = QDockWidget(TITLES[name], self)
-            dock.setObjectName(f"{name}Dock")
-            dock.setWidget(widget)
-            self.docks[name] = dock
-        for name in ("running", "queued", "finished"):
-            self.panels[name].activated.connect(self.open_job)
-        self.setDockNestingEnabled(True)
-        d = self.docks
-        # the three job tables (many columns) on the left, System and Users on the right
-        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, d["running"])
-        self.splitDockWidget(d["running"], d["queued"], Qt.Orientation.Vertical)
-        self.splitDockWidget(d["queued"], d["finished"], Qt.Orientation.Vertical)
-        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, d["system"])
-        self.splitDockWidget(d["system"], d["users"], Qt.Orientation.Vertical)
-
-    def _default_sizes(self) -> None:
-        """Share the window between the docks (once laid out: before, Qt ignores it)."""
-        d = self.docks
-        width, height = max(self.width(), 800), max(self.height(), 500)
-        left = int(width * 0.6)
-        self.resizeDocks([d["running"], d["system"]], [left, width - left],
-                         Qt.Orientation.Horizontal)
-        self.resizeDocks([d["running"], d["queued"], d["finished"]],
-                         [int(height * 0.27), int(height * 0.33), int(height * 0.40)],
-                         Qt.Orientation.Vertical)
-        self.resizeDocks([d["system"], d["users"]], [int(height * 0.42), int(height * 0.58)],
-                         Qt.Orientation.Vertical)
 
     # -- polling ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -157,7 +115,7 @@ class Pipeline(QMainWindow):
     def thread_poke(self) -> None:
         self.poller.poke()
 
-    def apply_snapshot(self, snap: dict[str, Any]) -> None:
+    def apply_snapshot(self, snap: Snapshot) -> None:
         """Apply one whole snapshot now, as a poll would (benchmarks, tests)."""
         self._apply_whoami(snap.get("whoami") or {})
         for name in ("running", "queued", "finished", "users"):
@@ -165,12 +123,12 @@ class Pipeline(QMainWindow):
         self._apply_system(snap["system"])
         self._cycle_done(0)
 
-    def _apply_whoami(self, who: dict[str, Any]) -> None:
+    def _apply_whoami(self, who: WhoAmI | Mapping[str, Any]) -> None:
         if who != self.whoami:
             self.whoami = dict(who)
             self._update_actions()
 
-    def _apply_system(self, status: dict[str, Any]) -> None:
+    def _apply_system(self, status: StatusView) -> None:
         self.models["system"].apply(status.get("gpus") or [])
         self.system_panel.summary.show_status(status)
         self.server_name = str(status.get("name") or self.server_name)
@@ -463,32 +421,17 @@ class Pipeline(QMainWindow):
     def _target(self) -> str:
         return str(getattr(self.client, "server", None) or "the DoPQ server")
 
-    # -- layout memory ---------------------------------------------------------------------
-    def _restore_layout(self) -> None:
-        s = self.settings
-        geometry = s.value("window/geometry")
-        if isinstance(geometry, QByteArray | bytes):
-            self.restoreGeometry(geometry)
-        state = s.value("window/state")
-        if isinstance(state, QByteArray | bytes):
-            self._layout_restored = self.restoreState(state, LAYOUT_VERSION)
-        for name, panel in self.panels.items():
-            header = s.value(f"tables/{name}")
-            if isinstance(header, QByteArray | bytes):
-                panel.restore_header(header)
+    # -- layout ----------------------------------------------------------------------------
+    def _default_sizes(self) -> None:
+        layout.default_sizes(self)
 
     def save_layout(self) -> None:
-        s = self.settings
-        s.setValue("window/geometry", self.saveGeometry())
-        s.setValue("window/state", self.saveState(LAYOUT_VERSION))
-        for name, panel in self.panels.items():
-            s.setValue(f"tables/{name}", QByteArray(panel.header_state()))
-        s.sync()
+        layout.save(self)
 
     def reset_layout(self) -> None:
         for dock in self.docks.values():
             dock.show()
-        self.restoreState(self._default_state, LAYOUT_VERSION)
+        self.restoreState(self._default_state, layout.VERSION)
         self._default_sizes()
 
     def showEvent(self, event: QShowEvent) -> None:

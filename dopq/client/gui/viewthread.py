@@ -18,7 +18,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slot
@@ -27,6 +27,7 @@ from dopq.client.gui.compat import emit
 from dopq.client.remote import SnapshotFollower
 from dopq.core.errors import DopqError, NotAuthenticated, ServerIdentityChanged, UnknownServer
 from dopq.core.text import printable
+from dopq.wire.views import Snapshot
 
 VIEWS = ("running", "queued", "finished", "users", "system")
 HISTORY_LIMIT = 1000
@@ -128,7 +129,7 @@ class ViewThread(QThread):
                 return
             delay = self.interval
             try:
-                snap = self.fetch()
+                snap: Mapping[str, Any] = self.fetch()
                 views = {name: snap[name] for name in VIEWS}
                 whoami = snap.get("whoami") or {}
             except (UnknownServer, ServerIdentityChanged) as exc:
@@ -161,12 +162,11 @@ class ViewThread(QThread):
                 emit(self.cycle_done, cycle)
             self._pause(delay)
 
-    def fetch(self) -> dict[str, Any]:
+    def fetch(self) -> Snapshot:
         """One snapshot: after the first, only the queued jobs that changed travel."""
         if self._follower is None or self._follower.client is not self.client:
             self._follower = SnapshotFollower(self.client, self.history_limit)
-        snap: dict[str, Any] = self._follower.update()
-        return snap
+        return self._follower.update()
 
     def _reconnect(self) -> None:
         """Drop this thread's connection, so the next poll looks the server up again.

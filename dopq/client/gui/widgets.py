@@ -23,6 +23,7 @@ from dopq.client.gui.columns import fmt_time
 from dopq.client.gui.compat import emit
 from dopq.client.gui.models import FilterProxy, RowModel
 from dopq.core.jobs import format_duration
+from dopq.wire.views import StatusView
 
 TITLE_MARGIN = 26  # pixels beside a column title: the section's padding and a sort arrow
 
@@ -177,7 +178,7 @@ class SummaryPanel(QWidget):
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(3, 1)
 
-    def show_status(self, s: dict[str, Any]) -> None:
+    def show_status(self, s: StatusView) -> None:
         counts = s.get("counts") or {}
         provider = s.get("provider_state")
         if provider and s.get("provider_restarts"):
