@@ -1,11 +1,31 @@
-"""DoPQ, the Docker Priority Queue.
+"""DoPQ, the Docker Priority Queue: a fair-share GPU job server.
 
-Layers, imported one way only:
-    core (errors, settings, jobs, spec, archive, policy, gpus)
-      <- store / runtime / provider
-      <- server (queue thread, DataPlatform)
-      <- api (Pyro5 Controller)
-      <- client <- cli / gui
+Four layers; imports go down only, never up, and the client and the server
+never import each other (``lint-imports`` checks it: pyproject.toml):
+
+    dopq.cli        the ``dopq`` command: hands the server host's commands
+                    (``dopq.server.host_commands``) to the client's parser
+        |
+    dopq.client     what runs on a user's machine: ``remote`` (the ``Client``,
+        |           over Pyro5), the CLI's commands (``commands``,
+        |           ``job_commands``, ...) and the desktop GUI (``gui``)
+    dopq.server     what runs on the GPU host: the store (SQLite), the runtime
+        |           (Docker), the provider, the queue thread, the platform,
+        |           the API; the only layer that loads docker-py
+    dopq.wire       what both sides share: the protocol (serializer, token,
+        |           error classes, retryable calls), the views' shapes, TLS,
+        |           the guarded transport
+    dopq.core       pure decisions and checks, no Docker, no network: jobs,
+                    spec, policy, scheduler, usage, settings, errors, archive,
+                    eta, simulate, the terminal's console
+
+The seed's names, where they live now:
+    Provider             dopq/server/provider.py   archives in, images built, jobs queued
+    PriorityQueueThread  dopq/server/queue.py      the priority queue's thread
+    DataPlatform         dopq/server/platform.py   the server's state and commands
+    Controller           dopq/server/api.py        the Pyro5 API
+    ViewThread           dopq/client/gui/viewthread.py   the GUI's poller
+    Pipeline             dopq/client/gui/pipeline.py     the GUI's main window
 """
 
 __version__ = "2.0.0"
