@@ -1,5 +1,9 @@
-"""The authorisation matrix: every Controller method x every kind of caller.
+"""The authorisation rules wired end to end: a few API methods x every kind of caller.
 
+Every method against every rule is tests/test_authz.py, a pure table; here a
+selection, one or more per part that asks the rules (the API's sign-in, the
+uploads, the job logs, the commands, the edits inside the store's transaction,
+the output fetches, the account commands), runs through a real server.
 Callers: anonymous (no token), a bad token, an expired token, the owner of the
 jobs (alice), another user (bob) and an admin (root). One server serves the
 whole module; every cell gets fresh tokens and, when it destroys something,
@@ -7,14 +11,13 @@ fresh targets. A refused cell must raise the right ``AuthError`` subclass with
 a one-line message and leave the store's tables as they were; an allowed cell
 must work and, for an admin command, add exactly one audit row.
 
-Fixture jobs, all alice's: one finished, three running (``sleep 600``) and a
-pool of queued ones that wait for the first running job, so they stay queued.
+Fixture jobs, all alice's: one finished, one running (``sleep 600``) and a
+pool of queued ones that wait for the running one, so they stay queued.
 ``shutdown`` by the admin ends the server, so it runs last, in its own test.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 import secrets
 import time
@@ -63,7 +66,7 @@ class World:
                                  ("done", "echo finished-output"))
         }
         self.finished = self.submit("done")
-        self.running = [self.submit("sleeper", name=f"running-{i}") for i in range(3)]
+        self.running = [self.submit("sleeper", name=f"running-{i}") for i in range(1)]
         self.pool = [self.submit("waiting", after=[self.running[0]]) for _ in range(6)]
         wait_for(lambda: self.state(self.finished) == "succeeded", 90)
         wait_for(lambda: "finished-output" in self.platform.logs(ALICE, self.finished)["data"])
@@ -96,11 +99,6 @@ class World:
             wait_for(lambda: self.state(extra) == "queued", 60)
             self.pool.append(extra)
         return self.pool.pop()
-
-    def new_user(self) -> str:
-        name = "tmp" + uuid.uuid4().hex[:8]
-        self.users.add(name, "temporary-pw", Role.USER)
-        return name
 
     # -- callers ----------------------------------------------------------------------
     def client(self, principal: str) -> Client:
@@ -199,7 +197,6 @@ def _rule(other: Any, owner: Any, admin: Any) -> dict[str, Any]:
             "expired": NotAuthenticated, "other": other, "owner": owner, "admin": admin}
 
 
-NO_TOKEN_NEEDED = {p: OK for p in PRINCIPALS}
 SIGNED_IN = _rule(OK, OK, OK)
 OWN_OR_ADMIN = _rule(Forbidden, OK, OK)
 ADMIN_ONLY = _rule(Forbidden, Forbidden, OK)
@@ -238,10 +235,6 @@ def edit_args(action: str, delta: int | None = None, ends_job: bool = False,
     return args
 
 
-def time_limit_args(w: World, p: str) -> tuple[Any, ...]:
-    return ([w.live_queued()], "time_limit", "30m")
-
-
 def fetch_of_alice(w: World, p: str) -> tuple[Any, ...]:
     return (w.platform.fetches.begin("alice", "alice", w.finished).id, 0)
 
@@ -262,24 +255,6 @@ def check_edit(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
         assert row["top"] > 0
 
 
-def check_logout(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
-    assert r == {"logged_out": True}
-    with pytest.raises(NotAuthenticated, match="invalid token"):
-        c.call("whoami")
-
-
-def check_login(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
-    assert r["user"] == "alice" and r["role"] == "user"
-    assert r["expires_at"] > time.time() + 3600
-    assert w.users.principal_for(r["token"]) == ALICE
-
-
-def check_finish(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
-    assert r["user"] == "alice" and r["origin"] == "api"
-    wait_for(lambda: w.state(r["id"]) == "queued", 60)
-    w.pool.append(r["id"])
-
-
 def check_cancel(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
     assert r["id"] == a[0]
     wait_for(lambda: w.state(a[0]) == "cancelled", 60)
@@ -291,21 +266,11 @@ def check_clear_history(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client)
     assert w.finished not in [j["id"] for j in w.platform.history()]
 
 
-def check_clear_status(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
-    assert r == {"reset": "all"}
-    assert w.snapshot()["usage"] == {}
-
-
 def check_passwd(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
     assert r == {"user": a[0]}
     assert w.users.authenticate(a[0], a[1]).name == a[0]
     live = w.store.read("SELECT 1 FROM tokens WHERE user = ? AND revoked = 0", (a[0],))
     assert not live, "a new password must revoke the user's tokens"
-
-
-def check_revoke(w: World, r: Any, a: tuple[Any, ...], p: str, c: Client) -> None:
-    assert r["revoked"] >= 1
-    assert not w.store.read("SELECT 1 FROM tokens WHERE user = 'alice' AND revoked = 0")
 
 
 def R(check: Callable[[World, Any, tuple[Any, ...], str], bool]) -> Check:  # noqa: N802
@@ -320,100 +285,38 @@ def R(check: Callable[[World, Any, tuple[Any, ...], str], bool]) -> Check:  # no
 UPLOAD_SIZE = 100
 
 CASES: list[Case] = [
-    Case("ping", "", none, NO_TOKEN_NEEDED, R(lambda w, r, a, p: r["name"] ==
-                                              w.run.settings.server_name)),
-    Case("login", "", lambda w, p: ("alice", PASSWORDS["alice"]), NO_TOKEN_NEEDED,
-         check_login),
-    Case("login", "wrong-password", lambda w, p: ("alice", "not-her-password"),
-         {p: NotAuthenticated for p in PRINCIPALS}, match="wrong user name or password"),
-    Case("logout", "", none, SIGNED_IN, check_logout),
     Case("whoami", "", none, SIGNED_IN,
          R(lambda w, r, a, p: r["user"] == NAME_OF[p] and
            r["role"] == ("admin" if p == "admin" else "user"))),
-    Case("submit_begin", "", lambda w, p: (UPLOAD_SIZE, {}), SIGNED_IN,
-         R(lambda w, r, a, p: isinstance(r, str) and len(r) == 32)),
+    Case("job", "", queued, SIGNED_IN,
+         R(lambda w, r, a, p: r["id"] == a[0] and r["events"]
+           and (r["spec"] is not None) is (p in ("owner", "admin")))),
     Case("submit_begin", "as-alice", lambda w, p: (UPLOAD_SIZE, {"user": "alice"}),
          OWN_OR_ADMIN, R(lambda w, r, a, p: w.platform.uploads.pending[r].user == "alice")),
     Case("submit_chunk", "", lambda w, p: (w.platform.begin_upload(ALICE, 100, {}), b"x" * 10),
          OWN_OR_ADMIN, R(lambda w, r, a, p: r == 10)),
-    Case("submit_finish", "",
-         lambda w, p: (w.upload("waiting", after=[w.running[0]], name=f"finish-{p}"),),
-         OWN_OR_ADMIN, check_finish),
-    Case("submit_abort", "", lambda w, p: (w.upload(),), OWN_OR_ADMIN,
-         R(lambda w, r, a, p: r == {"aborted": a[0]} and a[0] not in w.platform.uploads.pending)),
-    Case("job", "", queued, SIGNED_IN,
-         R(lambda w, r, a, p: r["id"] == a[0] and r["user"] == "alice" and r["events"])),
-    Case("queue", "", none, SIGNED_IN,
-         R(lambda w, r, a, p: w.live_queued() in [j["id"] for j in r])),
-    Case("running", "", none, SIGNED_IN,
-         R(lambda w, r, a, p: w.running[0] in [j["id"] for j in r])),
-    Case("history", "", lambda w, p: (50,), SIGNED_IN, R(lambda w, r, a, p: isinstance(r, list))),
-    Case("status", "", none, SIGNED_IN,
-         R(lambda w, r, a, p: r["counts"]["running"] >= 1 and len(r["gpus"]) == 2)),
-    Case("users", "", none, SIGNED_IN,
-         R(lambda w, r, a, p: {"alice", "bob", "root"} <= {u["user"] for u in r})),
-    Case("images", "", none, SIGNED_IN,
-         R(lambda w, r, a, p: r["allowed_bases"] == w.run.settings.images.allowed_bases
-           and all(o["job"] for o in r["own"]))),
-    Case("priority", "", none, SIGNED_IN,
-         R(lambda w, r, a, p: w.live_queued() in [e["id"] for e in r])),
-    Case("snapshot", "", lambda w, p: (20,), SIGNED_IN,
-         R(lambda w, r, a, p: r["whoami"]["user"] == NAME_OF[p] and r["running"])),
     Case("logs", "", lambda w, p: (w.finished, "run"), OWN_OR_ADMIN,
          R(lambda w, r, a, p: "finished-output" in r["data"])),
     Case("cancel", "queued", lambda w, p: (consumed_if_allowed(OWN_OR_ADMIN)(w, p),),
          OWN_OR_ADMIN, check_cancel, audited=True),
-    Case("edit", "delete", edit_args("delete", ends_job=True, expect=OWN_OR_ADMIN),
-         OWN_OR_ADMIN, check_edit, audited=True),
-    Case("edit", "priority-lower", edit_args("priority", -1), OWN_OR_ADMIN, check_edit,
-         audited=True),
-    # Users lower their own priority and restore it up to 0; above 0 is the admins'.
-    Case("edit", "priority-restore", edit_args("priority", +1, high=0), OWN_OR_ADMIN,
-         check_edit, audited=True),
     Case("edit", "priority-above-0", edit_args("priority", +1, low=1), ADMIN_ONLY, check_edit,
-         audited=True),
-    Case("edit", "nice-raise", edit_args("nice", +1), OWN_OR_ADMIN, check_edit, audited=True),
-    Case("edit", "nice-lower", edit_args("nice", -1), ADMIN_ONLY, check_edit, audited=True),
-    # Users hold and release their own jobs; a hold an admin put on stays the admins'.
-    Case("edit", "hold", edit_args("hold"), OWN_OR_ADMIN, check_edit, audited=True),
-    Case("edit", "release", edit_args("release", held=1), OWN_OR_ADMIN, check_edit,
          audited=True),
     Case("edit", "release-admin-hold", edit_args("release", held=2), ADMIN_ONLY, check_edit,
          audited=True),
-    Case("edit", "time-limit", time_limit_args, OWN_OR_ADMIN, check_edit, audited=True),
-    Case("array", "", queued, SIGNED_IN, R(lambda w, r, a, p: r == [])),
+    Case("edit", "top", edit_args("top"), ADMIN_ONLY, check_edit, audited=True),
     Case("outputs_begin", "", lambda w, p: (w.finished,), OWN_OR_ADMIN,
          R(lambda w, r, a, p: len(r["fetch"]) == 32 and r["size"] > 0), audited=True),
     Case("outputs_chunk", "", fetch_of_alice, _rule(Forbidden, OK, Forbidden),
          R(lambda w, r, a, p: r[:2] == b"PK")),
-    Case("outputs_end", "", lambda w, p: fetch_of_alice(w, p)[:1], _rule(Forbidden, OK, Forbidden),
-         R(lambda w, r, a, p: r == {"ended": a[0]})),
-    Case("edit", "top", edit_args("top"), ADMIN_ONLY, check_edit, audited=True),
     Case("clear_history", "", none, ADMIN_ONLY, check_clear_history, audited=True),
-    Case("clear_status", "", none, ADMIN_ONLY, check_clear_status, audited=True),
-    Case("set_share", "", lambda w, p: ("bob", 2.0), ADMIN_ONLY,
-         R(lambda w, r, a, p: w.users.get("bob")["share"] == 2.0), audited=True),
     Case("audit", "", lambda w, p: (500,), ADMIN_ONLY,
          R(lambda w, r, a, p: r and all(row["actor"] == "root" for row in r))),
-    Case("user_list", "", none, SIGNED_IN,
-         R(lambda w, r, a, p: {"alice", "bob", "root"} <= {u["name"] for u in r}
-           and not any("pw_hash" in u for u in r))),
     Case("user_add", "", lambda w, p: ("new" + uuid.uuid4().hex[:8], "password-123"),
          ADMIN_ONLY, R(lambda w, r, a, p: w.users.get(a[0])["role"] == "user"), audited=True),
-    Case("user_remove", "", lambda w, p: (w.new_user(),), ADMIN_ONLY,
-         R(lambda w, r, a, p: w.users.get(a[0]) is None), audited=True),
-    Case("user_passwd", "self", lambda w, p: (NAME_OF.get(p, "alice"),
-                                             PASSWORDS[NAME_OF.get(p, "alice")]),
-         SIGNED_IN, check_passwd, audited=True),
     Case("user_passwd", "of-alice", lambda w, p: ("alice", PASSWORDS["alice"]), OWN_OR_ADMIN,
          check_passwd, audited=True),
-    Case("revoke_tokens", "", lambda w, p: ("alice",), ADMIN_ONLY, check_revoke, audited=True),
     # The admin's shutdown is test_admin_shutdown_ends_the_server, at the end.
     Case("shutdown", "", lambda w, p: (False,), ADMIN_ONLY, audited=True),
-    # Ends running jobs: the owner cancels one, the admin another (the first one
-    # stays, as the dependency that keeps the pool queued).
-    Case("cancel", "running", lambda w, p: (w.running[1] if p == "owner" else w.running[2],),
-         OWN_OR_ADMIN, check_cancel, audited=True),
 ]
 SEPARATE = {("shutdown", "admin")}
 CELLS = [
@@ -422,16 +325,10 @@ CELLS = [
 ]
 
 
-def test_the_matrix_covers_every_controller_method() -> None:
-    public = {
-        name for name, _ in inspect.getmembers(Controller, inspect.isfunction)
-        if not name.startswith("_")
-    }
-    assert {c.method for c in CASES} == public
+def test_the_cells_name_real_methods_and_every_caller() -> None:
     for case in CASES:
+        assert callable(getattr(Controller, case.method, None)), case.id
         assert set(case.expect) == set(PRINCIPALS), case.id
-    cells = {(c.values[0].method, c.values[1]) for c in CELLS}
-    assert {(m, p) for m in public for p in PRINCIPALS} - cells == SEPARATE
 
 
 @pytest.mark.parametrize(("case", "principal"), CELLS)
