@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from dopq.core.errors import Conflict, DopqError, JobRejected
+from dopq.core.jobs import FINAL_STATES
 from dopq.core.settings import Settings
 from dopq.core.spec import check_overrides
 from dopq.server import authz
@@ -152,7 +153,7 @@ class JobCommands:
         """Zip a finished job's ``/outdir`` for fetching in chunks (``dopq.server.fetch``)."""
         row = self.store.job(int(job_id))
         authz.require(who, Action.FETCH_OUTPUTS, row["user"], job=row["id"])
-        if row["state"] not in ("succeeded", "failed", "cancelled"):
+        if row["state"] not in FINAL_STATES:
             raise Conflict(f"job {row['id']} is {row['state']}: its outputs can be "
                            "fetched once it has ended")
         audit(self.store, who, Action.FETCH_OUTPUTS, f"job {row['id']} of {row['user']}",
