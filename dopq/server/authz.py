@@ -72,6 +72,8 @@ EDITS = {
     "time_limit": Action.EDIT_TIME_LIMIT, "top": Action.EDIT_TOP,
 }
 
+JOB_EDITS = frozenset(EDITS.values()) - ADMIN_ONLY  # a user's own waiting jobs
+
 
 def _admin_only(action: Action) -> str:
     return f"{ADMIN_WORDS.get(action, action.value)} needs the admin role"
@@ -121,7 +123,7 @@ def refusal(who: Principal | None, action: Action, owner: str | None = None,
         return None
     if action is Action.SUBMIT:
         return _submit(who, facts)
-    if action.name.startswith("EDIT_"):
+    if action in JOB_EDITS:
         return _edit(who, action, owner, facts)
     if action is Action.READ_FETCH:  # a download in flight is its asker's alone
         return None if owner == who.name else "not your fetch"
