@@ -49,7 +49,7 @@ OUTAGE_AFTER = 5.0  # ... and this long after it ended
 USAGE_SAVE_EVERY = 15.0
 CANCELLED_PREFIX = "cancelled"
 TIMEOUT = "timeout"
-OUTPUT_LIMIT = "output limit"  # the prefix of dopq.server.outputs' stop reason
+OUTPUT_LIMIT = "wrote more than limits.max_output"  # dopq.server.outputs starts its reason so
 OOM = "out of memory (killed at the memory limit)"
 HISTORY = 1000  # finished users the recency policy looks at (exp(-1000) is nothing)
 

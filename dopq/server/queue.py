@@ -1,59 +1,47 @@
-"""The priority-queue thread: starts containers in priority order on free GPUs.
+"""The priority-queue thread: drives the scheduler and carries out what it says.
+
+All decisions (who starts on which GPUs, how a container's end is
+classified, time limits, cancels, recovery) live in the pure
+:class:`dopq.core.scheduler.Scheduler`. This thread turns what happens in the
+store and the engine into the scheduler's events and carries its
+instructions out: a state change is committed to the store with
+compare-and-set (a refused start goes back to the scheduler), then Docker is
+acted on. A container exit is recorded (and its GPUs freed) before its log is
+saved and the container removed, which happens on a worker thread.
 
 Event-driven: a job becoming ready, a container exiting, a cancel, an edit or
 a GPU freeing calls ``wake()``, and the thread decides at once. It also wakes
-for the next deadline (a time limit) and every few seconds to reconcile with
-the engine. Decisions come from the pure ``dopq.core.policy.decide``; this thread
-only carries them out: it commits each change to the store, then acts on
-Docker. A container exit is recorded (and its GPUs freed) before its log is
-saved and the container removed, which happens on a worker thread.
+for the scheduler's next deadline and every few seconds to reconcile with the
+engine.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from dopq.core import policy as policy_mod
-from dopq.core.errors import Conflict, DopqError, EngineUnavailable
-from dopq.core.jobs import ACTIVE_STATES, JobState
+from dopq.core import scheduler as sc
+from dopq.core.capacity import Capacity, GpuPool
+from dopq.core.errors import DopqError, EngineUnavailable
+from dopq.core.jobs import JobState
 from dopq.core.settings import Settings
 from dopq.core.usage import UsageLedger
-from dopq.server import hostfs, outputs
-from dopq.server.gpus import GpuPool
-from dopq.server.images import cache_tag, job_tag, owner_tag_pattern
-from dopq.server.runtime import (
-    LABEL_INSTANCE,
-    LABEL_JOB,
-    LABEL_OWNER,
-    LABEL_USER,
-    ContainerRuntime,
-    ContainerSpec,
-)
+from dopq.server import outputs
+from dopq.server.containers import container_name, container_spec
+from dopq.server.housekeeping import Housekeeper
+from dopq.server.runtime import ContainerRuntime, ContainerSpec
 from dopq.server.store import JobRow, Store
 
 log = logging.getLogger("dopq.server.queue")
 
 RECONCILE_EVERY = 3.0  # seconds between full comparisons with the engine
 FULL_REFRESH_EVERY = 60.0  # seconds between full reads of the queued jobs
-USAGE_SAVE_EVERY = 15.0
-
-SIGNAL_EXITS = (137, 143)  # SIGKILL, SIGTERM
-DEFER_SIGNAL_EXIT = 3.0
-CANCELLED_PREFIX = "cancelled"
-TIMEOUT = "timeout"
-
-
-def policy_config(settings: Settings, shares: dict[str, float]) -> policy_mod.PolicyConfig:
-    """The settings' policy with the weights in the store over those of the file."""
-    return dataclasses.replace(settings.policy, shares={**settings.policy.shares, **shares})
 
 
 def queued_job(row: JobRow) -> policy_mod.QueuedJob:
@@ -65,10 +53,12 @@ def queued_job(row: JobRow) -> policy_mod.QueuedJob:
     )
 
 
-def running_job(row: JobRow) -> policy_mod.RunningJob:
-    return policy_mod.RunningJob(
+def running_job(row: JobRow) -> sc.Running:
+    """A stored running job as the scheduler tracks it (with its stop reason)."""
+    return sc.Running(
         id=row["id"], user=row["user"], num_gpus=row["num_gpus"], gpus=tuple(row["gpus"]),
-        started_at=row["started_at"] or time.time(), time_limit=row["time_limit"],
+        started_at=row["started_at"], time_limit=row["time_limit"],
+        container=row["container"], error=row["error"],
     )
 
 
@@ -90,38 +80,67 @@ class PriorityQueueThread(threading.Thread):
         self.runtime = runtime
         self.gpu_mode = gpu_mode
         self.clock = clock
-        self.pool = GpuPool(gpu_indices)
         self.instance = settings.docker.name_prefix
         self.owner = store.owner_id()
-        self.ledger = UsageLedger(settings.policy.half_life, store.load_usage())
+        self.scheduler = sc.Scheduler(
+            sc.SchedulerConfig(
+                policy=settings.policy, stop_grace=settings.docker.stop_grace,
+                requeue_on_engine_restart=settings.docker.requeue_on_engine_restart,
+            ),
+            Capacity.single(gpu_indices),
+            UsageLedger(settings.policy.half_life, store.load_usage()),
+        )
+        self.scheduler.shares = {}
+        # The scheduler is touched from API threads too (cancel, reset_usage);
+        # each event is handled whole under this lock, instructions outside it.
+        self._lock = threading.RLock()
         self._cond = threading.Condition()
         self._dirty = True
         self._exited: list[str] = []
         self._halt = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
-        self._queued: dict[int, policy_mod.QueuedJob] = {}
-        self._running: dict[int, JobRow] = {}
-        self._stopping_jobs: dict[int, float] = {}  # job -> when its stop was asked
-        self._collecting: set[int] = set()
         self.outputs = outputs.OutputFolders(settings)
-        self._sealed: set[int] = set()  # jobs whose outputs were sealed since start
+        self.house = Housekeeper(settings, store, runtime, self.owner, self.outputs)
         self._last_reconcile = 0.0
-        self._last_usage_save = 0.0
-        self._next_deadline: float | None = None
-        self._policy_wakeup: float | None = None
-        self._external: set[int] = set()
-        self._deferred: list[tuple[float, str]] = []
         self._event_mark = 0
         self._last_full_refresh = 0.0
-        self._engine_down_since: float | None = None
-        self._last_outage: tuple[float, float] | None = None
-        self.paused = False
-        self.engine_up = True
         self.last_decision: policy_mod.Decision | None = None
         self.decision_seq = 0
         self.decision_lock = threading.Lock()
         self.started_at = self.clock()
-        self.shares: dict[str, float] = {}
+
+    # -- the scheduler's state, as other code reads it --------------------------------------
+    @property
+    def pool(self) -> GpuPool:
+        return self.scheduler.pool
+
+    @property
+    def ledger(self) -> UsageLedger:
+        return self.scheduler.ledger
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return self.scheduler.shares or {}
+
+    @shares.setter
+    def shares(self, value: dict[str, float]) -> None:
+        self.scheduler.shares = dict(value)
+
+    @property
+    def paused(self) -> bool:
+        return self.scheduler.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.scheduler.paused = value
+
+    @property
+    def engine_up(self) -> bool:
+        return self.scheduler.engine_up
+
+    @engine_up.setter
+    def engine_up(self, value: bool) -> None:
+        self.scheduler.engine_up = value
 
     # -- signals from other threads -------------------------------------------
     def wake(self) -> None:
@@ -136,15 +155,18 @@ class PriorityQueueThread(threading.Thread):
             self._cond.notify()
 
     def set_external(self, busy: set[int]) -> None:
-        with self._cond:
-            if busy != self._external:
-                self._external = set(busy)
-                self._dirty = True
-                self._cond.notify()
+        with self._lock:
+            if frozenset(busy) == self.scheduler.external:
+                return
+            self._handle(sc.CapacityChanged(external=frozenset(busy)))
+        self.wake()
 
     def stop(self) -> None:
         self._halt.set()
         self.wake()
+
+    def engine_lost(self) -> None:
+        self._handle(sc.EngineDown())
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> None:
@@ -153,9 +175,9 @@ class PriorityQueueThread(threading.Thread):
             with self._cond:
                 if not self._dirty:
                     timeout = RECONCILE_EVERY
-                    for t in (self._next_deadline, self._policy_wakeup):
-                        if t is not None:
-                            timeout = min(timeout, max(0.0, t - self.clock()))
+                    t = self.scheduler.next_wakeup()
+                    if t is not None:
+                        timeout = min(timeout, max(0.0, t - self.clock()))
                     self._cond.wait(timeout)
                 self._dirty = False
                 exited, self._exited = self._exited, []
@@ -168,349 +190,117 @@ class PriorityQueueThread(threading.Thread):
             except Exception:  # noqa: BLE001 - the queue thread must not die
                 log.error("queue step failed\n%s", traceback.format_exc())
                 self._halt.wait(0.5)
-        self._save_usage(self.clock())
+        self._save_usage()
         self._workers.shutdown(wait=True)
-
-    def engine_lost(self) -> None:
-        if self._engine_down_since is None:
-            self._engine_down_since = self.clock()
-        self.engine_up = False
-
-    def _engine_back(self, now: float) -> None:
-        if self._engine_down_since is not None:
-            log.warning("Docker engine is back after %.1f s", now - self._engine_down_since)
-            self._last_outage = (self._engine_down_since, now)
-            self._engine_down_since = None
-        self.engine_up = True
-
-    def _in_outage(self, finished_at: float | None) -> bool:
-        """Did a container end around an engine outage (stop, crash, restart)?"""
-        if self._engine_down_since is not None:
-            return True
-        if self._last_outage is None or finished_at is None:
-            return False
-        start, end = self._last_outage
-        return start - 30.0 <= finished_at <= end + 5.0
 
     def step(self, exited: list[str] | None = None) -> None:
         now = self.clock()
         for cid in exited or []:
             self._finish_container(cid)
-        for due, cid in list(self._deferred):
-            if due <= now:
-                self._deferred.remove((due, cid))
-                if self.runtime.ping():
-                    self._finish_container(cid, defer=False)
-                else:
-                    self.engine_lost()  # reconcile records it once the engine is back
         if now - self._last_reconcile >= RECONCILE_EVERY:
             self.reconcile()
             self._last_reconcile = now
         self._refresh_queued()
-        self._charge(now)
-        self._enforce_limits(now)
-        if not self.paused:
-            self._schedule(now)
+        self._carry_out(self._handle(sc.DeadlinesDue(), now))
+        self._tick(now)
 
-    # -- recovery and reconciliation --------------------------------------------------
-    def recover(self) -> None:
-        """Re-adopt running containers by label, record exits that happened meanwhile."""
-        try:
-            self.reconcile()
-            self.engine_up = True
-        except EngineUnavailable as exc:
-            self.engine_up = False
-            log.warning("engine down at start: %s", exc)
-            for row in self.store.jobs([JobState.RUNNING]):
-                self._adopt(row)
-        self._refresh_queued(full=True)
+    def _handle(self, event: sc.Event, now: float | None = None) -> list[sc.Instruction]:
+        with self._lock:
+            return self.scheduler.handle(event, self.clock() if now is None else now)
 
-    def reconcile(self) -> None:
-        """Compare the store's running jobs with the engine's containers."""
-        containers = {c.job_id: c for c in self.runtime.list(self.instance, self.owner) if c.job_id}
-        self._engine_back(self.clock())
-        for row in self.store.jobs([JobState.RUNNING]):
-            c = containers.pop(row["id"], None)
-            if c is None:
-                if row["container"] and row["started_at"]:
-                    # It ran and its container is gone (removed by hand).
-                    self._record_exit(row, None, None, "container vanished")
-                else:
-                    self._requeue(row, "container was never started")
-                continue
-            if c.created:
-                # Cut off between create and start (a crash): start afresh.
-                self.runtime.remove(c.id, owner=self.owner)
-                self._requeue(row, "container was created but never started")
-                continue
-            if row["id"] not in self._running:
-                self._adopt(row)
-            if not c.running:
-                self._record_exit(row, c.exit_code, c.finished_at, oom=c.oom_killed)
-                self._workers.submit(self._collect, row["id"], c.id)
-        for job_id, c in containers.items():
-            # Containers of ours whose job is over (or unknown): collect them.
-            if c.running:
-                try:
-                    state = self.store.job(job_id)["state"]
-                except DopqError:
-                    state = None
-                if state != JobState.RUNNING.value:
-                    self._workers.submit(self._stop_container, c.id)
-            else:
-                self._workers.submit(self._collect, job_id, c.id)
-        self.pool.validate()
+    def _handle_all(self, events: Iterable[sc.Event]) -> list[sc.Instruction]:
+        with self._lock:
+            return self.scheduler.handle_all(events, self.clock())
 
-    def _adopt(self, row: JobRow) -> None:
-        if row["id"] in self._running:
-            return
-        try:
-            self.pool.acquire(row["id"], row["gpus"])
-        except Conflict:
-            log.error("job %s: GPUs %s already held; not adopting its GPUs", row["id"], row["gpus"])
-        self._running[row["id"]] = row
+    # -- carrying instructions out ------------------------------------------------------
+    def _carry_out(self, instructions: list[sc.Instruction], strict: bool = False) -> JobRow | None:
+        """Do what the scheduler said, in order; return the last committed row.
 
-    def _requeue(self, row: JobRow, why: str) -> None:
-        try:
-            self.store.transition(
-                row["id"], JobState.QUEUED, expect=[JobState.RUNNING], detail=why,
-                gpus=[], container=None, started_at=None,
-            )
-        except DopqError:
-            return
-        self._release(row["id"])
-
-    def _release(self, job_id: int) -> None:
-        self._running.pop(job_id, None)
-        self._stopping_jobs.pop(job_id, None)
-        self.pool.release(job_id)
-
-    # -- exits -------------------------------------------------------------------------------
-    def _finish_container(self, cid: str, defer: bool = True) -> None:
-        st = self.runtime.status(cid)
-        if st is None or st.job_id is None or st.running or st.owner != self.owner:
-            return
-        try:
-            row = self.store.job(st.job_id)
-        except DopqError:
-            return
-        if row["state"] != JobState.RUNNING.value:
-            return
-        if defer and st.exit_code in SIGNAL_EXITS and st.job_id not in self._stopping_jobs:
-            # Killed by a signal DoPQ did not send: if the engine is going down,
-            # that is why; look again shortly to tell the user the right reason.
-            self._deferred.append((self.clock() + DEFER_SIGNAL_EXIT, cid))
-            self._next_deadline = self.clock() + DEFER_SIGNAL_EXIT
-            return
-        self._record_exit(row, st.exit_code, st.finished_at, oom=st.oom_killed)
-        self._workers.submit(self._collect, row["id"], cid)
-
-    def _record_exit(
-        self,
-        row: JobRow,
-        exit_code: int | None,
-        finished_at: float | None,
-        vanished: str | None = None,
-        oom: bool = False,
-    ) -> None:
-        """Commit the job's end (state, exit code, reason), then free its GPUs."""
-        marker = row.get("error") or ""
-        if marker.startswith(CANCELLED_PREFIX):
-            state, error = JobState.CANCELLED, marker
-        elif marker == TIMEOUT:
-            state, error = JobState.FAILED, TIMEOUT
-        elif marker.startswith(outputs.OUTPUT_LIMIT):
-            state, error = JobState.FAILED, marker
-        elif vanished:
-            state, error = JobState.FAILED, vanished
-        elif oom:
-            state, error = JobState.FAILED, "out of memory (killed at the memory limit)"
-        elif exit_code in SIGNAL_EXITS and self._in_outage(finished_at):
-            if self.settings.docker.requeue_on_engine_restart:
-                self._requeue(row, f"requeued: Docker engine restart (exit code {exit_code})")
-                self._workers.submit(self._remove, row["container"] or "")
-                return
-            state, error = (JobState.FAILED,
-                            f"killed by a Docker engine restart (exit code {exit_code})")
-        elif exit_code == 0:
-            state, error = JobState.SUCCEEDED, None
-        elif exit_code in SIGNAL_EXITS:
-            state, error = JobState.FAILED, (
-                f"exit code {exit_code} (killed by signal {exit_code - 128} from outside DoPQ)")
-        else:
-            state, error = JobState.FAILED, f"exit code {exit_code}"
-        at = finished_at or self.clock()
-        try:
-            self.store.transition(
-                row["id"], state, expect=[JobState.RUNNING], exit_code=exit_code, error=error,
-                finished_at=at, detail=error or "exit code 0",
-            )
-        except DopqError:
-            pass
-        self._charge(self.clock())
-        self._release(row["id"])
-        self._workers.submit(self._seal, row["id"], row["user"])
-
-    def _seal(self, job_id: int, user: str) -> None:
-        """Give a finished job's outputs to its user, made inert (worker thread)."""
-        with self._cond:
-            if job_id in self._sealed:
-                return
-            self._sealed.add(job_id)
-        try:
-            self.outputs.seal(user, job_id)
-        except OSError as exc:
-            log.warning("job %s: sealing outputs failed: %s", job_id, exc)
-
-    def _collect(self, job_id: int, cid: str) -> None:
-        """Save a finished container's log, then remove it (worker thread)."""
-        with self._cond:
-            if job_id in self._collecting:
-                return
-            self._collecting.add(job_id)
-        try:
-            path = self.run_log_path(job_id)
-            if not path.exists():
-                cap = self.settings.bytes_of("docker.log_max_bytes")
-                tmp = path.with_suffix(".tmp")
-                self.runtime.save_logs(cid, tmp, cap)
-                hostfs.private_file(tmp)
-                tmp.replace(path)
-            row = self.store.job(job_id)
-            self._seal(job_id, row["user"])  # again after a crash: before the container goes
-            if self.settings.docker.remove_containers:
-                self.runtime.remove(cid, owner=self.owner)
-                self._untag(job_id)
-        except Exception:  # noqa: BLE001
-            log.warning("job %s: collecting container failed\n%s", job_id, traceback.format_exc())
-        finally:
-            with self._cond:
-                self._collecting.discard(job_id)
-
-    def _remove(self, ref: str) -> None:
-        self.runtime.remove(ref, owner=self.owner)
-
-    def container_name(self, job_id: int) -> str:
-        """``<prefix>-<owner>-<job-id>``: unique per server, even with one prefix."""
-        return f"{self.instance}-{self.owner[:8]}-{job_id}"
-
-    def _untag(self, job_id: int) -> None:
-        """Drop the job's own image tag; a built image stays under its cache tag.
-
-        An array's elements share the tag of its first job: it stays while any
-        element still needs the image (a loaded image has no other name).
+        ``strict``: a refused commit raises (to an API caller) instead of being
+        passed over. If one instruction raises, the starts not yet tried are
+        handed back to the scheduler before the error goes on.
         """
+        pending = list(instructions)
+        committed: JobRow | None = None
+        while pending:
+            ins = pending.pop(0)
+            try:
+                if isinstance(ins, sc.StartJob):
+                    self._start(ins)
+                elif isinstance(ins, sc.CommitJob):
+                    row = self._commit(ins, strict)
+                    if row is not None:
+                        committed = row
+                        pending[0:0] = ins.then
+                elif isinstance(ins, sc.StopContainer):
+                    ref = ins.ref or self.container_name(ins.job_id or 0)
+                    self._workers.submit(self._stop_container, ref, ins.grace)
+                elif isinstance(ins, sc.SealOutputs):
+                    self._workers.submit(self.house.seal, ins.job_id, ins.user)
+                elif isinstance(ins, sc.CollectContainer):
+                    self._workers.submit(self.house.collect, ins.job_id, ins.container)
+                elif isinstance(ins, sc.RemoveContainer):
+                    ref = ins.ref if ins.ref is not None else self.container_name(ins.job_id or 0)
+                    if ins.background:
+                        self._workers.submit(self.house.remove, ref)
+                    else:
+                        self.runtime.remove(ref, owner=self.owner)
+                elif isinstance(ins, sc.Untag):
+                    self._workers.submit(self.house.untag, ins.job_id)
+                elif isinstance(ins, sc.RecheckContainer):
+                    if self.runtime.ping():
+                        self._finish_container(ins.container, defer=False)
+                    else:
+                        self.engine_lost()  # the reconcile records it once the engine is back
+                elif isinstance(ins, sc.SaveUsage):
+                    self._save_usage()
+            except BaseException:
+                refused = [sc.StartRefused(i.job_id) for i in pending if isinstance(i, sc.StartJob)]
+                if refused:
+                    self._handle_all(refused)
+                raise
+        return committed
+
+    def _commit(self, ins: sc.CommitJob, strict: bool) -> JobRow | None:
         try:
-            row = self.store.job(job_id)
-            spec = row["spec"] or {}
-            tagged = row["array_parent"] or job_id
-            if not row["image"] or not spec.get("name") or tagged in self._tag_users():
-                return
-            self.runtime.untag(job_tag(self.owner, row["user"], spec["name"], tagged))
-        except Exception:  # noqa: BLE001 - a tag left behind is swept later
-            log.warning("job %s: untag failed\n%s", job_id, traceback.format_exc())
+            if ins.state is None:
+                self.store.update_job(ins.job_id, **ins.fields)
+                return None
+            return self.store.transition(ins.job_id, ins.state, expect=ins.expect or None,
+                                         detail=ins.detail, **ins.fields)
+        except DopqError:
+            if strict:
+                raise
+            return None
 
-    def _tag_users(self) -> set[int]:
-        """Ids whose job tag an active job still needs (its own, or its array's)."""
-        return {r["array_parent"] or r["id"] for r in self.store.jobs(ACTIVE_STATES)}
-
-    def sweep_tags(self) -> list[str]:
-        """Remove this server's job tags whose job is over and has no container."""
-        removed = []
-        busy = self._tag_users()
-        for tag in self.runtime.tags_matching(owner_tag_pattern(self.owner)):
-            tail = tag.rpartition(":")[2].rpartition("-")[2]
-            if not tail.isdigit() or int(tail) in busy or int(tail) in self._collecting:
-                continue
-            self.runtime.untag(tag)
-            removed.append(tag)
-        return removed
-
-    def clean_images(self, now: float) -> list[str]:
-        """Remove cached images unused for ``docker.image_keep_days`` and not needed,
-        and job tags left behind (``sweep_tags``)."""
+    def _start(self, ins: sc.StartJob) -> None:
+        job_id, gpus = ins.job_id, list(ins.gpus)
         try:
-            self.sweep_tags()
-        except DopqError as exc:
-            log.warning("sweeping image tags failed: %s", exc)
-        keep = self.settings.docker.image_keep_days
-        if keep <= 0:
-            return []
-        needed = {r["image"] for r in self.store.jobs(ACTIVE_STATES) if r["image"]}
-        removed = []
-        for img in self.store.images():
-            if img["last_used"] < now - keep * 86400 and img["image_id"] not in needed:
-                self.runtime.untag(cache_tag(self.owner, img["context_hash"]))
-                self.store.forget_image(img["image_id"])
-                removed.append(img["image_id"])
-        return removed
-
-    def run_log_path(self, job_id: int) -> Path:
-        return self.settings.state_path / "jobs" / str(job_id) / "run.log"
-
-    # -- limits, cancels ----------------------------------------------------------------------
-    def _enforce_limits(self, now: float) -> None:
-        deadline: float | None = None
-        retry_after = self.settings.docker.stop_grace + 5.0
-        for job_id, row in list(self._running.items()):
-            asked = self._stopping_jobs.get(job_id)
-            if asked is not None:
-                # A stop that did not take (engine busy, container not yet
-                # created when it was asked): ask again.
-                if now - asked >= retry_after:
-                    self._stop_job(job_id, row)
-                else:
-                    deadline = asked + retry_after if deadline is None else min(
-                        deadline, asked + retry_after)
-                continue
-            limit = row["time_limit"]
-            if not limit or not row["started_at"]:
-                continue
-            end = row["started_at"] + limit
-            if end <= now:
-                self.store.update_job(job_id, error=TIMEOUT)
-                row["error"] = TIMEOUT
-                self._stop_job(job_id, row)
-            else:
-                deadline = end if deadline is None else min(deadline, end)
-        self._next_deadline = deadline
-
-    def cancel(self, job_id: int, by: str) -> JobRow:
-        """Cancel a queued or running job (called from API threads)."""
-        row = self.store.job(job_id)
-        state = JobState(row["state"])
-        reason = f"{CANCELLED_PREFIX} by {by}"
-        if state in (JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED):
             row = self.store.transition(
-                job_id, JobState.CANCELLED, expect=[state], error=reason, detail=reason
+                job_id, JobState.RUNNING, expect=[JobState.QUEUED], unless_held=True,
+                gpus=gpus, container=None, started_at=ins.started_at,
+                detail="gpus " + (",".join(map(str, gpus)) or "none"),
             )
-            self._workers.submit(self._untag, job_id)
-            self.wake()
-            return row
-        if state == JobState.RUNNING:
-            self.store.update_job(job_id, error=reason)
-            with self._cond:
-                live = self._running.get(job_id)
-                if live is not None:
-                    live["error"] = reason
-            self._stop_job(job_id, row)
-            return self.store.job(job_id)
-        raise Conflict(f"job {job_id} already ended ({state.value})")
-
-    def stop_for_output(self, job_id: int, reason: str) -> None:
-        """Kill a job that wrote more than ``limits.max_output`` (output watcher)."""
-        with self._cond:
-            live = self._running.get(job_id)
-            if live is None or (live.get("error") or "").startswith(CANCELLED_PREFIX):
-                return
-            live["error"] = reason
-        self.store.update_job(job_id, error=reason)
-        self._stop_job(job_id, live, grace=0.0)  # no grace: it would keep writing
-
-    def _stop_job(self, job_id: int, row: JobRow, grace: float | None = None) -> None:
-        self._stopping_jobs[job_id] = self.clock()
-        ref = row.get("container") or self.container_name(job_id)
-        self._workers.submit(self._stop_container, ref, grace)
+        except DopqError:
+            self._handle(sc.StartRefused(job_id))
+            return
+        self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
+        try:
+            cid = self.runtime.run(self.container_spec(row, gpus))
+        except EngineUnavailable:
+            self._carry_out(self._handle(sc.StartFailed(job_id, "engine unavailable", True)))
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever it was, this job failed to start
+            text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            self._carry_out(self._handle(sc.StartFailed(job_id, text)))
+            return
+        # Only now is there a container to look for after a crash: a running
+        # job without one was cut off before its start and is queued again.
+        name = self.container_name(job_id)
+        self.store.update_job(job_id, container=name)
+        log.debug("job %s started as %s", job_id, cid[:12])
+        marker = self.store.job(job_id)["error"]  # a cancel during the create left its mark
+        self._carry_out(self._handle(sc.ContainerStarted(job_id, name, marker)))
 
     def _stop_container(self, ref: str, grace: float | None = None) -> None:
         try:
@@ -522,30 +312,93 @@ class PriorityQueueThread(threading.Thread):
         if st is not None and not st.running:
             self.container_exited(st.id)
 
-    # -- usage ----------------------------------------------------------------------------------
-    def _charge(self, now: float) -> None:
-        rates: dict[str, float] = {}
-        frac = self.settings.policy.cpu_fraction
-        for row in self._running.values():
-            rate = float(row["num_gpus"]) if row["num_gpus"] else frac
-            rates[row["user"]] = rates.get(row["user"], 0.0) + rate
-        self.ledger.advance(now, rates)
-        if now - self._last_usage_save >= USAGE_SAVE_EVERY:
-            self._save_usage(now)
+    # -- recovery and reconciliation --------------------------------------------------
+    def recover(self) -> None:
+        """Re-adopt running containers by label, record exits that happened meanwhile."""
+        try:
+            self.reconcile()
+        except EngineUnavailable as exc:
+            # Down since some time before we started: exits are not blamed on it.
+            with self._lock:
+                self.scheduler.engine_up = False
+            log.warning("engine down at start: %s", exc)
+            self._handle_all([sc.JobAdopted(running_job(r))
+                              for r in self.store.jobs([JobState.RUNNING])])
+        self._refresh_queued(full=True)
 
-    def _save_usage(self, now: float) -> None:
-        self.store.save_usage(self.ledger.to_rows(), replace=True)
-        self._last_usage_save = now
+    def reconcile(self) -> None:
+        """Compare the store's running jobs with the engine's containers."""
+        containers = {c.job_id: c for c in self.runtime.list(self.instance, self.owner) if c.job_id}
+        events: list[sc.Event] = [sc.EngineUp()]
+        for row in self.store.jobs([JobState.RUNNING]):
+            events.append(sc.JobAdopted(running_job(row)))
+            c = containers.pop(row["id"], None)
+            if c is None:
+                # Ran and its container is gone (removed by hand), or never started.
+                events.append(sc.ContainerMissing(row["id"], bool(row["container"]
+                                                               and row["started_at"])))
+            elif c.created:
+                events.append(sc.ContainerNeverStarted(row["id"], c.id))
+            elif not c.running:
+                events.append(sc.ContainerExited(row["id"], c.id, c.exit_code, c.finished_at,
+                                              c.oom_killed, deferrable=False))
+        for job_id, c in containers.items():
+            # Containers of ours whose job is over (or unknown): collect them.
+            state: JobState | None = None
+            if c.running:
+                try:
+                    state = JobState(self.store.job(job_id)["state"])
+                except DopqError:
+                    state = None
+            events.append(sc.StrayContainer(job_id, c.id, c.running, state))
+        self._carry_out(self._handle_all(events))
+        with self._lock:
+            self.scheduler.capacity.validate()
+
+    def _finish_container(self, cid: str, defer: bool = True) -> None:
+        st = self.runtime.status(cid)
+        if st is None or st.job_id is None or st.running or st.owner != self.owner:
+            return
+        try:
+            row = self.store.job(st.job_id)
+        except DopqError:
+            return
+        if row["state"] != JobState.RUNNING.value:
+            return
+        self._carry_out(self._handle_all([
+            sc.JobAdopted(running_job(row)),
+            sc.ContainerExited(st.job_id, cid, st.exit_code, st.finished_at, st.oom_killed, defer),
+        ]))
+
+    # -- cancels and stops from other threads -------------------------------------------
+    def cancel(self, job_id: int, by: str) -> JobRow:
+        """Cancel a queued or running job (called from API threads)."""
+        row = self.store.job(job_id)
+        state = JobState(row["state"])
+        committed = self._carry_out(
+            self._handle(sc.CancelRequested(job_id, state, by, row["container"])), strict=True)
+        if state != JobState.RUNNING and committed is not None:
+            self.wake()
+            return committed
+        return self.store.job(job_id)
+
+    def stop_for_output(self, job_id: int, reason: str) -> None:
+        """Kill a job that wrote more than ``limits.max_output`` (output watcher)."""
+        self._carry_out(self._handle(sc.OutputLimitReached(job_id, reason)))
+
+    # -- usage ----------------------------------------------------------------------------------
+    def _save_usage(self) -> None:
+        with self._lock:
+            rows = self.scheduler.ledger.to_rows()
+        self.store.save_usage(rows, replace=True)
 
     def reset_usage(self, user: str | None) -> None:
-        with self._cond:
-            self.ledger.reset(user)
-            self._save_usage(self.clock())
+        self._carry_out(self._handle(sc.UsageReset(user)))
         self.wake()
 
     # -- scheduling ---------------------------------------------------------------------------
     def _refresh_queued(self, full: bool = False) -> None:
-        """Bring the in-memory queue up to date from the store's events.
+        """Bring the scheduler's queue up to date from the store's events.
 
         Every state change and edit writes an event row, so only the jobs with
         new events are read again; a full read happens at start and every
@@ -555,23 +408,21 @@ class PriorityQueueThread(threading.Thread):
         if full or now - self._last_full_refresh >= FULL_REFRESH_EVERY:
             mark = self.store.last_event_id()
             rows = self.store.jobs([JobState.QUEUED], light=True)
-            self._queued = {r["id"]: queued_job(r) for r in rows}
+            self._handle(sc.QueueLoaded([queued_job(r) for r in rows]), now)
             self._event_mark = mark
             self._last_full_refresh = now
             return
         self._event_mark, changed = self.store.changed_since(self._event_mark)
-        for r in changed:
-            if r["state"] == JobState.QUEUED.value:
-                self._queued[r["id"]] = queued_job(r)
-            else:
-                self._queued.pop(r["id"], None)
+        self._handle_all([
+            sc.JobQueued(queued_job(r)) if r["state"] == JobState.QUEUED.value
+            else sc.JobLeftQueue(r["id"])
+            for r in changed
+        ])
 
-    def cluster_state(self, now: float) -> policy_mod.ClusterState:
-        running = [running_job(r) for r in self._running.values()]
-        deps: set[int] = set()
-        for q in self._queued.values():
-            deps.update(q.after)
-            deps.update(q.after_any)
+    def _policy_inputs(self) -> tuple[dict[int, JobState], list[str]]:
+        """What the policy needs from the store: dependencies' final states, history."""
+        with self._lock:
+            deps = self.scheduler.dependencies()
         history: list[str] = []
         if self.settings.policy.policy == "recency":
             rows = self.store.read(
@@ -579,127 +430,40 @@ class PriorityQueueThread(threading.Thread):
                 " AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1000"
             )
             history = [r["user"] for r in rows]
-        self.pool.set_external(self._external - set(self.pool.held()))
-        usage = self.ledger.snapshot(now)
-        return policy_mod.ClusterState(
-            queued=list(self._queued.values()), running=running, free_gpus=self.pool.free(),
-            usage=usage, finished_states=self.store.final_states(deps), history=history,
-            total_gpus=len(self.pool.total),
-        )
+        return dict(self.store.final_states(deps)), history
 
-    def _schedule(self, now: float) -> None:
-        cfg = policy_config(self.settings, self.shares)
-        state = self.cluster_state(now)
-        decision = policy_mod.decide(state, now, cfg)
+    def cluster_state(self, now: float) -> policy_mod.ClusterState:
+        finished, history = self._policy_inputs()
+        with self._lock:
+            return self.scheduler.cluster_state(now, finished, history)
+
+    def _tick(self, now: float) -> None:
+        if self.paused:
+            self._carry_out(self._handle(sc.Tick(), now))  # charges usage, starts nothing
+            return
+        finished, history = self._policy_inputs()
+        with self._lock:
+            instructions = self.scheduler.handle(sc.Tick(finished, history), now)
+            decision = self.scheduler.last_decision
         with self.decision_lock:
             self.last_decision = decision
             self.decision_seq += 1
-        self._policy_wakeup = decision.next_wakeup
-        for job_id, reason in decision.fail:
-            try:
-                self.store.transition(
-                    job_id, JobState.FAILED, expect=[JobState.QUEUED], error=reason, detail=reason
-                )
-                self._workers.submit(self._untag, job_id)
-            except DopqError:
-                pass
-            self._queued.pop(job_id, None)
-        for job_id, gpus in decision.starts:
-            self._start(job_id, list(gpus))
+        self._carry_out(instructions)
 
-    def _start(self, job_id: int, gpus: list[int]) -> bool:
-        name = self.container_name(job_id)
-        now = self.clock()
-        try:
-            self.pool.acquire(job_id, gpus)
-        except Conflict as exc:
-            log.error("job %s: %s", job_id, exc)
-            return False
-        try:
-            row = self.store.transition(
-                job_id, JobState.RUNNING, expect=[JobState.QUEUED], unless_held=True,
-                gpus=gpus, container=None,
-                started_at=now, detail="gpus " + (",".join(map(str, gpus)) or "none"),
-            )
-        except DopqError:
-            self.pool.release(job_id)
-            self._queued.pop(job_id, None)
-            return False
-        self._queued.pop(job_id, None)
-        self._running[job_id] = row
-        self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
-        try:
-            cid = self.runtime.run(self.container_spec(row, gpus))
-        except EngineUnavailable:
-            self._requeue(row, "engine unavailable")
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever it was, this job failed to start
-            text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            error = f"start failed: {text}"
-            self.store.transition(
-                job_id, JobState.FAILED, expect=[JobState.RUNNING], error=error, detail=error
-            )
-            self._release(job_id)
-            self.runtime.remove(name, owner=self.owner)
-            self._workers.submit(self._untag, job_id)
-            return True
-        # Only now is there a container to look for after a crash: a running
-        # job without one was cut off before its start and is queued again.
-        self.store.update_job(job_id, container=name)
-        row["container"] = name
-        log.debug("job %s started as %s", job_id, cid[:12])
-        # A cancel that came while the container was being created found
-        # nothing to stop; it left its mark in the store, so stop it now.
-        marker = self.store.job(job_id)["error"] or ""
-        if marker.startswith(CANCELLED_PREFIX):
-            row["error"] = marker
-            self._stop_job(job_id, row)
-        return True
+    # -- containers, logs, images -------------------------------------------------------------
+    def container_name(self, job_id: int) -> str:
+        """``<prefix>-<owner>-<job-id>``: unique per server, even with one prefix."""
+        return container_name(self.instance, self.owner, job_id)
 
     def container_spec(self, row: JobRow, gpus: list[int]) -> ContainerSpec:
-        s = self.settings
-        spec: dict[str, Any] = row["spec"] or {}
-        user = row["user"]
-        outdir = self.outputs.prepare(user, row["id"])  # the user's, 0700, on the nosuid mount
-        binds = {str(outdir): {"bind": "/outdir", "mode": "rw"}}
-        for m in s.mounts:
-            binds[m.source] = {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
-        env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
-        run_params: dict[str, Any] = spec.get("run_params") or {}
-        env.update({str(k): str(v) for k, v in (run_params.get("environment") or {}).items()})
-        env["DOPQ_JOB_ID"] = str(row["id"])
-        env["DOPQ_GPUS"] = ",".join(str(g) for g in gpus)
-        env["DOPQ_USER"] = user
-        if row["array_index"] is not None:
-            env["DOPQ_ARRAY_INDEX"] = str(row["array_index"])
-            env["DOPQ_ARRAY_JOB_ID"] = str(row["array_parent"])
-        memory = spec.get("memory") or s.bytes_of("limits.default_memory")
-        cpus = spec.get("cpus") or s.limits.default_cpus
-        shm = spec.get("shm_size") or s.bytes_of("limits.default_shm")
-        return ContainerSpec(
-            name=self.container_name(row["id"]),
-            image=row["image"],
-            labels={**{str(k): str(v) for k, v in (run_params.get("labels") or {}).items()},
-                    LABEL_JOB: str(row["id"]), LABEL_INSTANCE: self.instance, LABEL_USER: user,
-                    LABEL_OWNER: self.owner},
-            env=env,
-            command=spec.get("command") or run_params.get("command"),
-            entrypoint=run_params.get("entrypoint"),
-            working_dir=run_params.get("working_dir"),
-            user=run_params.get("user"),
-            mem_limit=int(memory),
-            nano_cpus=int(float(cpus) * 1e9),
-            shm_size=int(shm),
-            pids_limit=s.docker.pids_limit,
-            network=s.docker.network,
-            binds=binds,
-            gpus=gpus,
-            gpu_mode=self.gpu_mode,
-            cap_add=list(s.docker.cap_add),
-            read_only=s.docker.read_only_rootfs,
-            log_max_bytes=s.bytes_of("docker.log_max_bytes"),
-            tty=bool(run_params.get("tty", False)),
-            stop_signal=run_params.get("stop_signal"),
-            ulimits=list(run_params.get("ulimits") or []),
-        )
+        return container_spec(self.settings, self.outputs, row, gpus, instance=self.instance,
+                              owner=self.owner, gpu_mode=self.gpu_mode)
 
+    def run_log_path(self, job_id: int) -> Path:
+        return self.house.run_log_path(job_id)
+
+    def sweep_tags(self) -> list[str]:
+        return self.house.sweep_tags()
+
+    def clean_images(self, now: float) -> list[str]:
+        return self.house.clean_images(now)

@@ -1,0 +1,132 @@
+"""After a job: its log saved, its outputs sealed, its container and image tag gone.
+
+The queue thread hands these to worker threads once the scheduler has
+recorded the job's end (so its GPUs are free before any of this runs).
+Each step is safe to repeat: after a crash the reconcile asks again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from pathlib import Path
+
+from dopq.core.errors import DopqError
+from dopq.core.jobs import ACTIVE_STATES
+from dopq.core.settings import Settings
+from dopq.server import hostfs
+from dopq.server.images import cache_tag, job_tag, owner_tag_pattern
+from dopq.server.outputs import OutputFolders
+from dopq.server.runtime import ContainerRuntime
+from dopq.server.store import Store
+
+log = logging.getLogger("dopq.server.queue")
+
+
+class Housekeeper:
+    """Logs, outputs, containers and image tags of finished jobs (thread-safe)."""
+
+    def __init__(self, settings: Settings, store: Store, runtime: ContainerRuntime,
+                 owner: str, folders: OutputFolders) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.owner = owner
+        self.outputs = folders
+        self._lock = threading.Lock()
+        self._sealed: set[int] = set()  # jobs whose outputs were sealed since start
+        self.collecting: set[int] = set()
+
+    def run_log_path(self, job_id: int) -> Path:
+        return self.settings.state_path / "jobs" / str(job_id) / "run.log"
+
+    def seal(self, job_id: int, user: str) -> None:
+        """Give a finished job's outputs to its user, made inert."""
+        with self._lock:
+            if job_id in self._sealed:
+                return
+            self._sealed.add(job_id)
+        try:
+            self.outputs.seal(user, job_id)
+        except OSError as exc:
+            log.warning("job %s: sealing outputs failed: %s", job_id, exc)
+
+    def collect(self, job_id: int, cid: str) -> None:
+        """Save a finished container's log, then remove it."""
+        with self._lock:
+            if job_id in self.collecting:
+                return
+            self.collecting.add(job_id)
+        try:
+            path = self.run_log_path(job_id)
+            if not path.exists():
+                cap = self.settings.bytes_of("docker.log_max_bytes")
+                tmp = path.with_suffix(".tmp")
+                self.runtime.save_logs(cid, tmp, cap)
+                hostfs.private_file(tmp)
+                tmp.replace(path)
+            row = self.store.job(job_id)
+            self.seal(job_id, row["user"])  # again after a crash: before the container goes
+            if self.settings.docker.remove_containers:
+                self.runtime.remove(cid, owner=self.owner)
+                self.untag(job_id)
+        except Exception:  # noqa: BLE001
+            log.warning("job %s: collecting container failed\n%s", job_id, traceback.format_exc())
+        finally:
+            with self._lock:
+                self.collecting.discard(job_id)
+
+    def remove(self, ref: str) -> None:
+        self.runtime.remove(ref, owner=self.owner)
+
+    def untag(self, job_id: int) -> None:
+        """Drop the job's own image tag; a built image stays under its cache tag.
+
+        An array's elements share the tag of its first job: it stays while any
+        element still needs the image (a loaded image has no other name).
+        """
+        try:
+            row = self.store.job(job_id)
+            spec = row["spec"] or {}
+            tagged = row["array_parent"] or job_id
+            if not row["image"] or not spec.get("name") or tagged in self._tag_users():
+                return
+            self.runtime.untag(job_tag(self.owner, row["user"], spec["name"], tagged))
+        except Exception:  # noqa: BLE001 - a tag left behind is swept later
+            log.warning("job %s: untag failed\n%s", job_id, traceback.format_exc())
+
+    def _tag_users(self) -> set[int]:
+        """Ids whose job tag an active job still needs (its own, or its array's)."""
+        return {r["array_parent"] or r["id"] for r in self.store.jobs(ACTIVE_STATES)}
+
+    def sweep_tags(self) -> list[str]:
+        """Remove this server's job tags whose job is over and has no container."""
+        removed = []
+        busy = self._tag_users()
+        for tag in self.runtime.tags_matching(owner_tag_pattern(self.owner)):
+            tail = tag.rpartition(":")[2].rpartition("-")[2]
+            if not tail.isdigit() or int(tail) in busy or int(tail) in self.collecting:
+                continue
+            self.runtime.untag(tag)
+            removed.append(tag)
+        return removed
+
+    def clean_images(self, now: float) -> list[str]:
+        """Remove cached images unused for ``docker.image_keep_days`` and not needed,
+        and job tags left behind (``sweep_tags``)."""
+        try:
+            self.sweep_tags()
+        except DopqError as exc:
+            log.warning("sweeping image tags failed: %s", exc)
+        keep = self.settings.docker.image_keep_days
+        if keep <= 0:
+            return []
+        needed = {r["image"] for r in self.store.jobs(ACTIVE_STATES) if r["image"]}
+        removed = []
+        for img in self.store.images():
+            if img["last_used"] < now - keep * 86400 and img["image_id"] not in needed:
+                self.runtime.untag(cache_tag(self.owner, img["context_hash"]))
+                self.store.forget_image(img["image_id"])
+                removed.append(img["image_id"])
+        return removed
