@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dopq.core.capacity import GpuPool
 from dopq.core.errors import ConfigError, Conflict
 from dopq.core.jobs import JobState, WaitReason
 from dopq.core.policy import (
@@ -22,9 +23,7 @@ from dopq.core.policy import (
     recency_penalties,
     validate_gpus,
 )
-from dopq.core.simulate import TraceJob, simulate
 from dopq.core.usage import UsageLedger
-from dopq.server.gpus import GpuPool
 
 NOW = 1_000_000.0
 CFG = PolicyConfig()
@@ -321,47 +320,6 @@ def test_two_steps_of_dt_equal_one_of_2dt(h0, rate, dt, half_life):
     two.advance(2 * dt, {"ana": rate})
     assert math.isclose(one.value("ana", 2 * dt), two.value("ana", 2 * dt),
                         rel_tol=1e-9, abs_tol=1e-6)
-
-
-@st.composite
-def traces(draw, with_limits: bool):
-    jobs = []
-    for i in range(draw(st.integers(1, 20))):
-        duration = draw(st.floats(30, 7200))
-        limit = duration * draw(st.floats(0.5, 2.0)) if with_limits else draw(
-            st.one_of(st.none(), st.floats(30, 9000)))
-        jobs.append(TraceJob(i + 1, draw(st.floats(0, 20000)), draw(users),
-                             draw(st.integers(0, 4)), duration, limit,
-                             draw(st.sampled_from([0, 0, 100]))))
-    return jobs
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(traces(with_limits=False), st.sampled_from(["fairshare", "recency"]))
-def test_a_gpu_is_never_held_twice(jobs, policy):
-    # simulate() validates free + held == total after every event; check again from outside.
-    result = simulate(jobs, 4, PolicyConfig(policy=policy, half_life=3600, max_age=1800))
-    spans = [(r.start, r.end, g) for r in result.jobs for g in r.gpu_ids]
-    assert all(r.start is not None for r in result.jobs)
-    for a_start, a_end, g in spans:
-        overlapping = [s for s in spans if s[2] == g and s[0] < a_end and a_start < s[1]]
-        assert len(overlapping) == 1
-    assert all(len(r.gpu_ids) == r.gpus for r in result.jobs)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(traces(with_limits=True), st.floats(600, 20000))
-def test_every_job_starts_within_the_age_bound(jobs, max_age):
-    # See the policy docstring: wait <= max_age + (k + 2) * L, where k jobs were
-    # submitted before this one and L is the longest time limit.
-    cfg = PolicyConfig(half_life=3600, max_age=max_age, w_fairshare=1e6)
-    result = simulate(jobs, 4, cfg)
-    longest = max(j.time_limit or 0.0 for j in jobs)
-    ahead = sorted((j.submit, j.id) for j in jobs)
-    for rec in result.jobs:
-        k = ahead.index((rec.submit, rec.id))
-        assert rec.wait is not None
-        assert rec.wait <= max_age + (k + 2) * longest + 1e-6
 
 
 def test_submit_time_in_the_future_counts_as_no_age():
