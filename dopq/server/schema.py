@@ -166,7 +166,9 @@ def encode(field: str, value: Any) -> Any:
         return join_ids(value)
     if field in ("overrides", "spec"):
         return None if value is None else json.dumps(value)
-    if field in ("held", "hidden"):
+    if field == "held":  # 0, 1, or 2: held by an admin (dopq.server.authz.ADMIN_HOLD)
+        return int(value)
+    if field == "hidden":
         return int(bool(value))
     if isinstance(value, JobState):
         return value.value

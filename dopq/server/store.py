@@ -300,7 +300,7 @@ class Store:
             self._event(db, job_id, now, JobState.QUEUED, detail)
             for index in indices[1:]:
                 self._insert_job(db, {
-                    **fields, "user": job["user"], "origin": job["origin"],
+                    "name": job["name"], **fields, "user": job["user"], "origin": job["origin"],
                     "state": JobState.QUEUED, "submitted_at": job["submitted_at"],
                     "array_index": index, "array_parent": job_id,
                     "overrides": job["overrides"],
