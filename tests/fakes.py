@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dopq.core import events as ev
 from dopq.core import scheduler as sc
 from dopq.core.capacity import Capacity
 from dopq.core.errors import Conflict
@@ -87,11 +88,11 @@ class Driver:
         self.store = FakeStore()
         self.runtime = FakeRuntime()
         self.now = 1000.0
-        self.done: list[sc.Instruction] = []  # every instruction carried out, in order
+        self.done: list[ev.Instruction] = []  # every instruction carried out, in order
         self.block_starts: set[int] = set()  # jobs whose start commit the store refuses
 
     # -- feeding events -------------------------------------------------------------
-    def handle(self, event: sc.Event) -> list[sc.Instruction]:
+    def handle(self, event: ev.Event) -> list[ev.Instruction]:
         out = self.sched.handle(event, self.now)
         self.sched.validate()
         self.carry_out(out)
@@ -102,28 +103,28 @@ class Driver:
                submitted: float | None = None, **kw: Any) -> None:
         q = QueuedJob(job_id, user, gpus, self.now if submitted is None else submitted, **kw)
         self.store.add(job_id, user=user, want=gpus)
-        self.handle(sc.JobQueued(q))
+        self.handle(ev.JobQueued(q))
 
-    def tick(self, advance: float = 0.0) -> list[sc.Instruction]:
+    def tick(self, advance: float = 0.0) -> list[ev.Instruction]:
         self.now += advance
-        return self.handle(sc.DeadlinesDue()) + self.handle(sc.Tick())
+        return self.handle(ev.DeadlinesDue()) + self.handle(ev.Tick())
 
     def exit(self, job_id: int, code: int | None = 0, oom: bool = False,
-             deferrable: bool = True) -> list[sc.Instruction]:
+             deferrable: bool = True) -> list[ev.Instruction]:
         name = f"c-{job_id}"
         c = self.runtime.containers[name]
         c.running, c.exit_code = False, code
-        return self.handle(sc.ContainerExited(job_id, name, code, self.now, oom, deferrable))
+        return self.handle(ev.ContainerExited(job_id, name, code, self.now, oom, deferrable))
 
     # -- carrying out ------------------------------------------------------------------
-    def carry_out(self, instructions: list[sc.Instruction]) -> None:
+    def carry_out(self, instructions: list[ev.Instruction]) -> None:
         pending = list(instructions)
         while pending:
             ins = pending.pop(0)
             self.done.append(ins)
-            if isinstance(ins, sc.StartJob):
+            if isinstance(ins, ev.StartJob):
                 self._start(ins)
-            elif isinstance(ins, sc.CommitJob):
+            elif isinstance(ins, ev.CommitJob):
                 try:
                     if ins.state is None:
                         self.store.jobs[ins.job_id].update(ins.fields)
@@ -133,32 +134,32 @@ class Driver:
                 except Conflict:
                     continue
                 pending[0:0] = ins.then
-            elif isinstance(ins, sc.StopContainer):
+            elif isinstance(ins, ev.StopContainer):
                 self.runtime.stop(ins.ref or f"c-{ins.job_id}")
-            elif isinstance(ins, sc.RemoveContainer):
+            elif isinstance(ins, ev.RemoveContainer):
                 self.runtime.removed.append(ins.ref or f"c-{ins.job_id}")
 
-    def _start(self, ins: sc.StartJob) -> None:
+    def _start(self, ins: ev.StartJob) -> None:
         if ins.job_id in self.block_starts:
-            self.handle(sc.StartRefused(ins.job_id))
+            self.handle(ev.StartRefused(ins.job_id))
             return
         try:
             self.store.transition(ins.job_id, JobState.RUNNING, (JobState.QUEUED,),
                                   gpus=list(ins.gpus), started_at=ins.started_at)
         except Conflict:
-            self.handle(sc.StartRefused(ins.job_id))
+            self.handle(ev.StartRefused(ins.job_id))
             return
         try:
             name = self.runtime.run(ins.job_id)
         except RuntimeError as exc:
-            self.handle(sc.StartFailed(ins.job_id, str(exc)))
+            self.handle(ev.StartFailed(ins.job_id, str(exc)))
             return
         self.store.jobs[ins.job_id]["container"] = name
-        self.handle(sc.ContainerStarted(ins.job_id, name, self.store.jobs[ins.job_id]["error"]))
+        self.handle(ev.ContainerStarted(ins.job_id, name, self.store.jobs[ins.job_id]["error"]))
 
     # -- looking ---------------------------------------------------------------------------
-    def started(self, instructions: list[sc.Instruction]) -> list[int]:
-        return [i.job_id for i in instructions if isinstance(i, sc.StartJob)]
+    def started(self, instructions: list[ev.Instruction]) -> list[int]:
+        return [i.job_id for i in instructions if isinstance(i, ev.StartJob)]
 
     def of_type(self, kind: type) -> list[Any]:
         return [i for i in self.done if isinstance(i, kind)]

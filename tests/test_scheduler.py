@@ -12,6 +12,7 @@ from fakes import Driver, FakeContainer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dopq.core import events as ev
 from dopq.core import scheduler as sc
 from dopq.core.capacity import Capacity, GpuPool
 from dopq.core.errors import Conflict
@@ -45,7 +46,7 @@ def test_order_follows_the_policy() -> None:
 def test_start_instructions_name_node_and_devices() -> None:
     d = Driver(gpus=4)
     d.submit(1, gpus=2)
-    (start,) = [i for i in d.tick() if isinstance(i, sc.StartJob)]
+    (start,) = [i for i in d.tick() if isinstance(i, ev.StartJob)]
     assert start.node == "local" and start.gpus == (0, 1) and start.started_at == d.now
     assert d.store.jobs[1]["gpus"] == [0, 1]
 
@@ -80,7 +81,7 @@ def test_dependencies_fail_or_release_waiters() -> None:
     d.exit(1, 2)
     out = d.tick(1)
     assert state(d, 2) == JobState.FAILED and d.store.jobs[2]["error"] == "dependency 1 failed"
-    assert sc.Untag(2) in d.done  # only after the commit
+    assert ev.Untag(2) in d.done  # only after the commit
     assert d.started(out) == [3]
 
 
@@ -88,8 +89,8 @@ def test_dependencies_from_the_store_are_passed_in() -> None:
     d = Driver(gpus=1, remember_finished=False)
     d.submit(2, gpus=1, after=(1,))
     assert d.sched.dependencies() == {1}
-    assert d.started(d.handle(sc.Tick({}, []))) == []
-    assert d.started(d.handle(sc.Tick({1: JobState.SUCCEEDED}, []))) == [2]
+    assert d.started(d.handle(ev.Tick({}, []))) == []
+    assert d.started(d.handle(ev.Tick({1: JobState.SUCCEEDED}, []))) == [2]
 
 
 def test_array_elements_run_in_order_within_the_user_limit() -> None:
@@ -125,8 +126,8 @@ def test_exit_classification(code: int, oom: bool, want: JobState, error: str | 
     out = d.exit(1, code, oom=oom, deferrable=False)
     assert state(d, 1) == want and d.store.jobs[1]["error"] == error
     assert d.store.jobs[1]["exit_code"] == code and d.store.jobs[1]["finished_at"] == d.now
-    assert [type(i) for i in out if not isinstance(i, sc.SaveUsage)] == [
-        sc.CommitJob, sc.SealOutputs, sc.CollectContainer]
+    assert [type(i) for i in out if not isinstance(i, ev.SaveUsage)] == [
+        ev.CommitJob, ev.SealOutputs, ev.CollectContainer]
     assert d.sched.running == {} and d.sched.pool.free() == {0, 1, 2, 3}
 
 
@@ -137,7 +138,7 @@ def test_a_signal_from_outside_is_looked_at_again() -> None:
     assert d.exit(1, 137) == []  # deferred: the engine may be going down
     assert state(d, 1) == JobState.RUNNING
     assert d.sched.next_wakeup() == d.now + sc.DEFER_SIGNAL_EXIT
-    assert sc.RecheckContainer(1, "c-1") in d.tick(sc.DEFER_SIGNAL_EXIT)
+    assert ev.RecheckContainer(1, "c-1") in d.tick(sc.DEFER_SIGNAL_EXIT)
     d.exit(1, 137, deferrable=False)  # the driver found the engine up
     assert d.store.jobs[1]["error"] == "exit code 137 (killed by signal 9 from outside DoPQ)"
 
@@ -146,7 +147,7 @@ def test_vanished_container_fails_the_job() -> None:
     d = Driver()
     d.submit(1)
     d.tick()
-    d.handle(sc.ContainerMissing(1, ran=True))
+    d.handle(ev.ContainerMissing(1, ran=True))
     assert state(d, 1) == JobState.FAILED and d.store.jobs[1]["error"] == "container vanished"
 
 
@@ -155,7 +156,7 @@ def test_output_limit_stops_at_once_and_fails() -> None:
     d.submit(1)
     d.tick()
     reason = f"{outputs.OUTPUT_LIMIT}=1 GiB"
-    assert sc.StopContainer(1, "c-1", 0.0) in d.handle(sc.OutputLimitReached(1, reason))
+    assert ev.StopContainer(1, "c-1", 0.0) in d.handle(ev.OutputLimitReached(1, reason))
     d.exit(1, 137)  # asked for: not deferred
     assert state(d, 1) == JobState.FAILED and d.store.jobs[1]["error"] == reason
     assert sc.OUTPUT_LIMIT == outputs.OUTPUT_LIMIT
@@ -175,10 +176,10 @@ def test_start_failure_fails_the_job_and_frees_its_gpus() -> None:
 def test_cancel_of_a_queued_job_commits_and_untags() -> None:
     d = Driver()
     d.submit(1)
-    d.handle(sc.CancelRequested(1, JobState.QUEUED, "ana"))
+    d.handle(ev.CancelRequested(1, JobState.QUEUED, "ana"))
     assert state(d, 1) == JobState.CANCELLED and d.store.jobs[1]["error"] == "cancelled by ana"
-    assert d.done[-1] == sc.Untag(1)
-    d.handle(sc.JobLeftQueue(1))
+    assert d.done[-1] == ev.Untag(1)
+    d.handle(ev.JobLeftQueue(1))
     assert d.started(d.tick()) == []
 
 
@@ -186,8 +187,8 @@ def test_cancel_racing_a_start_loses_or_wins_cleanly() -> None:
     d = Driver(gpus=1)
     d.submit(1)
     # The API thread cancels in the store between the decision and the commit.
-    decided = d.sched.handle(sc.Tick(), d.now)
-    d.handle(sc.CancelRequested(1, JobState.QUEUED, "ana"))
+    decided = d.sched.handle(ev.Tick(), d.now)
+    d.handle(ev.CancelRequested(1, JobState.QUEUED, "ana"))
     d.carry_out(decided)  # the start's compare-and-set is refused
     assert state(d, 1) == JobState.CANCELLED
     assert 1 not in d.sched.running and d.sched.pool.free() == {0}
@@ -197,14 +198,14 @@ def test_cancel_racing_a_start_loses_or_wins_cleanly() -> None:
 def test_cancel_during_container_create_stops_it_once_started() -> None:
     d = Driver(gpus=1)
     d.submit(1)
-    decided = d.sched.handle(sc.Tick(), d.now)
-    assert [i.job_id for i in decided if isinstance(i, sc.StartJob)] == [1]
+    decided = d.sched.handle(ev.Tick(), d.now)
+    assert [i.job_id for i in decided if isinstance(i, ev.StartJob)] == [1]
     d.store.transition(1, JobState.RUNNING, (JobState.QUEUED,), gpus=[0])
-    out = d.handle(sc.CancelRequested(1, JobState.RUNNING, "ana"))
-    assert sc.StopContainer(1, None) in out  # no container yet: by its name
+    out = d.handle(ev.CancelRequested(1, JobState.RUNNING, "ana"))
+    assert ev.StopContainer(1, None) in out  # no container yet: by its name
     name = d.runtime.run(1)
-    out = d.handle(sc.ContainerStarted(1, name, d.store.jobs[1]["error"]))
-    assert out == [sc.StopContainer(1, name)]
+    out = d.handle(ev.ContainerStarted(1, name, d.store.jobs[1]["error"]))
+    assert out == [ev.StopContainer(1, name)]
     d.exit(1, 137)
     assert state(d, 1) == JobState.CANCELLED
 
@@ -213,16 +214,16 @@ def test_a_stop_that_did_not_take_is_asked_again() -> None:
     d = Driver(stop_grace=2.0)
     d.submit(1)
     d.tick()
-    d.handle(sc.CancelRequested(1, JobState.RUNNING, "root"))
-    assert [i for i in d.tick(6.0) if isinstance(i, sc.StopContainer)] == []
-    assert sc.StopContainer(1, "c-1") in d.tick(1.0)
+    d.handle(ev.CancelRequested(1, JobState.RUNNING, "root"))
+    assert [i for i in d.tick(6.0) if isinstance(i, ev.StopContainer)] == []
+    assert ev.StopContainer(1, "c-1") in d.tick(1.0)
     assert d.runtime.containers["c-1"].stops == 2
 
 
 def test_cancel_of_an_ended_job_is_a_conflict() -> None:
     d = Driver()
     with pytest.raises(Conflict):
-        d.sched.handle(sc.CancelRequested(1, JobState.SUCCEEDED, "ana"), d.now)
+        d.sched.handle(ev.CancelRequested(1, JobState.SUCCEEDED, "ana"), d.now)
 
 
 # -- time limits -------------------------------------------------------------------------------
@@ -231,10 +232,10 @@ def test_time_limit_stops_the_job_and_fails_it() -> None:
     d.submit(1, time_limit=100.0)
     d.tick()
     assert d.sched.next_wakeup() == d.now + 100.0
-    assert [i for i in d.tick(99.0) if isinstance(i, sc.StopContainer)] == []
+    assert [i for i in d.tick(99.0) if isinstance(i, ev.StopContainer)] == []
     out = d.tick(1.0)
-    assert sc.CommitJob(1, None, fields={"error": sc.TIMEOUT}) in out
-    assert sc.StopContainer(1, "c-1") in out
+    assert ev.CommitJob(1, None, fields={"error": sc.TIMEOUT}) in out
+    assert ev.StopContainer(1, "c-1") in out
     d.exit(1, 143)
     assert state(d, 1) == JobState.FAILED and d.store.jobs[1]["error"] == sc.TIMEOUT
 
@@ -246,12 +247,12 @@ def test_engine_outage(requeue: bool) -> None:
     d.submit(1)
     d.submit(2)
     d.tick()
-    d.handle(sc.EngineDown())
+    d.handle(ev.EngineDown())
     assert not d.sched.engine_up
     assert d.exit(1, 137) == []  # deferred ...
     d.exit(1, 137, deferrable=False)  # ... and reported again, the engine still down
     d.now += 20
-    d.handle(sc.EngineUp())
+    d.handle(ev.EngineUp())
     assert d.sched.engine_up and d.sched.last_outage == (d.now - 20, d.now)
     d.now += 2
     d.exit(2, 143, deferrable=False)  # ended just after: still the outage's doing
@@ -269,9 +270,9 @@ def test_engine_outage(requeue: bool) -> None:
 def test_engine_down_at_start_requeues_a_failed_start() -> None:
     d = Driver(gpus=1)
     d.submit(1)
-    decided = d.sched.handle(sc.Tick(), d.now)
+    decided = d.sched.handle(ev.Tick(), d.now)
     d.store.transition(1, JobState.RUNNING, (JobState.QUEUED,))
-    d.carry_out(d.sched.handle(sc.StartFailed(1, "engine unavailable", engine_down=True), d.now))
+    d.carry_out(d.sched.handle(ev.StartFailed(1, "engine unavailable", engine_down=True), d.now))
     assert decided and state(d, 1) == JobState.QUEUED and not d.sched.engine_up
     assert d.sched.pool.free() == {0}
 
@@ -280,26 +281,26 @@ def test_engine_down_at_start_requeues_a_failed_start() -> None:
 def test_recovery_reconciles_stored_jobs_with_the_runtime() -> None:
     d = Driver(gpus=4)
     rows = {
-        1: sc.Running(1, "ana", 1, (0,), 900.0, container="c-1"),  # still running
-        2: sc.Running(2, "ana", 1, (1,), 900.0, container="c-2"),  # exited meanwhile
-        3: sc.Running(3, "ben", 1, (2,), 900.0, container="c-3"),  # removed by hand
-        4: sc.Running(4, "ben", 1, (3,), None),  # cut off before its create
-        5: sc.Running(5, "cyd", 0, (), 950.0, container="c-5"),  # created, never started
+        1: ev.Running(1, "ana", 1, (0,), 900.0, container="c-1"),  # still running
+        2: ev.Running(2, "ana", 1, (1,), 900.0, container="c-2"),  # exited meanwhile
+        3: ev.Running(3, "ben", 1, (2,), 900.0, container="c-3"),  # removed by hand
+        4: ev.Running(4, "ben", 1, (3,), None),  # cut off before its create
+        5: ev.Running(5, "cyd", 0, (), 950.0, container="c-5"),  # created, never started
     }
     for job_id, r in rows.items():
         d.store.add(job_id, user=r.user, state=JobState.RUNNING)
-    d.handle(sc.EngineUp())
+    d.handle(ev.EngineUp())
     for r in rows.values():
-        d.handle(sc.JobAdopted(r))
+        d.handle(ev.JobAdopted(r))
     assert d.sched.pool.free() == frozenset()
-    d.handle(sc.ContainerExited(2, "c-2", 0, 990.0, deferrable=False))
-    d.handle(sc.ContainerMissing(3, ran=True))
-    d.handle(sc.ContainerMissing(4, ran=False))
-    d.handle(sc.ContainerNeverStarted(5, "c-5"))
-    out = d.handle(sc.StrayContainer(9, "c-9", running=True, state=JobState.FAILED))
-    assert out == [sc.StopContainer(None, "c-9")]
-    assert d.handle(sc.StrayContainer(8, "c-8", running=False, state=None)) == [
-        sc.CollectContainer(8, "c-8")]
+    d.handle(ev.ContainerExited(2, "c-2", 0, 990.0, deferrable=False))
+    d.handle(ev.ContainerMissing(3, ran=True))
+    d.handle(ev.ContainerMissing(4, ran=False))
+    d.handle(ev.ContainerNeverStarted(5, "c-5"))
+    out = d.handle(ev.StrayContainer(9, "c-9", running=True, state=JobState.FAILED))
+    assert out == [ev.StopContainer(None, "c-9")]
+    assert d.handle(ev.StrayContainer(8, "c-8", running=False, state=None)) == [
+        ev.CollectContainer(8, "c-8")]
     assert d.store.jobs[2]["state"] == JobState.SUCCEEDED
     assert d.store.jobs[3]["error"] == "container vanished"
     assert d.store.jobs[4]["state"] == JobState.QUEUED == d.store.jobs[5]["state"]
@@ -309,16 +310,16 @@ def test_recovery_reconciles_stored_jobs_with_the_runtime() -> None:
 
 def test_adopting_twice_or_on_taken_gpus_keeps_the_books() -> None:
     d = Driver(gpus=2)
-    d.handle(sc.JobAdopted(sc.Running(1, "ana", 1, (0,), 900.0)))
-    d.handle(sc.JobAdopted(sc.Running(1, "ana", 1, (0,), 900.0)))
-    d.handle(sc.JobAdopted(sc.Running(2, "ben", 1, (0,), 900.0)))  # a corrupt row
+    d.handle(ev.JobAdopted(ev.Running(1, "ana", 1, (0,), 900.0)))
+    d.handle(ev.JobAdopted(ev.Running(1, "ana", 1, (0,), 900.0)))
+    d.handle(ev.JobAdopted(ev.Running(2, "ben", 1, (0,), 900.0)))  # a corrupt row
     assert d.sched.pool.held() == {0: 1}
 
 
 def test_stored_stop_reason_survives_a_restart() -> None:
     d = Driver()
     d.store.add(1, user="ana", state=JobState.RUNNING)
-    d.handle(sc.JobAdopted(sc.Running(1, "ana", 1, (0,), 900.0, container="c-1",
+    d.handle(ev.JobAdopted(ev.Running(1, "ana", 1, (0,), 900.0, container="c-1",
                                       error="cancelled by root")))
     d.runtime.containers["c-1"] = FakeContainer(1)
     assert d.exit(1, 137) == []  # not a stop of this run: looked at again
@@ -329,7 +330,7 @@ def test_stored_stop_reason_survives_a_restart() -> None:
 # -- capacity ----------------------------------------------------------------------------------
 def test_gpus_busy_from_outside_are_not_placed_on() -> None:
     d = Driver(gpus=2)
-    d.handle(sc.CapacityChanged(external=frozenset({0})))
+    d.handle(ev.CapacityChanged(external=frozenset({0})))
     d.submit(1, gpus=1)
     d.submit(2, gpus=1)
     assert d.started(d.tick()) == [1] and d.sched.running[1].gpus == (1,)
@@ -339,7 +340,7 @@ def test_removed_gpu_leaves_when_its_job_ends() -> None:
     d = Driver(gpus=2)
     d.submit(1, gpus=2)
     d.tick()
-    d.handle(sc.CapacityChanged(devices=[1, 2]))
+    d.handle(ev.CapacityChanged(devices=[1, 2]))
     assert d.sched.pool.total == {0, 1, 2}  # 0 is still held
     d.exit(1, 0)
     assert d.sched.pool.total == {1, 2} and d.sched.pool.free() == {1, 2}
@@ -357,8 +358,8 @@ def test_usage_is_charged_and_saved() -> None:
     d.tick()
     out = d.tick(3600.0)
     assert d.sched.ledger.value("ana", d.now) > 3000
-    assert sc.SaveUsage() in out
-    assert d.handle(sc.UsageReset("ana")) == [sc.SaveUsage()]
+    assert ev.SaveUsage() in out
+    assert d.handle(ev.UsageReset("ana")) == [ev.SaveUsage()]
     assert d.sched.ledger.value("ana", d.now) == 0.0
 
 
@@ -387,24 +388,24 @@ def test_books_balance_after_every_event(steps: list[tuple[str, int, int, int]],
         elif op == "cancel" and job in d.store.jobs:
             st_ = d.store.state(job)
             if st_ in (JobState.QUEUED, JobState.RUNNING):
-                d.handle(sc.CancelRequested(job, st_, "root"))
+                d.handle(ev.CancelRequested(job, st_, "root"))
                 if st_ == JobState.QUEUED:
-                    d.handle(sc.JobLeftQueue(job))
+                    d.handle(ev.JobLeftQueue(job))
         elif op == "engine_down":
-            d.handle(sc.EngineDown())
+            d.handle(ev.EngineDown())
         elif op == "engine_up":
-            d.handle(sc.EngineUp())
+            d.handle(ev.EngineUp())
         elif op == "external":
-            d.handle(sc.CapacityChanged(external=frozenset(range(n))))
+            d.handle(ev.CapacityChanged(external=frozenset(range(n))))
         elif op == "missing" and job in d.sched.running:
-            d.handle(sc.ContainerMissing(job, ran=bool(code)))
+            d.handle(ev.ContainerMissing(job, ran=bool(code)))
         elif op == "refuse":
             d.block_starts ^= {job}
         # Requeued jobs come back the way the store's events bring them.
         for job_id, row in d.store.jobs.items():
             if row["state"] == JobState.QUEUED and job_id not in d.sched.queued \
                     and job_id not in d.sched.running:
-                d.handle(sc.JobQueued(QueuedJob(job_id, row["user"], row["want"], d.now)))
+                d.handle(ev.JobQueued(QueuedJob(job_id, row["user"], row["want"], d.now)))
     held = d.sched.pool.held()
     for job_id, r in d.sched.running.items():
         assert all(held.get(g) == job_id for g in r.gpus)

@@ -5,8 +5,8 @@ queued, a container exited, the engine went down, a deadline came) and
 ``now``, updates what the scheduler knows (queued and running jobs, who holds
 which GPUs, decayed usage, stops in flight, the engine's health) and returns
 the instructions that follow (start this job on these GPUs of this node, stop
-that container, commit this state change, save usage). It reads no clock, no
-store and no Docker. The server's queue thread (:mod:`dopq.server.queue`)
+that container, commit this state change, save usage); both kinds are in
+:mod:`dopq.core.events`. It reads no clock, no store and no Docker. The server's queue thread (:mod:`dopq.server.queue`)
 feeds it from the store and the engine and carries its instructions out; the
 simulator (:mod:`dopq.core.simulate`) drives the very same object with a
 virtual clock and an in-memory runtime, so what the simulator proves holds
@@ -32,11 +32,43 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from dopq.core import policy as policy_mod
 from dopq.core.capacity import Capacity, GpuPool
 from dopq.core.errors import Conflict
+from dopq.core.events import (
+    CancelRequested,
+    CapacityChanged,
+    CollectContainer,
+    CommitJob,
+    ContainerExited,
+    ContainerMissing,
+    ContainerNeverStarted,
+    ContainerStarted,
+    DeadlinesDue,
+    EngineDown,
+    EngineUp,
+    Event,
+    Instruction,
+    JobAdopted,
+    JobLeftQueue,
+    JobQueued,
+    OutputLimitReached,
+    QueueLoaded,
+    RecheckContainer,
+    RemoveContainer,
+    Running,
+    SaveUsage,
+    SealOutputs,
+    StartFailed,
+    StartJob,
+    StartRefused,
+    StopContainer,
+    StrayContainer,
+    Tick,
+    Untag,
+    UsageReset,
+)
 from dopq.core.jobs import JobState
 from dopq.core.usage import UsageLedger, charge_rates
 
@@ -52,266 +84,6 @@ TIMEOUT = "timeout"
 OUTPUT_LIMIT = "wrote more than limits.max_output"  # dopq.server.outputs starts its reason so
 OOM = "out of memory (killed at the memory limit)"
 HISTORY = 1000  # finished users the recency policy looks at (exp(-1000) is nothing)
-
-
-# ---------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class JobQueued:
-    """A job is queued (again), or a queued job was edited (same payload)."""
-
-    job: policy_mod.QueuedJob
-
-
-@dataclass(frozen=True)
-class JobEdited(JobQueued):
-    pass
-
-
-@dataclass(frozen=True)
-class JobLeftQueue:
-    """A queued job moved on without the scheduler (cancelled, deleted, held elsewhere)."""
-
-    job_id: int
-
-
-@dataclass(frozen=True)
-class QueueLoaded:
-    """Every queued job, read afresh: replaces what the scheduler had."""
-
-    jobs: Sequence[policy_mod.QueuedJob]
-
-
-@dataclass(frozen=True)
-class JobAdopted:
-    """A job the store says is running (after a restart, or found by a reconcile)."""
-
-    job: Running
-
-
-@dataclass(frozen=True)
-class CancelRequested:
-    """Someone asked to cancel a job the store has in ``state``."""
-
-    job_id: int
-    state: JobState
-    by: str
-    container: str | None = None
-
-
-@dataclass(frozen=True)
-class OutputLimitReached:
-    job_id: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class StartRefused:
-    """The store refused a start's compare-and-set (the job moved on), or it was not tried."""
-
-    job_id: int
-
-
-@dataclass(frozen=True)
-class ContainerStarted:
-    """The job's container runs; ``marker`` is the job's stop reason in the store."""
-
-    job_id: int
-    container: str
-    marker: str | None = None
-
-
-@dataclass(frozen=True)
-class StartFailed:
-    job_id: int
-    error: str
-    engine_down: bool = False
-
-
-@dataclass(frozen=True)
-class ContainerExited:
-    job_id: int
-    container: str
-    exit_code: int | None
-    finished_at: float | None
-    oom: bool = False
-    deferrable: bool = True  # False: classify now (a recheck, or a reconcile)
-
-
-@dataclass(frozen=True)
-class ContainerMissing:
-    """A running job has no container; ``ran``: it had one and was started."""
-
-    job_id: int
-    ran: bool
-
-
-@dataclass(frozen=True)
-class ContainerNeverStarted:
-    """Cut off between create and start (a crash): start afresh."""
-
-    job_id: int
-    container: str
-
-
-@dataclass(frozen=True)
-class StrayContainer:
-    """A container of ours whose job is not running (``state``: None if unknown)."""
-
-    job_id: int
-    container: str
-    running: bool
-    state: JobState | None
-
-
-@dataclass(frozen=True)
-class EngineDown:
-    pass
-
-
-@dataclass(frozen=True)
-class EngineUp:
-    pass
-
-
-@dataclass(frozen=True)
-class CapacityChanged:
-    """GPUs busy with processes outside DoPQ, and (if given) the node's devices now."""
-
-    external: frozenset[int] = frozenset()
-    node: str | None = None
-    devices: Sequence[int] | None = None
-
-
-@dataclass(frozen=True)
-class UsageReset:
-    user: str | None
-
-
-@dataclass(frozen=True)
-class DeadlinesDue:
-    """Time passed: enforce time limits, retry stops, recheck deferred exits."""
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Decide: charge usage and start what the policy says.
-
-    ``finished_states``/``history`` are what the policy needs from the store
-    (final states of the dependencies in :meth:`Scheduler.dependencies`, users
-    of finished jobs newest first); None: what the scheduler saw end itself.
-    """
-
-    finished_states: Mapping[int, JobState] | None = None
-    history: Sequence[str] | None = None
-
-
-Event = (JobQueued | JobLeftQueue | QueueLoaded | JobAdopted | CancelRequested
-         | OutputLimitReached | StartRefused | ContainerStarted | StartFailed | ContainerExited
-         | ContainerMissing | ContainerNeverStarted | StrayContainer | EngineDown | EngineUp
-         | CapacityChanged | UsageReset | DeadlinesDue | Tick)
-
-
-# ----------------------------------------------------------- instructions
-
-
-@dataclass(frozen=True)
-class StartJob:
-    """Commit queued -> running (unless held), then run the container."""
-
-    job_id: int
-    node: str
-    gpus: tuple[int, ...]
-    started_at: float
-
-
-@dataclass(frozen=True)
-class StopContainer:
-    """Stop a container (``ref`` None: the job's own name), ``grace`` None: the default."""
-
-    job_id: int | None
-    ref: str | None
-    grace: float | None = None
-
-
-@dataclass(frozen=True)
-class CommitJob:
-    """Change a job in the store: to ``state`` (compare-and-set on ``expect``), or,
-    with ``state`` None, only its ``fields``. ``then`` runs only if it was committed."""
-
-    job_id: int
-    state: JobState | None
-    expect: tuple[JobState, ...] = ()
-    fields: Mapping[str, Any] = field(default_factory=dict)
-    detail: str = ""
-    then: tuple[Instruction, ...] = ()
-
-
-@dataclass(frozen=True)
-class SealOutputs:
-    job_id: int
-    user: str
-
-
-@dataclass(frozen=True)
-class CollectContainer:
-    """Save the container's log, then remove it."""
-
-    job_id: int
-    container: str
-
-
-@dataclass(frozen=True)
-class RemoveContainer:
-    """Remove a container (``ref`` None: the job's own name), on a worker if ``background``."""
-
-    job_id: int | None
-    ref: str | None
-    background: bool = True
-
-
-@dataclass(frozen=True)
-class Untag:
-    """Drop the job's image tag (unless another active job needs it)."""
-
-    job_id: int
-
-
-@dataclass(frozen=True)
-class RecheckContainer:
-    """Ping the engine: if up, report the container's exit again (not deferrable);
-    if down, report :class:`EngineDown`."""
-
-    job_id: int
-    container: str
-
-
-@dataclass(frozen=True)
-class SaveUsage:
-    """Persist the ledger's rows (``Scheduler.ledger.to_rows()``)."""
-
-
-Instruction = (StartJob | StopContainer | CommitJob | SealOutputs | CollectContainer
-               | RemoveContainer | Untag | RecheckContainer | SaveUsage)
-
-
-# ------------------------------------------------------------------ state
-
-
-@dataclass
-class Running:
-    """A running job as the scheduler tracks it; ``error`` is its stop reason."""
-
-    id: int
-    user: str
-    num_gpus: int
-    gpus: tuple[int, ...]
-    started_at: float | None
-    time_limit: float | None = None
-    node: str = ""
-    container: str | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)

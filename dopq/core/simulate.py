@@ -29,21 +29,19 @@ from typing import Any
 
 from dopq.core.capacity import Capacity, validate_gpus
 from dopq.core.errors import DopqError, JobRejected
-from dopq.core.jobs import FINAL_STATES, format_duration, parse_duration
-from dopq.core.policy import POLICIES, ClusterState, Decision, PolicyConfig, QueuedJob
-from dopq.core.scheduler import (
-    TIMEOUT,
+from dopq.core.events import (
     CommitJob,
     ContainerExited,
     DeadlinesDue,
     Instruction,
     JobQueued,
-    Scheduler,
-    SchedulerConfig,
     StartJob,
     StopContainer,
     Tick,
 )
+from dopq.core.jobs import FINAL_STATES, format_duration, parse_duration
+from dopq.core.policy import POLICIES, ClusterState, Decision, PolicyConfig, QueuedJob
+from dopq.core.scheduler import TIMEOUT, Scheduler, SchedulerConfig
 from dopq.core.usage import UsageLedger
 
 TRACE_KEYS = {"submit", "user", "gpus", "duration", "time_limit", "priority"}

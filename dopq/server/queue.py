@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dopq.core import events as ev
 from dopq.core import policy as policy_mod
 from dopq.core import scheduler as sc
 from dopq.core.capacity import Capacity, GpuPool
@@ -53,9 +54,9 @@ def queued_job(row: JobRow) -> policy_mod.QueuedJob:
     )
 
 
-def running_job(row: JobRow) -> sc.Running:
+def running_job(row: JobRow) -> ev.Running:
     """A stored running job as the scheduler tracks it (with its stop reason)."""
-    return sc.Running(
+    return ev.Running(
         id=row["id"], user=row["user"], num_gpus=row["num_gpus"], gpus=tuple(row["gpus"]),
         started_at=row["started_at"], time_limit=row["time_limit"],
         container=row["container"], error=row["error"],
@@ -158,7 +159,7 @@ class PriorityQueueThread(threading.Thread):
         with self._lock:
             if frozenset(busy) == self.scheduler.external:
                 return
-            self._handle(sc.CapacityChanged(external=frozenset(busy)))
+            self._handle(ev.CapacityChanged(external=frozenset(busy)))
         self.wake()
 
     def stop(self) -> None:
@@ -166,7 +167,7 @@ class PriorityQueueThread(threading.Thread):
         self.wake()
 
     def engine_lost(self) -> None:
-        self._handle(sc.EngineDown())
+        self._handle(ev.EngineDown())
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> None:
@@ -201,19 +202,19 @@ class PriorityQueueThread(threading.Thread):
             self.reconcile()
             self._last_reconcile = now
         self._refresh_queued()
-        self._carry_out(self._handle(sc.DeadlinesDue(), now))
+        self._carry_out(self._handle(ev.DeadlinesDue(), now))
         self._tick(now)
 
-    def _handle(self, event: sc.Event, now: float | None = None) -> list[sc.Instruction]:
+    def _handle(self, event: ev.Event, now: float | None = None) -> list[ev.Instruction]:
         with self._lock:
             return self.scheduler.handle(event, self.clock() if now is None else now)
 
-    def _handle_all(self, events: Iterable[sc.Event]) -> list[sc.Instruction]:
+    def _handle_all(self, events: Iterable[ev.Event]) -> list[ev.Instruction]:
         with self._lock:
             return self.scheduler.handle_all(events, self.clock())
 
     # -- carrying instructions out ------------------------------------------------------
-    def _carry_out(self, instructions: list[sc.Instruction], strict: bool = False) -> JobRow | None:
+    def _carry_out(self, instructions: list[ev.Instruction], strict: bool = False) -> JobRow | None:
         """Do what the scheduler said, in order; return the last committed row.
 
         ``strict``: a refused commit raises (to an API caller) instead of being
@@ -225,43 +226,43 @@ class PriorityQueueThread(threading.Thread):
         while pending:
             ins = pending.pop(0)
             try:
-                if isinstance(ins, sc.StartJob):
+                if isinstance(ins, ev.StartJob):
                     self._start(ins)
-                elif isinstance(ins, sc.CommitJob):
+                elif isinstance(ins, ev.CommitJob):
                     row = self._commit(ins, strict)
                     if row is not None:
                         committed = row
                         pending[0:0] = ins.then
-                elif isinstance(ins, sc.StopContainer):
+                elif isinstance(ins, ev.StopContainer):
                     ref = ins.ref or self.container_name(ins.job_id or 0)
                     self._workers.submit(self._stop_container, ref, ins.grace)
-                elif isinstance(ins, sc.SealOutputs):
+                elif isinstance(ins, ev.SealOutputs):
                     self._workers.submit(self.house.seal, ins.job_id, ins.user)
-                elif isinstance(ins, sc.CollectContainer):
+                elif isinstance(ins, ev.CollectContainer):
                     self._workers.submit(self.house.collect, ins.job_id, ins.container)
-                elif isinstance(ins, sc.RemoveContainer):
+                elif isinstance(ins, ev.RemoveContainer):
                     ref = ins.ref if ins.ref is not None else self.container_name(ins.job_id or 0)
                     if ins.background:
                         self._workers.submit(self.house.remove, ref)
                     else:
                         self.runtime.remove(ref, owner=self.owner)
-                elif isinstance(ins, sc.Untag):
+                elif isinstance(ins, ev.Untag):
                     self._workers.submit(self.house.untag, ins.job_id)
-                elif isinstance(ins, sc.RecheckContainer):
+                elif isinstance(ins, ev.RecheckContainer):
                     if self.runtime.ping():
                         self._finish_container(ins.container, defer=False)
                     else:
                         self.engine_lost()  # the reconcile records it once the engine is back
-                elif isinstance(ins, sc.SaveUsage):
+                elif isinstance(ins, ev.SaveUsage):
                     self._save_usage()
             except BaseException:
-                refused = [sc.StartRefused(i.job_id) for i in pending if isinstance(i, sc.StartJob)]
+                refused = [ev.StartRefused(i.job_id) for i in pending if isinstance(i, ev.StartJob)]
                 if refused:
                     self._handle_all(refused)
                 raise
         return committed
 
-    def _commit(self, ins: sc.CommitJob, strict: bool) -> JobRow | None:
+    def _commit(self, ins: ev.CommitJob, strict: bool) -> JobRow | None:
         try:
             if ins.state is None:
                 self.store.update_job(ins.job_id, **ins.fields)
@@ -273,7 +274,7 @@ class PriorityQueueThread(threading.Thread):
                 raise
             return None
 
-    def _start(self, ins: sc.StartJob) -> None:
+    def _start(self, ins: ev.StartJob) -> None:
         job_id, gpus = ins.job_id, list(ins.gpus)
         try:
             row = self.store.transition(
@@ -282,17 +283,17 @@ class PriorityQueueThread(threading.Thread):
                 detail="gpus " + (",".join(map(str, gpus)) or "none"),
             )
         except DopqError:
-            self._handle(sc.StartRefused(job_id))
+            self._handle(ev.StartRefused(job_id))
             return
         self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
         try:
             cid = self.runtime.run(self.container_spec(row, gpus))
         except EngineUnavailable:
-            self._carry_out(self._handle(sc.StartFailed(job_id, "engine unavailable", True)))
+            self._carry_out(self._handle(ev.StartFailed(job_id, "engine unavailable", True)))
             raise
         except Exception as exc:  # noqa: BLE001 - whatever it was, this job failed to start
             text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            self._carry_out(self._handle(sc.StartFailed(job_id, text)))
+            self._carry_out(self._handle(ev.StartFailed(job_id, text)))
             return
         # Only now is there a container to look for after a crash: a running
         # job without one was cut off before its start and is queued again.
@@ -300,7 +301,7 @@ class PriorityQueueThread(threading.Thread):
         self.store.update_job(job_id, container=name)
         log.debug("job %s started as %s", job_id, cid[:12])
         marker = self.store.job(job_id)["error"]  # a cancel during the create left its mark
-        self._carry_out(self._handle(sc.ContainerStarted(job_id, name, marker)))
+        self._carry_out(self._handle(ev.ContainerStarted(job_id, name, marker)))
 
     def _stop_container(self, ref: str, grace: float | None = None) -> None:
         try:
@@ -322,25 +323,25 @@ class PriorityQueueThread(threading.Thread):
             with self._lock:
                 self.scheduler.engine_up = False
             log.warning("engine down at start: %s", exc)
-            self._handle_all([sc.JobAdopted(running_job(r))
+            self._handle_all([ev.JobAdopted(running_job(r))
                               for r in self.store.jobs([JobState.RUNNING])])
         self._refresh_queued(full=True)
 
     def reconcile(self) -> None:
         """Compare the store's running jobs with the engine's containers."""
         containers = {c.job_id: c for c in self.runtime.list(self.instance, self.owner) if c.job_id}
-        events: list[sc.Event] = [sc.EngineUp()]
+        events: list[ev.Event] = [ev.EngineUp()]
         for row in self.store.jobs([JobState.RUNNING]):
-            events.append(sc.JobAdopted(running_job(row)))
+            events.append(ev.JobAdopted(running_job(row)))
             c = containers.pop(row["id"], None)
             if c is None:
                 # Ran and its container is gone (removed by hand), or never started.
-                events.append(sc.ContainerMissing(row["id"], bool(row["container"]
+                events.append(ev.ContainerMissing(row["id"], bool(row["container"]
                                                                and row["started_at"])))
             elif c.created:
-                events.append(sc.ContainerNeverStarted(row["id"], c.id))
+                events.append(ev.ContainerNeverStarted(row["id"], c.id))
             elif not c.running:
-                events.append(sc.ContainerExited(row["id"], c.id, c.exit_code, c.finished_at,
+                events.append(ev.ContainerExited(row["id"], c.id, c.exit_code, c.finished_at,
                                               c.oom_killed, deferrable=False))
         for job_id, c in containers.items():
             # Containers of ours whose job is over (or unknown): collect them.
@@ -350,7 +351,7 @@ class PriorityQueueThread(threading.Thread):
                     state = JobState(self.store.job(job_id)["state"])
                 except DopqError:
                     state = None
-            events.append(sc.StrayContainer(job_id, c.id, c.running, state))
+            events.append(ev.StrayContainer(job_id, c.id, c.running, state))
         self._carry_out(self._handle_all(events))
         with self._lock:
             self.scheduler.capacity.validate()
@@ -366,8 +367,8 @@ class PriorityQueueThread(threading.Thread):
         if row["state"] != JobState.RUNNING.value:
             return
         self._carry_out(self._handle_all([
-            sc.JobAdopted(running_job(row)),
-            sc.ContainerExited(st.job_id, cid, st.exit_code, st.finished_at, st.oom_killed, defer),
+            ev.JobAdopted(running_job(row)),
+            ev.ContainerExited(st.job_id, cid, st.exit_code, st.finished_at, st.oom_killed, defer),
         ]))
 
     # -- cancels and stops from other threads -------------------------------------------
@@ -376,7 +377,7 @@ class PriorityQueueThread(threading.Thread):
         row = self.store.job(job_id)
         state = JobState(row["state"])
         committed = self._carry_out(
-            self._handle(sc.CancelRequested(job_id, state, by, row["container"])), strict=True)
+            self._handle(ev.CancelRequested(job_id, state, by, row["container"])), strict=True)
         if state != JobState.RUNNING and committed is not None:
             self.wake()
             return committed
@@ -384,7 +385,7 @@ class PriorityQueueThread(threading.Thread):
 
     def stop_for_output(self, job_id: int, reason: str) -> None:
         """Kill a job that wrote more than ``limits.max_output`` (output watcher)."""
-        self._carry_out(self._handle(sc.OutputLimitReached(job_id, reason)))
+        self._carry_out(self._handle(ev.OutputLimitReached(job_id, reason)))
 
     # -- usage ----------------------------------------------------------------------------------
     def _save_usage(self) -> None:
@@ -393,7 +394,7 @@ class PriorityQueueThread(threading.Thread):
         self.store.save_usage(rows, replace=True)
 
     def reset_usage(self, user: str | None) -> None:
-        self._carry_out(self._handle(sc.UsageReset(user)))
+        self._carry_out(self._handle(ev.UsageReset(user)))
         self.wake()
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -408,14 +409,14 @@ class PriorityQueueThread(threading.Thread):
         if full or now - self._last_full_refresh >= FULL_REFRESH_EVERY:
             mark = self.store.last_event_id()
             rows = self.store.jobs([JobState.QUEUED], light=True)
-            self._handle(sc.QueueLoaded([queued_job(r) for r in rows]), now)
+            self._handle(ev.QueueLoaded([queued_job(r) for r in rows]), now)
             self._event_mark = mark
             self._last_full_refresh = now
             return
         self._event_mark, changed = self.store.changed_since(self._event_mark)
         self._handle_all([
-            sc.JobQueued(queued_job(r)) if r["state"] == JobState.QUEUED.value
-            else sc.JobLeftQueue(r["id"])
+            ev.JobQueued(queued_job(r)) if r["state"] == JobState.QUEUED.value
+            else ev.JobLeftQueue(r["id"])
             for r in changed
         ])
 
@@ -439,11 +440,11 @@ class PriorityQueueThread(threading.Thread):
 
     def _tick(self, now: float) -> None:
         if self.paused:
-            self._carry_out(self._handle(sc.Tick(), now))  # charges usage, starts nothing
+            self._carry_out(self._handle(ev.Tick(), now))  # charges usage, starts nothing
             return
         finished, history = self._policy_inputs()
         with self._lock:
-            instructions = self.scheduler.handle(sc.Tick(finished, history), now)
+            instructions = self.scheduler.handle(ev.Tick(finished, history), now)
             decision = self.scheduler.last_decision
         with self.decision_lock:
             self.last_decision = decision
