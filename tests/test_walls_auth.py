@@ -34,6 +34,7 @@ from hostile import good_job, zip_it
 from dopq.client import commands as cli
 from dopq.core import settings as settings_mod
 from dopq.core.errors import JobRejected, LimitExceeded, NotAuthenticated, RateLimited
+from dopq.core.jobs import WAITING_STATES
 from dopq.core.text import check_display_text, printable, safe_name
 from dopq.server import auth
 from dopq.server.api import Controller
@@ -515,8 +516,7 @@ def hold_provider(server: Running, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def waiting(store: Store, user: str) -> int:
-    return len(store.read("SELECT id FROM jobs WHERE user = ? AND state IN"
-                          " ('received','building','queued')", (user,)))
+    return len(store.jobs(WAITING_STATES, user=user, light=True))
 
 
 @docker
