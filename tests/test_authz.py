@@ -86,7 +86,7 @@ ROWS: list[Row] = [
     *(Row(m, "", Action.READ, SIGNED_IN, owner=None) for m in READS),
     # ``job`` shows every job to the signed-in; its spec (env) and image only to these.
     Row("job", "spec-and-image", Action.SEE_PRIVATE,
-        own_or_admin(f"{Action.SEE_PRIVATE.value}: it belongs to alice")),
+        own_or_admin(f"the spec and image of job {JOB} belong to alice"), facts={"job": JOB}),
     Row("submit_begin", "", Action.SUBMIT, SIGNED_IN, owner=None),
     Row("submit_begin", "as-alice", Action.SUBMIT,
         own_or_admin("cannot submit as alice: only as yourself (bob)"),
@@ -185,6 +185,12 @@ def test_cell(row: Row, caller: str) -> None:
     with pytest.raises(NotAuthenticated if who is None else Forbidden) as info:
         authz.require(who, row.action, row.owner, **row.facts)
     assert str(info.value) == want
+
+
+def test_every_action_has_exactly_one_kind_of_rule() -> None:
+    kinds = [authz.OPEN, authz.ADMIN_ONLY, authz.JOB_EDITS, set(authz.OWNER_OR_ADMIN),
+             {Action.READ, Action.SUBMIT, Action.READ_FETCH}]
+    assert sorted(a for kind in kinds for a in kind) == sorted(Action)
 
 
 def test_user_passwd_of_oneself_is_every_signed_in_callers() -> None:

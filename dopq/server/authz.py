@@ -65,7 +65,7 @@ ADMIN_ONLY = frozenset({
     Action.SET_SHARE, Action.AUDIT, Action.USER_ADD, Action.USER_REMOVE, Action.REVOKE_TOKENS,
 })
 # What the admin-only refusal calls each action ("<what> needs the admin role").
-ADMIN_WORDS = {Action.EDIT_TOP: "top", Action.USER_PASSWD: "changing another user's password"}
+ADMIN_WORDS = {Action.EDIT_TOP: "top"}
 EDITS = {
     "delete": Action.EDIT_DELETE, "priority": Action.EDIT_PRIORITY, "nice": Action.EDIT_NICE,
     "hold": Action.EDIT_HOLD, "release": Action.EDIT_RELEASE,
@@ -73,6 +73,17 @@ EDITS = {
 }
 
 JOB_EDITS = frozenset(EDITS.values()) - ADMIN_ONLY  # a user's own waiting jobs
+# The owner's or an admin's: what anyone else is told.
+OWNER_OR_ADMIN = {
+    Action.UPLOAD: "not your upload",
+    Action.SEE_PRIVATE: "the spec and image of job {job} belong to {owner}",
+    Action.READ_LOGS: "the logs of job {job} belong to {owner}",
+    Action.DEPEND: "{flag} {job}: job {job} belongs to {owner}; a job may wait only for its"
+                   " owner's jobs",
+    Action.CANCEL: "cannot cancel job {job}: it belongs to {owner}",
+    Action.FETCH_OUTPUTS: "cannot fetch the outputs of job {job}: it belongs to {owner}",
+    Action.USER_PASSWD: "changing another user's password needs the admin role",
+}
 
 
 def _admin_only(action: Action) -> str:
@@ -116,7 +127,6 @@ def refusal(who: Principal | None, action: Action, owner: str | None = None,
         return None
     if who is None:
         return NOT_SIGNED_IN
-    own = owner is None or owner == who.name
     if action in ADMIN_ONLY:
         return None if who.is_admin else _admin_only(action)
     if action is Action.READ:
@@ -127,24 +137,12 @@ def refusal(who: Principal | None, action: Action, owner: str | None = None,
         return _edit(who, action, owner, facts)
     if action is Action.READ_FETCH:  # a download in flight is its asker's alone
         return None if owner == who.name else "not your fetch"
-    if own or who.is_admin:
+    if action is Action.READ_LOGS and facts.get("visible_to_all"):
         return None
-    job = facts.get("job")
-    if action is Action.READ_LOGS:
-        return None if facts.get("visible_to_all") else f"the logs of job {job} belong to {owner}"
-    if action is Action.UPLOAD:
-        return "not your upload"
-    if action is Action.CANCEL:
-        return f"cannot cancel job {job}: it belongs to {owner}"
-    if action is Action.FETCH_OUTPUTS:
-        return f"cannot fetch the outputs of job {job}: it belongs to {owner}"
-    if action is Action.DEPEND:
-        flag = facts.get("flag", "--after")
-        return (f"{flag} {job}: job {job} belongs to {owner}; a job may wait only for its "
-                "owner's jobs")
-    if action is Action.USER_PASSWD:
-        return _admin_only(action)
-    return f"{action.value}: it belongs to {owner}"  # SEE_PRIVATE
+    if owner is None or owner == who.name or who.is_admin:
+        return None
+    return OWNER_OR_ADMIN[action].format(owner=owner, job=facts.get("job"),
+                                         flag=facts.get("flag", "--after"))
 
 
 def may(who: Principal | None, action: Action, owner: str | None = None, **facts: Any) -> bool:
