@@ -54,7 +54,7 @@ class JobView(TypedDict):
     time_limit: float | None
     priority: int
     nice: int
-    held: int  # 0, 1 (its owner held it) or 2 (an admin did)
+    held: bool
     array_index: int | None
     array_parent: int | None
     after: list[int]
