@@ -8,6 +8,8 @@ Scenarios, each with 8 GPUs, 200 users and the given number of queued jobs:
   backfill  2 GPUs free, so the head of the line reserves and the rest is scanned
   recency   all GPUs busy, DoPQ 1.0 order with 1000 finished jobs of history
   entries   ``Decision.entries`` (every job's position, reason, factors)
+  tick      the server's whole decision step: ``Scheduler.handle(Tick())`` on
+            the full scenario (cluster state, usage snapshot, decide, books)
 Times are the median of several runs; memory is the tracemalloc peak of one
 call. Prints a table; writes a file only when given ``--json PATH``.
 
@@ -30,7 +32,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dopq.core.capacity import Capacity  # noqa: E402
+from dopq.core.events import JobAdopted, QueueLoaded, Running, Tick  # noqa: E402
 from dopq.core.policy import ClusterState, PolicyConfig, QueuedJob, RunningJob, decide  # noqa: E402
+from dopq.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from dopq.core.usage import UsageLedger  # noqa: E402
 
 DAY = 86400.0
 
@@ -82,6 +88,18 @@ def _peak_kib(fn: Callable[[], Any]) -> float:
         tracemalloc.stop()
 
 
+def make_scheduler(state: ClusterState, cfg: PolicyConfig, now: float, gpus: int = 8) -> Scheduler:
+    """A :class:`Scheduler` that knows what ``state`` describes."""
+    ledger = UsageLedger(cfg.half_life, [{"user": u, "value": v, "updated_at": now}
+                                         for u, v in state.usage.items()])
+    sched = Scheduler(SchedulerConfig(cfg), Capacity.single(range(gpus)), ledger)
+    sched.handle(QueueLoaded(state.queued), now)
+    for r in state.running:
+        sched.handle(JobAdopted(Running(r.id, r.user, r.num_gpus, r.gpus, r.started_at,
+                                        r.time_limit)), now)
+    return sched
+
+
 def run(sizes: list[int], reps: int) -> list[dict[str, float]]:
     fair = PolicyConfig().validate()
     recency = PolicyConfig(policy="recency").validate()
@@ -89,6 +107,7 @@ def run(sizes: list[int], reps: int) -> list[dict[str, float]]:
     now = 30 * DAY  # make_state's clock
     for n in sizes:
         full, backfill = make_state(n, free=0), make_state(n, free=2)
+        sched = make_scheduler(full, fair, now)
         r = max(3, reps if n <= 10_000 else reps // 5)
         rows.append(
             {
@@ -99,6 +118,7 @@ def run(sizes: list[int], reps: int) -> list[dict[str, float]]:
                 "entries_ms": _time(lambda s=full: decide(s, now, fair).entries, max(3, r // 5)),
                 "decide_kib": _peak_kib(lambda s=backfill: decide(s, now, fair)),
                 "entries_kib": _peak_kib(lambda s=full: decide(s, now, fair).entries),
+                "tick_ms": _time(lambda s=sched: s.handle(Tick({}, []), now), r),
             }
         )
     return rows
@@ -107,14 +127,14 @@ def run(sizes: list[int], reps: int) -> list[dict[str, float]]:
 def format_rows(rows: list[dict[str, float]]) -> str:
     head = (
         f"{'queued':>8} {'full ms':>8} {'backfill ms':>11} {'recency ms':>10} "
-        f"{'entries ms':>10} {'decide KiB':>10} {'entries KiB':>11}"
+        f"{'entries ms':>10} {'decide KiB':>10} {'entries KiB':>11} {'tick ms':>8}"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['queued']:>8} {r['full_ms']:>8.2f} {r['backfill_ms']:>11.2f} "
             f"{r['recency_ms']:>10.2f} {r['entries_ms']:>10.1f} {r['decide_kib']:>10.0f} "
-            f"{r['entries_kib']:>11.0f}"
+            f"{r['entries_kib']:>11.0f} {r['tick_ms']:>8.2f}"
         )
     return "\n".join(lines)
 
