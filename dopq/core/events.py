@@ -142,7 +142,7 @@ class EngineUp:
 class CapacityChanged:
     """GPUs busy with processes outside DoPQ, and (if given) the node's devices now."""
 
-    external: frozenset[int] = frozenset()
+    external: frozenset[int] | None = None  # None: as before
     node: str | None = None
     devices: Sequence[int] | None = None
 

@@ -6,11 +6,12 @@ queued, a container exited, the engine went down, a deadline came) and
 which GPUs, decayed usage, stops in flight, the engine's health) and returns
 the instructions that follow (start this job on these GPUs of this node, stop
 that container, commit this state change, save usage); both kinds are in
-:mod:`dopq.core.events`. It reads no clock, no store and no Docker. The server's queue thread (:mod:`dopq.server.queue`)
-feeds it from the store and the engine and carries its instructions out; the
-simulator (:mod:`dopq.core.simulate`) drives the very same object with a
-virtual clock and an in-memory runtime, so what the simulator proves holds
-for the loop the server runs.
+:mod:`dopq.core.events`. It reads no clock, no store and no Docker. The
+server's queue thread (:mod:`dopq.server.queue`) feeds it from the store
+and the engine and carries its instructions out; the simulator
+(:mod:`dopq.core.simulate`) drives the very same object with a virtual clock
+and an in-memory runtime, so what the simulator proves holds for the loop
+the server runs.
 
 The scheduler applies a change as soon as it decides it and tells the driver
 to commit it; a commit the store refuses (compare-and-set) comes back as an
@@ -341,7 +342,8 @@ class Scheduler:
         node = self.capacity.nodes[ev.node] if ev.node else self.capacity.default
         if ev.devices is not None:
             node.pool.set_devices(ev.devices)
-        self.external = frozenset(ev.external)
+        if ev.external is not None:
+            self.external = frozenset(ev.external)
 
     # -- usage --------------------------------------------------------------------------
     def _on_UsageReset(self, ev: UsageReset, now: float, out: list[Instruction]) -> None:
@@ -444,6 +446,7 @@ class Scheduler:
     def _on_Tick(self, ev: Tick, now: float, out: list[Instruction]) -> None:
         self._charge(now, out)
         if self.paused:
+            self._policy_wakeup = None  # no decision to revisit (the wait would spin)
             return
         cfg = self.policy_config()
         decision = policy_mod.decide(
