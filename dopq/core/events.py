@@ -191,11 +191,15 @@ class StartJob:
 
 @dataclass(frozen=True)
 class StopContainer:
-    """Stop a container (``ref`` None: the job's own name), ``grace`` None: the default."""
+    """Stop a container (``ref`` None: the job's own name), ``grace`` None: the default.
+
+    ``reason`` is why, for the log (the job's stop reason is committed apart).
+    """
 
     job_id: int | None
     ref: str | None
     grace: float | None = None
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class Scheduler:
             live.error = reason
         # A job whose container is being created has none to stop yet: the
         # stop is retried, and ContainerStarted looks at the stop reason again.
-        self._stop(ev.job_id, live.container if live else ev.container, now, out)
+        self._stop(ev.job_id, live.container if live else ev.container, now, out, reason=reason)
 
     def _on_OutputLimitReached(self, ev: OutputLimitReached, now: float,
                                out: list[Instruction]) -> None:
@@ -177,7 +177,7 @@ class Scheduler:
             return
         live.error = ev.reason
         out.append(CommitJob(ev.job_id, None, fields={"error": ev.reason}))
-        self._stop(ev.job_id, live.container, now, out, grace=0.0)  # it would keep writing
+        self._stop(ev.job_id, live.container, now, out, 0.0, ev.reason)  # it would keep writing
 
     # -- starts -------------------------------------------------------------------
     def _on_StartRefused(self, ev: StartRefused, now: float, out: list[Instruction]) -> None:
@@ -195,7 +195,7 @@ class Scheduler:
             # A cancel that came while the container was being created found
             # nothing to stop; it left its mark, so stop it now.
             live.error = marker
-            self._stop(ev.job_id, live.container, now, out)
+            self._stop(ev.job_id, live.container, now, out, reason=marker)
 
     def _on_StartFailed(self, ev: StartFailed, now: float, out: list[Instruction]) -> None:
         if ev.engine_down:
@@ -242,7 +242,7 @@ class Scheduler:
         if not ev.running:
             out.append(CollectContainer(ev.job_id, ev.container))
         elif ev.state != JobState.RUNNING:
-            out.append(StopContainer(None, ev.container))
+            out.append(StopContainer(None, ev.container, reason=f"job {ev.job_id} is not running"))
 
     def _exit(self, live: Running, exit_code: int | None, finished_at: float | None,
               now: float, out: list[Instruction], vanished: str | None = None,
@@ -385,7 +385,7 @@ class Scheduler:
                 # A stop that did not take (engine busy, container not yet
                 # created when it was asked): ask again.
                 if now - asked >= retry_after:
-                    self._stop(job_id, live.container, now, out)
+                    self._stop(job_id, live.container, now, out, reason="the stop did not take")
                 else:
                     deadline = _earliest(deadline, asked + retry_after)
                 continue
@@ -395,15 +395,15 @@ class Scheduler:
             if end <= now:
                 out.append(CommitJob(job_id, None, fields={"error": TIMEOUT}))
                 live.error = TIMEOUT
-                self._stop(job_id, live.container, now, out)
+                self._stop(job_id, live.container, now, out, reason=TIMEOUT)
             else:
                 deadline = _earliest(deadline, end)
         self._deadline = deadline
 
     def _stop(self, job_id: int, container: str | None, now: float, out: list[Instruction],
-              grace: float | None = None) -> None:
+              grace: float | None = None, reason: str = "") -> None:
         self.stopping[job_id] = now
-        out.append(StopContainer(job_id, container, grace))
+        out.append(StopContainer(job_id, container, grace, reason))
 
     def next_wakeup(self) -> float | None:
         """When the scheduler wants a :class:`DeadlinesDue` and a :class:`Tick` at the latest."""

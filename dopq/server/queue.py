@@ -235,6 +235,7 @@ class PriorityQueueThread(threading.Thread):
                         pending[0:0] = ins.then
                 elif isinstance(ins, ev.StopContainer):
                     ref = ins.ref or self.container_name(ins.job_id or 0)
+                    log.debug("stopping %s: %s", ref, ins.reason)
                     self._workers.submit(self._stop_container, ref, ins.grace)
                 elif isinstance(ins, ev.SealOutputs):
                     self._workers.submit(self.house.seal, ins.job_id, ins.user)
