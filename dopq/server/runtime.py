@@ -290,13 +290,9 @@ class ContainerRuntime:
             init=True,
         )
         try:
-            created = self._create(api, spec, env, host_config)
-        except docker.errors.NotFound as exc:  # the image is gone
-            raise DopqError(f"docker: {exc.explanation or exc}") from None
-        cid = str(created["Id"])
-        try:
+            cid = str(self._create(api, spec, env, host_config)["Id"])
             self._call(api.start, cid)
-        except docker.errors.NotFound as exc:
+        except docker.errors.NotFound as exc:  # the image (or the new container) is gone
             raise DopqError(f"docker: {exc.explanation or exc}") from None
         return cid
 
