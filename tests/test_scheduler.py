@@ -105,6 +105,18 @@ def test_array_elements_run_in_order_within_the_user_limit() -> None:
     assert d.started(d.tick(1)) == [13, 14]
 
 
+def test_starts_not_tried_go_back_to_the_queue() -> None:
+    d = Driver(gpus=2)
+    d.submit(1)
+    d.submit(2)
+    decided = d.sched.handle(ev.Tick(), d.now)  # then the engine fails before any start
+    assert [i.job_id for i in decided if isinstance(i, ev.StartJob)] == [1, 2]
+    d.handle(ev.StartRefused(1, retry=True))
+    d.handle(ev.StartRefused(2, retry=True))
+    assert set(d.sched.queued) == {1, 2} and d.sched.pool.free() == {0, 1}
+    assert sorted(d.started(d.tick())) == [1, 2]
+
+
 def test_held_job_refused_at_commit_goes_back() -> None:
     d = Driver(gpus=1)
     d.submit(1)

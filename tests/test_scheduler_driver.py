@@ -7,6 +7,7 @@ tested in test_scheduler.py; here it is that the driver carries it out.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,22 @@ def test_usage_is_saved_and_reset(rig: Any) -> None:
     assert any(r["user"] == "alice" for r in rig.store.load_usage())
     rig.q.reset_usage("alice")
     assert rig.q.ledger.value("alice", rig.clock.now) == 0.0
+
+
+def test_a_store_failure_at_start_leaves_no_gpu_held(rig: Any) -> None:
+    rig.q.recover()
+    job = rig.add(gpus=2)
+    real = rig.store.transition
+
+    def failing(job_id: int, to: JobState, **kw: Any) -> Any:
+        if to == JobState.RUNNING:
+            raise sqlite3.OperationalError("database is locked")
+        return real(job_id, to, **kw)
+
+    rig.store.transition = failing
+    with pytest.raises(sqlite3.OperationalError):
+        rig.step()
+    assert rig.q.pool.free() == {0, 1} and job not in rig.q.scheduler.running
+    rig.store.transition = real
+    rig.step(1.0)
+    assert rig.store.job(job)["state"] == "running"

@@ -71,9 +71,12 @@ class OutputLimitReached:
 
 @dataclass(frozen=True)
 class StartRefused:
-    """The store refused a start's compare-and-set (the job moved on), or it was not tried."""
+    """A start did not happen: the store refused its compare-and-set (the job
+    moved on), or, with ``retry``, it was not tried or the store failed (the
+    job goes back to the queue as it was)."""
 
     job_id: int
+    retry: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,3 +282,4 @@ class Running:
     node: str = ""
     container: str | None = None
     error: str | None = None
+    queued: QueuedJob | None = field(default=None, repr=False)  # as it was queued, if started here

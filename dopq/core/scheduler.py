@@ -181,8 +181,12 @@ class Scheduler:
 
     # -- starts -------------------------------------------------------------------
     def _on_StartRefused(self, ev: StartRefused, now: float, out: list[Instruction]) -> None:
-        self.queued.pop(ev.job_id, None)
+        live = self.running.get(ev.job_id)
         self._release(ev.job_id)
+        if ev.retry and live is not None and live.queued is not None:
+            self.queued[ev.job_id] = live.queued
+        else:
+            self.queued.pop(ev.job_id, None)
 
     def _on_ContainerStarted(self, ev: ContainerStarted, now: float,
                              out: list[Instruction]) -> None:
@@ -468,7 +472,7 @@ class Scheduler:
                 continue
             q = self.queued.pop(job_id)
             self.running[job_id] = Running(job_id, q.user, q.num_gpus, tuple(gpus), now,
-                                           q.time_limit, node.name)
+                                           q.time_limit, node.name, queued=q)
             out.append(StartJob(job_id, node.name, tuple(gpus), now))
 
     def validate(self) -> None:

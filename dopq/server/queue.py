@@ -257,7 +257,8 @@ class PriorityQueueThread(threading.Thread):
                 elif isinstance(ins, ev.SaveUsage):
                     self._save_usage()
             except BaseException:
-                refused = [ev.StartRefused(i.job_id) for i in pending if isinstance(i, ev.StartJob)]
+                refused = [ev.StartRefused(i.job_id, retry=True)
+                           for i in pending if isinstance(i, ev.StartJob)]
                 if refused:
                     self._handle_all(refused)
                 raise
@@ -283,9 +284,12 @@ class PriorityQueueThread(threading.Thread):
                 gpus=gpus, container=None, started_at=ins.started_at,
                 detail="gpus " + (",".join(map(str, gpus)) or "none"),
             )
-        except DopqError:
+        except DopqError:  # refused: held, or moved on
             self._handle(ev.StartRefused(job_id))
             return
+        except Exception:  # the store failed: the job stays queued
+            self._handle(ev.StartRefused(job_id, retry=True))
+            raise
         self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
         try:
             cid = self.runtime.run(self.container_spec(row, gpus))
