@@ -260,3 +260,46 @@ def test_good_job_folder_parses(tmp_path: Any) -> None:
     root = unpack(hostile.zip_it(job), tmp_path / "dest", ArchiveLimits())
     parsed = spec(inspect_context(root).config, submitter="alice", allowed=("alice",))
     assert (parsed.user, parsed.name, parsed.num_gpus) == ("alice", "hello-job", 0)
+
+
+# --- gpu_memory (issue #13): a share of each GPU instead of whole ones ---------------
+
+
+def test_gpu_memory_is_bytes_per_device_and_absent_means_whole_gpus() -> None:
+    assert spec(ORIGINAL).gpu_memory is None  # a DoPQ 1.0 job folder: whole GPUs
+    job = spec({**ORIGINAL, "gpu_memory": "10g"})
+    assert (job.num_gpus, job.gpu_memory) == (1, 10 * 2**30)
+    job = spec({"name": "abc", "executor_name": "bob", "gpu_memory": "512m", "num_gpus": 2})
+    assert (job.num_gpus, job.gpu_memory) == (2, 512 * 2**20)
+    assert spec({**ORIGINAL, "gpu_memory": None}).gpu_memory is None
+
+
+def test_gpu_memory_override_applies_last() -> None:
+    job = spec({**ORIGINAL, "gpu_memory": "4g"}, overrides={"gpu_memory": "6g"})
+    assert job.gpu_memory == 6 * 2**30
+    assert spec(ORIGINAL, overrides={"gpu_memory": "1.5g"}).gpu_memory == int(1.5 * 2**30)
+
+
+@pytest.mark.parametrize(("config", "overrides", "words"), [
+    ({"gpu_memory": "lots"}, None, "gpu_memory: expected"),
+    ({"gpu_memory": 0}, None, "gpu_memory: must be positive"),
+    ({"gpu_memory": "0g"}, None, "gpu_memory: must be positive"),
+    ({"gpu_memory": -5}, None, "gpu_memory: must not be negative"),
+    ({"gpu_memory": "-5g"}, None, "gpu_memory: expected"),
+    ({"gpu_memory": True}, None, "gpu_memory: expected"),
+    ({"gpu_memory": "4g", "num_gpus": 0}, None, "needs num_gpus of at least 1"),
+    ({"gpu_memory": "4g"}, {"gpus": 0}, "needs num_gpus of at least 1"),
+    ({"num_gpus": 0}, {"gpu_memory": "4g"}, "needs num_gpus of at least 1"),
+    ({}, {"gpu_memory": "0"}, "--gpu-memory: must be positive"),
+])
+def test_bad_gpu_memory_is_one_clear_line(config: dict[str, Any],
+                                          overrides: dict[str, Any] | None, words: str) -> None:
+    assert words in reason({**ORIGINAL, **config}, overrides=overrides)
+
+
+def test_gpu_memory_options_alone_are_checked() -> None:
+    from dopq.core.spec import check_overrides
+
+    assert check_overrides({"gpu_memory": "2g"}).gpu_memory == 2 * 2**30
+    with pytest.raises(JobRejected, match="needs num_gpus"):
+        check_overrides({"gpu_memory": "2g", "gpus": 0})

@@ -53,11 +53,14 @@ class JobSpec:
     """A validated job description (``container_config.json`` plus overrides).
 
     Sizes are bytes, durations seconds; ``None`` means "use the server default".
+    ``gpu_memory`` (bytes per device) asks for a share of ``num_gpus`` devices
+    instead of whole ones; ``None`` means whole, exclusive GPUs.
     """
 
     name: str
     user: str
     num_gpus: int = 1
+    gpu_memory: int | None = None
     memory: int | None = None
     cpus: float | None = None
     shm_size: int | None = None

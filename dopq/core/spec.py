@@ -51,6 +51,7 @@ _CONFIG_KEYS = (
     "executor_name",
     "required_memory",
     "num_gpus",
+    "gpu_memory",
     "num_slots",
     "build_flag",
     "run_params",
@@ -65,6 +66,7 @@ _CONFIG_KEYS = (
 _OVERRIDE_KEYS = {
     "name": "name",
     "gpus": "num_gpus",
+    "gpu_memory": "gpu_memory",
     "memory": "required_memory",
     "cpus": "cpus",
     "time_limit": "time_limit",
@@ -100,7 +102,7 @@ def parse_spec(
         raise JobRejected("name: required (a job name of at least 3 characters)")
     spec = JobSpec(name=check_name(raw["name"], "name"), user=user)
 
-    for key in ("required_memory", "num_gpus", "num_slots", "build_flag", "cpus",
+    for key in ("required_memory", "num_gpus", "gpu_memory", "num_slots", "build_flag", "cpus",
                 "shm_size", "time_limit", "priority", "command"):
         if key in raw:
             _FIELDS[key](spec, raw[key], key)
@@ -113,6 +115,7 @@ def parse_spec(
         spec.env.update(check_env(raw["env"], "env"))
 
     _apply_overrides(spec, overrides)
+    _check_gpu_memory(spec)
     return spec
 
 
@@ -122,6 +125,7 @@ def check_overrides(overrides: Mapping[str, Any] | None) -> JobSpec:
     so that e.g. ``len(spec.array)`` is known."""
     spec = JobSpec(name="job", user="nobody")
     _apply_overrides(spec, overrides)
+    _check_gpu_memory(spec)
     return spec
 
 
@@ -167,6 +171,17 @@ def _set_memory(spec: JobSpec, value: Any, what: str) -> None:
 
 def _set_gpus(spec: JobSpec, value: Any, what: str) -> None:
     spec.num_gpus = check_int(value, what, 0, MAX_GPUS)
+
+
+def _set_gpu_memory(spec: JobSpec, value: Any, what: str) -> None:
+    spec.gpu_memory = check_size(value, what)
+
+
+def _check_gpu_memory(spec: JobSpec) -> None:
+    """GPU memory is asked per device: a job without devices cannot ask for it."""
+    if spec.gpu_memory is not None and spec.num_gpus == 0:
+        raise JobRejected("gpu_memory: needs num_gpus of at least 1 (it is memory on each "
+                          "GPU the job gets), got num_gpus 0")
 
 
 def _set_slots(spec: JobSpec, value: Any, what: str) -> None:
@@ -240,6 +255,7 @@ _Setter = Callable[[JobSpec, Any, str], None]
 _FIELDS: dict[str, _Setter] = {
     "required_memory": _set_memory,
     "num_gpus": _set_gpus,
+    "gpu_memory": _set_gpu_memory,
     "num_slots": _set_slots,
     "build_flag": _set_build_flag,
     "cpus": _set_cpus,
