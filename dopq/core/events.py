@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dopq.core.capacity import Device
 from dopq.core.jobs import JobState
 from dopq.core.policy import QueuedJob
 
@@ -143,11 +144,19 @@ class EngineUp:
 
 @dataclass(frozen=True)
 class CapacityChanged:
-    """GPUs busy with processes outside DoPQ, and (if given) the node's devices now."""
+    """GPUs busy with processes outside DoPQ, and (if given) the node's devices now.
+
+    ``foreign`` maps a device to the bytes processes outside DoPQ use on it:
+    such a device is closed to whole-GPU jobs and shared jobs get what is
+    left; given, it replaces ``external`` (its keys are the busy set). A
+    device only in ``external`` (no bytes known) is closed to every job.
+    ``devices`` are the node's devices now (bare indices: memory unknown).
+    """
 
     external: frozenset[int] | None = None  # None: as before
     node: str | None = None
-    devices: Sequence[int] | None = None
+    devices: Sequence[Device | int] | None = None
+    foreign: Mapping[int, int] | None = None  # None: as before
 
 
 @dataclass(frozen=True)
@@ -282,4 +291,5 @@ class Running:
     node: str = ""
     container: str | None = None
     error: str | None = None
+    gpu_memory: int = 0  # bytes on each of ``gpus``, shared; 0: whole GPUs
     queued: QueuedJob | None = field(default=None, repr=False)  # as it was queued, if started here

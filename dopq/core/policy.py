@@ -90,6 +90,7 @@ class QueuedJob:
     top: int = 0  # admin "move to top": higher is earlier, 0 is not topped
     after: tuple[int, ...] = ()  # all must succeed
     after_any: tuple[int, ...] = ()  # all must end, in any state
+    gpu_memory: int = 0  # bytes on each device, shared; 0: whole, exclusive GPUs
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ class RunningJob:
     gpus: tuple[int, ...]
     started_at: float
     time_limit: float | None = None
+    gpu_memory: int = 0  # bytes on each of ``gpus``, shared; 0: whole GPUs
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,8 @@ The scheduler applies a change as soon as it decides it and tells the driver
 to commit it; a commit the store refuses (compare-and-set) comes back as an
 event: only a refused start needs undoing (:class:`StartRefused`).
 
-How a container's end is classified (:meth:`Scheduler._exit`), first match:
-the job's stop reason (cancelled, timeout, output limit), a vanished
-container, out of memory, a signal exit around an engine outage (requeued or
-failed per ``requeue_on_engine_restart``), exit 0, a signal from outside, any
-other exit code. A signal exit DoPQ did not ask for is looked at again after
+How a container's end is classified: :func:`dopq.core.exits.classify`. A
+signal exit DoPQ did not ask for is looked at again after
 ``DEFER_SIGNAL_EXIT`` seconds: the engine may be on its way down.
 """
 
@@ -35,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dopq.core import policy as policy_mod
-from dopq.core.capacity import Capacity, GpuPool
+from dopq.core.capacity import Capacity, Device, GpuPool
 from dopq.core.errors import Conflict
 from dopq.core.events import (
     CancelRequested,
@@ -70,20 +67,23 @@ from dopq.core.events import (
     Untag,
     UsageReset,
 )
+from dopq.core.exits import (  # noqa: F401 (TIMEOUT, OOM, OUTPUT_LIMIT: the scheduler's words)
+    CANCELLED_PREFIX,
+    OOM,
+    OUTPUT_LIMIT,
+    SIGNAL_EXITS,
+    TIMEOUT,
+    classify,
+)
 from dopq.core.jobs import JobState
 from dopq.core.usage import UsageLedger, charge_rates
 
 log = logging.getLogger("dopq.core.scheduler")
 
-SIGNAL_EXITS = (137, 143)  # SIGKILL, SIGTERM
 DEFER_SIGNAL_EXIT = 3.0  # seconds before a signal exit from outside is classified
 OUTAGE_BEFORE = 30.0  # an exit this long before an outage began counts as caused by it
 OUTAGE_AFTER = 5.0  # ... and this long after it ended
 USAGE_SAVE_EVERY = 15.0
-CANCELLED_PREFIX = "cancelled"
-TIMEOUT = "timeout"
-OUTPUT_LIMIT = "wrote more than limits.max_output"  # dopq.server.outputs starts its reason so
-OOM = "out of memory (killed at the memory limit)"
 HISTORY = 1000  # finished users the recency policy looks at (exp(-1000) is nothing)
 
 
@@ -99,9 +99,11 @@ class Scheduler:
     """All of the queue's decisions; see the module docstring."""
 
     def __init__(
-        self, config: SchedulerConfig, capacity: Capacity, ledger: UsageLedger | None = None
+        self, config: SchedulerConfig, capacity: Capacity, ledger: UsageLedger | None = None,
+        memory_reserve: int = 0,
     ) -> None:
         self.config = config
+        self.memory_reserve = memory_reserve  # bytes of each device no shared job gets
         self.capacity = capacity
         self.ledger = ledger if ledger is not None else UsageLedger(config.policy.half_life)
         self.shares: dict[str, float] | None = None  # over the policy's own, when set
@@ -252,34 +254,15 @@ class Scheduler:
               now: float, out: list[Instruction], vanished: str | None = None,
               oom: bool = False) -> None:
         """Commit the job's end (state, exit code, reason), then free its GPUs."""
-        marker = live.error or ""
-        error: str | None
-        if marker.startswith(CANCELLED_PREFIX):
-            state, error = JobState.CANCELLED, marker
-        elif marker == TIMEOUT:
-            state, error = JobState.FAILED, TIMEOUT
-        elif marker.startswith(OUTPUT_LIMIT):
-            state, error = JobState.FAILED, marker
-        elif vanished:
-            state, error = JobState.FAILED, vanished
-        elif oom:
-            state, error = JobState.FAILED, OOM
-        elif exit_code in SIGNAL_EXITS and self._in_outage(finished_at):
-            if self.config.requeue_on_engine_restart:
-                self._requeue(live.id, f"requeued: Docker engine restart (exit code {exit_code})",
-                              out)
-                out.append(RemoveContainer(live.id, live.container or ""))
-                return
-            state, error = (JobState.FAILED,
-                            f"killed by a Docker engine restart (exit code {exit_code})")
-        elif exit_code == 0:
-            state, error = JobState.SUCCEEDED, None
-        elif exit_code in SIGNAL_EXITS:
-            assert exit_code is not None
-            state, error = JobState.FAILED, (
-                f"exit code {exit_code} (killed by signal {exit_code - 128} from outside DoPQ)")
-        else:
-            state, error = JobState.FAILED, f"exit code {exit_code}"
+        state, error = classify(
+            live.error or "", exit_code, vanished=vanished, oom=oom,
+            in_outage=exit_code in SIGNAL_EXITS and self._in_outage(finished_at),
+            requeue=self.config.requeue_on_engine_restart)
+        if state is None:
+            assert error is not None
+            self._requeue(live.id, error, out)
+            out.append(RemoveContainer(live.id, live.container or ""))
+            return
         out.append(CommitJob(
             live.id, state, (JobState.RUNNING,),
             {"exit_code": exit_code, "error": error, "finished_at": finished_at or now},
@@ -345,8 +328,10 @@ class Scheduler:
                             out: list[Instruction]) -> None:
         node = self.capacity.nodes[ev.node] if ev.node else self.capacity.default
         if ev.devices is not None:
-            node.pool.set_devices(ev.devices)
-        if ev.external is not None:
+            node.set_devices(Device(d) if isinstance(d, int) else d for d in ev.devices)
+        if ev.foreign is not None:
+            self.external = frozenset(ev.foreign)
+        elif ev.external is not None:
             self.external = frozenset(ev.external)
 
     # -- usage --------------------------------------------------------------------------

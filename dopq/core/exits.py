@@ -1,0 +1,48 @@
+"""How a container's end is classified: the job's final state and reason.
+
+Pure: :func:`classify` takes what the scheduler knows of the end (the job's
+stop reason, the exit code, a vanished container, an out-of-memory kill,
+whether an engine outage was around) and returns the state and the reason
+to commit, first match:
+
+the job's stop reason (cancelled, timeout, output limit), a vanished
+container, out of memory, a signal exit around an engine outage (requeued or
+failed per ``requeue_on_engine_restart``), exit 0, a signal from outside, any
+other exit code.
+"""
+
+from __future__ import annotations
+
+from dopq.core.jobs import JobState
+
+SIGNAL_EXITS = (137, 143)  # SIGKILL, SIGTERM
+CANCELLED_PREFIX = "cancelled"
+TIMEOUT = "timeout"
+OUTPUT_LIMIT = "wrote more than limits.max_output"  # dopq.server.outputs starts its reason so
+OOM = "out of memory (killed at the memory limit)"
+
+
+def classify(marker: str, exit_code: int | None, *, vanished: str | None, oom: bool,
+             in_outage: bool, requeue: bool) -> tuple[JobState | None, str | None]:
+    """The job's final state and reason; state None: requeue it (reason says why)."""
+    if marker.startswith(CANCELLED_PREFIX):
+        return JobState.CANCELLED, marker
+    if marker == TIMEOUT:
+        return JobState.FAILED, TIMEOUT
+    if marker.startswith(OUTPUT_LIMIT):
+        return JobState.FAILED, marker
+    if vanished:
+        return JobState.FAILED, vanished
+    if oom:
+        return JobState.FAILED, OOM
+    if exit_code in SIGNAL_EXITS and in_outage:
+        if requeue:
+            return None, f"requeued: Docker engine restart (exit code {exit_code})"
+        return JobState.FAILED, f"killed by a Docker engine restart (exit code {exit_code})"
+    if exit_code == 0:
+        return JobState.SUCCEEDED, None
+    if exit_code in SIGNAL_EXITS:
+        assert exit_code is not None
+        return JobState.FAILED, (
+            f"exit code {exit_code} (killed by signal {exit_code - 128} from outside DoPQ)")
+    return JobState.FAILED, f"exit code {exit_code}"
