@@ -52,6 +52,14 @@ class NameServerSettings:
 class GpuSettings:
     backend: str = "auto"  # auto | nvml | virtual
     virtual_count: int = 2
+    virtual_memory: str = "16g"  # memory of each virtual GPU
+    memory_reserve: str = "1g"  # kept free on a shared device
+    memory_enforcement: str = "kill"  # kill | warn: a job using more GPU memory than declared
+    memory_tolerance: str = "256m"  # use above declared + this is a breach
+    idle_after: str = "30m"  # a job's GPUs at (near) 0% this long: the job is idle
+    idle_action: str = "warn"  # warn | cancel
+    idle_utilisation: float = 5.0  # percent; at or below counts as idle
+    sample_interval: float = 5.0  # seconds between GPU samples
 
 
 @dataclass
@@ -175,7 +183,7 @@ class Settings:
         return f"dopq.{self.server_name}"
 
     def bytes_of(self, key: str) -> int:
-        """A size key of ``[limits]`` or ``[docker]`` in bytes (``limits.max_memory``)."""
+        """A size key of ``[limits]``, ``[docker]`` or ``[gpus]`` in bytes (``limits.max_memory``)."""
         section, name = key.split(".")
         return parse_size(getattr(getattr(self, section), name), key)
 
@@ -196,6 +204,7 @@ class Settings:
         _choice("docker.gpu_mode", self.docker.gpu_mode, ("auto", "nvidia", "env"))
         if not 0 <= self.gpus.virtual_count <= 64:
             raise ConfigError("gpus.virtual_count", "must be between 0 and 64")
+        self._validate_gpus()
         for key in ("server.port", "nameserver.port"):
             port = _get(self, key)
             if not 0 <= port <= 65535:
@@ -256,6 +265,30 @@ class Settings:
             raise ConfigError("server.name", "only letters, digits, '-' and '_' are allowed")
         self.users.allowed = [u.lower() for u in self.users.allowed]
         return self
+
+    def _validate_gpus(self) -> None:
+        g = self.gpus
+        _choice("gpus.memory_enforcement", g.memory_enforcement, ("kill", "warn"))
+        _choice("gpus.idle_action", g.idle_action, ("warn", "cancel"))
+        for key in ("gpus.virtual_memory", "gpus.memory_reserve", "gpus.memory_tolerance"):
+            try:
+                self.bytes_of(key)
+            except JobRejected as exc:
+                raise ConfigError(key, exc.reason) from None
+        if self.bytes_of("gpus.virtual_memory") <= 0:
+            raise ConfigError("gpus.virtual_memory", "must be positive")
+        try:
+            self.gpu_idle_after()
+        except JobRejected as exc:
+            raise ConfigError("gpus.idle_after", exc.reason) from None
+        if not 0 <= g.idle_utilisation <= 100:
+            raise ConfigError("gpus.idle_utilisation", "must be a percentage (0-100)")
+        if g.sample_interval <= 0:
+            raise ConfigError("gpus.sample_interval", "must be positive")
+
+    def gpu_idle_after(self) -> float:
+        """``gpus.idle_after`` in seconds."""
+        return parse_duration(self.gpus.idle_after, "gpus.idle_after")
 
 
 def _get(obj: Any, dotted: str) -> Any:
