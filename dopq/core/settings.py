@@ -183,7 +183,7 @@ class Settings:
         return f"dopq.{self.server_name}"
 
     def bytes_of(self, key: str) -> int:
-        """A size key of ``[limits]``, ``[docker]`` or ``[gpus]`` in bytes (``limits.max_memory``)."""
+        """A size key (``limits.max_memory``, ``gpus.memory_reserve``) in bytes."""
         section, name = key.split(".")
         return parse_size(getattr(getattr(self, section), name), key)
 
