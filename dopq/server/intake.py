@@ -45,11 +45,12 @@ class Intake:
     """The checks, with what they need of the server."""
 
     def __init__(self, settings: Settings, store: Store, runtime: ContainerRuntime,
-                 total_gpus: int) -> None:
+                 total_gpus: int, device_memory: int = 0) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.total_gpus = total_gpus
+        self.device_memory = device_memory  # the largest GPU's: gpu_memory is checked by it
 
     def at_begin(self, who: Principal, user: str, overrides: dict[str, Any],
                  sent: Mapping[str, Any] | None) -> None:
@@ -57,7 +58,7 @@ class Intake:
         options = spec_mod.check_overrides(overrides)
         if "gpus" not in overrides:
             options.num_gpus = 0  # the config's count is checked with the config
-        check_spec_limits(options, self.settings, self.total_gpus)
+        check_spec_limits(options, self.settings, self.total_gpus, self.device_memory)
         self.dependencies(who, user, options)
         if not sent:
             return
@@ -102,7 +103,7 @@ class Intake:
                overrides: dict[str, Any]) -> JobSpec:
         spec = spec_mod.parse_spec(config, submitter=user, overrides=overrides,
                                    allowed_users=self.settings.users.allowed)
-        check_spec_limits(spec, self.settings, self.total_gpus)
+        check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
         refused = authz.refusal(who, authz.Action.SUBMIT, priority=spec.priority)
         if refused is not None:
             raise JobRejected(refused)

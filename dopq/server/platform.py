@@ -58,7 +58,8 @@ class DataPlatform:
         self.fetches.clear()
         # ``_send`` looked up per call: a test holds the Provider back by replacing it.
         self.uploads = Uploads(settings, self.store, self.runtime, len(self.gpu_info),
-                               lambda cmd: self._send(cmd))
+                               lambda cmd: self._send(cmd),
+                               max((g.memory_total for g in self.gpu_info), default=0))
         self.views = ViewBuilder(settings, self.store, self.users, self.workers, self.fetches)
         self.commands = JobCommands(settings, self.store, self.users, self.workers,
                                     self.fetches, self._wrote)

@@ -62,14 +62,39 @@ log = logging.getLogger("dopq.server.provider")
 
 
 
+def memory_reserve(settings: Settings) -> int:
+    """``[gpus] memory_reserve`` in bytes: what a shared GPU keeps free of declared shares."""
+    gpus = getattr(settings, "gpus", None)
+    if getattr(gpus, "memory_reserve", None) is None:
+        return 2**30  # the documented default, before a settings file names it
+    return settings.bytes_of("gpus.memory_reserve")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
 def job_dir(settings: Settings, job_id: int) -> Path:
     return settings.state_path / "jobs" / str(job_id)
 
 
-def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int) -> None:
-    """Refuse a spec that asks more than the machine or the admins allow."""
+def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int,
+                      device_memory: int = 0) -> None:
+    """Refuse a spec that asks more than the machine or the admins allow.
+
+    ``device_memory``: the largest GPU's memory in bytes (0: not known, so
+    ``gpu_memory`` is not checked here; the queue still never places a share
+    that does not fit).
+    """
     if spec.num_gpus > total_gpus:
         raise JobRejected(f"asks for {spec.num_gpus} GPUs, this server has {total_gpus}")
+    if spec.gpu_memory is not None and device_memory > 0:
+        room = device_memory - memory_reserve(settings)
+        if spec.gpu_memory > room:
+            raise JobRejected(
+                f"gpu_memory {gib(spec.gpu_memory)} is more than any GPU here can share: "
+                f"the largest has {gib(device_memory)}, less a reserve of "
+                f"{gib(memory_reserve(settings))}, so at most {gib(max(room, 0))}")
     if spec.memory is not None and spec.memory > settings.bytes_of("limits.max_memory"):
         raise JobRejected(
             f"memory {spec.memory // 2**20} MiB is over the limit of {settings.limits.max_memory}"
@@ -95,9 +120,11 @@ class Provider:
         notices: Any,
         store: Store | None = None,
         runtime: ContainerRuntime | None = None,
+        device_memory: int = 0,
     ) -> None:
         self.settings = settings
         self.total_gpus = total_gpus
+        self.device_memory = device_memory  # the largest GPU's (check_spec_limits)
         self.commands = commands
         self.notices = notices
         self.store = store or Store(settings.db_path)
@@ -112,10 +139,11 @@ class Provider:
 
     # -- process entry point ----------------------------------------------------
     @classmethod
-    def main(cls, settings: Settings, total_gpus: int, commands: Any, notices: Any) -> None:
+    def main(cls, settings: Settings, total_gpus: int, commands: Any, notices: Any,
+             device_memory: int = 0) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s provider %(message)s")
         os.umask(0o077)  # build logs and job folders: the server's alone (modes kept in images)
-        provider = cls(settings, total_gpus, commands, notices)
+        provider = cls(settings, total_gpus, commands, notices, device_memory=device_memory)
         provider.run()
 
     def _watch_parent(self) -> None:
@@ -301,7 +329,7 @@ class Provider:
             ctx.config, submitter=job["user"], overrides=job["overrides"],
             allowed_users=self.settings.users.allowed,
         )
-        check_spec_limits(spec, self.settings, self.total_gpus)
+        check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
         refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
                                 authz.Action.SUBMIT, priority=spec.priority)
         if refused is not None:
@@ -387,6 +415,7 @@ class Provider:
     ) -> None:
         fields: dict[str, Any] = dict(
             name=spec.name, spec=spec.to_dict(), num_gpus=spec.num_gpus,
+            gpu_memory=spec.gpu_memory or 0,
             time_limit=spec.time_limit, priority=spec.priority, after=spec.after,
             after_any=spec.after_any, image=image, context_hash=context_hash,
             queued_at=time.time(),
@@ -405,13 +434,16 @@ class Provider:
             self._notify("queued", job["id"])
 
 
-def start_process(settings: Settings, total_gpus: int) -> tuple[Any, Any, Any]:
-    """Start the Provider in a fresh (spawned) process; return (process, commands, notices)."""
+def start_process(settings: Settings, total_gpus: int,
+                  device_memory: int = 0) -> tuple[Any, Any, Any]:
+    """Start the Provider in a fresh (spawned) process; return (process, commands, notices).
+
+    ``device_memory``: the largest GPU's memory in bytes (``check_spec_limits``)."""
     ctx = mp.get_context("spawn")
     commands = ctx.Queue()
     notices = ctx.Queue()
     proc = ctx.Process(
-        target=Provider.main, args=(settings, total_gpus, commands, notices),
+        target=Provider.main, args=(settings, total_gpus, commands, notices, device_memory),
         name="dopq-provider", daemon=True,
     )
     proc.start()

@@ -47,7 +47,7 @@ FULL_REFRESH_EVERY = 60.0  # seconds between full reads of the queued jobs
 
 def queued_job(row: JobRow) -> policy_mod.QueuedJob:
     return policy_mod.QueuedJob(
-        id=row["id"], user=row["user"], num_gpus=row["num_gpus"],
+        id=row["id"], user=row["user"], num_gpus=row["num_gpus"], gpu_memory=row["gpu_memory"],
         submitted_at=row["submitted_at"], time_limit=row["time_limit"],
         priority=row["priority"], nice=row["nice"], held=row["held"], top=row["top"],
         after=tuple(row["after"]), after_any=tuple(row["after_any"]),
@@ -58,8 +58,8 @@ def running_job(row: JobRow) -> ev.Running:
     """A stored running job as the scheduler tracks it (with its stop reason)."""
     return ev.Running(
         id=row["id"], user=row["user"], num_gpus=row["num_gpus"], gpus=tuple(row["gpus"]),
-        started_at=row["started_at"], time_limit=row["time_limit"],
-        container=row["container"], error=row["error"],
+        gpu_memory=row["gpu_memory"], started_at=row["started_at"],
+        time_limit=row["time_limit"], container=row["container"], error=row["error"],
     )
 
 

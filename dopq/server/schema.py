@@ -113,6 +113,10 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX jobs_array ON jobs(array_parent)
     """,
+    # 6: a share of each GPU, in bytes per device (0: whole, exclusive GPUs, as before)
+    """
+    ALTER TABLE jobs ADD COLUMN gpu_memory INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -133,7 +137,7 @@ JOB_COLUMNS = (
     "gpus", "time_limit", "priority", "nice", "held", "top", "after", "after_any",
     "array_index", "array_parent", "context_hash", "image", "container", "exit_code",
     "error", "submitted_at", "queued_at", "started_at", "finished_at", "hidden",
-    "submitted_by", "expected_start_first", "expected_start_last",
+    "submitted_by", "expected_start_first", "expected_start_last", "gpu_memory",
 )
 
 

@@ -112,7 +112,8 @@ class Supervisor:
 
     def _start_provider(self) -> None:
         self._provider, self._commands, self._notices = start_process(
-            self.settings, len(self.gpu_info)
+            self.settings, len(self.gpu_info), max((g.memory_total for g in self.gpu_info),
+                                                   default=0)
         )
 
     def send(self, cmd: tuple[Any, ...]) -> None:

@@ -32,7 +32,7 @@ from dopq.server.store import Store
 
 MAX_CHUNK = 4 * 2**20
 OPTIONS = frozenset({
-    "name", "gpus", "memory", "cpus", "time_limit", "shm_size",
+    "name", "gpus", "gpu_memory", "memory", "cpus", "time_limit", "shm_size",
     "priority", "command", "env", "after", "after_any", "array",
 })
 
@@ -55,11 +55,13 @@ class Uploads:
     """The uploads in flight, in this process's memory (a restart drops them)."""
 
     def __init__(self, settings: Settings, store: Store, runtime: ContainerRuntime,
-                 total_gpus: int, send: Callable[[tuple[Any, ...]], None]) -> None:
+                 total_gpus: int, send: Callable[[tuple[Any, ...]], None],
+                 device_memory: int = 0) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.total_gpus = total_gpus
+        self.device_memory = device_memory  # the largest GPU's, in bytes (0: not known)
         self.send = send  # to the Provider
         self.slots = QueueSlots(store, settings.policy.max_queued_per_user)
         self.pending: dict[str, Upload] = {}
@@ -69,7 +71,8 @@ class Uploads:
             part.unlink(missing_ok=True)
 
     def _intake(self) -> Intake:
-        return Intake(self.settings, self.store, self.runtime, self.total_gpus)
+        return Intake(self.settings, self.store, self.runtime, self.total_gpus,
+                      self.device_memory)
 
     def begin(self, who: Principal, size: int, overrides: dict[str, Any],
               check: dict[str, Any] | None = None) -> str:
