@@ -61,15 +61,6 @@ from dopq.server.store import Store
 log = logging.getLogger("dopq.server.provider")
 
 
-
-def memory_reserve(settings: Settings) -> int:
-    """``[gpus] memory_reserve`` in bytes: what a shared GPU keeps free of declared shares."""
-    gpus = getattr(settings, "gpus", None)
-    if getattr(gpus, "memory_reserve", None) is None:
-        return 2**30  # the documented default, before a settings file names it
-    return settings.bytes_of("gpus.memory_reserve")
-
-
 def gib(n: int) -> str:
     return f"{n / 2**30:.3g} GiB"
 
@@ -89,12 +80,13 @@ def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int,
     if spec.num_gpus > total_gpus:
         raise JobRejected(f"asks for {spec.num_gpus} GPUs, this server has {total_gpus}")
     if spec.gpu_memory is not None and device_memory > 0:
-        room = device_memory - memory_reserve(settings)
+        reserve = settings.bytes_of("gpus.memory_reserve")
+        room = device_memory - reserve
         if spec.gpu_memory > room:
             raise JobRejected(
                 f"gpu_memory {gib(spec.gpu_memory)} is more than any GPU here can share: "
-                f"the largest has {gib(device_memory)}, less a reserve of "
-                f"{gib(memory_reserve(settings))}, so at most {gib(max(room, 0))}")
+                f"the largest has {gib(device_memory)}, less a reserve of {gib(reserve)}, "
+                f"so at most {gib(max(room, 0))}")
     if spec.memory is not None and spec.memory > settings.bytes_of("limits.max_memory"):
         raise JobRejected(
             f"memory {spec.memory // 2**20} MiB is over the limit of {settings.limits.max_memory}"
