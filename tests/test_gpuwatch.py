@@ -128,3 +128,16 @@ def test_gib(n: int, text: str) -> None:
                                          (45, "45s"), (0, "0s")])
 def test_short_duration(s: float, text: str) -> None:
     assert short_duration(s) == text
+
+
+@pytest.mark.parametrize("reason", ["used 14.2 GiB of GPU memory, declared 10 GiB",
+                                    "idle: GPUs at 0% for 30m"])
+@pytest.mark.parametrize("code", [137, 143, 1, 0])
+def test_a_gpu_watch_stop_fails_the_job_with_its_reason(reason: str, code: int) -> None:
+    from dopq.core.exits import classify
+    from dopq.core.jobs import JobState
+
+    assert classify(reason, code, vanished=None, oom=False, in_outage=False,
+                    requeue=False) == (JobState.FAILED, reason)
+    assert classify("used by someone", 0, vanished=None, oom=False, in_outage=False,
+                    requeue=False) == (JobState.SUCCEEDED, None)

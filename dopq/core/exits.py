@@ -5,7 +5,8 @@ stop reason, the exit code, a vanished container, an out-of-memory kill,
 whether an engine outage was around) and returns the state and the reason
 to commit, first match:
 
-the job's stop reason (cancelled, timeout, output limit), a vanished
+the job's stop reason (cancelled, timeout, output limit, GPU memory or
+idleness enforced by the GPU watch), a vanished
 container, out of memory, a signal exit around an engine outage (requeued or
 failed per ``requeue_on_engine_restart``), exit 0, a signal from outside, any
 other exit code.
@@ -20,6 +21,10 @@ CANCELLED_PREFIX = "cancelled"
 TIMEOUT = "timeout"
 OUTPUT_LIMIT = "wrote more than limits.max_output"  # dopq.server.outputs starts its reason so
 OOM = "out of memory (killed at the memory limit)"
+# dopq.core.gpuwatch's stop reasons: "used 14.2 GiB of GPU memory, declared 10 GiB"
+# and "idle: GPUs at 0% for 30m" (sent as OutputLimitReached, failed with them).
+GPU_MEMORY = "GiB of GPU memory, declared"
+GPU_IDLE = "idle: GPUs at"
 
 
 def classify(marker: str, exit_code: int | None, *, vanished: str | None, oom: bool,
@@ -29,7 +34,8 @@ def classify(marker: str, exit_code: int | None, *, vanished: str | None, oom: b
         return JobState.CANCELLED, marker
     if marker == TIMEOUT:
         return JobState.FAILED, TIMEOUT
-    if marker.startswith(OUTPUT_LIMIT):
+    if (marker.startswith((OUTPUT_LIMIT, GPU_IDLE))
+            or (marker.startswith("used ") and GPU_MEMORY in marker)):
         return JobState.FAILED, marker
     if vanished:
         return JobState.FAILED, vanished

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from dopq.core.exits import GPU_IDLE, GPU_MEMORY
+
 GIB = 1024**3
 
 
@@ -89,7 +91,7 @@ def observe(job_id: int, declared: int, sample: JobSample, state: JobWatch, now:
     if state.stopped:
         return out
     if declared > 0 and sample.memory is not None and sample.memory > declared + cfg.tolerance:
-        reason = f"used {gib(sample.memory)} GiB of GPU memory, declared {gib(declared)} GiB"
+        reason = f"used {gib(sample.memory)} {GPU_MEMORY} {gib(declared)} GiB"
         if not state.warned:
             state.warned = True
             out.append(Action(Act.WARN, job_id, reason))
@@ -108,7 +110,7 @@ def observe(job_id: int, declared: int, sample: JobSample, state: JobWatch, now:
         state.idle_since = now
     if not state.idle_marked and now - state.idle_since >= cfg.idle_after:
         state.idle_marked = True
-        reason = (f"idle: GPUs at {sample.utilisation:.0f}% for"
+        reason = (f"{GPU_IDLE} {sample.utilisation:.0f}% for"
                   f" {short_duration(now - state.idle_since)}")
         out.append(Action(Act.IDLE, job_id, reason))
         if cfg.idle_action == "cancel":
