@@ -9,15 +9,20 @@ from typing import Any
 
 import pytest
 
+from dopq.core.capacity import Device
 from dopq.core.errors import ConfigError, Conflict, DopqError
 from dopq.server.gpus import (
+    GIB,
     VIRTUAL_MEMORY,
     GpuInfo,
     GpuPool,
     GpuSample,
     NvmlBackend,
     VirtualBackend,
+    as_devices,
     external_busy,
+    mig_children,
+    mig_index,
     open_backend,
     parse_visible,
     uuid_index,
@@ -193,7 +198,7 @@ def test_virtual_backend() -> None:
     assert backend.kind == "virtual"
     devices = backend.devices()
     assert [d.index for d in devices] == [0, 1, 2]
-    assert devices[1] == GpuInfo(1, "VIRTUAL-GPU-1", "Virtual GPU", VIRTUAL_MEMORY, 1)
+    assert devices[1] == GpuInfo(1, "GPU-virtual-1", "Virtual GPU", VIRTUAL_MEMORY, 1)
     samples = backend.sample()
     assert [s.index for s in samples] == [0, 1, 2]
     assert all(s.utilization is None and s.processes == () for s in samples)
@@ -289,9 +294,14 @@ def _fake_nvml(
     calls = {"init": 0, "shutdown": 0}
     mod = types.ModuleType("pynvml")
 
-    def field(name: str, wrap: Callable[[Any], Any] = lambda v: v) -> Callable[[int], Any]:
-        def get(handle: int) -> Any:
-            value = gpus[handle][name]
+    def entry(handle: Any) -> dict[str, Any]:
+        if isinstance(handle, tuple):  # a MIG instance: (gpu, slot)
+            return dict(gpus[handle[0]]["mig"][handle[1]])
+        return gpus[handle]
+
+    def field(name: str, wrap: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], Any]:
+        def get(handle: Any) -> Any:
+            value = entry(handle)[name]
             if isinstance(value, Exception):
                 raise value
             return wrap(value)
@@ -314,8 +324,24 @@ def _fake_nvml(
     def memory(v: tuple[int, int]) -> Any:
         return types.SimpleNamespace(total=v[0], used=v[1], free=v[0] - v[1])
 
-    def procs(pids: list[int]) -> list[Any]:
-        return [types.SimpleNamespace(pid=p, usedGpuMemory=None) for p in pids]
+    def procs(pids: list[int | tuple[int, int]]) -> list[Any]:
+        # a bare pid: NVML has no memory figure for it (usedGpuMemory None)
+        return [types.SimpleNamespace(pid=p[0], usedGpuMemory=p[1]) if isinstance(p, tuple)
+                else types.SimpleNamespace(pid=p, usedGpuMemory=None) for p in pids]
+
+    def mig_mode(handle: Any) -> list[int]:
+        mig = entry(handle).get("mig")
+        if isinstance(mig, Exception):
+            raise mig
+        return [1, 1] if mig is not None else [0, 0]
+
+    def mig_count(handle: Any) -> int:
+        return len(entry(handle)["mig"])
+
+    def mig_handle(handle: Any, slot: int) -> tuple[int, int]:
+        if entry(handle)["mig"][slot] is None:
+            raise FakeNVMLError(6)  # NVML_ERROR_NOT_FOUND: an empty slot
+        return (handle, slot)
 
     mod.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
     mod.NVMLLibraryMismatchError = FakeMismatch  # type: ignore[attr-defined]
@@ -332,6 +358,9 @@ def _fake_nvml(
     )
     mod.nvmlDeviceGetComputeRunningProcesses = field("compute", procs)  # type: ignore[attr-defined]
     mod.nvmlDeviceGetGraphicsRunningProcesses = field("graphics", procs)  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetMigMode = mig_mode  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetMaxMigDeviceCount = mig_count  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle  # type: ignore[attr-defined]
     return mod, calls
 
 
@@ -443,3 +472,71 @@ def test_nvml_without_graphics_listing(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = NvmlBackend()
     assert backend.sample()[0].processes == (100, 300)
     backend.close()
+
+
+# ------------------------------------------------- per-process memory, MIG, virtual memory
+
+
+def test_nvml_per_process_memory_and_utilisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = [_gpu(compute=[(300, 3 * GIB), 100], graphics=[(300, GIB)], util=(64, 10))]
+    fake, _ = _fake_nvml(gpus)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    backend = NvmlBackend()
+    (sample,) = backend.sample()
+    assert sample.processes == (100, 300)
+    assert sample.memory_of() == {300: 3 * GIB}  # 100: no figure; 300 listed twice: once
+    assert sample.utilization == 64.0
+    backend.close()
+
+
+def _mig_slice(uuid: str, gib: int, compute: list[Any]) -> dict[str, Any]:
+    return {"uuid": uuid, "name": "NVIDIA A100 MIG 3g.20gb", "minor": FakeNVMLError(3),
+            "memory": (gib * GIB, 0), "util": FakeNVMLError(NOT_SUPPORTED),
+            "compute": compute, "graphics": []}
+
+
+def test_nvml_mig_instances_are_devices_and_the_parent_never_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = [
+        _gpu(uuid="GPU-whole", compute=[]),
+        _gpu(uuid="GPU-parent", memory=(40 * GIB, 0),
+             mig=[_mig_slice("MIG-aaaa", 20, [(77, 2 * GIB)]), None,
+                  _mig_slice("MIG-bbbb", 10, [])]),
+        _gpu(uuid="GPU-old-driver", mig=FakeNVMLError(NOT_SUPPORTED), compute=[]),
+    ]
+    fake, _ = _fake_nvml(gpus)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    backend = NvmlBackend()
+    devices = backend.devices()
+    assert [(d.index, d.uuid, d.memory_total, d.parent) for d in devices] == [
+        (0, "GPU-whole", 80 * GIB, None),
+        (mig_index(1, 0), "MIG-aaaa", 20 * GIB, 1),
+        (mig_index(1, 2), "MIG-bbbb", 10 * GIB, 1),
+        (2, "GPU-old-driver", 80 * GIB, None),  # MIG mode unknown: a whole GPU
+    ]
+    assert mig_index(1, 0) == 1032 and mig_index(1, 2) == 1034
+    assert 1 not in {d.index for d in devices}  # the parent is not handed out whole
+    assert as_devices(devices)[1] == Device(1032, "MIG-aaaa", 20 * GIB, 1)
+    assert mig_children(devices) == {1: {1032, 1034}}
+    assert uuid_index(devices)["MIG-bbbb"] == 1034
+    samples = {s.index: s for s in backend.sample()}
+    assert set(samples) == {0, 1032, 1034, 2}
+    assert samples[1032].utilization is None  # MIG: not reported
+    assert samples[1032].processes == (77,) and samples[1032].memory_of() == {77: 2 * GIB}
+    backend.close()
+
+
+def test_virtual_memory_processes_and_utilisation() -> None:
+    backend = open_backend("virtual", 2, 8 * GIB)
+    assert [(d.uuid, d.memory_total) for d in backend.devices()] == [
+        ("GPU-virtual-0", 8 * GIB), ("GPU-virtual-1", 8 * GIB)]
+    assert as_devices(backend.devices())[0] == Device(0, "GPU-virtual-0", 8 * GIB, None)
+    assert isinstance(backend, VirtualBackend)
+    backend.set_processes(0, {501: 3 * GIB, 502: GIB})
+    backend.set_utilisation(0, 40.0)
+    s0, s1 = backend.sample()
+    assert s0.processes == (501, 502) and s0.memory_of() == {501: 3 * GIB, 502: GIB}
+    assert s0.memory_used == 4 * GIB and s0.utilization == 40.0
+    assert s1.memory_used is None and s1.utilization is None
+    with pytest.raises(IndexError):
+        backend.set_utilisation(5, 1.0)

@@ -10,7 +10,11 @@ Two halves, kept apart on purpose:
   GPUs is ``dopq.core.capacity.GpuPool`` (imported here for older callers).
 
 GPU indices are NVML indices, the same numbers ``NVIDIA_VISIBLE_DEVICES`` and
-Docker's ``DeviceRequest(device_ids=...)`` understand.
+Docker's ``DeviceRequest(device_ids=...)`` understand. A GPU in MIG mode is
+not listed itself: its MIG instances are, each a device of its own with its
+own UUID (``MIG-...``) and memory, numbered ``mig_index(parent, slot)``
+(1000 + 32 * parent + slot), so that the GPU is never also handed out whole.
+A container is given a device by UUID where it has one (containers.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from dopq.core.errors import ConfigError
 GIB = 1024**3
 VIRTUAL_MEMORY = 16 * GIB
 BACKEND_KINDS = ("auto", "nvml", "virtual")
+MIG_BASE = 1000  # MIG instances are numbered from here, 32 slots per parent GPU
+MIG_SLOTS = 32
+MIG_ENABLED = 1  # NVML_DEVICE_MIG_ENABLE
 
 T = TypeVar("T")
 
@@ -40,6 +47,7 @@ class GpuInfo:
     name: str
     memory_total: int  # bytes; 0 when NVML would not say
     minor: int | None  # N of /dev/nvidiaN
+    parent: int | None = None  # a MIG instance: the index of its GPU
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,16 @@ class GpuSample:
     memory_used: int | None  # bytes
     memory_total: int | None  # bytes
     processes: tuple[int, ...]  # host PIDs of compute (and graphics) processes
+    process_memory: tuple[tuple[int, int], ...] = ()  # (pid, bytes) where NVML says
+
+    def memory_of(self) -> dict[int, int]:
+        """PID -> GPU memory in bytes, for the processes whose use is known."""
+        return dict(self.process_memory)
+
+
+def mig_index(parent: int, slot: int) -> int:
+    """The device index of MIG slot ``slot`` of GPU ``parent``."""
+    return MIG_BASE + MIG_SLOTS * parent + slot
 
 
 class GpuBackend(Protocol):
@@ -104,11 +122,34 @@ class NvmlBackend:
             self.close()
             raise _unavailable(f"cannot count devices: {_describe(exc)}") from exc
         self._handles: dict[int, Any] = {}
+        self._devices: list[GpuInfo] = []
         for index in range(count):
             handle = self._try(nvml.nvmlDeviceGetHandleByIndex, index)
-            if handle is not None:  # an unreadable GPU is left out, not scheduled
+            if handle is None:  # an unreadable GPU is left out, not scheduled
+                continue
+            migs = self._mig_handles(handle)
+            if migs is None:
                 self._handles[index] = handle
-        self._devices = [self._describe_device(i, h) for i, h in self._handles.items()]
+                self._devices.append(self._describe_device(index, handle))
+                continue
+            for slot, mig in migs:
+                self._handles[mig_index(index, slot)] = mig
+                self._devices.append(self._describe_device(mig_index(index, slot), mig, index))
+
+    def _mig_handles(self, handle: Any) -> list[tuple[int, Any]] | None:
+        """(slot, handle) of the GPU's MIG instances; None when MIG is off (or unknown)."""
+        nvml = self._nvml
+        get_mode = getattr(nvml, "nvmlDeviceGetMigMode", None)
+        mode = self._try(get_mode, handle) if get_mode is not None else None
+        if not mode or int(mode[0]) != MIG_ENABLED:
+            return None
+        slots = self._try(nvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+        found = []
+        for slot in range(min(int(slots), MIG_SLOTS)):
+            mig = self._try(nvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot)
+            if mig is not None:  # an empty slot raises NOT_FOUND
+                found.append((slot, mig))
+        return found
 
     def _try(self, fn: Callable[..., T], *args: Any) -> T | None:
         try:
@@ -116,7 +157,7 @@ class NvmlBackend:
         except self._errors:
             return None
 
-    def _describe_device(self, index: int, handle: Any) -> GpuInfo:
+    def _describe_device(self, index: int, handle: Any, parent: int | None = None) -> GpuInfo:
         nvml = self._nvml
         memory = self._try(nvml.nvmlDeviceGetMemoryInfo, handle)
         minor = self._try(nvml.nvmlDeviceGetMinorNumber, handle)
@@ -126,6 +167,7 @@ class NvmlBackend:
             name=_text(self._try(nvml.nvmlDeviceGetName, handle)) or "Unknown GPU",
             memory_total=int(memory.total) if memory is not None else 0,
             minor=int(minor) if minor is not None else None,
+            parent=parent,
         )
 
     def devices(self) -> list[GpuInfo]:
@@ -135,9 +177,11 @@ class NvmlBackend:
         nvml = self._nvml
         samples = []
         for index, handle in self._handles.items():
+            # MIG instances report no utilisation (NOT_SUPPORTED): None.
             rates = self._try(nvml.nvmlDeviceGetUtilizationRates, handle)
             memory = self._try(nvml.nvmlDeviceGetMemoryInfo, handle)
             pids: set[int] = set()
+            used: dict[int, int] = {}
             for list_processes in (
                 nvml.nvmlDeviceGetComputeRunningProcesses,
                 getattr(nvml, "nvmlDeviceGetGraphicsRunningProcesses", None),
@@ -145,7 +189,13 @@ class NvmlBackend:
                 if list_processes is None:
                     continue
                 for proc in self._try(list_processes, handle) or ():
-                    pids.add(int(proc.pid))
+                    pid = int(proc.pid)
+                    pids.add(pid)
+                    # None where NVML has no figure (NVML_VALUE_NOT_AVAILABLE, or
+                    # no permission); a process listed twice is counted once.
+                    mem = getattr(proc, "usedGpuMemory", None)
+                    if mem is not None:
+                        used[pid] = max(used.get(pid, 0), int(mem))
             samples.append(
                 GpuSample(
                     index=index,
@@ -153,6 +203,7 @@ class NvmlBackend:
                     memory_used=int(memory.used) if memory is not None else None,
                     memory_total=int(memory.total) if memory is not None else None,
                     processes=tuple(sorted(pids)),
+                    process_memory=tuple(sorted(used.items())),
                 )
             )
         return samples
@@ -187,73 +238,92 @@ def _text(value: object) -> str | None:
 
 
 class VirtualBackend:
-    """``count`` pretend GPUs, for machines without one.
+    """``count`` pretend GPUs of ``memory`` bytes each, for machines without one.
 
-    They report no utilisation and no memory use. ``set_processes`` lets a test
-    or the simulator pretend that something runs on one.
+    Nothing runs on them, so they report no utilisation and no memory in use
+    until a test (or the simulator) says otherwise: ``set_processes`` puts
+    processes on one (a mapping gives each its memory), ``set_utilisation``
+    its load.
     """
 
     kind = "virtual"
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, memory: int = VIRTUAL_MEMORY) -> None:
         if count < 0:
             raise ConfigError("gpus.virtual_count", f"must be >= 0, not {count}")
         self._devices = [
             GpuInfo(
                 index=i,
-                uuid=f"VIRTUAL-GPU-{i}",
+                uuid=f"GPU-virtual-{i}",
                 name="Virtual GPU",
-                memory_total=VIRTUAL_MEMORY,
+                memory_total=memory,
                 minor=i,
             )
             for i in range(count)
         ]
-        self._processes: dict[int, tuple[int, ...]] = {}
+        self._processes: dict[int, dict[int, int | None]] = {}
+        self._utilisation: dict[int, float | None] = {}
 
     def devices(self) -> list[GpuInfo]:
         return list(self._devices)
 
-    def set_processes(self, index: int, pids: Iterable[int]) -> None:
+    def _check(self, index: int) -> None:
         if not 0 <= index < len(self._devices):
             raise IndexError(f"no virtual GPU {index}")
-        self._processes[index] = tuple(sorted(set(pids)))
+
+    def set_processes(self, index: int, processes: Iterable[int] | Mapping[int, int]) -> None:
+        """What runs on GPU ``index`` now: PIDs, or PID -> bytes of GPU memory."""
+        self._check(index)
+        if isinstance(processes, Mapping):
+            self._processes[index] = {int(p): int(m) for p, m in processes.items()}
+        else:
+            self._processes[index] = dict.fromkeys((int(p) for p in processes), None)
+
+    def set_utilisation(self, index: int, percent: float | None) -> None:
+        self._check(index)
+        self._utilisation[index] = percent
 
     def sample(self) -> list[GpuSample]:
-        return [
-            GpuSample(
+        out = []
+        for d in self._devices:
+            procs = self._processes.get(d.index, {})
+            known = {p: m for p, m in procs.items() if m is not None}
+            out.append(GpuSample(
                 index=d.index,
-                utilization=None,
-                memory_used=None,
+                utilization=self._utilisation.get(d.index),
+                memory_used=sum(known.values()) if procs else None,
                 memory_total=d.memory_total,
-                processes=self._processes.get(d.index, ()),
-            )
-            for d in self._devices
-        ]
+                processes=tuple(sorted(procs)),
+                process_memory=tuple(sorted(known.items())),
+            ))
+        return out
 
     def close(self) -> None:
         pass
 
 
-def open_backend(kind: str, virtual_count: int) -> GpuBackend:
+def open_backend(kind: str, virtual_count: int,
+                 virtual_memory: int = VIRTUAL_MEMORY) -> GpuBackend:
     """The backend the settings ask for.
 
     ``"nvml"`` insists on NVML (``ConfigError`` naming ``gpus.backend`` if it is
-    missing); ``"virtual"`` gives ``virtual_count`` pretend GPUs; ``"auto"`` takes
-    NVML when it initialises and reports at least one GPU, else virtual ones.
+    missing); ``"virtual"`` gives ``virtual_count`` pretend GPUs of
+    ``virtual_memory`` bytes; ``"auto"`` takes NVML when it initialises and
+    reports at least one GPU, else virtual ones.
     """
     if kind == "nvml":
         return NvmlBackend()
     if kind == "virtual":
-        return VirtualBackend(virtual_count)
+        return VirtualBackend(virtual_count, virtual_memory)
     if kind == "auto":
         try:
             backend = NvmlBackend()
         except ConfigError:
-            return VirtualBackend(virtual_count)
+            return VirtualBackend(virtual_count, virtual_memory)
         if backend.devices():
             return backend
         backend.close()
-        return VirtualBackend(virtual_count)
+        return VirtualBackend(virtual_count, virtual_memory)
     raise ConfigError("gpus.backend", f"must be one of {', '.join(BACKEND_KINDS)}, not {kind!r}")
 
 
@@ -321,5 +391,14 @@ def uuid_index(devices: Iterable[GpuInfo]) -> dict[str, int]:
 
 
 def as_devices(infos: Iterable[GpuInfo]) -> list[Device]:
-    """The scheduler's view of the backend's GPUs (:mod:`dopq.core.capacity`)."""
-    return [Device(i.index, i.uuid, i.memory_total) for i in infos]
+    """The scheduler's view of the backend's devices (:mod:`dopq.core.capacity`)."""
+    return [Device(i.index, i.uuid, i.memory_total, i.parent) for i in infos]
+
+
+def mig_children(infos: Iterable[GpuInfo]) -> dict[int, set[int]]:
+    """GPU index -> the indices of its MIG instances (GPUs in MIG mode only)."""
+    out: dict[int, set[int]] = {}
+    for i in infos:
+        if i.parent is not None:
+            out.setdefault(i.parent, set()).add(i.index)
+    return out
