@@ -13,7 +13,7 @@ with a process outside DoPQ; free + held + external == total.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,27 +37,54 @@ class Device:
 
 
 class GpuPool:
-    """Whole, exclusive GPUs: which job holds which, which are busy from outside.
+    """Devices and who holds them: whole and exclusive, or shared by memory.
 
-    Every GPU is in exactly one of three states: free, held by one job, or
-    external (busy with a process DoPQ did not start). ``validate()`` checks that,
-    and tests call it after every event. A GPU taken out of the machine while a
-    job holds it stays counted until that job lets it go (:meth:`set_devices`).
+    Every device is in exactly one of four states: free; held whole by one
+    job; shared by jobs that declared memory (their sum at most the device's
+    memory less ``reserve``); or external (busy with a process DoPQ did not
+    start, and no job of ours on it). A shared device may also carry foreign
+    use, whose bytes (:meth:`set_external` ``foreign``) shrink what more
+    shared jobs get; an external device without known bytes is closed to
+    every job. ``validate()`` checks all of it, and tests call it after every
+    event. A device taken out of the machine while a job holds it stays
+    counted until that job lets it go (:meth:`set_devices`).
     """
 
-    def __init__(self, indices: Iterable[int]) -> None:
+    def __init__(self, indices: Iterable[int], memory: Mapping[int, int] | None = None,
+                 reserve: int = 0) -> None:
         self._all = frozenset(indices)
-        self._holder: dict[int, int] = {}  # gpu -> job
-        self._jobs: dict[int, tuple[int, ...]] = {}  # job -> gpus, in acquire order
+        self._memory: dict[int, int] = dict(memory or {})  # device -> bytes (absent: unknown)
+        self.reserve = reserve  # bytes of each device no shared job gets
+        self._holder: dict[int, int] = {}  # device -> job holding it whole
+        self._shared: dict[int, dict[int, int]] = {}  # device -> {job: bytes}, never empty
+        self._jobs: dict[int, tuple[int, ...]] = {}  # job -> devices, in acquire order
+        self._job_memory: dict[int, int] = {}  # job -> bytes on each device (shared jobs)
         self._external: frozenset[int] = frozenset()
+        self._foreign: dict[int, int] = {}  # device -> bytes used from outside
         self._leaving: frozenset[int] = frozenset()  # removed, still held by a job
 
     @property
     def total(self) -> frozenset[int]:
         return self._all
 
-    def acquire(self, job_id: int, gpus: Sequence[int]) -> None:
-        """Give ``gpus`` to ``job_id``, all or nothing; ``Conflict`` if any is taken."""
+    def memory(self, gpu: int) -> int:
+        """The device's memory in bytes; 0 when unknown."""
+        return self._memory.get(gpu, 0)
+
+    def room(self, gpu: int) -> int:
+        """Bytes one more shared job may declare on ``gpu`` now (0: none, or closed)."""
+        if (gpu not in self._all or gpu in self._leaving or gpu in self._holder
+                or (gpu in self._external and gpu not in self._foreign)):
+            return 0
+        used = sum(self._shared.get(gpu, {}).values()) + self._foreign.get(gpu, 0)
+        return max(0, self.memory(gpu) - self.reserve - used)
+
+    def acquire(self, job_id: int, gpus: Sequence[int], memory: int = 0) -> None:
+        """Give ``gpus`` to ``job_id``, all or nothing; ``Conflict`` if one cannot be had.
+
+        ``memory`` 0: whole, exclusive devices; else the bytes the job shares
+        each device with (each must have that much :meth:`room`).
+        """
         if job_id in self._jobs:
             raise Conflict(f"job {job_id} already holds GPUs {list(self._jobs[job_id])}")
         wanted = tuple(gpus)
@@ -68,104 +95,186 @@ class GpuPool:
                 raise Conflict(f"job {job_id} asked for unknown GPU {gpu}")
             if gpu in self._holder:
                 raise Conflict(f"GPU {gpu} is held by job {self._holder[gpu]}")
+            if memory:
+                if self.room(gpu) < memory:
+                    raise Conflict(f"GPU {gpu} has {self.room(gpu)} bytes free for sharing, "
+                                   f"job {job_id} declared {memory}")
+                continue
+            if gpu in self._shared:
+                raise Conflict(f"GPU {gpu} is shared by jobs {sorted(self._shared[gpu])}")
             if gpu in self._external:
                 raise Conflict(f"GPU {gpu} is busy with a process outside DoPQ")
         if not wanted:
             return  # a CPU-only job holds nothing
         self._jobs[job_id] = wanted
         for gpu in wanted:
-            self._holder[gpu] = job_id
+            if memory:
+                self._shared.setdefault(gpu, {})[job_id] = memory
+            else:
+                self._holder[gpu] = job_id
+        if memory:
+            self._job_memory[job_id] = memory
 
     def release(self, job_id: int) -> tuple[int, ...]:
         """Free the GPUs of ``job_id`` and return them; () if it held none."""
         gpus = self._jobs.pop(job_id, ())
+        shared = self._job_memory.pop(job_id, 0)
         for gpu in gpus:
-            del self._holder[gpu]
-        if self._leaving and self._leaving.intersection(gpus):
-            gone = self._leaving.intersection(gpus)
+            if shared:
+                sharers = self._shared[gpu]
+                del sharers[job_id]
+                if not sharers:
+                    del self._shared[gpu]
+            else:
+                del self._holder[gpu]
+        gone = self._leaving.intersection(gpus) - self._holder.keys() - self._shared.keys()
+        if gone:
             self._all -= gone
             self._leaving -= gone
         return gpus
 
     def holder(self, gpu: int) -> int | None:
+        """The job holding ``gpu`` whole, if one does."""
         return self._holder.get(gpu)
+
+    def sharers(self, gpu: int) -> dict[int, int]:
+        """Job -> bytes of the jobs sharing ``gpu``, a copy."""
+        return dict(self._shared.get(gpu, {}))
 
     def of(self, job_id: int) -> tuple[int, ...]:
         """The GPUs ``job_id`` holds, in the order it asked for them."""
         return self._jobs.get(job_id, ())
 
+    def jobs(self) -> dict[int, tuple[int, ...]]:
+        """Job -> its devices (whole or shared), a copy."""
+        return dict(self._jobs)
+
     def free(self) -> frozenset[int]:
-        return self._all - self._holder.keys() - self._external
+        """Devices a whole-GPU job can have: nobody on them, inside or outside DoPQ."""
+        return self._all - self._holder.keys() - self._shared.keys() - self._external
 
     def held(self) -> dict[int, int]:
-        """GPU -> job, a copy."""
+        """GPU -> job holding it whole, a copy."""
         return dict(self._holder)
+
+    def shared(self) -> dict[int, dict[int, int]]:
+        """GPU -> {job: bytes} of the shared devices, a copy."""
+        return {gpu: dict(jobs) for gpu, jobs in self._shared.items()}
 
     def external(self) -> frozenset[int]:
         return self._external
 
-    def set_external(self, busy: Iterable[int]) -> None:
-        """Replace the set of GPUs busy from outside DoPQ.
+    def foreign(self) -> dict[int, int]:
+        """GPU -> bytes used by processes outside DoPQ, where known; a copy."""
+        return dict(self._foreign)
 
-        A GPU one of our jobs holds stays held (its new process may simply not
-        be in the caller's PID list yet); GPUs this host does not have are ignored.
+    def set_external(self, busy: Iterable[int], foreign: Mapping[int, int] | None = None) -> None:
+        """Replace the GPUs busy from outside DoPQ (and the bytes they use, if known).
+
+        A GPU one of our jobs holds whole stays held (its new process may
+        simply not be in the caller's PID list yet); GPUs this host does not
+        have are ignored. On a shared GPU the foreign bytes count against
+        what more shared jobs get.
         """
-        self._external = frozenset(busy) & (self._all - self._holder.keys())
+        mine = self._all - self._holder.keys()
+        self._foreign = {g: b for g, b in (foreign or {}).items() if g in mine}
+        self._external = (frozenset(busy) | self._foreign.keys()) & mine
 
-    def set_devices(self, indices: Iterable[int]) -> None:
+    def set_devices(self, indices: Iterable[int], memory: Mapping[int, int] | None = None) -> None:
         """The machine's GPUs changed: new ones are free at once, a removed one
-        leaves now if nobody holds it, else when its job releases it."""
+        leaves now if nobody holds it, else when its last job releases it."""
         new = frozenset(indices)
         gone = self._all - new
-        held_gone = gone & self._holder.keys()
+        held_gone = gone & (self._holder.keys() | self._shared.keys())
         self._all = new | held_gone
         self._leaving = held_gone
         self._external &= new
+        self._foreign = {g: b for g, b in self._foreign.items() if g in new}
+        if memory is not None:
+            self._memory = {g: m for g, m in self._memory.items() if g in held_gone}
+            self._memory.update(memory)
 
     def validate(self) -> None:
         """Assert the invariants; ``AssertionError`` says which one broke."""
         held = set(self._holder)
+        shared = set(self._shared)
         free = self.free()
         problems = []
-        if not held <= self._all:
-            problems.append(f"held GPUs not in pool: {sorted(held - self._all)}")
+        if not (held | shared) <= self._all:
+            problems.append(f"held GPUs not in pool: {sorted((held | shared) - self._all)}")
         if not self._external <= self._all:
             problems.append(f"external GPUs not in pool: {sorted(self._external - self._all)}")
         if held & self._external:
             problems.append(f"GPUs both held and external: {sorted(held & self._external)}")
-        if not self._leaving <= held:
-            problems.append(f"removed GPUs still counted: {sorted(self._leaving - held)}")
-        counted = len(free) + len(held) + len(self._external)
+        if held & shared:
+            problems.append(f"GPUs both held whole and shared: {sorted(held & shared)}")
+        if not self._foreign.keys() <= self._external:
+            problems.append(f"foreign use on GPUs not external: {sorted(self._foreign)}")
+        if not self._leaving <= held | shared:
+            problems.append(f"removed GPUs still counted: {sorted(self._leaving - held - shared)}")
+        outside = self._external - shared
+        counted = len(free) + len(held) + len(shared) + len(outside)
         if counted != len(self._all):
             problems.append(
-                f"free {len(free)} + held {len(held)} + external {len(self._external)}"
-                f" != total {len(self._all)}"
+                f"free {len(free)} + held {len(held)} + shared {len(shared)} + external "
+                f"{len(outside)} != total {len(self._all)}"
             )
+        for gpu, jobs in self._shared.items():
+            if not jobs:
+                problems.append(f"GPU {gpu} shared by nobody")
+            if sum(jobs.values()) > self.memory(gpu) - self.reserve:
+                problems.append(f"GPU {gpu} over-committed: {sum(jobs.values())} bytes declared,"
+                                f" {self.memory(gpu)} - reserve {self.reserve}")
         seen: dict[int, int] = {}
+        seen_shared: dict[int, dict[int, int]] = {}
         for job, gpus in self._jobs.items():
             if not gpus:
                 problems.append(f"job {job} recorded with no GPUs")
+            if len(set(gpus)) != len(gpus):
+                problems.append(f"job {job} records a GPU twice: {list(gpus)}")
+            memory = self._job_memory.get(job, 0)
             for gpu in gpus:
+                if memory:
+                    seen_shared.setdefault(gpu, {})[job] = memory
+                    continue
                 if gpu in seen:
                     problems.append(f"GPU {gpu} held by jobs {seen[gpu]} and {job}")
                 seen[gpu] = job
         if seen != self._holder:
             problems.append(f"job table {seen} disagrees with holder table {self._holder}")
+        if seen_shared != self._shared:
+            problems.append(f"job table {seen_shared} disagrees with shared table {self._shared}")
+        if not self._job_memory.keys() <= self._jobs.keys():
+            problems.append(f"memory of jobs holding nothing: {sorted(self._job_memory)}")
         if problems:
             raise AssertionError("GpuPool invalid: " + "; ".join(problems))
 
 
 class Node:
-    """One machine: its devices and the pool that counts them."""
+    """One machine: its devices and the pool that counts them.
 
-    def __init__(self, name: str, devices: Iterable[Device]) -> None:
+    A GPU carved into MIG slices is never listed itself: its slices are the
+    devices (:meth:`validate` asserts it).
+    """
+
+    def __init__(self, name: str, devices: Iterable[Device], reserve: int = 0) -> None:
         self.name = name
         self.devices: dict[int, Device] = {d.index: d for d in devices}
-        self.pool = GpuPool(self.devices)
+        self.pool = GpuPool(self.devices, self._memory(), reserve)
+
+    def _memory(self) -> dict[int, int]:
+        return {d.index: d.memory for d in self.devices.values() if d.memory}
 
     def set_devices(self, devices: Iterable[Device]) -> None:
         self.devices = {d.index: d for d in devices}
-        self.pool.set_devices(self.devices)
+        self.pool.set_devices(self.devices, self._memory())
+
+    def validate(self) -> None:
+        parents = {d.parent for d in self.devices.values() if d.parent is not None}
+        whole = sorted(parents & self.devices.keys())
+        if whole:
+            raise AssertionError(f"node {self.name}: GPUs {whole} listed whole and as MIG slices")
+        self.pool.validate()
 
 
 class Capacity:
@@ -191,7 +300,7 @@ class Capacity:
 
     def validate(self) -> None:
         for node in self.nodes.values():
-            node.pool.validate()
+            node.validate()
 
 
 class _Holding(Protocol):

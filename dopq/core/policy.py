@@ -61,6 +61,7 @@ from operator import attrgetter
 from dopq.core.capacity import validate_gpus
 from dopq.core.fairshare import POLICIES, PolicyConfig, fairshare_factors
 from dopq.core.jobs import JobState, WaitReason
+from dopq.core.placement import INF, Placer, dependency_failure
 
 # PolicyConfig and the fair-share factor are defined in dopq.core.fairshare.
 __all__ = [
@@ -69,7 +70,6 @@ __all__ = [
 ]
 
 PRIORITY_SPAN = 1000
-INF = math.inf
 _AGED = -INF  # sort key of an aged job: before every priority
 
 _user = attrgetter("user")
@@ -115,6 +115,10 @@ class ClusterState:
     ``total_gpus``: GPUs in the machine; unset, free + held by running jobs.
     ``factors``: F per user, to use instead of computing them from ``usage``
     (:mod:`dopq.core.eta` freezes them while it runs the policy forward).
+    ``memory``: bytes of each device (absent: unknown, no job shares it);
+    ``foreign``: bytes processes outside DoPQ use on a device (closed to
+    whole-GPU jobs); ``external``: devices busy from outside (with or without
+    known bytes); ``memory_reserve``: bytes of each device no shared job gets.
     """
 
     queued: Sequence[QueuedJob]
@@ -125,6 +129,10 @@ class ClusterState:
     history: Sequence[str] = ()
     total_gpus: int | None = None
     factors: Mapping[str, float] | None = None  # F per lower-cased user, when already known
+    memory: Mapping[int, int] = field(default_factory=dict)
+    foreign: Mapping[int, int] = field(default_factory=dict)
+    external: frozenset[int] = frozenset()
+    memory_reserve: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,116 +277,7 @@ class _Scorer:
         return f["fairshare"] + f["age"] + f["job"] - f["nice"]
 
 
-# --------------------------------------------------------------- placement
-
-
-_FAILED = (JobState.FAILED, JobState.CANCELLED)
-
-
-def _dependency_failure(q: QueuedJob, finished: Mapping[int, JobState]) -> str | None:
-    for dep in q.after:
-        st = finished.get(dep)
-        if st is not None and JobState(st) in _FAILED:
-            return f"dependency {dep} {JobState(st).value}"
-    return None
-
-
-def _dependencies_met(q: QueuedJob, finished: Mapping[int, JobState]) -> bool:
-    for dep in q.after:
-        if finished.get(dep) != JobState.SUCCEEDED:
-            return False
-    return all(dep in finished for dep in q.after_any)
-
-
-class _Placer:
-    """Walks jobs in order, hands out GPUs and records why each one waits."""
-
-    def __init__(self, state: ClusterState, now: float, cfg: PolicyConfig) -> None:
-        self.now = now
-        self.cfg = cfg
-        self.finished = state.finished_states
-        self.free = sorted(state.free_gpus)
-        held = sum(len(r.gpus) for r in state.running)
-        self.capacity = state.total_gpus if state.total_gpus is not None else held + len(self.free)
-        self.running = state.running
-        self.started: list[QueuedJob] = []
-        self.starts: list[tuple[int, tuple[int, ...]]] = []
-        self.shadow: float | None = None  # set once a job holds the reservation
-        self.count: dict[str, int] = {}
-        self.gpus: dict[str, int] = {}
-        if cfg.max_running_per_user or cfg.max_gpus_per_user:
-            for r in state.running:
-                u = r.user.lower()
-                self.count[u] = self.count.get(u, 0) + 1
-                self.gpus[u] = self.gpus.get(u, 0) + len(r.gpus)
-
-    def open_for_gpu_jobs(self) -> bool:
-        """Could a GPU job still start before anyone holds the reservation?"""
-        return self.shadow is None and bool(self.free)
-
-    def visit(self, q: QueuedJob) -> WaitReason:
-        if q.held:
-            return WaitReason.HELD
-        if (q.after or q.after_any) and not _dependencies_met(q, self.finished):
-            return WaitReason.DEPENDENCY
-        cfg = self.cfg
-        need = q.num_gpus
-        if cfg.max_running_per_user or cfg.max_gpus_per_user:
-            u = q.user.lower()
-            if cfg.max_running_per_user and (
-                self.count.get(u, 0) >= cfg.max_running_per_user
-            ):
-                return WaitReason.USER_LIMIT
-            if cfg.max_gpus_per_user and (
-                need and self.gpus.get(u, 0) + need > cfg.max_gpus_per_user
-            ):
-                return WaitReason.USER_LIMIT
-        if need == 0:
-            return self._start(q)
-        if need > self.capacity:
-            return WaitReason.RESOURCES  # refused at submit; never reserve for it
-        fits = need <= len(self.free)
-        if self.shadow is None:
-            if fits:
-                return self._start(q)
-            self.shadow = self._shadow_time(need)
-            return WaitReason.RESOURCES
-        if (fits and q.time_limit is not None and self.shadow < INF
-                and self.now + q.time_limit <= self.shadow):
-            return self._start(q)
-        return WaitReason.RESERVED if fits else WaitReason.PRIORITY
-
-    def _start(self, q: QueuedJob) -> WaitReason:
-        gpus = tuple(self.free[: q.num_gpus])
-        del self.free[: q.num_gpus]
-        self.starts.append((q.id, gpus))
-        self.started.append(q)
-        u = q.user.lower()
-        self.count[u] = self.count.get(u, 0) + 1
-        self.gpus[u] = self.gpus.get(u, 0) + q.num_gpus
-        return WaitReason.NONE
-
-    def _shadow_time(self, need: int) -> float:
-        """When ``need`` GPUs are free at the latest, going by time limits."""
-        now = self.now
-        ends = [
-            (max(now, r.started_at + r.time_limit) if r.time_limit is not None else INF,
-             len(r.gpus))
-            for r in self.running
-            if r.gpus
-        ]
-        ends += [
-            (now + q.time_limit if q.time_limit is not None else INF, q.num_gpus)
-            for q in self.started
-            if q.num_gpus
-        ]
-        ends.sort()
-        free = len(self.free)
-        for end, n in ends:
-            free += n
-            if free >= need:
-                return end
-        return INF  # GPUs outside DoPQ's control are busy: no known time
+# --------------------------------------------------------------- decisions
 
 
 def _failures(state: ClusterState) -> list[tuple[int, str]]:
@@ -388,13 +287,13 @@ def _failures(state: ClusterState) -> list[tuple[int, str]]:
     fail = []
     for q in state.queued:
         if q.after:
-            why = _dependency_failure(q, finished)
+            why = dependency_failure(q, finished)
             if why is not None:
                 fail.append((q.id, why))
     return fail
 
 
-def _next_wakeup(state: ClusterState, placer: _Placer, scorer: _Scorer) -> float | None:
+def _next_wakeup(state: ClusterState, placer: Placer, scorer: _Scorer) -> float | None:
     now = placer.now
     times = [
         r.started_at + r.time_limit
@@ -419,7 +318,7 @@ def _split_topped(queued: Sequence[QueuedJob]) -> tuple[list[QueuedJob], Sequenc
 def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
     """Which queued jobs start now and on which GPUs; see the module docstring."""
     scorer = _Scorer(state, now, cfg)
-    placer = _Placer(state, now, cfg)
+    placer = Placer(state, now, cfg)
     topped, rest = _split_topped(state.queued)
     for q in topped:
         placer.visit(q)
@@ -431,21 +330,21 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
     # Past that point only CPU-only jobs and backfill candidates can start;
     # the others would only be told why they wait, which explain() does.
     if heap:
-        if placer.shadow is not None and placer.shadow < INF and placer.free:
-            # The test of _Placer.visit, loosened (free GPUs only shrink from here).
-            free, shadow = len(placer.free), placer.shadow
+        if placer.shadow is not None and placer.shadow < INF and placer.has_room():
+            # The test of Placer.visit, loosened (free devices only shrink from here).
+            shadow = placer.shadow
             later = [
                 k for k in heap
                 if (q := rest[k[3]]).num_gpus == 0
-                or (q.num_gpus <= free and q.time_limit is not None
-                    and now + q.time_limit <= shadow)
+                or (q.time_limit is not None and now + q.time_limit <= shadow
+                    and placer.may_fit(q))
             ]
         else:
             later = [k for k in heap if rest[k[3]].num_gpus == 0]
         later.sort()
         for k in later:
             q = rest[k[3]]
-            if q.num_gpus == 0 or placer.free:
+            if q.num_gpus == 0 or placer.has_room():
                 placer.visit(q)
     decision = Decision(
         placer.starts,
@@ -460,7 +359,7 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
 def explain(state: ClusterState, now: float, cfg: PolicyConfig) -> list[QueueEntry]:
     """Every queued job in order with its position, priority, reason and factors."""
     scorer = _Scorer(state, now, cfg)
-    placer = _Placer(state, now, cfg)
+    placer = Placer(state, now, cfg)
     topped, rest = _split_topped(state.queued)
     keys = scorer.keys(rest)
     keys.sort()

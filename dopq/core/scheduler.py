@@ -104,6 +104,8 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.memory_reserve = memory_reserve  # bytes of each device no shared job gets
+        for node in capacity.nodes.values():
+            node.pool.reserve = memory_reserve
         self.capacity = capacity
         self.ledger = ledger if ledger is not None else UsageLedger(config.policy.half_life)
         self.shares: dict[str, float] | None = None  # over the policy's own, when set
@@ -112,6 +114,7 @@ class Scheduler:
         self.stopping: dict[int, float] = {}  # job -> when its stop was asked
         self.deferred: list[tuple[float, int, str]] = []  # (due, job, container)
         self.external: frozenset[int] = frozenset()
+        self.foreign: dict[int, int] = {}  # device -> bytes used from outside DoPQ
         self.engine_up = True
         self.engine_down_since: float | None = None
         self.last_outage: tuple[float, float] | None = None
@@ -293,7 +296,7 @@ class Scheduler:
         node = self.capacity.nodes.get(job.node) or self.capacity.default
         job.node = node.name
         try:
-            node.pool.acquire(job.id, job.gpus)
+            node.pool.acquire(job.id, job.gpus, job.gpu_memory)
         except Conflict:
             log.error("job %s: GPUs %s already held; not adopting its GPUs", job.id, job.gpus)
         self.queued.pop(job.id, None)
@@ -330,9 +333,11 @@ class Scheduler:
         if ev.devices is not None:
             node.set_devices(Device(d) if isinstance(d, int) else d for d in ev.devices)
         if ev.foreign is not None:
+            self.foreign = dict(ev.foreign)
             self.external = frozenset(ev.foreign)
         elif ev.external is not None:
             self.external = frozenset(ev.external)
+            self.foreign = {}
 
     # -- usage --------------------------------------------------------------------------
     def _on_UsageReset(self, ev: UsageReset, now: float, out: list[Instruction]) -> None:
@@ -341,9 +346,14 @@ class Scheduler:
 
     def _charge(self, now: float, out: list[Instruction]) -> None:
         self.ledger.advance(now, charge_rates(self.running.values(),
-                                              self.config.policy.cpu_fraction))
+                                              self.config.policy.cpu_fraction,
+                                              self._device_memory()))
         if now - self._last_usage_save >= USAGE_SAVE_EVERY:
             self._save_usage(now, out)
+
+    def _device_memory(self) -> dict[int, int]:
+        pool = self.pool
+        return {g: pool.memory(g) for g in pool.total}
 
     def _save_usage(self, now: float, out: list[Instruction]) -> None:
         out.append(SaveUsage())
@@ -418,10 +428,11 @@ class Scheduler:
     def cluster_state(self, now: float, finished_states: Mapping[int, JobState] | None = None,
                       history: Sequence[str] | None = None) -> policy_mod.ClusterState:
         pool = self.pool
-        pool.set_external(self.external - set(pool.held()))
+        pool.set_external(self.external - set(pool.held()), self.foreign)
         running = [
             policy_mod.RunningJob(r.id, r.user, r.num_gpus, r.gpus,
-                                  now if r.started_at is None else r.started_at, r.time_limit)
+                                  now if r.started_at is None else r.started_at, r.time_limit,
+                                  r.gpu_memory)
             for r in self.running.values()
         ]
         return policy_mod.ClusterState(
@@ -429,7 +440,9 @@ class Scheduler:
             usage=self.ledger.snapshot(now),
             finished_states=self.finished if finished_states is None else finished_states,
             history=self.history if history is None else history,
-            total_gpus=len(pool.total),
+            total_gpus=len(pool.total), memory=self._device_memory(),
+            foreign=pool.foreign(), external=pool.external(),
+            memory_reserve=self.memory_reserve,
         )
 
     def _on_Tick(self, ev: Tick, now: float, out: list[Instruction]) -> None:
@@ -450,27 +463,30 @@ class Scheduler:
                 self.finished[job_id] = JobState.FAILED
         node = self.capacity.default
         for job_id, gpus in decision.starts:
+            q = self.queued[job_id]
             try:
-                node.pool.acquire(job_id, gpus)
+                node.pool.acquire(job_id, gpus, q.gpu_memory)
             except Conflict as exc:
                 log.error("job %s: %s", job_id, exc)
                 continue
-            q = self.queued.pop(job_id)
+            del self.queued[job_id]
             self.running[job_id] = Running(job_id, q.user, q.num_gpus, tuple(gpus), now,
-                                           q.time_limit, node.name, queued=q)
+                                           q.time_limit, node.name, gpu_memory=q.gpu_memory,
+                                           queued=q)
             out.append(StartJob(job_id, node.name, tuple(gpus), now))
 
     def validate(self) -> None:
         """Assert the books balance: the pools, and running jobs against them."""
         self.capacity.validate()
         for node in self.capacity.nodes.values():
-            mine = {r.id: r.gpus for r in self.running.values() if r.node == node.name and r.gpus}
-            held: dict[int, list[int]] = {}
-            for gpu, job in node.pool.held().items():
-                held.setdefault(job, []).append(gpu)
-            for job, gpus in mine.items():
-                if job in held and sorted(held[job]) != sorted(gpus):
-                    raise AssertionError(f"job {job} runs on {gpus}, the pool says {held[job]}")
+            mine = {r.id: r for r in self.running.values() if r.node == node.name and r.gpus}
+            held = node.pool.jobs()
+            for job, r in mine.items():
+                if job in held and sorted(held[job]) != sorted(r.gpus):
+                    raise AssertionError(f"job {job} runs on {r.gpus}, the pool says {held[job]}")
+                if job in held and r.gpu_memory != node.pool.sharers(r.gpus[0]).get(job, 0):
+                    raise AssertionError(f"job {job} declared {r.gpu_memory} bytes, the pool "
+                                         "has it otherwise")
             stray = set(held) - set(mine)
             if stray:
                 raise AssertionError(f"jobs {sorted(stray)} hold GPUs but are not running")

@@ -1,6 +1,7 @@
 """Decayed GPU usage per user: the memory behind fair share.
 
-Each user's usage ``H`` is in GPU-seconds and halves every ``half_life``
+Each user's usage ``H`` is in GPU-seconds (a job sharing a device by memory
+is charged its declared fraction of it: :func:`charge_rates`) and halves every ``half_life``
 seconds. Between two calls of :meth:`UsageLedger.advance` a user holding
 ``r`` GPUs at a constant rate is charged
 
@@ -19,7 +20,7 @@ case-insensitive and stored lower-cased.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,13 +54,36 @@ class _Holder(Protocol):
     @property
     def num_gpus(self) -> int: ...
 
+    @property
+    def gpus(self) -> tuple[int, ...]: ...
 
-def charge_rates(running: Iterable[_Holder], cpu_fraction: float) -> dict[str, float]:
-    """Charge rate per user: GPUs held, each CPU-only job counting ``cpu_fraction``."""
+    @property
+    def gpu_memory(self) -> int: ...
+
+
+def gpu_fraction(gpu_memory: int, device_memory: Sequence[int]) -> float:
+    """GPUs a shared job counts as: its declared bytes over each device's memory.
+
+    A device of unknown memory (0), or one the job declares all of, counts whole.
+    """
+    return sum(min(1.0, gpu_memory / mem) if mem > 0 else 1.0 for mem in device_memory)
+
+
+def charge_rates(running: Iterable[_Holder], cpu_fraction: float,
+                 memory: Mapping[int, int] | None = None) -> dict[str, float]:
+    """Charge rate per user, in GPUs: whole GPUs held count 1 each, a shared job
+    its :func:`gpu_fraction` of each device (``memory``: device -> bytes), a
+    CPU-only job ``cpu_fraction``. The one place a job's charge is decided;
+    the policy's per-user GPU limit counts the same way."""
     rates: dict[str, float] = {}
     for job in running:
         user = job.user.lower()
-        rates[user] = rates.get(user, 0.0) + (job.num_gpus or cpu_fraction)
+        if job.gpu_memory and job.gpus:
+            mem = memory or {}
+            rate = gpu_fraction(job.gpu_memory, [mem.get(g, 0) for g in job.gpus])
+        else:
+            rate = job.num_gpus or cpu_fraction
+        rates[user] = rates.get(user, 0.0) + rate
     return rates
 
 
