@@ -483,6 +483,14 @@ class Store:
         rows = self.read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (int(limit),))
         return [dict(r) for r in rows]
 
+    def note_event(self, job_id: int, detail: str, at: float | None = None) -> None:
+        """A job event that changes nothing else (a GPU memory warning, an idle mark)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            self._event(db, int(job_id), time.time() if at is None else at, row[0], detail)
+
 
 def _names(states: Iterable[JobState]) -> str:
     return " or ".join(s.value for s in states)
