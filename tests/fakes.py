@@ -79,11 +79,11 @@ class Driver:
 
     def __init__(self, gpus: int = 4, policy: PolicyConfig | None = None,
                  requeue_on_engine_restart: bool = False, stop_grace: float = 10.0,
-                 remember_finished: bool = True) -> None:
+                 remember_finished: bool = True, memory: int = 0, reserve: int = 0) -> None:
         self.sched = sc.Scheduler(
             sc.SchedulerConfig(policy or PolicyConfig(), stop_grace, requeue_on_engine_restart,
                                remember_finished),
-            Capacity.single(range(gpus)),
+            Capacity.single(range(gpus), memory=memory), memory_reserve=reserve,
         )
         self.store = FakeStore()
         self.runtime = FakeRuntime()
@@ -102,7 +102,7 @@ class Driver:
     def submit(self, job_id: int, user: str = "ana", gpus: int = 1, *,
                submitted: float | None = None, **kw: Any) -> None:
         q = QueuedJob(job_id, user, gpus, self.now if submitted is None else submitted, **kw)
-        self.store.add(job_id, user=user, want=gpus)
+        self.store.add(job_id, user=user, want=gpus, gpu_memory=kw.get("gpu_memory", 0))
         self.handle(ev.JobQueued(q))
 
     def tick(self, advance: float = 0.0) -> list[ev.Instruction]:

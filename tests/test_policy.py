@@ -327,3 +327,87 @@ def test_submit_time_in_the_future_counts_as_no_age():
     entries = decide(s, NOW, CFG).entries
     assert [e.id for e in entries] == [2, 3, 1]  # 1 and 3 tie: submit order
     assert entries[1].factors["age"] == 0.0 and entries[2].factors["age"] == 0.0
+
+
+# ------------------------------------------------- properties with shared devices
+
+GIB = 1 << 30
+
+
+@st.composite
+def shared_states(draw):
+    """Devices of 16g with a 1g reserve; running and queued jobs whole or shared."""
+    total = draw(st.integers(1, 4))
+    memory = {g: 16 * GIB for g in range(total)}
+    foreign = draw(st.dictionaries(st.integers(0, total - 1), st.sampled_from([1, 4, 8])))
+    foreign = {g: b * GIB for g, b in foreign.items()}
+    declared = {g: 0 for g in range(total)}
+    whole: set[int] = set()
+    run = []
+    for i in range(draw(st.integers(0, 5))):
+        mem = draw(st.sampled_from([0, 2, 4, 8])) * GIB
+        n = draw(st.integers(1, 2))
+        if mem:
+            ok = [g for g in range(total) if g not in whole
+                  and declared[g] + mem + foreign.get(g, 0) <= 15 * GIB]
+        else:
+            ok = [g for g in range(total) if g not in whole and not declared[g]
+                  and g not in foreign]
+        if len(ok) < n:
+            continue
+        gpus = tuple(ok[:n])
+        for g in gpus:
+            if mem:
+                declared[g] += mem
+            else:
+                whole.add(g)
+        run.append(RunningJob(100 + i, draw(users), n, gpus, NOW - draw(st.floats(0, 5000)),
+                              draw(st.one_of(st.none(), st.floats(60, 9000))), mem))
+    free = frozenset(g for g in range(total)
+                     if g not in whole and not declared[g] and g not in foreign)
+    queued = [
+        QueuedJob(i, draw(users), draw(st.integers(0, 2)), NOW - draw(st.floats(0, 1e5)),
+                  draw(st.one_of(st.none(), st.floats(60, 9000))),
+                  held=draw(st.booleans()),
+                  gpu_memory=draw(st.sampled_from([0, 0, 2, 4, 8, 15, 16])) * GIB)
+        for i in range(draw(st.integers(0, 15)))
+    ]
+    queued = [j for j in queued if j.num_gpus or not j.gpu_memory]
+    cfg = PolicyConfig(max_gpus_per_user=draw(st.sampled_from([0, 1, 2])))
+    s = ClusterState(queued, run, free, draw(st.dictionaries(users, st.floats(0, 1e6))),
+                     total_gpus=total, memory=memory, foreign=foreign,
+                     external=frozenset(foreign), memory_reserve=GIB)
+    return s, cfg, declared, whole
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shared_states())
+def test_shared_placement_never_over_commits(case):
+    s, cfg, declared, whole = case
+    d = decide(s, NOW, cfg)
+    entries = explain(s, NOW, cfg)
+    assert {e.id for e in entries if e.reason is WaitReason.NONE} == {i for i, _ in d.starts}
+    jobs = {j.id: j for j in s.queued}
+    for job_id, gpus in d.starts:
+        j = jobs[job_id]
+        assert len(gpus) == j.num_gpus == len(set(gpus))
+        for g in gpus:
+            if j.gpu_memory:
+                assert g not in whole
+                declared[g] += j.gpu_memory
+            else:
+                assert g not in whole and not declared[g] and g not in s.foreign
+                whole.add(g)
+    for g, used in declared.items():
+        assert used + s.foreign.get(g, 0) <= 15 * GIB or used == 0
+
+
+def test_whole_job_reserves_a_draining_shared_device():
+    run = [RunningJob(1, "ana", 1, (0,), NOW - 100, 1000.0, 4 * GIB)]
+    queued = [q(2, "ben", time_limit=60.0), q(3, "cyd", gpu_memory=4 * GIB, time_limit=5000.0),
+              q(4, "cyd", gpu_memory=4 * GIB, time_limit=500.0, sub=NOW)]
+    s = state(queued, run, total_gpus=1, memory={0: 16 * GIB}, memory_reserve=GIB)
+    d = decide(s, NOW, CFG)
+    assert d.starts == [(4, (0,))]  # ends by job 1's limit: backfills beside it
+    assert reasons(s) == {2: WaitReason.RESOURCES, 3: WaitReason.RESERVED,
+                          4: WaitReason.NONE}

@@ -286,9 +286,9 @@ class Capacity:
             raise ValueError("capacity needs at least one node")
 
     @classmethod
-    def single(cls, indices: Iterable[int], name: str = LOCAL) -> Capacity:
-        """One node with whole GPUs ``indices`` (what one server has today)."""
-        return cls([Node(name, (Device(i) for i in indices))])
+    def single(cls, indices: Iterable[int], name: str = LOCAL, memory: int = 0) -> Capacity:
+        """One node with GPUs ``indices`` of ``memory`` bytes each (0: unknown)."""
+        return cls([Node(name, (Device(i, memory=memory) for i in indices))])
 
     @property
     def default(self) -> Node:
