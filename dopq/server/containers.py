@@ -6,8 +6,10 @@ the queue thread hands the spec to ``ContainerRuntime.run``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from dopq.core.capacity import Device
 from dopq.core.settings import Settings
 from dopq.server.outputs import OutputFolders
 from dopq.server.runtime import (
@@ -27,9 +29,14 @@ def container_name(instance: str, owner: str, job_id: int) -> str:
 
 def container_spec(
     settings: Settings, folders: OutputFolders, row: JobRow, gpus: list[int], *,
-    instance: str, owner: str, gpu_mode: str,
+    instance: str, owner: str, gpu_mode: str, devices: Mapping[int, Device] | None = None,
 ) -> ContainerSpec:
-    """The container of ``row`` on ``gpus``; prepares the user's output folder."""
+    """The container of ``row`` on ``gpus``; prepares the user's output folder.
+
+    A device with a UUID in ``devices`` is given to the container by it (a MIG
+    instance has no index the NVIDIA runtime understands); ``DOPQ_GPUS``
+    keeps DoPQ's indices.
+    """
     s = settings
     spec: dict[str, Any] = row["spec"] or {}
     user = row["user"]
@@ -68,6 +75,7 @@ def container_spec(
         binds=binds,
         gpus=gpus,
         gpu_mode=gpu_mode,
+        device_ids=device_ids(gpus, devices or {}),
         cap_add=list(s.docker.cap_add),
         read_only=s.docker.read_only_rootfs,
         log_max_bytes=s.bytes_of("docker.log_max_bytes"),
@@ -75,3 +83,9 @@ def container_spec(
         stop_signal=run_params.get("stop_signal"),
         ulimits=list(run_params.get("ulimits") or []),
     )
+
+
+def device_ids(gpus: list[int], devices: Mapping[int, Device]) -> list[str]:
+    """How ``NVIDIA_VISIBLE_DEVICES`` and the DeviceRequest name ``gpus``: the UUID
+    where the device has one, else its index."""
+    return [devices[g].uuid if g in devices and devices[g].uuid else str(g) for g in gpus]

@@ -21,14 +21,14 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dopq.core import events as ev
 from dopq.core import policy as policy_mod
 from dopq.core import scheduler as sc
-from dopq.core.capacity import Capacity, GpuPool
+from dopq.core.capacity import LOCAL, Capacity, Device, GpuPool, Node
 from dopq.core.errors import DopqError, EngineUnavailable
 from dopq.core.jobs import JobState
 from dopq.core.settings import Settings
@@ -71,7 +71,7 @@ class PriorityQueueThread(threading.Thread):
         settings: Settings,
         store: Store,
         runtime: ContainerRuntime,
-        gpu_indices: list[int],
+        gpus: Sequence[int | Device],
         gpu_mode: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -83,14 +83,19 @@ class PriorityQueueThread(threading.Thread):
         self.clock = clock
         self.instance = settings.docker.name_prefix
         self.owner = store.owner_id()
+        # The machine's devices (memory, MIG parent, UUID: what containers are given).
+        self.devices = {d.index: d for d in (Device(g) if isinstance(g, int) else g
+                                             for g in gpus)}
         self.scheduler = sc.Scheduler(
             sc.SchedulerConfig(
                 policy=settings.policy, stop_grace=settings.docker.stop_grace,
                 requeue_on_engine_restart=settings.docker.requeue_on_engine_restart,
             ),
-            Capacity.single(gpu_indices),
+            Capacity([Node(LOCAL, self.devices.values())]),
             UsageLedger(settings.policy.half_life, store.load_usage()),
+            memory_reserve=settings.bytes_of("gpus.memory_reserve"),
         )
+        self._foreign: dict[int, int] = {}
         self.scheduler.shares = {}
         # The scheduler is touched from API threads too (cancel, reset_usage);
         # each event is handled whole under this lock, instructions outside it.
@@ -160,6 +165,16 @@ class PriorityQueueThread(threading.Thread):
             if frozenset(busy) == self.scheduler.external:
                 return
             self._handle(ev.CapacityChanged(external=frozenset(busy)))
+        self.wake()
+
+    def set_foreign(self, foreign: Mapping[int, int]) -> None:
+        """Devices used by processes outside DoPQ, with the bytes they use (the sampler)."""
+        with self._lock:
+            if dict(foreign) == self._foreign:
+                return
+            self._foreign = dict(foreign)
+            self._handle(ev.CapacityChanged(external=frozenset(foreign),
+                                            foreign=dict(foreign)))
         self.wake()
 
     def stop(self) -> None:
@@ -392,6 +407,15 @@ class PriorityQueueThread(threading.Thread):
         """Kill a job that wrote more than ``limits.max_output`` (output watcher)."""
         self._carry_out(self._handle(ev.OutputLimitReached(job_id, reason)))
 
+    def stop_for_gpu(self, job_id: int, reason: str) -> None:
+        """Stop a job the GPU watch says must go (GPU memory beyond what it declared,
+        idle with ``idle_action = "cancel"``); it fails with ``reason``.
+
+        Carried by the output limit's event: the scheduler stops the job and
+        ``dopq.core.exits`` knows the GPU watch's reasons.
+        """
+        self._carry_out(self._handle(ev.OutputLimitReached(job_id, reason)))
+
     # -- usage ----------------------------------------------------------------------------------
     def _save_usage(self) -> None:
         with self._lock:
@@ -463,7 +487,7 @@ class PriorityQueueThread(threading.Thread):
 
     def container_spec(self, row: JobRow, gpus: list[int]) -> ContainerSpec:
         return container_spec(self.settings, self.outputs, row, gpus, instance=self.instance,
-                              owner=self.owner, gpu_mode=self.gpu_mode)
+                              owner=self.owner, gpu_mode=self.gpu_mode, devices=self.devices)
 
     def run_log_path(self, job_id: int) -> Path:
         return self.house.run_log_path(job_id)

@@ -61,6 +61,7 @@ class ContainerSpec:
     binds: dict[str, dict[str, str]] = field(default_factory=dict)
     gpus: list[int] = field(default_factory=list)
     gpu_mode: str = "env"  # nvidia: DeviceRequest; env: NVIDIA_VISIBLE_DEVICES only
+    device_ids: list[str] = field(default_factory=list)  # gpus by UUID (MIG); []: by index
     cap_add: list[str] = field(default_factory=list)
     read_only: bool = False
     log_max_bytes: int | None = None
@@ -260,12 +261,12 @@ class ContainerRuntime:
         api = self.api
         env = dict(spec.env)
         device_requests = None
-        if spec.gpus and spec.gpu_mode == "nvidia":
+        ids = spec.device_ids or [str(g) for g in spec.gpus]
+        if ids and spec.gpu_mode == "nvidia":
             device_requests = [
-                DeviceRequest(driver="nvidia", device_ids=[str(g) for g in spec.gpus],
-                              capabilities=[["gpu"]])
+                DeviceRequest(driver="nvidia", device_ids=ids, capabilities=[["gpu"]])
             ]
-        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus) or "void"
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(ids) or "void"
         log_config = None
         if spec.log_max_bytes:
             log_config = LogConfig(

@@ -4,9 +4,11 @@
 thread, and restarts either when it dies. Beside them run small threads,
 each relaying one outside source to the queue thread: the Provider's
 notices, Docker's event stream (container exits; the engine going away and
-coming back), the GPU sampler (GPUs used from outside DoPQ, container stats,
-hourly image cleaning) and the output watcher (a job writing past its limit
-is stopped). The shared views are rebuilt on a thread of their own.
+coming back), the sampler (container stats, hourly image cleaning, and every
+``[gpus] sample_interval`` the GPUs: each job's GPU memory and utilisation,
+processes outside DoPQ, the GPU watch's warnings and stops; see
+``dopq.server.gpusampler``) and the output watcher (a job writing past its
+limit is stopped). The shared views are rebuilt on a thread of their own.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from dopq.core.errors import DopqError, EngineUnavailable
+from dopq.core.gpuwatch import Act, WatchConfig
 from dopq.core.jobs import JobState
 from dopq.core.settings import Settings
 from dopq.server import gpus as gpus_mod
 from dopq.server import outputs
 from dopq.server.auth import Users
+from dopq.server.gpusampler import GpuJob, GpuSampler, ProcFs
 from dopq.server.provider import start_process
 from dopq.server.queue import PriorityQueueThread
 from dopq.server.runtime import ContainerRuntime, cpu_percent
@@ -32,7 +36,7 @@ from dopq.server.store import Store
 
 log = logging.getLogger("dopq.server.supervisor")
 
-SAMPLE_EVERY = 2.0  # seconds between GPU and container samples
+SAMPLE_EVERY = 2.0  # seconds between container samples (GPUs: [gpus] sample_interval)
 
 
 class Supervisor:
@@ -44,8 +48,12 @@ class Supervisor:
         self.store = store
         self.users = users
         self.runtime = runtime
-        self.gpu_backend = gpus_mod.open_backend(settings.gpus.backend, settings.gpus.virtual_count)
+        self.gpu_backend = gpus_mod.open_backend(settings.gpus.backend, settings.gpus.virtual_count,
+                                                 settings.bytes_of("gpus.virtual_memory"))
         self.gpu_info = self.gpu_backend.devices()
+        self.gpu_sampler = GpuSampler(self.gpu_info, WatchConfig.of(settings), ProcFs())
+        self._gpu_report: dict[str, Any] = {}
+        self._last_gpu_sample = -float("inf")
         self.gpu_mode = self._gpu_mode()
         self.queue = self._new_queue()
         self.halt = threading.Event()
@@ -73,7 +81,7 @@ class Supervisor:
 
     def _new_queue(self) -> PriorityQueueThread:
         q = PriorityQueueThread(
-            self.settings, self.store, self.runtime, [g.index for g in self.gpu_info],
+            self.settings, self.store, self.runtime, gpus_mod.as_devices(self.gpu_info),
             self.gpu_mode,
         )
         q.shares = self.users.shares()
@@ -213,42 +221,17 @@ class Supervisor:
             except Exception:  # noqa: BLE001
                 log.debug("sampling failed\n%s", traceback.format_exc())
 
-    def sample_once(self) -> None:
-        busy: set[int] = set()
-        samples = self.gpu_backend.sample()
-        our_pids: set[int] = set()
+    def sample_once(self, now: float | None = None) -> None:
+        """Container stats every call, the GPUs when ``sample_interval`` has passed."""
+        now = time.time() if now is None else now
         running = self.store.jobs([JobState.RUNNING])
-        for row in running:
-            if row["container"]:
-                st = self.runtime.status(row["container"])
-                if st is not None:
-                    our_pids.update(st.pids)
-        if self.gpu_backend.kind == "nvml":
-            busy |= gpus_mod.external_busy(samples, our_pids)
-        self.gpu_samples = {
-            s.index: {"utilization": s.utilization, "memory_used": s.memory_used,
-                      "memory_total": s.memory_total}
-            for s in samples
-        }
-        uuids = gpus_mod.uuid_index(self.gpu_info)
-        all_gpus = {g.index for g in self.gpu_info}
-        if self.gpu_backend.kind == "nvml":
-            # Containers DoPQ did not start that name real GPUs (virtual GPUs
-            # exist only inside this server, so nobody else can hold them).
-            try:
-                for env, ids in self.runtime.foreign_gpu_envs(self.store.owner_id()):
-                    seen = gpus_mod.visible_devices_in_env(env, uuids)
-                    busy |= all_gpus if seen is None else seen
-                    for ref in ids:
-                        got = gpus_mod.parse_visible(ref, uuids)
-                        busy |= all_gpus if got is None else got
-            except DopqError:
-                pass
-        self.queue.set_external(busy & all_gpus)
-        hour = int(time.time() // 3600)
+        if now - self._last_gpu_sample >= self.settings.gpus.sample_interval:
+            self._last_gpu_sample = now
+            self.sample_gpus(running, now)
+        hour = int(now // 3600)
         if hour != self._last_clean_hour:
             self._last_clean_hour = hour
-            self.queue.clean_images(time.time())
+            self.queue.clean_images(now)
         stats = {}
         for row in running:
             if row["container"]:
@@ -260,6 +243,64 @@ class Supervisor:
         if stats != self.stats:
             self.stats = stats
             self.stats_version += 1
+
+    def sample_gpus(self, running: list[Any], now: float) -> None:
+        """Map the GPUs' processes to jobs; tell the queue what is used from outside
+        DoPQ; carry out the GPU watch's warnings, idle marks and stops."""
+        samples = self.gpu_backend.sample()
+        jobs = []
+        for row in running:
+            st = self.runtime.status(row["container"]) if row["container"] else None
+            jobs.append(GpuJob(
+                row["id"], row["user"], tuple(row["gpus"]), int(row.get("gpu_memory") or 0),
+                st.id if st is not None else "", tuple(st.pids) if st is not None else ()))
+        self.gpu_samples = {
+            s.index: {"utilization": s.utilization, "memory_used": s.memory_used,
+                      "memory_total": s.memory_total}
+            for s in samples
+        }
+        found = self.gpu_sampler.observe(samples, jobs, now, self._foreign_containers())
+        self.queue.set_foreign(found.foreign)
+        report = {"jobs": found.jobs, "devices": found.devices}
+        if report != self._gpu_report:
+            self._gpu_report = report
+            self.stats_version += 1
+        for action in found.actions:
+            try:
+                if action.kind == Act.STOP:
+                    log.warning("job %s: stopping: %s", action.job_id, action.reason)
+                    self.queue.stop_for_gpu(action.job_id, action.reason)
+                else:
+                    log.warning("job %s: %s", action.job_id, action.reason)
+                    self.store.note_event(action.job_id, action.reason)
+            except DopqError:
+                log.debug("job %s: %s not carried out\n%s", action.job_id, action.kind,
+                          traceback.format_exc())
+
+    def _foreign_containers(self) -> set[int]:
+        """Real GPUs named by containers DoPQ did not start (virtual GPUs exist only
+        inside this server, so nobody else can hold them)."""
+        busy: set[int] = set()
+        if self.gpu_backend.kind != "nvml":
+            return busy
+        uuids = gpus_mod.uuid_index(self.gpu_info)
+        whole = {g.index for g in self.gpu_info} | set(gpus_mod.mig_children(self.gpu_info))
+        try:
+            for env, ids in self.runtime.foreign_gpu_envs(self.store.owner_id()):
+                seen = gpus_mod.visible_devices_in_env(env, uuids)
+                busy |= whole if seen is None else seen
+                for ref in ids:
+                    got = gpus_mod.parse_visible(ref, uuids)
+                    busy |= whole if got is None else got
+        except DopqError:
+            pass
+        return busy
+
+    def gpu_report(self) -> dict[str, Any]:
+        """The last GPU sample for the views: ``{"jobs": {job id: {"gpu_memory_used",
+        "gpu_utilisation", "idle_since"}}, "devices": [{"index", "uuid", "memory",
+        "used", "holders", "foreign"}]}`` (empty before the first sample)."""
+        return self._gpu_report
 
     def _supervise(self) -> None:
         """Restart the Provider process or the queue thread if either died."""
