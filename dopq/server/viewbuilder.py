@@ -9,8 +9,9 @@ a version built after its change (``wrote``).
 
 from __future__ import annotations
 
-import datetime as dt
 import time
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from dopq import __version__
@@ -25,18 +26,11 @@ from dopq.server.fetch import OutputFetches
 from dopq.server.store import JobRow, Store
 from dopq.server.supervisor import Supervisor
 from dopq.server.views import Version, ViewCache, finished_delta, full_queue, queue_delta
+from dopq.wire.views import iso
 
 VIEW_TTL = 0.5  # seconds a shared view may be old (writes through the API show at once)
 HISTORY_CACHED = 1000  # finished jobs kept in the shared views
 WAITING = ", ".join(f"'{s.value}'" for s in sorted(WAITING_STATES))
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
 
 
 def job_view(row: JobRow, now: float) -> dict[str, Any]:
@@ -48,6 +42,7 @@ def job_view(row: JobRow, now: float) -> dict[str, Any]:
         "user": row["user"],
         "state": row["state"],
         "num_gpus": row["num_gpus"],
+        "gpu_memory": row["gpu_memory"],
         "gpus": list(row["gpus"]),
         "exit_code": row["exit_code"],
         "error": row["error"] if row["state"] in ("failed", "cancelled") else None,
@@ -191,7 +186,8 @@ class ViewBuilder:
         entries = {e.id: e for e in decision.entries} if decision else {}
         rows = self.store.read(
             "SELECT id, name, user, state, num_gpus, submitted_at, time_limit, priority, nice,"
-            f" held, array_index, array_parent FROM jobs WHERE state IN ({WAITING})"
+            " held, array_index, array_parent, gpu_memory"
+            f" FROM jobs WHERE state IN ({WAITING})"
         )
         shown = self.estimates.update(decision, seq, [r[0] for r in rows if r[3] == "queued"])
         old = prev.queued if prev is not None else {}
@@ -203,6 +199,7 @@ class ViewBuilder:
             o = old.get(jid)
             row = {
                 "id": jid, "name": r[1], "user": r[2], "state": state, "num_gpus": r[4],
+                "gpu_memory": r[12],
                 "submitted_at": o["submitted_at"] if o and o["submitted_ts"] == ts else iso(ts),
                 "submitted_ts": ts, "time_limit": r[6], "priority": r[7], "nice": r[8],
                 "held": bool(r[9]), "array_index": r[10], "array_parent": r[11],
@@ -234,6 +231,7 @@ class ViewBuilder:
     def _running_view(self, running: list[JobRow]) -> list[dict[str, Any]]:
         now = time.time()
         stats, samples = self.workers.stats, self.workers.gpu_samples
+        per_job, _ = gpu_report(self.workers)
         out = []
         for row in running:
             v = job_view(row, now)
@@ -241,28 +239,17 @@ class ViewBuilder:
             v["cpu_percent"] = s.get("cpu")
             v["memory_bytes"] = s.get("memory")
             v["gpu_samples"] = [{"index": g, **samples.get(g, {})} for g in row["gpus"]]
+            v.update(job_gpu_use(row, per_job.get(row["id"]), samples))
             out.append(v)
         return out
 
     def _status(self, running: list[JobRow]) -> dict[str, Any]:
         now = time.time()
         w = self.workers
-        holders = {}
-        for row in running:
-            for g in row["gpus"]:
-                holders[g] = (row["id"], row["user"])
         queue = w.queue
         external = queue.pool.external() if queue.is_alive() else set()
-        gpus = []
-        for g in w.gpu_info:
-            job = holders.get(g.index)
-            gpus.append({
-                "index": g.index, "name": g.name, "uuid": g.uuid, "memory_total": g.memory_total,
-                "job": job[0] if job else None, "user": job[1] if job else None,
-                "external": g.index in external,
-                **{k: v for k, v in w.gpu_samples.get(g.index, {}).items()
-                   if k != "memory_total"},
-            })
+        _, reported = gpu_report(w)
+        gpus = device_rows(w.gpu_info, running, w.gpu_samples, reported, external)
         return {
             "name": self.settings.server_name,
             "version": __version__,
@@ -308,3 +295,105 @@ class ViewBuilder:
                 "penalty": round(mine.penalty, 4) if mine else None,
             })
         return out
+
+
+# -- GPU use: the sampler's report, read defensively -------------------------------------
+def gpu_report(workers: Any) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The sampler's last report: per running job, and per device index.
+
+    ``workers.gpu_report()`` (the supervisor's sampler) gives ``{"jobs": {id:
+    {...}}, "devices": [{...}]}`` or the pair; a supervisor without one, or one
+    that has not sampled yet, gives nothing, and the views fall back on what
+    the store and the plain GPU samples say.
+    """
+    report = getattr(workers, "gpu_report", None)
+    try:
+        got = report() if callable(report) else None
+    except Exception:  # noqa: BLE001 - a view must not fail for a sampler's mistake
+        got = None
+    if isinstance(got, Mapping):
+        jobs, devices = got.get("jobs"), got.get("devices")
+    elif isinstance(got, tuple | list) and len(got) == 2:
+        jobs, devices = got
+    else:
+        return {}, {}
+    if isinstance(devices, Mapping):
+        devices = list(devices.values())
+    return (
+        {int(k): dict(v) for k, v in (jobs or {}).items() if isinstance(v, Mapping)},
+        {int(d["index"]): dict(d) for d in devices or () if isinstance(d, Mapping)
+         and "index" in d},
+    )
+
+
+def job_gpu_use(row: JobRow, reported: Mapping[str, Any] | None,
+                samples: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """A running job's GPU memory in use, utilisation (percent) and idle mark.
+
+    Without the sampler's per-job figures a whole-GPU job is what its devices
+    show (they are its alone); a shared job's part of a device is not known.
+    """
+    if reported is not None:
+        return {"gpu_memory_used": reported.get("gpu_memory_used"),
+                "gpu_utilisation": reported.get("gpu_utilisation"),
+                "idle_since": iso(reported.get("idle_since"))}
+    used: int | None = None
+    util: float | None = None
+    if row["gpus"] and not row["gpu_memory"]:
+        mine = [samples.get(g, {}) for g in row["gpus"]]
+        mem = [m for m in (s.get("memory_used") for s in mine) if isinstance(m, int)]
+        pct = [p for p in (s.get("utilization") for s in mine) if isinstance(p, int | float)]
+        used = sum(mem) if len(mem) == len(mine) else None
+        util = round(sum(pct) / len(pct), 1) if len(pct) == len(mine) else None
+    return {"gpu_memory_used": used, "gpu_utilisation": util, "idle_since": None}
+
+
+def device_rows(infos: Iterable[Any], running: list[JobRow],
+                samples: Mapping[int, Mapping[str, Any]],
+                reported: Mapping[int, Mapping[str, Any]],
+                external: AbstractSet[int]) -> list[dict[str, Any]]:
+    """The status view's GPUs: each device, who holds how much of it, foreign processes.
+
+    ``holders`` lists the jobs on the device with the memory the sampler saw
+    them use (their declared share, or the whole device, until it has);
+    ``job``/``user`` name the first holder, as before sharing.
+    """
+    declared: dict[int, list[dict[str, Any]]] = {}
+    for row in running:
+        for g in row["gpus"]:
+            declared.setdefault(g, []).append(
+                {"job": row["id"], "user": row["user"], "memory": row["gpu_memory"] or None})
+    out = []
+    seen: set[int] = set()
+    for g in infos:
+        seen.add(g.index)
+        rep = reported.get(g.index, {})
+        sample = samples.get(g.index, {})
+        holders = rep.get("holders")
+        if holders is None:
+            holders = [{**h, "memory": h["memory"] or g.memory_total or None}
+                       for h in declared.get(g.index, [])]
+        first = holders[0] if holders else None
+        out.append({
+            "index": g.index, "name": g.name, "uuid": rep.get("uuid", g.uuid),
+            "memory_total": g.memory_total,
+            "job": first["job"] if first else None, "user": first["user"] if first else None,
+            "external": g.index in external or bool(rep.get("foreign")),
+            **{k: v for k, v in sample.items() if k != "memory_total"},
+            "memory": rep.get("memory", g.memory_total),
+            "used": rep.get("used", sample.get("memory_used")),
+            "holders": [dict(h) for h in holders],
+            "foreign": [dict(f) for f in rep.get("foreign") or ()],
+        })
+    for index in sorted(set(reported) - seen):  # a device the sampler knows of (a MIG slice)
+        rep = reported[index]
+        holders = [dict(h) for h in rep.get("holders") or ()]
+        out.append({
+            "index": index, "name": rep.get("name", ""), "uuid": rep.get("uuid", ""),
+            "memory_total": rep.get("memory"), "job": holders[0]["job"] if holders else None,
+            "user": holders[0]["user"] if holders else None,
+            "external": index in external or bool(rep.get("foreign")),
+            "memory": rep.get("memory"), "used": rep.get("used"), "holders": holders,
+            "foreign": [dict(f) for f in rep.get("foreign") or ()],
+        })
+    return out

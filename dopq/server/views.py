@@ -23,8 +23,9 @@ from typing import Any
 
 # The fields of a queued job in the snapshot (small: they cross the wire often).
 QUEUE_FIELDS = (
-    "id", "name", "user", "state", "num_gpus", "submitted_at", "submitted_ts", "time_limit",
-    "priority", "nice", "held", "array_index", "reason", "priority_value", "expected_start",
+    "id", "name", "user", "state", "num_gpus", "gpu_memory", "submitted_at", "submitted_ts",
+    "time_limit", "priority", "nice", "held", "array_index", "reason", "priority_value",
+    "expected_start",
 )
 
 

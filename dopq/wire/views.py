@@ -43,6 +43,7 @@ class JobView(TypedDict):
     user: str
     state: str  # a dopq.core.jobs.JobState value
     num_gpus: int
+    gpu_memory: int  # bytes on each of its GPUs, shared; 0: whole, exclusive GPUs
     gpus: list[int]
     exit_code: int | None
     error: str | None  # failed and cancelled jobs only
@@ -87,6 +88,9 @@ class RunningView(JobView):
     cpu_percent: float | None
     memory_bytes: int | None
     gpu_samples: list[GpuSample]
+    gpu_memory_used: int | None  # bytes the job's processes hold on its GPUs (None: unknown)
+    gpu_utilisation: float | None  # percent, over its GPUs
+    idle_since: str | None  # its GPUs idle since then (``[gpus] idle_after``): marked IDLE
 
 
 class QueuedRow(TypedDict):
@@ -97,6 +101,7 @@ class QueuedRow(TypedDict):
     user: str
     state: str
     num_gpus: int
+    gpu_memory: int  # bytes per GPU, shared; 0: whole GPUs
     submitted_at: str | None
     submitted_ts: float
     time_limit: float | None
@@ -117,16 +122,38 @@ class QueuedView(QueuedRow):
     wait_s: float
 
 
+class GpuHolder(TypedDict):
+    """A job on a device, with the memory it uses there (its declared share until sampled)."""
+
+    job: int
+    user: str
+    memory: int | None
+
+
+class ForeignProcess(TypedDict):
+    """A process on a GPU that no DoPQ job started."""
+
+    pid: int
+    user: str | None
+    memory: int | None
+
+
 class GpuView(TypedDict):
+    """One device (a GPU or a MIG slice) and who holds how much of it."""
+
     index: int
     name: str
     uuid: str
     memory_total: int | None
-    job: int | None  # the job that holds it
+    job: int | None  # the (first) job that holds it
     user: str | None
     external: bool  # busy with a process DoPQ did not start
     utilization: NotRequired[float | None]
     memory_used: NotRequired[int | None]
+    memory: int | None  # bytes
+    used: int | None  # bytes in use, by anyone
+    holders: list[GpuHolder]
+    foreign: list[ForeignProcess]
 
 
 class StatusView(TypedDict):
