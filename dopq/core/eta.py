@@ -29,6 +29,7 @@ Cost
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import heapq
 import time
@@ -157,7 +158,8 @@ def _simulate(
                 continue
             starts[jid] = t
             free.difference_update(gpus)
-            running[jid] = RunningJob(jid, q.user, q.num_gpus, gpus, t, q.time_limit)
+            running[jid] = RunningJob(jid, q.user, q.num_gpus, gpus, t, q.time_limit,
+                                      q.gpu_memory)
             run = runtimes.of(q.user, q.time_limit)
             end_of[jid] = None if run is None else t + run
             if run is not None:
@@ -175,7 +177,12 @@ def _simulate(
         t = nxt
         while heap and heap[0][0] <= t:
             _, jid = heapq.heappop(heap)
-            free.update(running.pop(jid).gpus)
+            gone = running.pop(jid)
+            if gone.gpu_memory:  # a shared device is free once its last job ends
+                busy = {g for r in running.values() for g in r.gpus} | state.external
+                free.update(g for g in gone.gpus if g not in busy)
+            else:
+                free.update(gone.gpus)
             finished[jid] = JobState.SUCCEEDED
         events += 1
         while head < len(order) and order[head] not in pending:
@@ -187,8 +194,9 @@ def _simulate(
             if q is not None:
                 jobs.append(q)
             i += 1
-        sub = ClusterState(jobs, list(running.values()), frozenset(free), state.usage,
-                           finished, state.history, state.total_gpus, factors)
+        sub = dataclasses.replace(state, queued=jobs, running=list(running.values()),
+                                  free_gpus=frozenset(free), finished_states=finished,
+                                  factors=factors)
         decision = decide(sub, t, cfg)
 
 
@@ -226,6 +234,10 @@ class _Words:
         return "~" + self.when(ts, self.now) if ts is not None else "an unknown time"
 
     def resources(self, q: QueuedJob) -> str:
+        if q.gpu_memory:
+            start = self.starts.get(q.id)
+            return (f"Resources: {_plural(q.num_gpus, 'GPU')} with {q.gpu_memory / 2**30:.3g} "
+                    f"GiB free each" + (f" until {self._at(start)}" if start is not None else ""))
         if q.num_gpus > self.capacity:
             return (f"Resources: needs {_plural(q.num_gpus, 'GPU')}, "
                     f"the machine has {self.capacity}")

@@ -12,7 +12,14 @@ A trace is JSON lines, one job each (blank lines and ``#`` comments skipped)::
     {"submit": 0, "user": "ana", "gpus": 1, "duration": 3600, "time_limit": 7200}
 
 ``submit``, ``duration`` and ``time_limit`` are seconds; ``priority`` is
-optional. Jobs are numbered from 1 in file order.
+optional; ``gpu_memory`` (bytes, or a size such as ``"10g"``) makes the job
+share devices by memory. Jobs are numbered from 1 in file order; the format
+is read by :mod:`dopq.core.traces`.
+
+Utilisation is by device (the share of device-time with any job on it) and,
+when a job declares memory, by memory too (declared bytes over the devices'
+memory; a whole-GPU job counts all of it): with ``--no-sharing`` the gap
+between the two is the memory small jobs leave idle on whole GPUs.
 """
 
 from __future__ import annotations
@@ -20,9 +27,8 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,33 +45,18 @@ from dopq.core.events import (
     StopContainer,
     Tick,
 )
+from dopq.core.forms import parse_size
 from dopq.core.jobs import FINAL_STATES, format_duration, parse_duration
 from dopq.core.policy import POLICIES, ClusterState, Decision, PolicyConfig, QueuedJob
 from dopq.core.scheduler import TIMEOUT, Scheduler, SchedulerConfig
+from dopq.core.traces import TRACE_HELP, TraceError, TraceJob, load_trace, parse_trace
 from dopq.core.usage import UsageLedger
 
-TRACE_KEYS = {"submit", "user", "gpus", "duration", "time_limit", "priority"}
+__all__ = ["JobRecord", "SimResult", "TraceError", "TraceJob", "UserResult", "VirtualRuntime",
+           "format_result", "load_trace", "main", "parse_trace", "simulate"]
 
-
-class TraceError(DopqError):
-    """A trace line is not a valid job; names the file and line."""
-
-    def __init__(self, where: str, line: int, problem: str) -> None:
-        super().__init__(f"{where}:{line}: {problem}")
-        self.where = where
-        self.line = line
-        self.problem = problem
-
-
-@dataclass(frozen=True)
-class TraceJob:
-    id: int
-    submit: float
-    user: str
-    gpus: int
-    duration: float
-    time_limit: float | None = None
-    priority: int = 0
+GPU_MEMORY = 80 << 30  # bytes of every simulated device unless told
+MEMORY_RESERVE = 1 << 30  # as the server's [gpus] memory_reserve
 
 
 @dataclass
@@ -80,6 +71,7 @@ class JobRecord:
     end: float | None
     killed: bool = False
     gpu_ids: tuple[int, ...] = ()
+    gpu_memory: int = 0
 
     @property
     def wait(self) -> float | None:
@@ -107,6 +99,12 @@ class SimResult:
     utilisation: float
     jain: float
     events: int
+    # Declared bytes held over device memory (a whole-GPU job counts all of
+    # its devices); None when no job of the trace declares memory (then it
+    # equals ``utilisation``).
+    memory_utilisation: float | None = None
+    gpu_memory: int = GPU_MEMORY
+    sharing: bool = True
 
     def to_dict(self, with_jobs: bool = False) -> dict[str, Any]:
         out = {
@@ -120,81 +118,12 @@ class SimResult:
             "unstarted": sum(1 for j in self.jobs if j.start is None),
             "users": [asdict(u) for u in self.users],
         }
+        if self.memory_utilisation is not None:
+            out.update(memory_utilisation=self.memory_utilisation, gpu_memory=self.gpu_memory,
+                       sharing=self.sharing)
         if with_jobs:
             out["jobs"] = [asdict(j) for j in self.jobs]
         return out
-
-
-# ------------------------------------------------------------------ traces
-
-
-def _number(job: dict[str, Any], key: str, positive: bool) -> float:
-    value = job[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{key}: expected a number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{key}: must be {'positive' if positive else 'at least 0'}")
-    return float(value)
-
-
-def _parse_job(text: str, job_id: int) -> TraceJob:
-    job = json.loads(text)
-    if not isinstance(job, dict):
-        raise ValueError("expected a JSON object")
-    unknown = sorted(set(job) - TRACE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}")
-    missing = sorted({"submit", "user", "gpus", "duration"} - set(job))
-    if missing:
-        raise ValueError(f"missing key {missing[0]!r}")
-    user = job["user"]
-    if not isinstance(user, str) or not user.strip():
-        raise ValueError("user: expected a non-empty string")
-    gpus = job["gpus"]
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
-        raise ValueError(f"gpus: expected a whole number >= 0, got {gpus!r}")
-    priority = job.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ValueError(f"priority: expected an integer, got {priority!r}")
-    limit = None
-    if job.get("time_limit") is not None:
-        limit = _number(job, "time_limit", positive=True)
-    return TraceJob(
-        id=job_id,
-        submit=_number(job, "submit", positive=False),
-        user=user.strip(),
-        gpus=gpus,
-        duration=_number(job, "duration", positive=True),
-        time_limit=limit,
-        priority=priority,
-    )
-
-
-def parse_trace(lines: Iterable[str], where: str = "<trace>") -> list[TraceJob]:
-    jobs: list[TraceJob] = []
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            jobs.append(_parse_job(text, len(jobs) + 1))
-        except json.JSONDecodeError as err:
-            raise TraceError(where, number, f"not JSON: {err.msg}") from None
-        except ValueError as err:
-            raise TraceError(where, number, str(err)) from None
-    return jobs
-
-
-def load_trace(path: str | Path) -> list[TraceJob]:
-    """Read a JSON-lines trace; a bad line raises :class:`TraceError` with its number."""
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            return parse_trace(f, str(path))
-    except OSError as err:
-        raise TraceError(str(path), 0, err.strerror or "cannot read") from None
-    except UnicodeDecodeError:
-        raise TraceError(str(path), 0, "not UTF-8 text") from None
 
 
 # -------------------------------------------------------------- simulation
@@ -243,6 +172,7 @@ class VirtualRuntime:
 def simulate(
     jobs: Sequence[TraceJob], gpus: int, cfg: PolicyConfig, *, check: bool = True,
     observe: Callable[[float, ClusterState, Decision], None] | None = None,
+    gpu_memory: int = GPU_MEMORY, sharing: bool = True, memory_reserve: int = MEMORY_RESERVE,
 ) -> SimResult:
     """Run ``jobs`` on ``gpus`` GPUs under ``cfg`` and report what each user got.
 
@@ -254,30 +184,46 @@ def simulate(
     are validated after every event. ``observe(now, state, decision)`` is
     called after every decision (``bench/bench_eta.py`` takes its start-time
     estimates there).
+
+    Every device has ``gpu_memory`` bytes; a job that declares memory shares
+    devices (less ``memory_reserve`` each), or, without ``sharing``, gets
+    whole GPUs like any other (to compare the two).
     """
     if gpus < 1:
         raise JobRejected("the simulated machine needs at least one GPU")
     for tj in jobs:
         if tj.gpus > gpus:
             raise JobRejected(f"job {tj.id} wants {tj.gpus} GPUs, the machine has {gpus}")
+        if sharing and tj.gpu_memory > gpu_memory - memory_reserve:
+            raise JobRejected(f"job {tj.id} wants {tj.gpu_memory} bytes of GPU memory, a "
+                              f"device has {gpu_memory} less a reserve of {memory_reserve}")
     trace = {tj.id: tj for tj in jobs}
     arrivals = sorted(jobs, key=lambda tj: (tj.submit, tj.id))
-    records = {tj.id: JobRecord(tj.id, tj.user, tj.gpus, tj.submit, None, None) for tj in jobs}
+    records = {tj.id: JobRecord(tj.id, tj.user, tj.gpus, tj.submit, None, None,
+                                gpu_memory=tj.gpu_memory) for tj in jobs}
     sched = Scheduler(SchedulerConfig(cfg, stop_grace=0.0, remember_finished=True),
-                      Capacity.single(range(gpus)), UsageLedger(cfg.half_life))
+                      Capacity.single(range(gpus), memory=gpu_memory), UsageLedger(cfg.half_life),
+                      memory_reserve=memory_reserve)
     runtime = VirtualRuntime()
     wakeup: float | None = None
     nxt = 0
     events = 0
-    busy = 0.0  # GPU-seconds
+    busy = 0.0  # device-seconds with a job on them
+    held_bytes = 0.0  # byte-seconds declared (all of a device for a whole-GPU job)
+    sharers: dict[int, int] = {}  # shared device -> its jobs
+    since: dict[int, float] = {}  # shared device -> busy since
 
     def carry_out(instructions: list[Instruction], now: float) -> None:
-        nonlocal busy
+        nonlocal busy, held_bytes
         for ins in instructions:
             if isinstance(ins, StartJob):
                 runtime.run(ins.job_id, now, trace[ins.job_id].duration)
                 rec = records[ins.job_id]
                 rec.start, rec.gpu_ids = now, ins.gpus
+                if sharing and rec.gpu_memory:
+                    for g in ins.gpus:
+                        sharers[g] = sharers.get(g, 0) + 1
+                        since.setdefault(g, now)
             elif isinstance(ins, StopContainer) and ins.job_id is not None:
                 runtime.stop(ins.job_id, now)
             elif isinstance(ins, CommitJob) and ins.state in FINAL_STATES:
@@ -285,7 +231,15 @@ def simulate(
                 if rec.start is not None:
                     rec.end = now
                     rec.killed = ins.fields.get("error") == TIMEOUT
-                    busy += rec.gpus * (now - rec.start)
+                    held_bytes += rec.gpus * (rec.gpu_memory or gpu_memory) * (now - rec.start)
+                    if not (sharing and rec.gpu_memory):
+                        busy += rec.gpus * (now - rec.start)
+                        continue
+                    for g in rec.gpu_ids:  # a shared device is busy while anyone is on it
+                        sharers[g] -= 1
+                        if not sharers[g]:
+                            del sharers[g]
+                            busy += now - since.pop(g)
 
     def report_exits(now: float) -> None:
         for ev in runtime.exits(now):
@@ -306,7 +260,8 @@ def simulate(
             tj = arrivals[nxt]
             nxt += 1
             sched.handle(JobQueued(QueuedJob(
-                tj.id, tj.user, tj.gpus, tj.submit, tj.time_limit, priority=tj.priority)), now)
+                tj.id, tj.user, tj.gpus, tj.submit, tj.time_limit, priority=tj.priority,
+                gpu_memory=tj.gpu_memory if sharing else 0)), now)
         carry_out(sched.handle(Tick(), now), now)
         decision = sched.last_decision
         if observe is not None and decision is not None and decision.inputs is not None:
@@ -317,8 +272,14 @@ def simulate(
         if check:
             sched.validate()
             pool = sched.pool
-            validate_gpus(pool.total, list(sched.running.values()), free=pool.free())
-    return _summarise(list(records.values()), gpus, cfg, busy, events)
+            if not pool.shared():  # (its one-holder-per-GPU check is for whole GPUs)
+                validate_gpus(pool.total, list(sched.running.values()), free=pool.free())
+    result = _summarise(list(records.values()), gpus, cfg, busy, events)
+    if any(tj.gpu_memory for tj in jobs):
+        span = result.makespan * gpus * gpu_memory
+        result.memory_utilisation = held_bytes / span if span > 0 else 0.0
+        result.gpu_memory, result.sharing = gpu_memory, sharing
+    return result
 
 
 def _summarise(
@@ -372,27 +333,19 @@ def format_result(result: SimResult, title: str = "") -> str:
             f"{format_duration(u.mean_wait):>10} {format_duration(u.worst_wait):>10}"
         )
     unstarted = sum(1 for j in result.jobs if j.start is None)
+    by_memory = ("" if result.memory_utilisation is None else
+                 f" (by memory {result.memory_utilisation:.1%} of {_gib(result.gpu_memory)}"
+                 f" each{', sharing' if result.sharing else ', no sharing'})")
     lines.append(
         f"makespan {format_duration(result.makespan)}, utilisation "
-        f"{result.utilisation:.1%}, Jain index {result.jain:.3f}"
+        f"{result.utilisation:.1%}{by_memory}, Jain index {result.jain:.3f}"
         + (f", {unstarted} never started" if unstarted else "")
     )
     return "\n".join(lines)
 
 
-TRACE_HELP = """\
-trace format: JSON lines, one job each; blank lines and # comments are skipped.
-  {"submit": 0, "user": "ana", "gpus": 1, "duration": 3600, "time_limit": 7200}
-  submit      seconds from the start of the trace when the job is submitted (required)
-  user        who submits it (required)
-  gpus        whole GPUs, 0 = CPU only (required)
-  duration    seconds it runs (required)
-  time_limit  seconds; a job running past it is killed at the limit (optional)
-  priority    an integer, as `dopq submit --priority` (optional, default 0)
-Jobs are numbered from 1 in file order.
-
-example: dopq simulate bench/traces/mixed_day.jsonl --gpus 8 --policy recency --json
-"""
+def _gib(n: int) -> str:
+    return f"{n / 2**30:g} GiB"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -415,13 +368,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy", choices=POLICIES, default="fairshare",
                         help="fairshare (default) or recency (DoPQ 1.0's ordering)")
     parser.add_argument("--half-life", default="7d", help="usage half-life, e.g. 7d or 86400")
+    parser.add_argument("--gpu-memory", default="80g",
+                        help="memory of every device, e.g. 80g (default 80g)")
+    parser.add_argument("--memory-reserve", default="1g",
+                        help="memory of each device no shared job gets (default 1g)")
+    parser.add_argument("--no-sharing", action="store_true",
+                        help="give jobs that declare gpu_memory whole GPUs (to compare)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(args_in)
     try:
         text = args.half_life
         half_life = parse_duration(float(text) if _is_number(text) else text, "--half-life")
         cfg = PolicyConfig(policy=args.policy, half_life=half_life).validate()
-        result = simulate(load_trace(args.trace), args.gpus, cfg)
+        result = simulate(load_trace(args.trace), args.gpus, cfg,
+                          gpu_memory=parse_size(args.gpu_memory, "--gpu-memory"),
+                          memory_reserve=parse_size(args.memory_reserve, "--memory-reserve"),
+                          sharing=not args.no_sharing)
     except DopqError as err:
         print(f"dopq simulate: {err}", file=sys.stderr)
         return 2
