@@ -19,9 +19,8 @@ from test_scheduler_driver import Clock, FakeEngine
 from dopq.core import settings as settings_mod
 from dopq.core.capacity import Device
 from dopq.core.jobs import JobState
-from dopq.server.containers import container_spec, device_ids
+from dopq.server.containers import device_ids
 from dopq.server.gpus import GIB, VirtualBackend, mig_index
-from dopq.server.outputs import OutputFolders
 from dopq.server.queue import PriorityQueueThread
 from dopq.server.runtime import ContainerSpec
 from dopq.server.store import Store
