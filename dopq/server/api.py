@@ -238,11 +238,11 @@ class Controller:
 
     @api_call
     def outputs_chunk(self, fetch_id: str, offset: int) -> bytes:
-        return self._p.fetches.chunk(self._who().name, str(fetch_id), int(offset))
+        return self._p.fetches.chunk(self._who(), str(fetch_id), int(offset))
 
     @api_call
     def outputs_end(self, fetch_id: str) -> dict[str, Any]:
-        self._p.fetches.end(self._who().name, str(fetch_id))
+        self._p.fetches.end(self._who(), str(fetch_id))
         return {"ended": str(fetch_id)}
 
     # -- commands ---------------------------------------------------------------------------

@@ -24,8 +24,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dopq.core.errors import Conflict, DopqError, Forbidden, LimitExceeded, NotFound
+from dopq.core.errors import Conflict, DopqError, LimitExceeded, NotFound
 from dopq.core.settings import Settings
+from dopq.server import authz
+from dopq.server.auth import Principal
 from dopq.server.hostfs import DIR_FLAGS, FILE_FLAGS, lstat_at
 from dopq.server.outputs import OutputFolders
 
@@ -177,18 +179,17 @@ class OutputFetches:
             self._open[fid] = fetch
         return fetch
 
-    def _get(self, asker: str, fetch_id: str) -> Fetch:
+    def _get(self, who: Principal, fetch_id: str) -> Fetch:
         with self._lock:
             f = self._open.get(str(fetch_id))
         if f is None:
             raise NotFound(f"no fetch {fetch_id} (finished or expired)")
-        if f.user != asker:
-            raise Forbidden("not your fetch")
+        authz.require(who, authz.Action.READ_FETCH, owner=f.user)
         f.last = time.time()
         return f
 
-    def chunk(self, asker: str, fetch_id: str, offset: int, length: int = CHUNK) -> bytes:
-        f = self._get(asker, fetch_id)
+    def chunk(self, who: Principal, fetch_id: str, offset: int, length: int = CHUNK) -> bytes:
+        f = self._get(who, fetch_id)
         offset, length = int(offset), max(1, min(int(length), CHUNK))
         if not 0 <= offset <= f.size:
             raise Conflict(f"offset {offset} is outside the {f.size} bytes of the zip")
@@ -196,8 +197,8 @@ class OutputFetches:
             fh.seek(offset)
             return fh.read(length)
 
-    def end(self, asker: str, fetch_id: str) -> None:
-        self._drop(self._get(asker, fetch_id))
+    def end(self, who: Principal, fetch_id: str) -> None:
+        self._drop(self._get(who, fetch_id))
 
     def _drop(self, f: Fetch) -> None:
         with self._lock:
