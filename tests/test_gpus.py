@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -540,3 +542,41 @@ def test_virtual_memory_processes_and_utilisation() -> None:
     assert s1.memory_used is None and s1.utilization is None
     with pytest.raises(IndexError):
         backend.set_utilisation(5, 1.0)
+
+
+def _nvml_check() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "nvml_check.py"
+    spec = importlib.util.spec_from_file_location("nvml_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nvml_check_script(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    gpus = [_gpu(uuid="GPU-whole", compute=[(os.getpid(), 3 * GIB)]),
+            _gpu(uuid="GPU-parent", mig=[_mig_slice("MIG-aaaa", 20, [(77, GIB)])])]
+    fake, _ = _fake_nvml(gpus)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    check = _nvml_check()
+    assert check.main([]) == 0
+    out = capsys.readouterr().out
+    assert "0: NVIDIA H100 80GB HBM3  GPU-whole" in out and "MIG off" in out
+    assert "1: NVIDIA H100 80GB HBM3  GPU-parent" in out and "MIG on" in out
+    assert "1032: MIG instance of GPU 1  MIG-aaaa  memory 20480 MiB" in out
+    assert f"pid {os.getpid()}  user " in out and "3072 MiB" in out
+    assert check.main(["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["uuid"] for d in data["devices"]] == ["GPU-whole", "MIG-aaaa"]
+    (proc,) = data["devices"][1]["processes"]
+    assert (proc["pid"], proc["memory"]) == (77, GIB) and proc["user"]
+
+
+def test_nvml_check_without_nvml(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert _nvml_check().main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NVML is not usable here" in err
