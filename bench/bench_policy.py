@@ -190,12 +190,36 @@ def trace_mixed_day(rng: random.Random) -> list[str]:
     return lines
 
 
+def trace_small_and_whole(rng: random.Random) -> list[str]:
+    lines = ["# a day on 8 GPUs of 80g: evaluation and debug jobs of 4-12g beside whole-GPU"
+             " trainings of 1-4 GPUs; compare `dopq simulate` with and without --no-sharing"]
+    users = {"ana": 1.0, "ben": 1.2, "chen": 0.8, "dara": 1.0, "eli": 0.6, "fay": 0.9}
+    names, rates = list(users), list(users.values())
+    t = 0.0
+    while t < DAY:
+        hour = (t / 3600) % 24
+        t += rng.expovariate((30 if 8 <= hour < 19 else 8) / 3600)
+        user = rng.choices(names, rates)[0]
+        if rng.random() < 0.04:  # a training: whole GPUs, hours
+            gpus = rng.choices((1, 2, 4), (50, 35, 15))[0]
+            duration = rng.uniform(2, 6) * 3600
+            lines.append(_line(t, user, gpus, duration,
+                               time_limit=round(duration * rng.uniform(1.1, 1.5))))
+        else:  # evaluation or debugging: a slice of one GPU, minutes
+            memory = rng.choice(("4g", "4g", "6g", "8g", "8g", "10g", "12g"))
+            duration = min(3 * 3600, rng.lognormvariate(6.6, 0.8))
+            limit = None if rng.random() < 0.1 else round(max(900, duration * rng.uniform(1.2, 3)))
+            lines.append(_line(t, user, 1, duration, time_limit=limit, gpu_memory=memory))
+    return lines
+
+
 def write_traces(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     makers = {
         "heavy_vs_light": trace_heavy_vs_light,
         "big_job_vs_stream": trace_big_job_vs_stream,
         "mixed_day": trace_mixed_day,
+        "small_and_whole": trace_small_and_whole,
     }
     for name, make in makers.items():
         path = directory / f"{name}.jsonl"

@@ -79,7 +79,7 @@ def test_oversized_job_is_refused():
 
 
 def test_shipped_traces():
-    for name in ("heavy_vs_light", "big_job_vs_stream", "mixed_day"):
+    for name in ("heavy_vs_light", "big_job_vs_stream", "mixed_day", "small_and_whole"):
         path = TRACES / f"{name}.jsonl"
         assert path.stat().st_size < 200_000
         result = simulate(load_trace(path), 4, CFG)
@@ -128,3 +128,62 @@ def test_bench_quick_runs():
     out = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True,
                          text=True, check=True, timeout=120).stdout
     assert out.splitlines()[0].split()[0] == "queued" and len(out.splitlines()) == 3
+
+
+# -- sharing devices by memory ------------------------------------------------------------
+G = 1 << 30
+
+
+@pytest.mark.parametrize(("value", "expected"), [(4 * G, 4 * G), ('"4g"', 4 * G),
+                                                  ('"512MiB"', 512 << 20)])
+def test_trace_gpu_memory_is_bytes_or_a_size(value, expected):
+    (job,) = parse_trace([f'{{"submit": 0, "user": "a", "gpus": 1, "duration": 5, '
+                          f'"gpu_memory": {value}}}'])
+    assert job.gpu_memory == expected
+
+
+@pytest.mark.parametrize(("extra", "problem"), [('"gpu_memory": "lots"', "gpu_memory"),
+                                                ('"gpu_memory": -1', "gpu_memory"),
+                                                ('"gpus": 0, "gpu_memory": "4g"', "gpus >= 1")])
+def test_bad_gpu_memory_names_its_line(extra, problem):
+    line = '{"submit": 0, "user": "a", "duration": 5, ' + extra + "}"
+    if '"gpus"' not in extra:
+        line = line.replace("{", '{"gpus": 1, ', 1)
+    with pytest.raises(TraceError, match=problem):
+        parse_trace([line])
+
+
+def test_three_4g_jobs_share_a_16g_device_unless_sharing_is_off():
+    jobs = [TraceJob(i, 0.0, "a", 1, 100.0, gpu_memory=4 * G) for i in (1, 2, 3, 4)]
+    shared = simulate(jobs, 1, CFG, gpu_memory=16 * G)
+    assert [j.start for j in shared.jobs] == [0.0, 0.0, 0.0, 100.0]
+    assert shared.makespan == 200.0 and shared.utilisation == pytest.approx(1.0)
+    assert shared.memory_utilisation == pytest.approx(4 * 4 * 100 / (16 * 200))
+    assert shared.users[0].gpu_hours == pytest.approx(4 * 0.25 * 100 / 3600)
+    whole = simulate(jobs, 1, CFG, gpu_memory=16 * G, sharing=False)
+    assert [j.start for j in whole.jobs] == [0.0, 100.0, 200.0, 300.0]
+    assert whole.memory_utilisation == pytest.approx(0.25) and whole.utilisation == 1.0
+
+
+def test_a_job_bigger_than_a_device_is_refused():
+    with pytest.raises(JobRejected, match="GPU memory"):
+        simulate([TraceJob(1, 0.0, "a", 1, 1.0, gpu_memory=80 * G)], 1, CFG)
+
+
+def test_small_and_whole_trace_with_and_without_sharing(capsys):
+    path = str(TRACES / "small_and_whole.jsonl")
+    assert main([path, "--gpus", "8", "--json"]) == 0
+    on = json.loads(capsys.readouterr().out)
+    assert main([path, "--gpus", "8", "--json", "--no-sharing"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert on["sharing"] is True and off["sharing"] is False and on["gpu_memory"] == 80 * G
+    assert on["unstarted"] == off["unstarted"] == 0
+    assert on["makespan"] < off["makespan"]
+    assert on["memory_utilisation"] > off["memory_utilisation"]
+    assert main([path, "--gpus", "8", "--gpu-memory", "40g"]) == 0
+    assert "by memory" in capsys.readouterr().out
+
+
+def test_whole_gpu_traces_report_no_memory_figures(capsys):
+    assert main([str(TRACES / "mixed_day.jsonl"), "--json"]) == 0
+    assert "memory_utilisation" not in json.loads(capsys.readouterr().out)

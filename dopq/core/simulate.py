@@ -274,7 +274,8 @@ def simulate(
             pool = sched.pool
             if not pool.shared():  # (its one-holder-per-GPU check is for whole GPUs)
                 validate_gpus(pool.total, list(sched.running.values()), free=pool.free())
-    result = _summarise(list(records.values()), gpus, cfg, busy, events)
+    result = _summarise(list(records.values()), gpus, cfg, busy, events,
+                        gpu_memory if sharing else 0)
     if any(tj.gpu_memory for tj in jobs):
         span = result.makespan * gpus * gpu_memory
         result.memory_utilisation = held_bytes / span if span > 0 else 0.0
@@ -283,8 +284,17 @@ def simulate(
 
 
 def _summarise(
-    records: list[JobRecord], gpus: int, cfg: PolicyConfig, busy: float, events: int
+    records: list[JobRecord], gpus: int, cfg: PolicyConfig, busy: float, events: int,
+    shared_memory: int = 0,
 ) -> SimResult:
+    """Per user and overall; ``shared_memory``: a job declaring memory received
+    that fraction of each device it shared (0: jobs ran on whole GPUs)."""
+
+    def gpus_of(r: JobRecord) -> float:
+        if shared_memory and r.gpu_memory:
+            return r.gpus * min(1.0, r.gpu_memory / shared_memory)
+        return r.gpus
+
     names: dict[str, str] = {}
     for rec in records:
         names.setdefault(rec.user.lower(), rec.user)
@@ -294,7 +304,7 @@ def _summarise(
     for key, name in sorted(names.items()):
         mine = [r for r in records if r.user.lower() == key]
         waits = [r.wait for r in mine if r.wait is not None]
-        received = sum(r.gpus * (r.end - r.start) for r in mine
+        received = sum(gpus_of(r) * (r.end - r.start) for r in mine
                        if r.start is not None and r.end is not None)
         users.append(
             UserResult(
