@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dopq import __version__
+from dopq.client import gpuview
 from dopq.core.console import cell as _cell
 from dopq.core.console import out_json as _out
 from dopq.core.console import wrapped as _wrapped
@@ -89,6 +90,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         elif key == "outputs" and job.get(key):  # in full: a path to copy
             print(f"{key:>13}: {printable(job[key])}\n{'':>15}(on the server host; "
                   f"elsewhere: dopq outputs {job['id']})")
+        elif key == "num_gpus":  # 2 whole GPUs, or 1x10G: a share of one (dopq.client.gpuview)
+            print(f"{key:>13}: {gpuview.gpu_request(job)} ({gpuview.gpu_request_tip(job)})")
+            if job.get("state") == "running" and "gpu_utilisation" in job:
+                print(f"{'gpu use':>13}: {gpuview.gpu_memory_used(job)} memory, "
+                      f"{gpuview.gpu_utilisation(job)}"
+                      + (f" since {job['idle_since']}" if job.get("idle_since") else ""))
         else:
             print(f"{key:>13}: {_cell(job.get(key))}")
     _show_estimate(job)

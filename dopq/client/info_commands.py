@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from dopq.client import gpuview
 from dopq.client.commands import Handler, _client
 from dopq.core import console
 from dopq.core.errors import DopqError
@@ -38,14 +39,18 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"GPUs: {s['gpu_backend']} ({s['gpu_mode']})")
     counts = s["counts"]
     print("jobs: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for g in s["gpus"]:
-        holder = f"job {g['job']} ({g['user']})" if g["job"] else (
-            "busy (outside DoPQ)" if g["external"] else "free")
-        rows.append({"index": g["index"], "name": g["name"], "holder": holder,
-                     "util": g.get("utilization")})
-    console.table(rows, [("index", "GPU"), ("name", "NAME"), ("holder", "HOLDER"),
-                         ("util", "UTIL%")])
+        # One line per job or foreign process on the device; the device's own
+        # columns on its first line only.
+        lines = list(gpuview.device_lines(g)) or ["free"]
+        util = g.get("utilization")
+        rows.append({"index": g["index"], "name": g["name"], "memory": gpuview.device_memory(g),
+                     "util": "-" if util is None else f"{util:.0f}", "holder": lines[0]})
+        rows += [{"index": "", "name": "", "memory": "", "util": "", "holder": line}
+                 for line in lines[1:]]
+    console.table(rows, [("index", "GPU"), ("name", "NAME"), ("memory", "MEMORY"),
+                         ("util", "UTIL%"), ("holder", "HELD BY")])
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dopq.client import gpuview
 from dopq.client.commands import _client
 from dopq.core.console import add_times as _add_times
 from dopq.core.console import out_json as _out
@@ -31,11 +32,12 @@ STATES = {
 }
 _REF = re.compile(r"(\d{1,12})(?:_(\d{1,9}))?")
 
+# "gpu_request": 2 whole GPUs, or 1x10G (a 10 GiB share of one); dopq.client.gpuview
 QUEUE_COLS = [("position", "POS"), ("id", "ID"), ("name", "NAME"), ("user", "USER"),
-              ("state", "STATE"), ("num_gpus", "GPUS"), ("priority_value", "PRIORITY"),
+              ("state", "STATE"), ("gpu_request", "GPUS"), ("priority_value", "PRIORITY"),
               ("wait", "WAITING"), ("start", "START"), ("reason", "REASON")]
-RUNNING_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("num_gpus", "GPUS"),
-                ("gpus", "ON GPUS"),
+RUNNING_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("gpu_request", "GPUS"),
+                ("gpus", "ON GPUS"), ("gpu_mem", "GPU MEM"), ("gpu_util", "GPU%"),
                 ("run", "RUNNING"), ("time_limit_h", "LIMIT"), ("container", "CONTAINER")]
 HISTORY_COLS = [("id", "ID"), ("name", "NAME"), ("user", "USER"), ("state", "STATE"),
                 ("exit_code", "EXIT"), ("run", "RAN"), ("finished_at", "FINISHED"),
@@ -104,7 +106,7 @@ def resolving(handler: Any) -> Any:
 # -- submitting -----------------------------------------------------------------------
 def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("user", "name", "memory", "time_limit", "shm_size", "array"):
+    for key in ("user", "name", "memory", "gpu_memory", "time_limit", "shm_size", "array"):
         v = getattr(args, key)
         if v is not None:
             opts[key] = v
@@ -154,7 +156,11 @@ def add_submit(add: Any) -> None:
     sp.add_argument("path")
     sp.add_argument("--user")
     sp.add_argument("--name")
-    sp.add_argument("--gpus", type=int)
+    sp.add_argument("--gpus", type=int, help="how many GPUs (container_config.json: num_gpus)")
+    sp.add_argument("--gpu-memory", dest="gpu_memory", metavar="SIZE",
+                    help="GPU memory on each GPU, e.g. 10g: the job shares its GPUs with "
+                         "other such jobs instead of holding them whole (container_config"
+                         ".json: gpu_memory; it may use no more than this)")
     sp.add_argument("--memory")
     sp.add_argument("--cpus", type=float)
     sp.add_argument("--shm-size", dest="shm_size")
@@ -195,11 +201,16 @@ def listing(method: str, cols: list[tuple[str, str]]) -> Any:
         rows = [r for r in rows if _wanted(r, user, args.state)]
         if method == "history":
             rows = rows[: args.limit]
-        for r in rows:
-            r["job"] = display_id(r)
         if args.json:
+            for r in rows:
+                r["job"] = display_id(r)
             _out(rows)
             return 0
+        for r in rows:
+            r["job"] = display_id(r)
+            r["gpu_request"] = gpuview.gpu_request(r)
+            r["gpu_mem"] = gpuview.gpu_memory_used(r)
+            r["gpu_util"] = gpuview.gpu_utilisation(r)
         shown = [("job" if k == "id" else k, h) for k, h in cols]
         if any(r.get("array_index") is not None for r in rows):
             at = [k for k, _ in shown].index("job") + 1

@@ -142,6 +142,9 @@ class ViewBuilder:
         # Start estimates kept for the record: the first made, the last while it waited.
         view["expected_start_first"] = iso(row.get("expected_start_first"))
         view["expected_start_last"] = iso(row.get("expected_start_last"))
+        if row["state"] == "running":
+            per_job, _ = gpu_report(self.workers)
+            view.update(job_gpu_use(row, per_job.get(row["id"]), self.workers.gpu_samples))
         return view
 
     def images(self, who: Principal) -> dict[str, Any]:
