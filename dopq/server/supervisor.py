@@ -54,6 +54,7 @@ class Supervisor:
         self.gpu_sampler = GpuSampler(self.gpu_info, WatchConfig.of(settings), ProcFs())
         self._gpu_report: dict[str, Any] = {}
         self._last_gpu_sample = -float("inf")
+        self._last_stats = -float("inf")
         self.gpu_mode = self._gpu_mode()
         self.queue = self._new_queue()
         self.halt = threading.Event()
@@ -213,8 +214,9 @@ class Supervisor:
                 log.warning("%s failed\n%s", what, traceback.format_exc())
 
     def _sample(self, sweep: Callable[[float], None]) -> None:
-        """GPUs used from outside, container stats, stale uploads (every 2 s)."""
-        while not self.halt.wait(SAMPLE_EVERY):
+        """The GPUs (every ``sample_interval``), container stats (every 2 s), stale uploads."""
+        every = min(SAMPLE_EVERY, self.settings.gpus.sample_interval)
+        while not self.halt.wait(every):
             try:
                 self.sample_once()
                 sweep(time.time())
@@ -222,12 +224,19 @@ class Supervisor:
                 log.debug("sampling failed\n%s", traceback.format_exc())
 
     def sample_once(self, now: float | None = None) -> None:
-        """Container stats every call, the GPUs when ``sample_interval`` has passed."""
+        """The GPUs when ``sample_interval`` has passed, the rest when ``SAMPLE_EVERY`` has."""
         now = time.time() if now is None else now
+        gpus_due = now - self._last_gpu_sample >= self.settings.gpus.sample_interval
+        rest_due = now - self._last_stats >= SAMPLE_EVERY
+        if not (gpus_due or rest_due):
+            return
         running = self.store.jobs([JobState.RUNNING])
-        if now - self._last_gpu_sample >= self.settings.gpus.sample_interval:
+        if gpus_due:
             self._last_gpu_sample = now
             self.sample_gpus(running, now)
+        if not rest_due:
+            return
+        self._last_stats = now
         hour = int(now // 3600)
         if hour != self._last_clean_hour:
             self._last_clean_hour = hour
