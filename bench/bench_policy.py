@@ -10,6 +10,7 @@ Scenarios, each with 8 GPUs, 200 users and the given number of queued jobs:
   entries   ``Decision.entries`` (every job's position, reason, factors)
   tick      the server's whole decision step: ``Scheduler.handle(Tick())`` on
             the full scenario (cluster state, usage snapshot, decide, books)
+  shared    backfill with 80g devices, most queued jobs sharing by memory
 Times are the median of several runs; memory is the tracemalloc peak of one
 call. Prints a table; writes a file only when given ``--json PATH``.
 
@@ -20,6 +21,7 @@ bench/traces/ (deterministic, seeded).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -70,6 +72,26 @@ def make_state(n: int, free: int, seed: int = 1, users: int = 200, gpus: int = 8
     )
 
 
+def make_shared_state(n: int, seed: int = 1, gpus: int = 8) -> ClusterState:
+    """``backfill`` with 80g devices: 3 in 5 queued jobs declare 4-16g on one
+    device, and two devices are shared by running jobs."""
+    rng = random.Random(seed)
+    base = make_state(n, free=2, seed=seed, gpus=gpus)
+    queued = [
+        dataclasses.replace(q, num_gpus=1, gpu_memory=rng.choice((4, 8, 12, 16)) << 30)
+        if rng.random() < 0.6 else q
+        for q in base.queued
+    ]
+    now = 30 * DAY
+    sharers = [RunningJob(n + 100 + i, f"user{i:03d}", 1, (gpus - 1 - i % 2,), now - 300.0,
+                          1800.0 * (i + 1), 20 << 30) for i in range(4)]
+    return dataclasses.replace(
+        base, queued=queued, running=[*base.running, *sharers],
+        free_gpus=base.free_gpus - {gpus - 1, gpus - 2},
+        memory={g: 80 << 30 for g in range(gpus)}, memory_reserve=1 << 30,
+    )
+
+
 def _time(fn: Callable[[], Any], reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -107,6 +129,7 @@ def run(sizes: list[int], reps: int) -> list[dict[str, float]]:
     now = 30 * DAY  # make_state's clock
     for n in sizes:
         full, backfill = make_state(n, free=0), make_state(n, free=2)
+        shared = make_shared_state(n)
         sched = make_scheduler(full, fair, now)
         r = max(3, reps if n <= 10_000 else reps // 5)
         rows.append(
@@ -119,6 +142,7 @@ def run(sizes: list[int], reps: int) -> list[dict[str, float]]:
                 "decide_kib": _peak_kib(lambda s=backfill: decide(s, now, fair)),
                 "entries_kib": _peak_kib(lambda s=full: decide(s, now, fair).entries),
                 "tick_ms": _time(lambda s=sched: s.handle(Tick({}, []), now), r),
+                "shared_ms": _time(lambda s=shared: decide(s, now, fair), r),
             }
         )
     return rows
@@ -127,14 +151,15 @@ def run(sizes: list[int], reps: int) -> list[dict[str, float]]:
 def format_rows(rows: list[dict[str, float]]) -> str:
     head = (
         f"{'queued':>8} {'full ms':>8} {'backfill ms':>11} {'recency ms':>10} "
-        f"{'entries ms':>10} {'decide KiB':>10} {'entries KiB':>11} {'tick ms':>8}"
+        f"{'entries ms':>10} {'decide KiB':>10} {'entries KiB':>11} {'tick ms':>8} "
+        f"{'shared ms':>9}"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['queued']:>8} {r['full_ms']:>8.2f} {r['backfill_ms']:>11.2f} "
             f"{r['recency_ms']:>10.2f} {r['entries_ms']:>10.1f} {r['decide_kib']:>10.0f} "
-            f"{r['entries_kib']:>11.0f} {r['tick_ms']:>8.2f}"
+            f"{r['entries_kib']:>11.0f} {r['tick_ms']:>8.2f} {r['shared_ms']:>9.2f}"
         )
     return "\n".join(lines)
 
