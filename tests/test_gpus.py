@@ -580,3 +580,14 @@ def test_nvml_check_without_nvml(monkeypatch: pytest.MonkeyPatch, capsys: Any) -
     assert _nvml_check().main([]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "NVML is not usable here" in err
+
+
+def test_nvml_older_process_listing_when_the_default_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, _ = _fake_nvml([_gpu(compute=FakeMismatch("no _v3 in this driver"))])
+    fake.nvmlDeviceGetComputeRunningProcesses_v2 = (  # type: ignore[attr-defined]
+        lambda handle: [types.SimpleNamespace(pid=5, usedGpuMemory=GIB)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    backend = NvmlBackend()
+    assert backend.sample()[0].memory_of() == {5: GIB}
+    backend.close()

@@ -182,13 +182,8 @@ class NvmlBackend:
             memory = self._try(nvml.nvmlDeviceGetMemoryInfo, handle)
             pids: set[int] = set()
             used: dict[int, int] = {}
-            for list_processes in (
-                nvml.nvmlDeviceGetComputeRunningProcesses,
-                getattr(nvml, "nvmlDeviceGetGraphicsRunningProcesses", None),
-            ):
-                if list_processes is None:
-                    continue
-                for proc in self._try(list_processes, handle) or ():
+            for kind in ("Compute", "Graphics"):
+                for proc in self._processes(kind, handle):
                     pid = int(proc.pid)
                     pids.add(pid)
                     # None where NVML has no figure (NVML_VALUE_NOT_AVAILABLE, or
@@ -207,6 +202,19 @@ class NvmlBackend:
                 )
             )
         return samples
+
+    def _processes(self, kind: str, handle: Any) -> list[Any]:
+        """``nvmlDevice<kind>RunningProcesses``: the bindings' default version, else
+        the older ones (bindings newer than the driver lack the default's symbol)."""
+        name = f"nvmlDeviceGet{kind}RunningProcesses"
+        for fn in (getattr(self._nvml, name + suffix, None) for suffix in ("", "_v2")):
+            if fn is None:
+                continue
+            try:
+                return list(fn(handle) or ())
+            except self._errors:
+                continue
+        return []
 
     def close(self) -> None:
         """Shut NVML down; safe to call twice."""
