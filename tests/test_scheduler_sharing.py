@@ -13,6 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dopq.core import events as ev
+from dopq.core import scheduler as sc
+from dopq.core.capacity import Capacity, Device, Node
+from dopq.core.eta import estimate
 from dopq.core.fairshare import PolicyConfig
 from dopq.core.jobs import JobState, WaitReason
 from dopq.core.policy import QueuedJob
@@ -179,3 +182,38 @@ def test_no_device_is_over_committed(steps: list[tuple[str, int, int, int]]) -> 
                     whole.add(g)
         assert all(v <= 15 * G for v in declared.values())
         assert not whole & declared.keys()
+
+
+def test_devices_with_memory_arrive_by_capacity_changed() -> None:
+    d = Driver(gpus=1)  # memory unknown: nobody shares
+    d.submit(1, "ana", 1, gpu_memory=4 * G)
+    assert d.started(d.tick()) == [] and reasons(d)[1] == WaitReason.RESOURCES
+    d.handle(ev.CapacityChanged(devices=[Device(0, "GPU-0", 16 * G), Device(1, "GPU-1", 16 * G)]))
+    d.submit(2, "ben", 1, gpu_memory=4 * G)
+    assert d.started(d.tick(1)) == [1, 2] and d.sched.pool.sharers(0) == {1: 4 * G, 2: 4 * G}
+
+
+def test_mig_slices_are_placed_like_any_device() -> None:
+    slices = [Device(1000 + s, f"MIG-{s}", 10 * G, parent=0) for s in range(2)]
+    sched = sc.Scheduler(sc.SchedulerConfig(), Capacity([Node("local", slices)]),
+                         memory_reserve=1 * G)
+    for job in (1, 2, 3):
+        sched.handle(ev.JobQueued(QueuedJob(job, "ana", 1, 0.0,
+                                            gpu_memory=0 if job == 1 else 4 * G)), 0.0)
+    starts = [i for i in sched.handle(ev.Tick(), 0.0) if isinstance(i, ev.StartJob)]
+    assert [(s.job_id, s.gpus) for s in starts] == [(1, (1000,)), (2, (1001,)), (3, (1001,))]
+    sched.validate()
+
+
+def test_estimates_count_shared_jobs() -> None:
+    d = Driver(gpus=1, memory=16 * G, reserve=1 * G)
+    d.submit(1, "ana", 1, gpu_memory=8 * G, time_limit=600.0)
+    d.submit(2, "ana", 1, gpu_memory=6 * G, time_limit=600.0)
+    d.tick()
+    d.submit(3, "ben", 1, gpu_memory=8 * G, time_limit=300.0)
+    d.submit(4, "cyd", 1, submitted=d.now + 1)  # whole: after job 3 drains the device
+    d.tick(60)
+    state = d.sched.cluster_state(d.now)
+    est = estimate(state, d.now, d.sched.policy_config(), when=lambda ts, now: f"{ts - now:.0f}")
+    assert est[3].start == pytest.approx(d.now + 540) and "8 GiB" in est[3].reason
+    assert est[4].start == pytest.approx(d.now + 840)

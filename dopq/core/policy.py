@@ -29,14 +29,17 @@ Starvation
     each head of the line starts within L (reservation below). Hence a job
     submitted behind k others waits at most ``max_age + (k+2)*L``.
 
-Placement (EASY backfill, whole GPUs)
+Placement (EASY backfill; :mod:`dopq.core.placement`)
     Walk the order. CPU-only jobs start at once (subject to per-user limits).
-    A GPU job starts on the lowest free indices if it fits. The first GPU job
-    that does not fit reserves the GPUs: its *shadow time* is when enough of
-    them free up, from the time limits of running jobs (a job without a limit
-    makes it infinite). A later GPU job may start only if it fits now, has a
-    time limit and ends by the shadow time, so it can never delay the reserved
-    job; behind an infinite shadow nothing backfills.
+    A whole-GPU job starts on the lowest free indices if it fits; a job that
+    declares ``gpu_memory`` shares devices with room for it (best fit, so
+    whole devices stay whole). The first GPU job that does not fit reserves
+    the GPUs: its *shadow time* is when enough of them drain for it, from the
+    time limits of running jobs (a job without a limit makes it infinite). A
+    later GPU job may start only if it fits now, has a time limit and ends by
+    the shadow time, so it can never delay the reserved job; behind an
+    infinite shadow nothing backfills. ``max_gpus_per_user`` counts a shared
+    job as its declared memory over the device's (as fair share charges it).
 
 ``policy="recency"`` is DoPQ 1.0's order: a user's penalty is the sum of
 ``exp(-i)`` over their entries in the finished-job history (newest first, i
