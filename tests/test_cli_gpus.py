@@ -87,10 +87,15 @@ def test_status_names_holders_and_foreign_processes(
         "gpus": [
             {"index": 0, "name": "A100", "uuid": "GPU-0", "memory_total": 16 * G, "job": 7,
              "user": "alice", "external": True, "utilization": 55.0, "memory": 16 * G,
-             "used": 9 * G, "holders": [{"job": 7, "user": "alice", "memory": 4 * G},
-                                        {"job": 9, "user": "bob", "memory": 3 * G}],
+             "used": 9 * G,
+             "holders": [{"job": 7, "user": "alice", "declared": 4 * G, "memory": 3 * G},
+                         {"job": 9, "user": "bob", "declared": 6 * G, "memory": None}],
              "foreign": [{"pid": 4242, "user": "carl", "memory": 2 * G}]},
-            {"index": 1, "name": "A100", "uuid": "GPU-1", "memory_total": 16 * G, "job": None,
+            {"index": 1, "name": "A100", "uuid": "GPU-1", "memory_total": 16 * G, "job": 5,
+             "user": "bob", "external": False, "utilization": 97.0, "memory": 16 * G,
+             "used": 12 * G, "foreign": [],
+             "holders": [{"job": 5, "user": "bob", "declared": 0, "memory": 12 * G}]},
+            {"index": 2, "name": "A100", "uuid": "GPU-2", "memory_total": 16 * G, "job": None,
              "user": None, "external": False, "utilization": None, "memory": 16 * G,
              "used": None, "holders": [], "foreign": []},
         ],
@@ -102,10 +107,12 @@ def test_status_names_holders_and_foreign_processes(
     lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("GPU"))
     assert lines[at].split() == ["GPU", "NAME", "MEMORY", "UTIL%", "HELD", "BY"]
-    assert lines[at + 1].split() == ["0", "A100", "9G/16G", "55", "job", "7", "alice", "4G"]
-    assert lines[at + 2].split() == ["job", "9", "bob", "3G"]
-    assert lines[at + 3].split() == ["pid", "4242", "carl", "2G", "(outside", "DoPQ)"]
-    assert lines[at + 4].split() == ["1", "A100", "?/16G", "-", "free"]
+    assert lines[at + 1].split() == ["0", "A100", "9G/16G", "55", "job", "7", "(alice)", "3G/4G"]
+    assert lines[at + 2].split() == ["job", "9", "(bob)", "?/6G"]
+    assert lines[at + 3].split() == ["pid", "4242", "(carl)", "2G", "outside", "DoPQ"]
+    assert lines[at + 4].split() == ["1", "A100", "12G/16G", "97", "job", "5", "(bob)",
+                                     "12G/whole"]
+    assert lines[at + 5].split() == ["2", "A100", "?/16G", "-", "free"]
 
 
 def test_submit_help_documents_gpu_memory(capsys: pytest.CaptureFixture[str]) -> None:

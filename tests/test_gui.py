@@ -409,3 +409,66 @@ def test_queued_model_has_no_widget_code() -> None:
 
     assert "QtWidgets" not in Path(models.__file__).read_text()
     assert QueuedModel.key_field == "id"
+
+
+# -- GPU sharing (issue #13) ----------------------------------------------------------------
+G = 2**30
+
+
+def shared_snapshot() -> dict[str, Any]:
+    """Two jobs sharing GPU 0 (one idle), a whole-GPU job on GPU 1 and a foreign process."""
+    snap = snapshot()
+    snap["running"] = [
+        job(1, "running", num_gpus=1, gpu_memory=4 * G, gpus=[0], run_s=60.0,
+            gpu_memory_used=3 * G, gpu_utilisation=41.0, idle_since=None),
+        job(4, "running", "bob", num_gpus=1, gpu_memory=6 * G, gpus=[0], run_s=2000.0,
+            gpu_memory_used=int(5.5 * G), gpu_utilisation=0.0,
+            idle_since="2024-05-01T10:30:00.000Z"),
+        job(5, "running", "bob", num_gpus=1, gpus=[1], run_s=100.0,
+            gpu_memory_used=12 * G, gpu_utilisation=97.0, idle_since=None),
+    ]
+    snap["queued"][0].update(gpu_memory=10 * G, num_gpus=2)
+    snap["system"]["gpus"] = [
+        {"index": 0, "name": "Virtual GPU", "uuid": "GPU-0", "memory_total": 16 * G,
+         "job": 1, "user": "alice", "external": True, "utilization": 41.0,
+         "memory_used": int(10.5 * G), "memory": 16 * G, "used": int(10.5 * G),
+         "holders": [{"job": 1, "user": "alice", "declared": 4 * G, "memory": 3 * G},
+                     {"job": 4, "user": "bob", "declared": 6 * G, "memory": int(5.5 * G)}],
+         "foreign": [{"pid": 4242, "user": "carl", "memory": 2 * G}]},
+        {"index": 1, "name": "Virtual GPU", "uuid": "GPU-1", "memory_total": 16 * G,
+         "job": 5, "user": "bob", "external": False, "utilization": 97.0,
+         "memory_used": 12 * G, "memory": 16 * G, "used": 12 * G,
+         "holders": [{"job": 5, "user": "bob", "declared": 0, "memory": 12 * G}],
+         "foreign": []},
+        {"index": 2, "name": "Virtual GPU", "uuid": "GPU-2", "memory_total": 16 * G,
+         "job": None, "user": None, "external": False, "utilization": None,
+         "memory_used": None, "memory": 16 * G, "used": None, "holders": [], "foreign": []},
+    ]
+    return snap
+
+
+def test_running_and_system_views_show_gpu_sharing(qtbot: Any, tmp_path: Path) -> None:
+    w = open_window(qtbot, FakeClient(shared_snapshot()), tmp_path)
+    running, queued, system = w.models["running"], w.models["queued"], w.models["system"]
+    assert running.keys() == [1, 4, 5]
+    assert [cell(running, r, "GPUs") for r in range(3)] == ["1x4G", "1x6G", "1"]
+    assert [cell(running, r, "GPU use") for r in range(3)] == ["41%", "0% IDLE", "97%"]
+    assert [cell(running, r, "GPU memory") for r in range(3)] == ["3G/4G", "5.5G/6G", "12G"]
+    assert cell(queued, 0, "GPUs") == "2x10G"
+    assert system.keys() == [0, 1, 2]
+    assert cell(system, 0, "Holder") == "job 1 (alice) 3G/4G; job 4 (bob) 5.5G/6G"
+    assert cell(system, 0, "Outside DoPQ") == "pid 4242 (carl) 2G"
+    assert cell(system, 1, "Holder") == "job 5 (bob) 12G/whole"
+    assert cell(system, 1, "Outside DoPQ") == "-"
+    assert cell(system, 2, "Holder") == "free"
+    assert cell(system, 0, "Memory") == "10.5G/16G"
+    assert cell(system, 2, "Memory") == "-"
+
+
+def test_screenshot_of_gpu_sharing(qtbot: Any, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window with shared GPUs (``DOPQ_SHOT_DIR`` keeps the picture for a look)."""
+    monkeypatch.setattr(gui_app, "Client", lambda *a: FakeClient(shared_snapshot()))
+    shot = Path(os.environ.get("DOPQ_SHOT_DIR") or tmp_path) / "gpu-sharing.png"
+    assert gui_app.main(_args(shot)) == 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -28,6 +28,7 @@ from PySide6.QtCore import QSettings, Qt  # noqa: E402
 from PySide6.QtGui import QColor  # noqa: E402
 from PySide6.QtWidgets import QMessageBox  # noqa: E402
 
+from dopq.client.gpuview import holding  # noqa: E402
 from dopq.client.gui import dialogs  # noqa: E402
 from dopq.client.gui.pipeline import Pipeline  # noqa: E402
 from dopq.client.gui.style import STYLES_DIR  # noqa: E402
@@ -160,8 +161,9 @@ def test_five_views_show_what_the_api_returns(world: World, qtbot: Any, tmp_path
 
     def holders_match() -> bool:
         gpus = run["root"].call("snapshot")["system"]["gpus"]
+        # A whole GPU's holder: "job 7 (alice) 0/whole" (what it uses of the whole device).
         return [cell(m["system"], g["index"], "Holder") for g in gpus] == [
-            f"job {g['job']} ({g['user']})" if g["job"] is not None
+            f"job {g['job']} ({g['user']}) {holding(g['holders'][0])}" if g["job"] is not None
             else "busy outside DoPQ" if g["external"] else "free" for g in gpus]
 
     qtbot.waitUntil(holders_match, timeout=5000)

@@ -24,7 +24,7 @@ def size_text(n: float | None) -> str:
             break
         size, unit = size / 1024, bigger
     if unit == "B":
-        return f"{size:.0f}B"
+        return f"{size:.0f}B" if size else "0"
     return f"{size:.0f}{unit}" if abs(size) >= 100 else f"{size:.3g}{unit}"
 
 
@@ -77,20 +77,46 @@ def device_memory(g: Row) -> str:
     return f"{size_text(used) if used is not None else '?'}/{size_text(total)}"
 
 
+def holding(h: Row) -> str:
+    """A job's hold on a device: ``3G/4G`` (in use of its share), ``12G/whole``;
+    ``?`` where its use was not sampled."""
+    used = h.get("memory")
+    declared = h.get("declared")
+    if "declared" not in h:  # a sampler's row: the memory in use only
+        return size_text(used) if used is not None else "?"
+    shown = "?" if used is None else size_text(used)
+    return f"{shown}/{size_text(declared) if declared else 'whole'}"
+
+
+def job_lines(g: Row) -> Iterator[str]:
+    """The jobs on a device with the GPU memory each holds: ``job 7 (alice) 3G/4G``."""
+    for h in g.get("holders") or ():
+        yield f"job {h.get('job')} ({h.get('user') or '?'}) {holding(h)}"
+    if not g.get("holders") and g.get("job") is not None:  # a server from before sharing
+        yield f"job {g['job']} ({g.get('user') or '?'})"
+
+
+def foreign_lines(g: Row) -> Iterator[str]:
+    """Processes on a device that no DoPQ job started: ``pid 4242 (carl) 2G``."""
+    for f in g.get("foreign") or ():
+        yield f"pid {f.get('pid')} ({f.get('user') or '?'}) {size_text(f.get('memory'))}"
+
+
 def device_lines(g: Row) -> Iterator[str]:
     """Who holds how much of a device: one line per job, then per foreign process."""
-    for h in g.get("holders") or ():
-        yield f"job {h.get('job')} {h.get('user') or '?'} {size_text(h.get('memory'))}"
-    for f in g.get("foreign") or ():
-        yield (f"pid {f.get('pid')} {f.get('user') or '?'} {size_text(f.get('memory'))}"
-               " (outside DoPQ)")
-    if not g.get("holders") and not g.get("foreign"):
-        if g.get("job") is not None:  # a server from before sharing
-            yield f"job {g['job']} {g.get('user') or '?'}"
-        elif g.get("external"):
-            yield "busy outside DoPQ"
+    yield from job_lines(g)
+    for line in foreign_lines(g):
+        yield line + " outside DoPQ"
+    if not g.get("holders") and g.get("job") is None and not g.get("foreign") \
+            and g.get("external"):
+        yield "busy outside DoPQ"
 
 
 def device_holders(g: Row) -> str:
-    """``device_lines`` in one cell (the GUI's System view)."""
-    return "; ".join(device_lines(g)) or "free"
+    """The jobs of ``job_lines`` in one cell (the GUI's System view), or what else it is."""
+    return "; ".join(job_lines(g)) or (
+        "busy outside DoPQ" if g.get("external") or g.get("foreign") else "free")
+
+
+def device_foreign(g: Row) -> str:
+    return "; ".join(foreign_lines(g)) or "-"

@@ -357,46 +357,37 @@ def device_rows(infos: Iterable[Any], running: list[JobRow],
                 external: AbstractSet[int]) -> list[dict[str, Any]]:
     """The status view's GPUs: each device, who holds how much of it, foreign processes.
 
-    ``holders`` lists the jobs on the device with the memory the sampler saw
-    them use (their declared share, or the whole device, until it has);
-    ``job``/``user`` name the first holder, as before sharing.
+    ``holders`` are the running jobs on the device (from the store, so never
+    a sample behind), each with ``declared`` (its share in bytes; 0: the whole
+    device) and ``memory`` (what the sampler saw it use there; None: not
+    sampled). ``job``/``user`` name the first holder, as before sharing.
     """
-    declared: dict[int, list[dict[str, Any]]] = {}
+    on: dict[int, list[dict[str, Any]]] = {}
     for row in running:
         for g in row["gpus"]:
-            declared.setdefault(g, []).append(
-                {"job": row["id"], "user": row["user"], "memory": row["gpu_memory"] or None})
+            on.setdefault(g, []).append({"job": row["id"], "user": row["user"],
+                                         "declared": row["gpu_memory"], "memory": None})
+    devices = [(g.index, g.name, g.uuid, g.memory_total) for g in infos]
+    known = {d[0] for d in devices}
+    devices += [(i, str(r.get("name") or ""), str(r.get("uuid") or ""), r.get("memory"))
+                for i, r in sorted(reported.items()) if i not in known]  # e.g. a MIG slice
     out = []
-    seen: set[int] = set()
-    for g in infos:
-        seen.add(g.index)
-        rep = reported.get(g.index, {})
-        sample = samples.get(g.index, {})
-        holders = rep.get("holders")
-        if holders is None:
-            holders = [{**h, "memory": h["memory"] or g.memory_total or None}
-                       for h in declared.get(g.index, [])]
+    for index, name, uuid, memory_total in devices:
+        rep = reported.get(index, {})
+        sample = samples.get(index, {})
+        used_by = {h.get("job"): h.get("memory") for h in rep.get("holders") or ()
+                   if isinstance(h, Mapping)}
+        holders = [{**h, "memory": used_by.get(h["job"])} for h in on.get(index, [])]
         first = holders[0] if holders else None
         out.append({
-            "index": g.index, "name": g.name, "uuid": rep.get("uuid", g.uuid),
-            "memory_total": g.memory_total,
+            "index": index, "name": name, "uuid": rep.get("uuid") or uuid,
+            "memory_total": memory_total,
             "job": first["job"] if first else None, "user": first["user"] if first else None,
-            "external": g.index in external or bool(rep.get("foreign")),
-            **{k: v for k, v in sample.items() if k != "memory_total"},
-            "memory": rep.get("memory", g.memory_total),
-            "used": rep.get("used", sample.get("memory_used")),
-            "holders": [dict(h) for h in holders],
-            "foreign": [dict(f) for f in rep.get("foreign") or ()],
-        })
-    for index in sorted(set(reported) - seen):  # a device the sampler knows of (a MIG slice)
-        rep = reported[index]
-        holders = [dict(h) for h in rep.get("holders") or ()]
-        out.append({
-            "index": index, "name": rep.get("name", ""), "uuid": rep.get("uuid", ""),
-            "memory_total": rep.get("memory"), "job": holders[0]["job"] if holders else None,
-            "user": holders[0]["user"] if holders else None,
             "external": index in external or bool(rep.get("foreign")),
-            "memory": rep.get("memory"), "used": rep.get("used"), "holders": holders,
-            "foreign": [dict(f) for f in rep.get("foreign") or ()],
+            **{k: v for k, v in sample.items() if k != "memory_total"},
+            "memory": rep.get("memory", memory_total),
+            "used": rep.get("used", sample.get("memory_used")),
+            "holders": holders,
+            "foreign": [dict(f) for f in rep.get("foreign") or () if isinstance(f, Mapping)],
         })
     return out

@@ -123,11 +123,12 @@ class QueuedView(QueuedRow):
 
 
 class GpuHolder(TypedDict):
-    """A job on a device, with the memory it uses there (its declared share until sampled)."""
+    """A job on a device: its declared share and the memory it was seen to use there."""
 
     job: int
     user: str
-    memory: int | None
+    declared: int  # bytes; 0: it holds the whole device
+    memory: int | None  # bytes in use by its processes; None: not sampled
 
 
 class ForeignProcess(TypedDict):

@@ -16,6 +16,7 @@ from typing import Any
 
 from PySide6.QtCore import Qt
 
+from dopq.client import gpuview
 from dopq.core.eta import start_text
 from dopq.core.jobs import format_duration
 from dopq.core.text import printable
@@ -60,8 +61,24 @@ def fmt_gpus(gpus: Sequence[int] | None) -> str:
     return ", ".join(str(g) for g in gpus) if gpus else "-"
 
 
-GPUS_TIP = "how many whole GPUs the job asked for (0: CPU only)"
+GPUS_TIP = ("how many GPUs the job asked for: 2 whole GPUs, or 1x10G: 10 GiB of memory on"
+            " 1 GPU it shares with other such jobs (0: CPU only)")
 ON_GPUS_TIP = "the indices of the GPUs the job runs (or ran) on"
+
+
+def job_gpu_util(r: Row) -> str:
+    """A running job's GPU use: the server's per-job figure (with IDLE when marked), or
+    each of its GPUs' utilisation from a server that has none."""
+    if "gpu_utilisation" in r or r.get("idle_since"):
+        return gpuview.gpu_utilisation(r)
+    return fmt_gpu_util(r.get("gpu_samples"))
+
+
+def job_gpu_memory(r: Row) -> str:
+    """A running job's GPU memory in use (of its share), or its GPUs' from an older server."""
+    if r.get("gpu_memory_used") is not None:
+        return gpuview.gpu_memory_used(r)
+    return fmt_gpu_memory(r.get("gpu_samples"))
 
 
 def fmt_gpu_util(samples: Sequence[Row] | None) -> str:
@@ -81,15 +98,19 @@ def fmt_gpu_memory(samples: Sequence[Row] | None) -> str:
 
 
 def gpu_holder(g: Row) -> str:
-    if g.get("job") is not None:
-        return f"job {g['job']} ({g.get('user') or '?'})"
-    return "busy outside DoPQ" if g.get("external") else "free"
+    """The jobs on the device and how much each holds (or busy outside DoPQ, or free)."""
+    return gpuview.device_holders(g)
 
 
 def gpu_state(g: Row) -> str:
-    if g.get("job") is not None:
+    if g.get("job") is not None or g.get("holders"):
         return "running"
-    return "busy" if g.get("external") else "free"
+    return "busy" if g.get("external") or g.get("foreign") else "free"
+
+
+def gpu_memory_text(g: Row) -> str:
+    """``10.5G/16G``: in use (by anyone) of the device's memory; ``-`` until sampled."""
+    return "-" if g.get("used", g.get("memory_used")) is None else gpuview.device_memory(g)
 
 
 def job_state(row: Row) -> str:
@@ -176,7 +197,7 @@ RUNNING_COLUMNS = (
     col("Job", "name"),
     col("User", "user"),
     Column("State", job_state, _state_text, coloured=True),
-    col("GPUs", "num_gpus", right=True, tip=GPUS_TIP),
+    col("GPUs", "num_gpus", gpuview.gpu_request, right=True, tip=GPUS_TIP),
     Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus")),
            tip=ON_GPUS_TIP),
     col("Running", "run_s", _dur("run_s"), right=True, searchable=False),
@@ -185,9 +206,12 @@ RUNNING_COLUMNS = (
         searchable=False),
     col("Memory", "memory_bytes", lambda r: fmt_bytes(r.get("memory_bytes")), right=True,
         searchable=False),
-    Column("GPU use", lambda r: fmt_gpu_util(r.get("gpu_samples")),
-           tip="utilisation per GPU (NVML)", searchable=False),
-    Column("GPU memory", lambda r: fmt_gpu_memory(r.get("gpu_samples")), searchable=False),
+    Column("GPU use", lambda r: r.get("gpu_utilisation"), job_gpu_util,
+           tip="the job's GPU utilisation (NVML); IDLE: at (near) 0% for [gpus] idle_after",
+           searchable=False),
+    Column("GPU memory", lambda r: r.get("gpu_memory_used"), job_gpu_memory,
+           tip="GPU memory the job's processes use, of its share when it declared one",
+           searchable=False),
     col("Started", "started_at", _time("started_at")),
 )
 
@@ -197,7 +221,7 @@ QUEUED_COLUMNS = (
     col("Job", "name"),
     col("User", "user"),
     Column("State", job_state, _state_text, coloured=True),
-    col("GPUs", "num_gpus", right=True, tip=GPUS_TIP),
+    col("GPUs", "num_gpus", gpuview.gpu_request, right=True, tip=GPUS_TIP),
     col("Priority", "priority_value", lambda r: fmt_number(r.get("priority_value"), 3),
         right=True, tip="the policy's priority (higher runs first)", searchable=False),
     col("Boost", "priority", right=True,
@@ -215,7 +239,7 @@ FINISHED_COLUMNS = (
     col("User", "user"),
     Column("Result", job_state, _result_text, coloured=True),
     col("Exit", "exit_code", right=True),
-    col("GPUs", "num_gpus", right=True, tip=GPUS_TIP),
+    col("GPUs", "num_gpus", gpuview.gpu_request, right=True, tip=GPUS_TIP),
     Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus")),
            tip=ON_GPUS_TIP),
     col("Ran", "run_s", _dur("run_s"), right=True),
@@ -243,11 +267,13 @@ USER_COLUMNS = (
 GPU_COLUMNS = (
     col("GPU", "index", right=True),
     col("Name", "name"),
-    Column("Holder", gpu_state, gpu_holder, coloured=True),
     col("Util", "utilization", lambda r: fmt_percent(r.get("utilization")), right=True),
-    Column("Memory", lambda r: r.get("memory_used"),
-           lambda r: fmt_bytes(r.get("memory_used")) + " / " + fmt_bytes(r.get("memory_total"))
-           if r.get("memory_used") is not None else "-", RIGHT),
+    Column("Memory", lambda r: r.get("used", r.get("memory_used")), gpu_memory_text, RIGHT,
+           tip="GPU memory in use (by anyone) of the device's total"),
+    Column("Holder", gpu_state, gpu_holder, coloured=True,
+           tip="the jobs on the device, with the GPU memory each holds"),
+    Column("Outside DoPQ", lambda r: len(r.get("foreign") or ()), gpuview.device_foreign,
+           tip="processes on the device that no DoPQ job started: pid, user, GPU memory"),
     col("UUID", "uuid"),
 )
 

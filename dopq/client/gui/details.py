@@ -34,9 +34,9 @@ from dopq.core.text import printable
 FINAL = ("succeeded", "failed", "cancelled")
 NONE = "—"
 TIMES = ("submitted_at", "started_at", "finished_at", "expected_start",
-         "expected_start_first", "expected_start_last")
+         "expected_start_first", "expected_start_last", "idle_since")
 DURATIONS = ("wait_s", "run_s", "time_limit")
-SIZES = ("memory", "shm_size")
+SIZES = ("memory", "shm_size", "gpu_memory", "gpu_memory_used")
 WRAP = 90  # characters per line of a long value (an error, a reason)
 
 
@@ -95,8 +95,11 @@ def human(key: str, value: Any) -> str:
 def job_fields(job: dict[str, Any]) -> dict[str, Any]:
     """The job with its resources from the spec (shown to its owner and admins)."""
     spec = job.get("spec") or {}
+    util = job.get("gpu_utilisation")
     return {**job, "memory": spec.get("memory"), "cpus": spec.get("cpus"),
-            "shm_size": spec.get("shm_size"), "command": spec.get("command")}
+            "shm_size": spec.get("shm_size"), "command": spec.get("command"),
+            "gpu_memory": job.get("gpu_memory") or None,  # 0: whole GPUs, shown as none
+            "gpu_utilisation": None if util is None else f"{float(util):.0f}%"}
 
 
 class JobDialog(QDialog):
@@ -104,7 +107,9 @@ class JobDialog(QDialog):
 
     FIELDS = (("id", "ID"), ("name", "Name"), ("user", "User"), ("state", "State"),
               ("exit_code", "Exit code"), ("error", "Error"), ("num_gpus", "GPUs"),
-              ("gpus", "On GPUs"), ("memory", "Memory"), ("cpus", "CPUs"),
+              ("gpu_memory", "GPU memory each"), ("gpus", "On GPUs"),
+              ("gpu_memory_used", "GPU memory used"), ("gpu_utilisation", "GPU use"),
+              ("idle_since", "GPUs idle since"), ("memory", "Memory"), ("cpus", "CPUs"),
               ("shm_size", "Shared memory"), ("priority", "Priority"), ("nice", "Nice"),
               ("held", "Held"), ("time_limit", "Time limit"), ("submitted_at", "Submitted"),
               ("started_at", "Started"), ("finished_at", "Finished"), ("wait_s", "Waited"),
