@@ -92,7 +92,7 @@ def test_idle_threshold_and_unreported_utilisation() -> None:
     assert observe(1, 0, JobSample(None, 5.0), state, 0.0, cfg) == []
     assert observe(1, 0, JobSample(None, None), state, 20.0, cfg) == []  # says nothing
     assert [a.reason for a in observe(1, 0, JobSample(None, 4.0), state, 20.0, cfg)] == [
-        "idle: GPUs at 4% for 20s"]
+        "idle: GPUs at 4% for 10s"]
     busy = JobWatch()
     assert observe(1, 0, JobSample(None, 5.1), busy, 0.0, cfg) == []
     assert observe(1, 0, JobSample(None, 5.1), busy, 60.0, cfg) == []
@@ -105,8 +105,8 @@ def test_idle_cancel_stops_the_job() -> None:
     idle = JobSample(None, 0.0)
     observe(3, 0, idle, state, 0.0, cfg)
     got = observe(3, 0, idle, state, 61.0, cfg)
-    assert got == [Action(Act.IDLE, 3, "idle: GPUs at 0% for 1m1s"),
-                   Action(Act.STOP, 3, "idle: GPUs at 0% for 1m1s")]
+    assert got == [Action(Act.IDLE, 3, "idle: GPUs at 0% for 1m"),
+                   Action(Act.STOP, 3, "idle: GPUs at 0% for 1m")]
     assert observe(3, 0, idle, state, 200.0, cfg) == []
 
 

@@ -110,8 +110,8 @@ def observe(job_id: int, declared: int, sample: JobSample, state: JobWatch, now:
         state.idle_since = now
     if not state.idle_marked and now - state.idle_since >= cfg.idle_after:
         state.idle_marked = True
-        reason = (f"{GPU_IDLE} {sample.utilisation:.0f}% for"
-                  f" {short_duration(now - state.idle_since)}")
+        # "for idle_after": it has been at least that long (samples come every few s)
+        reason = f"{GPU_IDLE} {sample.utilisation:.0f}% for {short_duration(cfg.idle_after)}"
         out.append(Action(Act.IDLE, job_id, reason))
         if cfg.idle_action == "cancel":
             state.stopped = True
