@@ -44,6 +44,12 @@ def test_three_shares_run_together_and_a_whole_gpu_job_waits_for_them(
                         60)
     assert {tuple(j["gpus"]) for j in together} == {(0,)}
     assert {j["gpu_memory"] for j in together} == {4 * GIB}
+    assert all({"gpu_memory_used", "gpu_utilisation", "idle_since"} <= set(j) for j in together)
+    device = server["alice"].call("status")["gpus"][0]
+    assert device["memory"] == 16 * GIB
+    assert sorted((h["job"], h["user"], h["declared"]) for h in device["holders"]) == [
+        (i, "alice", 4 * GIB) for i in sorted(ids)]
+    assert device["foreign"] == []
 
     # A whole-GPU job now: built and queued while the sharers still run, not started.
     whole = bob.submit(good_job(jobs_dir, "bob", "whole", 'echo "gpus=[$DOPQ_GPUS]"',
