@@ -120,3 +120,11 @@ def test_submit_help_documents_gpu_memory(capsys: pytest.CaptureFixture[str]) ->
         run_cli(capsys, "submit", "--help")
     out = " ".join(capsys.readouterr().out.split())
     assert "--gpu-memory SIZE" in out and "shares its GPUs with other such jobs" in out
+
+
+def test_show_line_of_a_running_job() -> None:
+    assert gpuview.gpu_use_line(job()) == "not sampled (yet)"
+    busy = job(gpu_memory=4 * G, gpu_memory_used=3 * G, gpu_utilisation=12.0)
+    assert gpuview.gpu_use_line(busy) == "3G/4G memory, 12%"
+    idle = job(gpu_memory_used=G, gpu_utilisation=0.0, idle_since="2026-01-01T10:00:00.000Z")
+    assert gpuview.gpu_use_line(idle) == "1G memory, 0% IDLE since 2026-01-01T10:00:00.000Z"

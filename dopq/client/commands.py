@@ -93,9 +93,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         elif key == "num_gpus":  # 2 whole GPUs, or 1x10G: a share of one (dopq.client.gpuview)
             print(f"{key:>13}: {gpuview.gpu_request(job)} ({gpuview.gpu_request_tip(job)})")
             if job.get("state") == "running" and "gpu_utilisation" in job:
-                print(f"{'gpu use':>13}: {gpuview.gpu_memory_used(job)} memory, "
-                      f"{gpuview.gpu_utilisation(job)}"
-                      + (f" since {job['idle_since']}" if job.get("idle_since") else ""))
+                print(f"{'gpu use':>13}: {gpuview.gpu_use_line(job)}")
         else:
             print(f"{key:>13}: {_cell(job.get(key))}")
     _show_estimate(job)

@@ -68,6 +68,15 @@ def gpu_utilisation(row: Row) -> str:
     return f"{text} IDLE" if row.get("idle_since") else text
 
 
+def gpu_use_line(row: Row) -> str:
+    """``dopq show``'s line for a running job: memory, utilisation, since when idle."""
+    if row.get("gpu_memory_used") is None and row.get("gpu_utilisation") is None \
+            and not row.get("idle_since"):
+        return "not sampled (yet)"
+    idle = f" since {row['idle_since']}" if row.get("idle_since") else ""
+    return f"{gpu_memory_used(row)} memory, {gpu_utilisation(row)}{idle}"
+
+
 def device_memory(g: Row) -> str:
     """``6G/16G``: a device's memory in use (by anyone) and its size."""
     total = g.get("memory", g.get("memory_total"))
