@@ -105,3 +105,84 @@ def test_delta_and_follower_rebuild_the_whole_queue() -> None:
     expected = full_queue(versions[max(versions)], 200.0)
     assert snap["queued"] == expected
     assert [q["position"] for q in snap["queued"]] == [1, 2, 3, 4, None]
+
+
+# -- GPU use in the views (issue #13): the sampler's report, read defensively --------------
+G = 2**30
+
+
+class _Info:
+    def __init__(self, index: int, memory: int = 16 * G) -> None:
+        self.index, self.name, self.uuid, self.memory_total = index, "GPU", f"GPU-{index}", memory
+
+
+class _Workers:
+    def __init__(self, report: Any) -> None:
+        self.report = report
+
+    def gpu_report(self) -> Any:
+        if isinstance(self.report, Exception):
+            raise self.report
+        return self.report
+
+
+def _running(jid: int, user: str, gpus: list[int], gpu_memory: int = 0) -> Any:
+    from dopq.server.schema import JobRow
+
+    return JobRow(id=jid, user=user, gpus=gpus, gpu_memory=gpu_memory)
+
+
+def test_gpu_report_is_read_defensively() -> None:
+    from dopq.server.viewbuilder import gpu_report
+
+    jobs = {"7": {"gpu_memory_used": G, "gpu_utilisation": 3.0, "idle_since": None}}
+    devices = [{"index": 0, "holders": [], "foreign": []}]
+    assert gpu_report(_Workers({"jobs": jobs, "devices": devices})) == (
+        {7: jobs["7"]}, {0: devices[0]})
+    assert gpu_report(_Workers((jobs, devices)))[0] == {7: jobs["7"]}
+    for nothing in ({}, None, RuntimeError("sampler broke"), "junk"):
+        assert gpu_report(_Workers(nothing)) == ({}, {})
+    assert gpu_report(object()) == ({}, {})  # a supervisor from before the sampler
+
+
+def test_job_gpu_use_from_the_report_or_a_whole_jobs_devices() -> None:
+    from dopq.server.viewbuilder import job_gpu_use
+
+    samples = {0: {"utilization": 50.0, "memory_used": 2 * G},
+               1: {"utilization": 70.0, "memory_used": 4 * G}}
+    whole = _running(1, "alice", [0, 1])
+    assert job_gpu_use(whole, None, samples) == {
+        "gpu_memory_used": 6 * G, "gpu_utilisation": 60.0, "idle_since": None}
+    shared = _running(2, "bob", [0], gpu_memory=4 * G)  # its part of GPU 0 is not known
+    assert job_gpu_use(shared, None, samples) == {
+        "gpu_memory_used": None, "gpu_utilisation": None, "idle_since": None}
+    got = job_gpu_use(shared, {"gpu_memory_used": G, "gpu_utilisation": 0.0,
+                               "idle_since": 0.0}, samples)
+    assert got == {"gpu_memory_used": G, "gpu_utilisation": 0.0,
+                   "idle_since": "1970-01-01T00:00:00.000Z"}
+
+
+def test_device_rows_name_holders_from_the_store_and_use_from_the_report() -> None:
+    from dopq.server.viewbuilder import device_rows
+
+    running = [_running(1, "alice", [0], 4 * G), _running(2, "bob", [0], 6 * G),
+               _running(3, "carl", [1])]
+    reported = {0: {"index": 0, "uuid": "GPU-0", "memory": 16 * G, "used": 9 * G,
+                    "holders": [{"job": 1, "user": "alice", "memory": 3 * G},
+                                {"job": 99, "user": "gone", "memory": G}],  # ended since
+                    "foreign": [{"pid": 42, "user": "dave", "memory": 2 * G}]},
+                1000: {"index": 1000, "uuid": "MIG-x", "memory": 5 * G, "used": 0,
+                       "holders": [], "foreign": []}}
+    rows = device_rows([_Info(0), _Info(1), _Info(2)], running, {}, reported, {2})
+    by = {r["index"]: r for r in rows}
+    assert sorted(by) == [0, 1, 2, 1000]
+    assert by[0]["holders"] == [
+        {"job": 1, "user": "alice", "declared": 4 * G, "memory": 3 * G},
+        {"job": 2, "user": "bob", "declared": 6 * G, "memory": None}]
+    assert by[0]["foreign"] == [{"pid": 42, "user": "dave", "memory": 2 * G}]
+    assert (by[0]["job"], by[0]["user"], by[0]["external"], by[0]["used"]) == (
+        1, "alice", True, 9 * G)
+    assert by[1]["holders"] == [{"job": 3, "user": "carl", "declared": 0, "memory": None}]
+    assert (by[1]["memory"], by[1]["used"], by[1]["external"]) == (16 * G, None, False)
+    assert (by[2]["job"], by[2]["holders"], by[2]["external"]) == (None, [], True)
+    assert (by[1000]["uuid"], by[1000]["memory"], by[1000]["holders"]) == ("MIG-x", 5 * G, [])
