@@ -472,3 +472,12 @@ def test_screenshot_of_gpu_sharing(qtbot: Any, tmp_path: Path,
     shot = Path(os.environ.get("DOPQ_SHOT_DIR") or tmp_path) / "gpu-sharing.png"
     assert gui_app.main(_args(shot)) == 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_submit_dialog_passes_gpu_memory(qtbot: Any) -> None:
+    box = dialogs.SubmitDialog()
+    qtbot.addWidget(box)
+    assert "gpu_memory" not in box.options()  # empty: whole GPUs, from the config
+    box.gpus.setValue(1)
+    box.gpu_memory.setText(" 10g ")
+    assert box.options() == {"gpus": 1, "gpu_memory": "10g"}

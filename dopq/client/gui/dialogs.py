@@ -201,6 +201,10 @@ class SubmitDialog(QDialog):
         self.gpus.setRange(-1, 64)
         self.gpus.setValue(-1)
         self.gpus.setSpecialValueText("from container_config.json")
+        self.gpu_memory = QLineEdit(self)
+        self.gpu_memory.setPlaceholderText("whole GPUs; e.g. 10g to share them")
+        self.gpu_memory.setToolTip("GPU memory on each GPU (container_config.json: gpu_memory):"
+                                   " the job shares its GPUs with other such jobs")
         self.memory = QLineEdit(self)
         self.memory.setPlaceholderText("e.g. 20g")
         self.time_limit = QLineEdit(self)
@@ -209,6 +213,7 @@ class SubmitDialog(QDialog):
         form.addRow("Job", pick)
         form.addRow("Name", self.name)
         form.addRow("GPUs", self.gpus)
+        form.addRow("GPU memory", self.gpu_memory)
         form.addRow("Memory", self.memory)
         form.addRow("Time limit", self.time_limit)
         self.box = QDialogButtonBox(
@@ -240,6 +245,8 @@ class SubmitDialog(QDialog):
             opts["name"] = self.name.text().strip()
         if self.gpus.value() >= 0:
             opts["gpus"] = self.gpus.value()
+        if self.gpu_memory.text().strip():
+            opts["gpu_memory"] = self.gpu_memory.text().strip()
         if self.memory.text().strip():
             opts["memory"] = self.memory.text().strip()
         if self.time_limit.text().strip():
