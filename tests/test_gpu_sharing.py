@@ -8,13 +8,14 @@ share is refused at submit. Also the store's migration of a DoPQ 1.0 database.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Running, wait_for
-from hostile import good_job
+from hostile import good_job, zip_it
 
 from dopq.core.errors import JobRejected
 from dopq.server.schema import MIGRATIONS, SCHEMA_VERSION
@@ -87,6 +88,24 @@ def test_more_memory_than_a_device_can_share_is_refused_at_submit(
     with pytest.raises(JobRejected, match="at most 15 GiB"):
         alice.submit(big, precheck=False)  # the archive, checked at the end of the upload
     assert alice.call("queue") == [] and alice.call("history") == []
+
+
+@pytest.mark.docker
+def test_an_inbox_job_asking_too_much_fails_with_the_reason(
+        server_factory: Any, jobs_dir: Path) -> None:
+    """The drop folder has no one to answer: the Provider's check fails the job."""
+    server = server_factory(gpus=SHARED)
+    folder = good_job(jobs_dir, "alice", "big-drop", num_gpus=1, config={"gpu_memory": "20g"})
+    inbox = server.settings.inbox_path / "alice"
+    inbox.mkdir(parents=True, exist_ok=True)
+    part = inbox / "big-drop.zip.part"
+    shutil.copy(zip_it(folder), part)
+    part.rename(inbox / "big-drop.zip")
+    alice = server["alice"]
+    job = wait_for(lambda: alice.call("history"), 60)[0]
+    assert job["state"] == "failed" and job["started_at"] is None
+    assert "gpu_memory 20 GiB is more than any GPU here can share" in job["error"]
+    assert "at most 15 GiB" in job["error"]
 
 
 def test_a_dopq_1_database_gains_gpu_memory_0(tmp_path: Path) -> None:
