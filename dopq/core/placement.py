@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from dopq.core.jobs import JobState, WaitReason
 from dopq.core.usage import gpu_fraction
+
+_memory = attrgetter("gpu_memory")  # map() over it: the check runs on every decide
 
 if TYPE_CHECKING:
     from dopq.core.fairshare import PolicyConfig
@@ -69,8 +72,7 @@ class Placer:
         self.shadow: float | None = None  # set once a job holds the reservation
         self.count: dict[str, int] = {}
         self.gpus: dict[str, float] = {}
-        self.sharing = (any(q.gpu_memory for q in state.queued)
-                        or any(r.gpu_memory for r in state.running))
+        self.sharing = any(map(_memory, state.queued)) or any(map(_memory, state.running))
         if self.sharing:
             held = len({g for r in state.running for g in r.gpus})
             self._init_sharing(state)

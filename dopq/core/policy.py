@@ -336,18 +336,28 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
         if placer.shadow is not None and placer.shadow < INF and placer.has_room():
             # The test of Placer.visit, loosened (free devices only shrink from here).
             shadow = placer.shadow
-            later = [
-                k for k in heap
-                if (q := rest[k[3]]).num_gpus == 0
-                or (q.time_limit is not None and now + q.time_limit <= shadow
-                    and placer.may_fit(q))
-            ]
+            if placer.sharing:
+                later = [
+                    k for k in heap
+                    if (q := rest[k[3]]).num_gpus == 0
+                    or (q.time_limit is not None and now + q.time_limit <= shadow
+                        and placer.may_fit(q))
+                ]
+            else:  # whole GPUs only: the same test inline, this walks the whole queue
+                free = len(placer.free)
+                later = [
+                    k for k in heap
+                    if (q := rest[k[3]]).num_gpus == 0
+                    or (q.num_gpus <= free and q.time_limit is not None
+                        and now + q.time_limit <= shadow)
+                ]
         else:
             later = [k for k in heap if rest[k[3]].num_gpus == 0]
         later.sort()
+        room = placer.has_room
         for k in later:
             q = rest[k[3]]
-            if q.num_gpus == 0 or placer.has_room():
+            if q.num_gpus == 0 or room():
                 placer.visit(q)
     decision = Decision(
         placer.starts,
