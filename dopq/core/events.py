@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dopq.core.capacity import Device
+from dopq.core.exits import PREEMPTED_PREFIX as PREEMPTED_PREFIX  # a preempted job's reason
 from dopq.core.jobs import JobState
 from dopq.core.policy import QueuedJob
 
@@ -215,6 +216,22 @@ class StopContainer:
 
 
 @dataclass(frozen=True)
+class PreemptJob:
+    """Preempt a running job for ``by_job``: send its stop signal, SIGKILL after ``grace``.
+
+    The job's stop reason (``reason``, starting :data:`PREEMPTED_PREFIX`) is
+    committed apart; when the container exits the scheduler requeues the job.
+    ``container`` None: the job's own name.
+    """
+
+    job_id: int
+    by_job: int
+    reason: str
+    grace: float
+    container: str | None
+
+
+@dataclass(frozen=True)
 class CommitJob:
     """Change a job in the store: to ``state`` (compare-and-set on ``expect``), or,
     with ``state`` None, only its ``fields``. ``then`` runs only if it was committed."""
@@ -271,8 +288,8 @@ class SaveUsage:
     """Persist the ledger's rows (``Scheduler.ledger.to_rows()``)."""
 
 
-Instruction = (StartJob | StopContainer | CommitJob | SealOutputs | CollectContainer
-               | RemoveContainer | Untag | RecheckContainer | SaveUsage)
+Instruction = (StartJob | StopContainer | PreemptJob | CommitJob | SealOutputs
+               | CollectContainer | RemoveContainer | Untag | RecheckContainer | SaveUsage)
 
 
 # ------------------------------------------------------------------ state
@@ -292,4 +309,7 @@ class Running:
     container: str | None = None
     error: str | None = None
     gpu_memory: int = 0  # bytes on each of ``gpus``, shared; 0: whole GPUs
+    preemptible: bool = False
+    restarts: int = 0  # times it was preempted before this run
+    priority: int = 0
     queued: QueuedJob | None = field(default=None, repr=False)  # as it was queued, if started here

@@ -18,6 +18,7 @@ from dopq.core.jobs import JobState
 
 SIGNAL_EXITS = (137, 143)  # SIGKILL, SIGTERM
 CANCELLED_PREFIX = "cancelled"
+PREEMPTED_PREFIX = "preempted"  # "preempted by job 17 of bob (...)": requeued, not ended
 TIMEOUT = "timeout"
 OUTPUT_LIMIT = "wrote more than limits.max_output"  # dopq.server.outputs starts its reason so
 OOM = "out of memory (killed at the memory limit)"

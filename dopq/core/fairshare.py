@@ -28,6 +28,7 @@ from typing import Any
 from dopq.core.errors import ConfigError
 
 POLICIES = ("fairshare", "recency")
+PREEMPTION = ("off", "fairshare")
 ACTIVE_FRACTION = 1e-6
 LIMIT_KEYS = ("max_gpus_per_user", "max_running_per_user", "max_queued_per_user")
 
@@ -47,6 +48,11 @@ class PolicyConfig:
     max_running_per_user: int = 0
     max_queued_per_user: int = 0
     shares: dict[str, float] = field(default_factory=dict)  # user -> weight (default 1)
+    preemption: str = "off"  # off | fairshare (dopq.core.preemption)
+    preemptible_default: bool = False  # a job that does not say is preemptible
+    min_runtime: float = 1800.0  # a job runs this long in one run before it may be preempted
+    preempt_grace: float = 120.0  # seconds between the stop signal and SIGKILL
+    max_preemptions: int = 3  # a job preempted this often is not preempted again
 
     def validate(self, prefix: str = "") -> PolicyConfig:
         """Check every value; ``prefix`` is put before the key in the error (``policy.``)."""
@@ -73,6 +79,19 @@ class PolicyConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(key, "must be a whole number >= 0 (0: no limit)")
+        if self.preemption not in PREEMPTION:
+            raise bad("preemption",
+                      f"must be one of {', '.join(PREEMPTION)} (got {self.preemption!r})")
+        if not isinstance(self.preemptible_default, bool):
+            raise bad("preemptible_default", "must be true or false")
+        for key in ("min_runtime", "preempt_grace"):
+            value = getattr(self, key)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value < 0):
+                raise bad(key, f"must be a finite number of seconds >= 0 (got {value!r})")
+        value = self.max_preemptions
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("max_preemptions", "must be a whole number >= 0 (0: never preempted)")
         for user, weight in self.shares.items():
             if not isinstance(user, str) or not user:
                 raise bad("shares", f"bad user name {user!r}")

@@ -94,6 +94,8 @@ class QueuedJob:
     after: tuple[int, ...] = ()  # all must succeed
     after_any: tuple[int, ...] = ()  # all must end, in any state
     gpu_memory: int = 0  # bytes on each device, shared; 0: whole, exclusive GPUs
+    preemptible: bool = False
+    restarts: int = 0  # times it was preempted so far
 
 
 @dataclass(frozen=True, slots=True)
