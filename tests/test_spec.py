@@ -303,3 +303,26 @@ def test_gpu_memory_options_alone_are_checked() -> None:
     assert check_overrides({"gpu_memory": "2g"}).gpu_memory == 2 * 2**30
     with pytest.raises(JobRejected, match="needs num_gpus"):
         check_overrides({"gpu_memory": "2g", "gpus": 0})
+
+
+# --- preemptible (issue #14): the job may be stopped and queued again ----------------
+
+
+def test_preemptible_is_a_bool_and_absent_means_the_server_default() -> None:
+    assert spec(ORIGINAL).preemptible is None  # the server's [policy] preemptible_default
+    assert spec({**ORIGINAL, "preemptible": True}).preemptible is True
+    assert spec({**ORIGINAL, "preemptible": False}).preemptible is False
+    assert spec({**ORIGINAL, "preemptible": None}).preemptible is None
+    assert spec(ORIGINAL, overrides={"preemptible": True}).preemptible is True
+    assert spec({**ORIGINAL, "preemptible": True},
+                overrides={"preemptible": False}).preemptible is False
+
+
+@pytest.mark.parametrize(("config", "overrides", "words"), [
+    ({"preemptible": "yes"}, None, "preemptible: expected true or false, got a string"),
+    ({"preemptible": 1}, None, "preemptible: expected true or false"),
+    ({}, {"preemptible": "1"}, "--preemptible: expected true or false"),
+])
+def test_bad_preemptible_is_one_clear_line(config: dict[str, Any],
+                                           overrides: dict[str, Any] | None, words: str) -> None:
+    assert words in reason({**ORIGINAL, **config}, overrides=overrides)

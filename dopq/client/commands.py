@@ -96,11 +96,30 @@ def cmd_show(args: argparse.Namespace) -> int:
                 print(f"{'gpu use':>13}: {gpuview.gpu_use_line(job)}")
         else:
             print(f"{key:>13}: {_cell(job.get(key))}")
+    _show_preemption(job)
     _show_estimate(job)
     print("       events:")
     for e in job.get("events", []):
         print(printable(f"  {e['at']}  {e['state']:<10} {e['detail']}"))
     return 0
+
+
+def _show_preemption(job: dict[str, Any]) -> None:
+    """Whether the job may be preempted, how often it was, by which job last and why
+    (the detail of its last ``preempted`` event, which names both users' shares)."""
+    restarts = int(job.get("restarts") or 0)
+    if not job.get("preemptible") and not restarts:
+        return
+    print(f"{'preemptible':>13}: {'yes' if job.get('preemptible') else 'no'}")
+    print(f"{'restarts':>13}: {restarts}")
+    if not restarts:
+        return
+    why = [e for e in job.get("events", []) if str(e.get("detail", "")).startswith("preempted")]
+    by = job.get("preempted_by")
+    line = f"by job {by}" if by is not None else "yes"
+    if why:
+        line += f" at {why[-1]['at']}: {why[-1]['detail']}"
+    print(_wrapped("preempted", printable(line)))
 
 
 def _show_estimate(job: dict[str, Any]) -> None:

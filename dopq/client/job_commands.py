@@ -116,6 +116,8 @@ def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["cpus"] = args.cpus
     if args.priority is not None:
         opts["priority"] = args.priority
+    if args.preemptible is not None:
+        opts["preemptible"] = args.preemptible
     if args.after:  # "12,13": read and checked by dopq.core.spec (a mistake is one line)
         opts["after"] = args.after
     if args.after_any:
@@ -166,6 +168,11 @@ def add_submit(add: Any) -> None:
     sp.add_argument("--shm-size", dest="shm_size")
     sp.add_argument("--time-limit", dest="time_limit")
     sp.add_argument("--priority", type=int)
+    sp.add_argument("--preemptible", action=argparse.BooleanOptionalAction, default=None,
+                    help="the job may be stopped (its stop signal, then a grace to save a "
+                         "checkpoint) and queued again for a user under their fair share; it "
+                         "reruns with the same /outdir and DOPQ_RESTART_COUNT (container_config"
+                         ".json: preemptible; default: the server's)")
     sp.add_argument("--after", help="start after these jobs succeeded (ID[,ID])")
     sp.add_argument("--after-any", dest="after_any", help="start after these jobs ended")
     sp.add_argument("--array", help="job array indices, e.g. 0-9")
@@ -215,12 +222,27 @@ def listing(method: str, cols: list[tuple[str, str]]) -> Any:
         if any(r.get("array_index") is not None for r in rows):
             at = [k for k, _ in shown].index("job") + 1
             shown.insert(at, ("array_index", "INDEX"))
+        if method != "history" and any(r.get("preemptible") or r.get("restarts")
+                                       for r in rows):
+            # Only where preemption is in play: a preemptible job's restarts ("0P": may
+            # be preempted, never was), a job that may not be preempted "-".
+            for r in rows:
+                r["restarts_cell"] = restarts_cell(r)
+            shown.insert([k for k, _ in shown].index("user") + 1, ("restarts_cell", "RESTARTS"))
         if args.all_servers:
             shown.insert(0, ("server", "SERVER"))
         _table(_add_times(rows), shown)
         return 0
 
     return handler
+
+
+def restarts_cell(row: dict[str, Any]) -> str:
+    """How often a job was preempted, with ``P`` when it may be again: ``1P``, ``0P``, ``-``."""
+    n = int(row.get("restarts") or 0)
+    if row.get("preemptible"):
+        return f"{n}P"
+    return str(n) if n else "-"
 
 
 def _wanted(row: dict[str, Any], user: str | None, state: str | None) -> bool:

@@ -55,6 +55,9 @@ class JobSpec:
     Sizes are bytes, durations seconds; ``None`` means "use the server default".
     ``gpu_memory`` (bytes per device) asks for a share of ``num_gpus`` devices
     instead of whole ones; ``None`` means whole, exclusive GPUs.
+    ``preemptible``: the job may be stopped (its stop signal, a grace) and queued
+    again for a user under their fair share; ``None`` is the server's
+    ``[policy] preemptible_default``.
     """
 
     name: str
@@ -74,6 +77,7 @@ class JobSpec:
     after: list[int] = field(default_factory=list)
     after_any: list[int] = field(default_factory=list)
     array: list[int] = field(default_factory=list)
+    preemptible: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -61,6 +61,7 @@ _CONFIG_KEYS = (
     "shm_size",
     "time_limit",
     "priority",
+    "preemptible",
 )
 # CLI flag name -> config key
 _OVERRIDE_KEYS = {
@@ -77,6 +78,7 @@ _OVERRIDE_KEYS = {
     "after": "after",
     "after_any": "after_any",
     "array": "array",
+    "preemptible": "preemptible",
 }
 
 
@@ -103,7 +105,7 @@ def parse_spec(
     spec = JobSpec(name=check_name(raw["name"], "name"), user=user)
 
     for key in ("required_memory", "num_gpus", "gpu_memory", "num_slots", "build_flag", "cpus",
-                "shm_size", "time_limit", "priority", "command"):
+                "shm_size", "time_limit", "priority", "command", "preemptible"):
         if key in raw:
             _FIELDS[key](spec, raw[key], key)
     # Environment: run_params.environment first, then env on top.
@@ -194,6 +196,12 @@ def _set_build_flag(spec: JobSpec, value: Any, what: str) -> None:
     spec.build_flag = value
 
 
+def _set_preemptible(spec: JobSpec, value: Any, what: str) -> None:
+    if not isinstance(value, bool):
+        raise JobRejected(f"{what}: expected true or false, got {kind(value)}")
+    spec.preemptible = value
+
+
 def _set_cpus(spec: JobSpec, value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise JobRejected(f"{what}: expected a number, got {kind(value)}")
@@ -263,6 +271,7 @@ _FIELDS: dict[str, _Setter] = {
     "time_limit": _set_time_limit,
     "priority": _set_priority,
     "command": _set_command,
+    "preemptible": _set_preemptible,
 }
 _OVERRIDES: dict[str, _Setter] = {
     **_FIELDS,

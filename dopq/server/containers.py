@@ -50,6 +50,8 @@ def container_spec(
     env["DOPQ_JOB_ID"] = str(row["id"])
     env["DOPQ_GPUS"] = ",".join(str(g) for g in gpus)
     env["DOPQ_USER"] = user
+    # 0 on the first run; after a preemption the job finds its /outdir as it left it
+    env["DOPQ_RESTART_COUNT"] = str(row.get("restarts") or 0)
     if row["array_index"] is not None:
         env["DOPQ_ARRAY_INDEX"] = str(row["array_index"])
         env["DOPQ_ARRAY_JOB_ID"] = str(row["array_parent"])

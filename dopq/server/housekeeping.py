@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from dopq.core.errors import DopqError
-from dopq.core.jobs import ACTIVE_STATES
+from dopq.core.jobs import ACTIVE_STATES, FINAL_STATES
 from dopq.core.settings import Settings
 from dopq.server import hostfs
 from dopq.server.images import cache_tag, job_tag, owner_tag_pattern
@@ -37,9 +37,13 @@ class Housekeeper:
         self._lock = threading.Lock()
         self._sealed: set[int] = set()  # jobs whose outputs were sealed since start
         self.collecting: set[int] = set()
+        self._idle = threading.Event()  # never set: a pause that is not a bare sleep
 
-    def run_log_path(self, job_id: int) -> Path:
-        return self.settings.state_path / "jobs" / str(job_id) / "run.log"
+    def run_log_path(self, job_id: int, run: int | None = None) -> Path:
+        """``run.log``: the job's last (or only) run; ``run.<n>.log``: its ``n``-th run,
+        kept when it was preempted (the next run writes ``run.log`` again)."""
+        name = "run.log" if run is None else f"run.{run}.log"
+        return self.settings.state_path / "jobs" / str(job_id) / name
 
     def seal(self, job_id: int, user: str) -> None:
         """Give a finished job's outputs to its user, made inert."""
@@ -59,15 +63,19 @@ class Housekeeper:
                 return
             self.collecting.add(job_id)
         try:
-            path = self.run_log_path(job_id)
+            row = self.store.job(job_id)
+            # Preempted and queued again (restarts counts this run): its log is
+            # kept apart, its outputs stay open for the next run to resume from.
+            preempted = row["state"] not in FINAL_STATES and row["restarts"] > 0
+            path = self.run_log_path(job_id, row["restarts"] if preempted else None)
             if not path.exists():
                 cap = self.settings.bytes_of("docker.log_max_bytes")
                 tmp = path.with_suffix(".tmp")
                 self.runtime.save_logs(cid, tmp, cap)
                 hostfs.private_file(tmp)
                 tmp.replace(path)
-            row = self.store.job(job_id)
-            self.seal(job_id, row["user"])  # again after a crash: before the container goes
+            if not preempted:  # again after a crash: before the container goes
+                self.seal(job_id, row["user"])
             if self.settings.docker.remove_containers:
                 self.runtime.remove(cid, owner=self.owner)
                 self.untag(job_id)
@@ -76,6 +84,26 @@ class Housekeeper:
         finally:
             with self._lock:
                 self.collecting.discard(job_id)
+
+    def clear_for_rerun(self, job_id: int, ref: str, restarts: int) -> None:
+        """Before a preempted job runs again: its last run's log saved (``run.<n>.log``)
+        and that container gone, whatever ``remove_containers`` says (the new one
+        takes its name). Waits for a worker already collecting it."""
+        while True:
+            with self._lock:
+                if job_id not in self.collecting:
+                    break
+            self._idle.wait(0.1)
+        st = self.runtime.status(ref)
+        if st is None or st.running:
+            return  # nothing left, or not ours to touch: the start reports the clash
+        path = self.run_log_path(job_id, restarts)
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            self.runtime.save_logs(st.id, tmp, self.settings.bytes_of("docker.log_max_bytes"))
+            hostfs.private_file(tmp)
+            tmp.replace(path)
+        self.runtime.remove(st.id, owner=self.owner)
 
     def remove(self, ref: str) -> None:
         self.runtime.remove(ref, owner=self.owner)

@@ -408,6 +408,8 @@ class Provider:
         fields: dict[str, Any] = dict(
             name=spec.name, spec=spec.to_dict(), num_gpus=spec.num_gpus,
             gpu_memory=spec.gpu_memory or 0,
+            preemptible=(self.settings.policy.preemptible_default if spec.preemptible is None
+                         else spec.preemptible),
             time_limit=spec.time_limit, priority=spec.priority, after=spec.after,
             after_any=spec.after_any, image=image, context_hash=context_hash,
             queued_at=time.time(),

@@ -36,31 +36,15 @@ from dopq.core.usage import UsageLedger
 from dopq.server import outputs
 from dopq.server.containers import container_name, container_spec
 from dopq.server.housekeeping import Housekeeper
+from dopq.server.jobrows import queued_job, running_job
 from dopq.server.runtime import ContainerRuntime, ContainerSpec
 from dopq.server.store import JobRow, Store
 
 log = logging.getLogger("dopq.server.queue")
+__all__ = ["PriorityQueueThread", "queued_job", "running_job"]  # where tests found them
 
 RECONCILE_EVERY = 3.0  # seconds between full comparisons with the engine
 FULL_REFRESH_EVERY = 60.0  # seconds between full reads of the queued jobs
-
-
-def queued_job(row: JobRow) -> policy_mod.QueuedJob:
-    return policy_mod.QueuedJob(
-        id=row["id"], user=row["user"], num_gpus=row["num_gpus"], gpu_memory=row["gpu_memory"],
-        submitted_at=row["submitted_at"], time_limit=row["time_limit"],
-        priority=row["priority"], nice=row["nice"], held=row["held"], top=row["top"],
-        after=tuple(row["after"]), after_any=tuple(row["after_any"]),
-    )
-
-
-def running_job(row: JobRow) -> ev.Running:
-    """A stored running job as the scheduler tracks it (with its stop reason)."""
-    return ev.Running(
-        id=row["id"], user=row["user"], num_gpus=row["num_gpus"], gpus=tuple(row["gpus"]),
-        gpu_memory=row["gpu_memory"], started_at=row["started_at"],
-        time_limit=row["time_limit"], container=row["container"], error=row["error"],
-    )
 
 
 class PriorityQueueThread(threading.Thread):
@@ -252,6 +236,8 @@ class PriorityQueueThread(threading.Thread):
                     ref = ins.ref or self.container_name(ins.job_id or 0)
                     log.debug("stopping %s: %s", ref, ins.reason)
                     self._workers.submit(self._stop_container, ref, ins.grace)
+                elif isinstance(ins, ev.PreemptJob):
+                    self._preempt(ins)
                 elif isinstance(ins, ev.SealOutputs):
                     self._workers.submit(self.house.seal, ins.job_id, ins.user)
                 elif isinstance(ins, ev.CollectContainer):
@@ -305,6 +291,8 @@ class PriorityQueueThread(threading.Thread):
         except Exception:  # the store failed: the job stays queued
             self._handle(ev.StartRefused(job_id, retry=True))
             raise
+        if row["restarts"]:  # preempted before: its last run's container takes this name
+            self.house.clear_for_rerun(job_id, self.container_name(job_id), row["restarts"])
         self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
         try:
             cid = self.runtime.run(self.container_spec(row, gpus))
@@ -322,6 +310,18 @@ class PriorityQueueThread(threading.Thread):
         log.debug("job %s started as %s", job_id, cid[:12])
         marker = self.store.job(job_id)["error"]  # a cancel during the create left its mark
         self._carry_out(self._handle(ev.ContainerStarted(job_id, name, marker)))
+
+    def _preempt(self, ins: ev.PreemptJob) -> None:
+        """Its stop signal now (the container's, from ``run_params.stop_signal``), SIGKILL
+        after the grace: ``docker stop`` does both. The exit requeues it (the scheduler)."""
+        try:
+            user = self.store.job(ins.job_id)["user"]
+        except DopqError:
+            user = "?"
+        self.store.audit("dopq", "preempt", f"job {ins.job_id} of {user}: {ins.reason}")
+        log.info("preempting job %s for job %s: %s", ins.job_id, ins.by_job, ins.reason)
+        self._workers.submit(self._stop_container,
+                             ins.container or self.container_name(ins.job_id), ins.grace)
 
     def _stop_container(self, ref: str, grace: float | None = None) -> None:
         try:

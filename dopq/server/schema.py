@@ -117,6 +117,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN gpu_memory INTEGER NOT NULL DEFAULT 0
     """,
+    # 7: preemption: may the job be preempted, how often it was, and by which job last
+    """
+    ALTER TABLE jobs ADD COLUMN preemptible INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN preempted_by INTEGER
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -138,6 +144,7 @@ JOB_COLUMNS = (
     "array_index", "array_parent", "context_hash", "image", "container", "exit_code",
     "error", "submitted_at", "queued_at", "started_at", "finished_at", "hidden",
     "submitted_by", "expected_start_first", "expected_start_last", "gpu_memory",
+    "preemptible", "restarts", "preempted_by",
 )
 
 
@@ -160,6 +167,7 @@ class JobRow(dict[str, Any]):
         d["after_any"] = ids_of(d["after_any"])
         d["held"] = bool(d["held"])
         d["hidden"] = bool(d["hidden"])
+        d["preemptible"] = bool(d["preemptible"])
         d["overrides"] = json.loads(d.get("overrides") or "{}")
         d["spec"] = json.loads(d["spec"]) if d.get("spec") else None
         return d
@@ -172,7 +180,7 @@ def encode(field: str, value: Any) -> Any:
         return None if value is None else json.dumps(value)
     if field == "held":  # 0, 1, or 2: held by an admin (dopq.server.authz.ADMIN_HOLD)
         return int(value)
-    if field == "hidden":
+    if field in ("hidden", "preemptible"):
         return int(bool(value))
     if isinstance(value, JobState):
         return value.value

@@ -32,7 +32,8 @@ RoomCheck = Callable[[sqlite3.Connection], None]  # reads in the transaction, ra
 WAITING = tuple(sorted(s.value for s in WAITING_STATES))
 # Columns the queue schedules by: changed only with an event row.
 SCHEDULED = frozenset({"state", "priority", "nice", "held", "top", "time_limit", "num_gpus",
-                       "gpu_memory", "after", "after_any", "array_index", "array_parent"})
+                       "gpu_memory", "after", "after_any", "array_index", "array_parent",
+                       "preemptible", "restarts"})
 
 
 class Store:

@@ -33,7 +33,7 @@ from dopq.server.store import Store
 MAX_CHUNK = 4 * 2**20
 OPTIONS = frozenset({
     "name", "gpus", "gpu_memory", "memory", "cpus", "time_limit", "shm_size",
-    "priority", "command", "env", "after", "after_any", "array",
+    "priority", "command", "env", "after", "after_any", "array", "preemptible",
 })
 
 

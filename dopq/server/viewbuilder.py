@@ -63,6 +63,9 @@ def job_view(row: JobRow, now: float) -> dict[str, Any]:
         "wait_s": round(((started or finished or now) - row["submitted_at"]), 3)
         if row["state"] != "cancelled" or started else None,
         "run_s": round((finished or now) - started, 3) if started else None,
+        "preemptible": row["preemptible"],
+        "restarts": row["restarts"],
+        "preempted_by": row["preempted_by"],
     }
 
 
@@ -189,7 +192,7 @@ class ViewBuilder:
         entries = {e.id: e for e in decision.entries} if decision else {}
         rows = self.store.read(
             "SELECT id, name, user, state, num_gpus, submitted_at, time_limit, priority, nice,"
-            " held, array_index, array_parent, gpu_memory"
+            " held, array_index, array_parent, gpu_memory, preemptible, restarts"
             f" FROM jobs WHERE state IN ({WAITING})"
         )
         shown = self.estimates.update(decision, seq, [r[0] for r in rows if r[3] == "queued"])
@@ -210,6 +213,7 @@ class ViewBuilder:
                 else ("Priority" if state == "queued" else "Building"),
                 "priority_value": round(e.priority, 1) if e else None,
                 "expected_start": eta[0] if eta else None,
+                "preemptible": bool(r[13]), "restarts": r[14],
             }
             queued[jid] = o if o == row else row  # unchanged rows stay the same object
         order = [e.id for e in decision.entries if e.id in queued] if decision else []

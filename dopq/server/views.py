@@ -25,7 +25,7 @@ from typing import Any
 QUEUE_FIELDS = (
     "id", "name", "user", "state", "num_gpus", "gpu_memory", "submitted_at", "submitted_ts",
     "time_limit", "priority", "nice", "held", "array_index", "reason", "priority_value",
-    "expected_start",
+    "expected_start", "preemptible", "restarts",
 )
 
 

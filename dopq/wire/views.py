@@ -63,6 +63,9 @@ class JobView(TypedDict):
     origin: str
     wait_s: float | None
     run_s: float | None
+    preemptible: NotRequired[bool]  # NotRequired: older servers leave the three out
+    restarts: NotRequired[int]  # times it was preempted and queued again
+    preempted_by: NotRequired[int | None]  # the job it was last preempted for
 
 
 class JobDetail(JobView):
@@ -113,6 +116,8 @@ class QueuedRow(TypedDict):
     reason: str  # why it waits
     priority_value: float | None  # the policy's priority
     expected_start: str | None
+    preemptible: NotRequired[bool]  # NotRequired: older servers leave both out
+    restarts: NotRequired[int]  # times it was preempted and queued again
 
 
 class QueuedView(QueuedRow):

@@ -192,6 +192,16 @@ def _result_text(r: Row) -> str:
     return s if code is None else f"{s} ({code})"
 
 
+RESTARTS_TIP = ("how often the job was preempted (stopped for a user under their fair share"
+                " and queued again); - : it may not be preempted")
+
+
+def restarts_text(r: Row) -> str:
+    """The job's restarts; ``-`` for a job that may not be preempted and never was."""
+    n = int(r.get("restarts") or 0)
+    return str(n) if n or r.get("preemptible") else "-"
+
+
 RUNNING_COLUMNS = (
     col("ID", "id", right=True),
     col("Job", "name"),
@@ -212,6 +222,7 @@ RUNNING_COLUMNS = (
     Column("GPU memory", lambda r: r.get("gpu_memory_used"), job_gpu_memory,
            tip="GPU memory the job's processes use, of its share when it declared one",
            searchable=False),
+    col("Restarts", "restarts", restarts_text, right=True, tip=RESTARTS_TIP),
     col("Started", "started_at", _time("started_at")),
 )
 
@@ -230,6 +241,7 @@ QUEUED_COLUMNS = (
     col("Waiting", "wait_s", _dur("wait_s"), right=True, searchable=False),
     Column("Start", field("expected_start"), _start, tip=START_TIP, searchable=False),
     col("Reason", "reason", tip="why it waits (hover a row for all of it)"),
+    col("Restarts", "restarts", restarts_text, right=True, tip=RESTARTS_TIP),
     col("Submitted", "submitted_at", _time("submitted_at")),
 )
 
