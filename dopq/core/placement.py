@@ -70,6 +70,7 @@ class Placer:
         self.started: list[QueuedJob] = []
         self.starts: list[tuple[int, tuple[int, ...]]] = []
         self.shadow: float | None = None  # set once a job holds the reservation
+        self.head: QueuedJob | None = None  # the job that holds it
         self.count: dict[str, int] = {}
         self.gpus: dict[str, float] = {}
         self.sharing = any(map(_memory, state.queued)) or any(map(_memory, state.running))
@@ -173,6 +174,7 @@ class Placer:
             if fits:
                 return self._start(q, pick)
             self.shadow = self._shadow_time(q)
+            self.head = q
             return WaitReason.RESOURCES
         if (fits and q.time_limit is not None and self.shadow < INF
                 and self.now + q.time_limit <= self.shadow):

@@ -60,11 +60,15 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 from dopq.core.capacity import validate_gpus
 from dopq.core.fairshare import POLICIES, PolicyConfig, fairshare_factors
 from dopq.core.jobs import JobState, WaitReason
 from dopq.core.placement import INF, Placer, dependency_failure
+
+if TYPE_CHECKING:
+    from dopq.core.preemption import Plan
 
 # PolicyConfig and the fair-share factor are defined in dopq.core.fairshare.
 __all__ = [
@@ -107,6 +111,11 @@ class RunningJob:
     started_at: float
     time_limit: float | None = None
     gpu_memory: int = 0  # bytes on each of ``gpus``, shared; 0: whole GPUs
+    # What preemption (dopq.core.preemption) looks at; the placement ignores them.
+    preemptible: bool = False
+    restarts: int = 0
+    priority: int = 0
+    stopping: bool = False  # being stopped already (its devices are on their way)
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,10 @@ class Decision:
         self._entries: list[QueueEntry] | None = None
         # What it was decided from, for dopq.core.eta to run the policy forward.
         self.inputs: tuple[ClusterState, float, PolicyConfig] | None = None
+        # Preemption (``preemption = "fairshare"``): (victim, for job) to stop now, and
+        # the plan of the head job that will preempt (now, or later), for the explanation.
+        self.preempt: list[tuple[int, int]] = []
+        self.plan: Plan | None = None
 
     @property
     def entries(self) -> list[QueueEntry]:
@@ -368,7 +381,31 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
         lambda: explain(state, now, cfg),
     )
     decision.inputs = (state, now, cfg)
+    if cfg.preemption != "off" and placer.head is not None:
+        _preempt(decision, state, now, cfg, placer, scorer)
     return decision
+
+
+def _preempt(decision: Decision, state: ClusterState, now: float, cfg: PolicyConfig,
+             placer: Placer, scorer: _Scorer) -> None:
+    """Whom the head job preempts, now or later (then the decision wakes up for it)."""
+    # Imported here: dopq.core.preemption builds the scheduler's instructions
+    # (dopq.core.events), which import this module.
+    from dopq.core.preemption import plan
+
+    assert placer.head is not None
+    factors = scorer.F if scorer.fairshare else fairshare_factors(
+        state.usage, {u.lower() for u in map(_user, [*state.queued, *state.running])},
+        cfg.shares)
+    started = list(zip(placer.started, [g for _, g in placer.starts], strict=True))
+    p = plan(state, now, cfg, placer.head, started, factors)
+    decision.plan = p
+    if p is None:
+        return
+    if p.at <= now:
+        decision.preempt = [(v, p.job) for v in p.victims]
+    elif decision.next_wakeup is None or p.at < decision.next_wakeup:
+        decision.next_wakeup = p.at
 
 
 def explain(state: ClusterState, now: float, cfg: PolicyConfig) -> list[QueueEntry]:

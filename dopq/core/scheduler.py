@@ -31,46 +31,16 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dopq.core import events as E  # short: the handlers name their event ``ev``
 from dopq.core import policy as policy_mod
+from dopq.core import preemption
 from dopq.core.capacity import Capacity, Device, GpuPool
 from dopq.core.errors import Conflict
-from dopq.core.events import (
-    CancelRequested,
-    CapacityChanged,
-    CollectContainer,
-    CommitJob,
-    ContainerExited,
-    ContainerMissing,
-    ContainerNeverStarted,
-    ContainerStarted,
-    DeadlinesDue,
-    EngineDown,
-    EngineUp,
-    Event,
-    Instruction,
-    JobAdopted,
-    JobLeftQueue,
-    JobQueued,
-    OutputLimitReached,
-    QueueLoaded,
-    RecheckContainer,
-    RemoveContainer,
-    Running,
-    SaveUsage,
-    SealOutputs,
-    StartFailed,
-    StartJob,
-    StartRefused,
-    StopContainer,
-    StrayContainer,
-    Tick,
-    Untag,
-    UsageReset,
-)
 from dopq.core.exits import (  # noqa: F401 (TIMEOUT, OOM, OUTPUT_LIMIT: the scheduler's words)
     CANCELLED_PREFIX,
     OOM,
     OUTPUT_LIMIT,
+    PREEMPTED_PREFIX,
     SIGNAL_EXITS,
     TIMEOUT,
     classify,
@@ -110,7 +80,7 @@ class Scheduler:
         self.ledger = ledger if ledger is not None else UsageLedger(config.policy.half_life)
         self.shares: dict[str, float] | None = None  # over the policy's own, when set
         self.queued: dict[int, policy_mod.QueuedJob] = {}
-        self.running: dict[int, Running] = {}
+        self.running: dict[int, E.Running] = {}
         self.stopping: dict[int, float] = {}  # job -> when its stop was asked
         self.deferred: list[tuple[float, int, str]] = []  # (due, job, container)
         self.external: frozenset[int] = frozenset()
@@ -131,61 +101,61 @@ class Scheduler:
         return self.capacity.default.pool
 
     # -- the one entry point ------------------------------------------------------
-    def handle(self, event: Event, now: float) -> list[Instruction]:
+    def handle(self, event: E.Event, now: float) -> list[E.Instruction]:
         """Apply ``event`` at ``now``; return what the driver must do, in order."""
-        out: list[Instruction] = []
+        out: list[E.Instruction] = []
         handler = getattr(self, "_on_" + type(event).__name__)
         handler(event, now, out)
         return out
 
-    def handle_all(self, events: Iterable[Event], now: float) -> list[Instruction]:
-        out: list[Instruction] = []
+    def handle_all(self, events: Iterable[E.Event], now: float) -> list[E.Instruction]:
+        out: list[E.Instruction] = []
         for event in events:
             out += self.handle(event, now)
         return out
 
     # -- queue --------------------------------------------------------------------
-    def _on_JobQueued(self, ev: JobQueued, now: float, out: list[Instruction]) -> None:
+    def _on_JobQueued(self, ev: E.JobQueued, now: float, out: list[E.Instruction]) -> None:
         self.queued[ev.job.id] = ev.job
 
     _on_JobEdited = _on_JobQueued
 
-    def _on_JobLeftQueue(self, ev: JobLeftQueue, now: float, out: list[Instruction]) -> None:
+    def _on_JobLeftQueue(self, ev: E.JobLeftQueue, now: float, out: list[E.Instruction]) -> None:
         self.queued.pop(ev.job_id, None)
 
-    def _on_QueueLoaded(self, ev: QueueLoaded, now: float, out: list[Instruction]) -> None:
+    def _on_QueueLoaded(self, ev: E.QueueLoaded, now: float, out: list[E.Instruction]) -> None:
         self.queued = {q.id: q for q in ev.jobs}
 
-    def _on_CancelRequested(self, ev: CancelRequested, now: float,
-                            out: list[Instruction]) -> None:
+    def _on_CancelRequested(self, ev: E.CancelRequested, now: float,
+                            out: list[E.Instruction]) -> None:
         reason = f"{CANCELLED_PREFIX} by {ev.by}"
         if ev.state in (JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED):
             # The queue drops it when the store says it left (a start racing
             # this cancel loses the compare-and-set, or this one does).
-            out.append(CommitJob(ev.job_id, JobState.CANCELLED, (ev.state,),
-                                 {"error": reason}, reason, then=(Untag(ev.job_id),)))
+            out.append(E.CommitJob(ev.job_id, JobState.CANCELLED, (ev.state,),
+                                 {"error": reason}, reason, then=(E.Untag(ev.job_id),)))
             return
         if ev.state != JobState.RUNNING:
             raise Conflict(f"job {ev.job_id} already ended ({ev.state.value})")
-        out.append(CommitJob(ev.job_id, None, fields={"error": reason}))
+        out.append(E.CommitJob(ev.job_id, None, fields={"error": reason}))
         live = self.running.get(ev.job_id)
         if live is not None:
             live.error = reason
         # A job whose container is being created has none to stop yet: the
-        # stop is retried, and ContainerStarted looks at the stop reason again.
+        # stop is retried, and E.ContainerStarted looks at the stop reason again.
         self._stop(ev.job_id, live.container if live else ev.container, now, out, reason=reason)
 
-    def _on_OutputLimitReached(self, ev: OutputLimitReached, now: float,
-                               out: list[Instruction]) -> None:
+    def _on_OutputLimitReached(self, ev: E.OutputLimitReached, now: float,
+                               out: list[E.Instruction]) -> None:
         live = self.running.get(ev.job_id)
         if live is None or (live.error or "").startswith(CANCELLED_PREFIX):
             return
         live.error = ev.reason
-        out.append(CommitJob(ev.job_id, None, fields={"error": ev.reason}))
+        out.append(E.CommitJob(ev.job_id, None, fields={"error": ev.reason}))
         self._stop(ev.job_id, live.container, now, out, 0.0, ev.reason)  # it would keep writing
 
     # -- starts -------------------------------------------------------------------
-    def _on_StartRefused(self, ev: StartRefused, now: float, out: list[Instruction]) -> None:
+    def _on_StartRefused(self, ev: E.StartRefused, now: float, out: list[E.Instruction]) -> None:
         live = self.running.get(ev.job_id)
         self._release(ev.job_id)
         if ev.retry and live is not None and live.queued is not None:
@@ -193,8 +163,8 @@ class Scheduler:
         else:
             self.queued.pop(ev.job_id, None)
 
-    def _on_ContainerStarted(self, ev: ContainerStarted, now: float,
-                             out: list[Instruction]) -> None:
+    def _on_ContainerStarted(self, ev: E.ContainerStarted, now: float,
+                             out: list[E.Instruction]) -> None:
         live = self.running.get(ev.job_id)
         if live is None:
             return
@@ -206,21 +176,21 @@ class Scheduler:
             live.error = marker
             self._stop(ev.job_id, live.container, now, out, reason=marker)
 
-    def _on_StartFailed(self, ev: StartFailed, now: float, out: list[Instruction]) -> None:
+    def _on_StartFailed(self, ev: E.StartFailed, now: float, out: list[E.Instruction]) -> None:
         if ev.engine_down:
             self._requeue(ev.job_id, "engine unavailable", out)
             self._engine_lost(now)
             return
         error = f"start failed: {ev.error}"
-        out.append(CommitJob(ev.job_id, JobState.FAILED, (JobState.RUNNING,),
+        out.append(E.CommitJob(ev.job_id, JobState.FAILED, (JobState.RUNNING,),
                              {"error": error}, error))
         self._release(ev.job_id)
-        out.append(RemoveContainer(ev.job_id, None, background=False))
-        out.append(Untag(ev.job_id))
+        out.append(E.RemoveContainer(ev.job_id, None, background=False))
+        out.append(E.Untag(ev.job_id))
 
     # -- exits ----------------------------------------------------------------------
-    def _on_ContainerExited(self, ev: ContainerExited, now: float,
-                            out: list[Instruction]) -> None:
+    def _on_ContainerExited(self, ev: E.ContainerExited, now: float,
+                            out: list[E.Instruction]) -> None:
         live = self.running.get(ev.job_id)
         if live is None:
             return
@@ -230,10 +200,10 @@ class Scheduler:
             self.deferred.append((now + DEFER_SIGNAL_EXIT, ev.job_id, ev.container))
             return
         self._exit(live, ev.exit_code, ev.finished_at, now, out, oom=ev.oom)
-        out.append(CollectContainer(ev.job_id, ev.container))
+        out.append(E.CollectContainer(ev.job_id, ev.container))
 
-    def _on_ContainerMissing(self, ev: ContainerMissing, now: float,
-                             out: list[Instruction]) -> None:
+    def _on_ContainerMissing(self, ev: E.ContainerMissing, now: float,
+                             out: list[E.Instruction]) -> None:
         live = self.running.get(ev.job_id)
         if live is None:
             return
@@ -242,21 +212,33 @@ class Scheduler:
         else:
             self._requeue(ev.job_id, "container was never started", out)
 
-    def _on_ContainerNeverStarted(self, ev: ContainerNeverStarted, now: float,
-                                  out: list[Instruction]) -> None:
-        out.append(RemoveContainer(ev.job_id, ev.container, background=False))
+    def _on_ContainerNeverStarted(self, ev: E.ContainerNeverStarted, now: float,
+                                  out: list[E.Instruction]) -> None:
+        out.append(E.RemoveContainer(ev.job_id, ev.container, background=False))
         self._requeue(ev.job_id, "container was created but never started", out)
 
-    def _on_StrayContainer(self, ev: StrayContainer, now: float, out: list[Instruction]) -> None:
+    def _on_StrayContainer(self, ev: E.StrayContainer, now: float,
+                           out: list[E.Instruction]) -> None:
         if not ev.running:
-            out.append(CollectContainer(ev.job_id, ev.container))
+            out.append(E.CollectContainer(ev.job_id, ev.container))
         elif ev.state != JobState.RUNNING:
-            out.append(StopContainer(None, ev.container, reason=f"job {ev.job_id} is not running"))
+            why = f"job {ev.job_id} is not running"
+            out.append(E.StopContainer(None, ev.container, reason=why))
 
-    def _exit(self, live: Running, exit_code: int | None, finished_at: float | None,
-              now: float, out: list[Instruction], vanished: str | None = None,
+    def _exit(self, live: E.Running, exit_code: int | None, finished_at: float | None,
+              now: float, out: list[E.Instruction], vanished: str | None = None,
               oom: bool = False) -> None:
         """Commit the job's end (state, exit code, reason), then free its GPUs."""
+        if (live.error or "").startswith(PREEMPTED_PREFIX):
+            # However it ended (it may save its state and exit 0), it was asked
+            # to stop: back to the queue, its submit time and /outdir kept.
+            self._charge(now, out)  # for the time it ran
+            commit, again = preemption.requeue(live)
+            out.append(commit)
+            self._release(live.id)
+            if again is not None:
+                self.queued[live.id] = again
+            return
         state, error = classify(
             live.error or "", exit_code, vanished=vanished, oom=oom,
             in_outage=exit_code in SIGNAL_EXITS and self._in_outage(finished_at),
@@ -264,9 +246,9 @@ class Scheduler:
         if state is None:
             assert error is not None
             self._requeue(live.id, error, out)
-            out.append(RemoveContainer(live.id, live.container or ""))
+            out.append(E.RemoveContainer(live.id, live.container or ""))
             return
-        out.append(CommitJob(
+        out.append(E.CommitJob(
             live.id, state, (JobState.RUNNING,),
             {"exit_code": exit_code, "error": error, "finished_at": finished_at or now},
             error or "exit code 0"))
@@ -275,10 +257,10 @@ class Scheduler:
         if self.config.remember_finished:
             self.finished[live.id] = state
             self.history.appendleft(live.user)
-        out.append(SealOutputs(live.id, live.user))
+        out.append(E.SealOutputs(live.id, live.user))
 
-    def _requeue(self, job_id: int, why: str, out: list[Instruction]) -> None:
-        out.append(CommitJob(job_id, JobState.QUEUED, (JobState.RUNNING,),
+    def _requeue(self, job_id: int, why: str, out: list[E.Instruction]) -> None:
+        out.append(E.CommitJob(job_id, JobState.QUEUED, (JobState.RUNNING,),
                              {"gpus": [], "container": None, "started_at": None}, why))
         self._release(job_id)
 
@@ -289,7 +271,7 @@ class Scheduler:
         (node or self.capacity.default).pool.release(job_id)
 
     # -- recovery ---------------------------------------------------------------------
-    def _on_JobAdopted(self, ev: JobAdopted, now: float, out: list[Instruction]) -> None:
+    def _on_JobAdopted(self, ev: E.JobAdopted, now: float, out: list[E.Instruction]) -> None:
         job = ev.job
         if job.id in self.running:
             return
@@ -303,7 +285,7 @@ class Scheduler:
         self.running[job.id] = job
 
     # -- the engine and the machine -----------------------------------------------------
-    def _on_EngineDown(self, ev: EngineDown, now: float, out: list[Instruction]) -> None:
+    def _on_EngineDown(self, ev: E.EngineDown, now: float, out: list[E.Instruction]) -> None:
         self._engine_lost(now)
 
     def _engine_lost(self, now: float) -> None:
@@ -311,7 +293,7 @@ class Scheduler:
             self.engine_down_since = now
         self.engine_up = False
 
-    def _on_EngineUp(self, ev: EngineUp, now: float, out: list[Instruction]) -> None:
+    def _on_EngineUp(self, ev: E.EngineUp, now: float, out: list[E.Instruction]) -> None:
         if self.engine_down_since is not None:
             log.warning("Docker engine is back after %.1f s", now - self.engine_down_since)
             self.last_outage = (self.engine_down_since, now)
@@ -327,8 +309,8 @@ class Scheduler:
         start, end = self.last_outage
         return start - OUTAGE_BEFORE <= finished_at <= end + OUTAGE_AFTER
 
-    def _on_CapacityChanged(self, ev: CapacityChanged, now: float,
-                            out: list[Instruction]) -> None:
+    def _on_CapacityChanged(self, ev: E.CapacityChanged, now: float,
+                            out: list[E.Instruction]) -> None:
         node = self.capacity.nodes[ev.node] if ev.node else self.capacity.default
         if ev.devices is not None:
             node.set_devices(Device(d) if isinstance(d, int) else d for d in ev.devices)
@@ -340,11 +322,11 @@ class Scheduler:
             self.foreign = {}
 
     # -- usage --------------------------------------------------------------------------
-    def _on_UsageReset(self, ev: UsageReset, now: float, out: list[Instruction]) -> None:
+    def _on_UsageReset(self, ev: E.UsageReset, now: float, out: list[E.Instruction]) -> None:
         self.ledger.reset(ev.user)
         self._save_usage(now, out)
 
-    def _charge(self, now: float, out: list[Instruction]) -> None:
+    def _charge(self, now: float, out: list[E.Instruction]) -> None:
         self.ledger.advance(now, charge_rates(self.running.values(),
                                               self.config.policy.cpu_fraction,
                                               self._device_memory()))
@@ -355,36 +337,37 @@ class Scheduler:
         pool = self.pool
         return {g: pool.memory(g) for g in pool.total}
 
-    def _save_usage(self, now: float, out: list[Instruction]) -> None:
-        out.append(SaveUsage())
+    def _save_usage(self, now: float, out: list[E.Instruction]) -> None:
+        out.append(E.SaveUsage())
         self._last_usage_save = now
 
-    def save_usage(self, now: float) -> list[Instruction]:
+    def save_usage(self, now: float) -> list[E.Instruction]:
         """The usage rows to save now (at shutdown)."""
-        out: list[Instruction] = []
+        out: list[E.Instruction] = []
         self._save_usage(now, out)
         return out
 
     # -- time ---------------------------------------------------------------------------
-    def _on_DeadlinesDue(self, ev: DeadlinesDue, now: float, out: list[Instruction]) -> None:
+    def _on_DeadlinesDue(self, ev: E.DeadlinesDue, now: float, out: list[E.Instruction]) -> None:
         for item in list(self.deferred):
             due, job_id, container = item
             if due <= now:
                 self.deferred.remove(item)
-                out.append(RecheckContainer(job_id, container))
+                out.append(E.RecheckContainer(job_id, container))
         self._charge(now, out)
         self._enforce_limits(now, out)
 
-    def _enforce_limits(self, now: float, out: list[Instruction]) -> None:
+    def _enforce_limits(self, now: float, out: list[E.Instruction]) -> None:
         deadline: float | None = None
-        retry_after = self.config.stop_grace + 5.0
         for job_id, live in list(self.running.items()):
             asked = self.stopping.get(job_id)
             if asked is not None:
                 # A stop that did not take (engine busy, container not yet
                 # created when it was asked): ask again.
+                grace = self._grace(live)
+                retry_after = (self.config.stop_grace if grace is None else grace) + 5.0
                 if now - asked >= retry_after:
-                    self._stop(job_id, live.container, now, out, reason="the stop did not take")
+                    self._stop(job_id, live.container, now, out, grace, "the stop did not take")
                 else:
                     deadline = _earliest(deadline, asked + retry_after)
                 continue
@@ -392,17 +375,23 @@ class Scheduler:
                 continue
             end = live.started_at + live.time_limit
             if end <= now:
-                out.append(CommitJob(job_id, None, fields={"error": TIMEOUT}))
+                out.append(E.CommitJob(job_id, None, fields={"error": TIMEOUT}))
                 live.error = TIMEOUT
                 self._stop(job_id, live.container, now, out, reason=TIMEOUT)
             else:
                 deadline = _earliest(deadline, end)
         self._deadline = deadline
 
-    def _stop(self, job_id: int, container: str | None, now: float, out: list[Instruction],
+    def _stop(self, job_id: int, container: str | None, now: float, out: list[E.Instruction],
               grace: float | None = None, reason: str = "") -> None:
         self.stopping[job_id] = now
-        out.append(StopContainer(job_id, container, grace, reason))
+        out.append(E.StopContainer(job_id, container, grace, reason))
+
+    def _grace(self, live: E.Running) -> float | None:
+        """A preempted job keeps its grace to save its state; others: the default."""
+        if (live.error or "").startswith(PREEMPTED_PREFIX):
+            return self.config.policy.preempt_grace
+        return None
 
     def next_wakeup(self) -> float | None:
         """When the scheduler wants a :class:`DeadlinesDue` and a :class:`Tick` at the latest."""
@@ -432,7 +421,8 @@ class Scheduler:
         running = [
             policy_mod.RunningJob(r.id, r.user, r.num_gpus, r.gpus,
                                   now if r.started_at is None else r.started_at, r.time_limit,
-                                  r.gpu_memory)
+                                  r.gpu_memory, r.preemptible, r.restarts, r.priority,
+                                  r.id in self.stopping)
             for r in self.running.values()
         ]
         return policy_mod.ClusterState(
@@ -445,7 +435,7 @@ class Scheduler:
             memory_reserve=self.memory_reserve,
         )
 
-    def _on_Tick(self, ev: Tick, now: float, out: list[Instruction]) -> None:
+    def _on_Tick(self, ev: E.Tick, now: float, out: list[E.Instruction]) -> None:
         self._charge(now, out)
         if self.paused:
             self._policy_wakeup = None  # no decision to revisit (the wait would spin)
@@ -456,8 +446,8 @@ class Scheduler:
         self.last_decision = decision
         self._policy_wakeup = decision.next_wakeup
         for job_id, reason in decision.fail:
-            out.append(CommitJob(job_id, JobState.FAILED, (JobState.QUEUED,),
-                                 {"error": reason}, reason, then=(Untag(job_id),)))
+            out.append(E.CommitJob(job_id, JobState.FAILED, (JobState.QUEUED,),
+                                 {"error": reason}, reason, then=(E.Untag(job_id),)))
             self.queued.pop(job_id, None)
             if self.config.remember_finished:
                 self.finished[job_id] = JobState.FAILED
@@ -470,10 +460,16 @@ class Scheduler:
                 log.error("job %s: %s", job_id, exc)
                 continue
             del self.queued[job_id]
-            self.running[job_id] = Running(job_id, q.user, q.num_gpus, tuple(gpus), now,
-                                           q.time_limit, node.name, gpu_memory=q.gpu_memory,
-                                           queued=q)
-            out.append(StartJob(job_id, node.name, tuple(gpus), now))
+            self.running[job_id] = E.Running(
+                job_id, q.user, q.num_gpus, tuple(gpus), now, q.time_limit, node.name,
+                gpu_memory=q.gpu_memory, preemptible=q.preemptible, restarts=q.restarts,
+                priority=q.priority, queued=q)
+            out.append(E.StartJob(job_id, node.name, tuple(gpus), now))
+        if decision.preempt:
+            grace = cfg.preempt_grace
+            out += preemption.stop_victims(decision, self.running, self.stopping, now, grace)
+            # Wake up to ask again if a stop does not take (E.DeadlinesDue).
+            self._deadline = _earliest(self._deadline, now + grace + 5.0)
 
     def validate(self) -> None:
         """Assert the books balance: the pools, and running jobs against them."""
