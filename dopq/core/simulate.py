@@ -20,6 +20,18 @@ Utilisation is by device (the share of device-time with any job on it) and,
 when a job declares memory, by memory too (declared bytes over the devices'
 memory; a whole-GPU job counts all of it): with ``--no-sharing`` the gap
 between the two is the memory small jobs leave idle on whole GPUs.
+
+With ``--preemption fairshare`` the scheduler may preempt preemptible jobs
+(the trace key ``preemptible``, else ``--preemptible-default``) for users
+under their fair share, as the server would (:mod:`dopq.core.preemption`).
+The virtual runtime carries a preemption out as the worst case of the
+server's: the victim keeps its devices for the whole grace, then is killed
+(unless it ends by itself first); the scheduler requeues it, keeping its
+submit time. A job checkpoints every ``--checkpoint-every`` seconds of a run
+(default: never): a requeued job runs again for its duration less the work
+its checkpoints saved, and what it did since its last checkpoint is lost.
+The report adds demand-aware fairness (:mod:`dopq.core.fairness`), first-job
+waits and the lost work (:mod:`dopq.core.simreport`).
 """
 
 from __future__ import annotations
@@ -27,11 +39,10 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from dopq.core.capacity import Capacity, validate_gpus
 from dopq.core.errors import DopqError, JobRejected
@@ -41,89 +52,31 @@ from dopq.core.events import (
     DeadlinesDue,
     Instruction,
     JobQueued,
+    PreemptJob,
     StartJob,
     StopContainer,
     Tick,
 )
+from dopq.core.fairshare import PREEMPTION
 from dopq.core.forms import parse_size
-from dopq.core.jobs import FINAL_STATES, format_duration, parse_duration
+from dopq.core.jobs import FINAL_STATES, JobState, parse_duration
 from dopq.core.policy import POLICIES, ClusterState, Decision, PolicyConfig, QueuedJob
 from dopq.core.scheduler import TIMEOUT, Scheduler, SchedulerConfig
+from dopq.core.simreport import (
+    GPU_MEMORY,
+    JobRecord,
+    SimResult,
+    UserResult,
+    format_result,
+    summarise,
+)
 from dopq.core.traces import TRACE_HELP, TraceError, TraceJob, load_trace, parse_trace
 from dopq.core.usage import UsageLedger
 
 __all__ = ["JobRecord", "SimResult", "TraceError", "TraceJob", "UserResult", "VirtualRuntime",
            "format_result", "load_trace", "main", "parse_trace", "simulate"]
 
-GPU_MEMORY = 80 << 30  # bytes of every simulated device unless told
 MEMORY_RESERVE = 1 << 30  # as the server's [gpus] memory_reserve
-
-
-@dataclass
-class JobRecord:
-    """What happened to one job; ``start`` is None if it never ran."""
-
-    id: int
-    user: str
-    gpus: int
-    submit: float
-    start: float | None
-    end: float | None
-    killed: bool = False
-    gpu_ids: tuple[int, ...] = ()
-    gpu_memory: int = 0
-
-    @property
-    def wait(self) -> float | None:
-        return None if self.start is None else self.start - self.submit
-
-
-@dataclass
-class UserResult:
-    user: str
-    jobs: int
-    gpu_hours: float
-    share: float  # weight / sum of the weights of the users in the trace
-    mean_wait: float
-    worst_wait: float
-
-
-@dataclass
-class SimResult:
-    gpus: int
-    policy: str
-    half_life: float
-    users: list[UserResult]
-    jobs: list[JobRecord]
-    makespan: float
-    utilisation: float
-    jain: float
-    events: int
-    # Declared bytes held over device memory (a whole-GPU job counts all of
-    # its devices); None when no job of the trace declares memory (then it
-    # equals ``utilisation``).
-    memory_utilisation: float | None = None
-    gpu_memory: int = GPU_MEMORY
-    sharing: bool = True
-
-    def to_dict(self, with_jobs: bool = False) -> dict[str, Any]:
-        out = {
-            "gpus": self.gpus,
-            "policy": self.policy,
-            "half_life": self.half_life,
-            "makespan": self.makespan,
-            "utilisation": self.utilisation,
-            "jain": self.jain,
-            "events": self.events,
-            "unstarted": sum(1 for j in self.jobs if j.start is None),
-            "users": [asdict(u) for u in self.users],
-        }
-        if self.memory_utilisation is not None:
-            out.update(memory_utilisation=self.memory_utilisation, gpu_memory=self.gpu_memory,
-                       sharing=self.sharing)
-        if with_jobs:
-            out["jobs"] = [asdict(j) for j in self.jobs]
-        return out
 
 
 # -------------------------------------------------------------- simulation
@@ -150,6 +103,12 @@ class VirtualRuntime:
             self._live[job_id] = now
             heapq.heappush(self._ends, (now, job_id, 137))
 
+    def kill_at(self, job_id: int, at: float) -> None:
+        """Kill the job at ``at`` (a preemption's grace ending), unless it ends sooner."""
+        if job_id in self._live and at < self._live[job_id]:
+            self._live[job_id] = at
+            heapq.heappush(self._ends, (at, job_id, 137))
+
     def next_exit(self) -> float | None:
         self._drop_stale()
         return self._ends[0][0] if self._ends else None
@@ -173,6 +132,7 @@ def simulate(
     jobs: Sequence[TraceJob], gpus: int, cfg: PolicyConfig, *, check: bool = True,
     observe: Callable[[float, ClusterState, Decision], None] | None = None,
     gpu_memory: int = GPU_MEMORY, sharing: bool = True, memory_reserve: int = MEMORY_RESERVE,
+    checkpoint_every: float | None = None,
 ) -> SimResult:
     """Run ``jobs`` on ``gpus`` GPUs under ``cfg`` and report what each user got.
 
@@ -188,9 +148,16 @@ def simulate(
     Every device has ``gpu_memory`` bytes; a job that declares memory shares
     devices (less ``memory_reserve`` each), or, without ``sharing``, gets
     whole GPUs like any other (to compare the two).
+
+    ``cfg.preemption`` and its settings turn preemption on (module docstring);
+    ``checkpoint_every``: seconds of a run between a job's checkpoints (None:
+    it never checkpoints, a preempted run's work is all lost).
     """
     if gpus < 1:
         raise JobRejected("the simulated machine needs at least one GPU")
+    if checkpoint_every is not None and not (checkpoint_every > 0 and math.isfinite(
+            checkpoint_every)):
+        raise JobRejected("the checkpoint interval must be a positive number of seconds")
     for tj in jobs:
         if tj.gpus > gpus:
             raise JobRejected(f"job {tj.id} wants {tj.gpus} GPUs, the machine has {gpus}")
@@ -212,34 +179,74 @@ def simulate(
     held_bytes = 0.0  # byte-seconds declared (all of a device for a whole-GPU job)
     sharers: dict[int, int] = {}  # shared device -> its jobs
     since: dict[int, float] = {}  # shared device -> busy since
+    runs: dict[int, list[tuple[float, float, float]]] = {}  # job -> (start, end, lost)
+    run_start: dict[int, float] = {}  # running job -> its run's start
+    saved: dict[int, float] = {}  # job -> seconds of its work kept by checkpoints
+    left_at: dict[int, float] = {}  # a job that failed in the queue -> when
+    preemptions = 0
+
+    def queue(tj: TraceJob, now: float, restarts: int = 0) -> list[Instruction]:
+        preemptible = cfg.preemptible_default if tj.preemptible is None else tj.preemptible
+        return sched.handle(JobQueued(QueuedJob(
+            tj.id, tj.user, tj.gpus, tj.submit, tj.time_limit, priority=tj.priority,
+            gpu_memory=tj.gpu_memory if sharing else 0, preemptible=preemptible,
+            restarts=restarts)), now)
+
+    def end_run(job_id: int, now: float, requeued: bool) -> None:
+        nonlocal busy, held_bytes
+        rec, start = records[job_id], run_start.pop(job_id)
+        lost = 0.0
+        if requeued:  # preempted: keep what its checkpoints saved
+            ran = now - start
+            every = checkpoint_every
+            kept = math.floor(ran / every) * every if every else 0.0
+            saved[job_id] = saved.get(job_id, 0.0) + kept
+            lost = ran - kept
+        runs.setdefault(job_id, []).append((start, now, lost))
+        held_bytes += rec.gpus * (rec.gpu_memory or gpu_memory) * (now - start)
+        if not (sharing and rec.gpu_memory):
+            busy += rec.gpus * (now - start)
+            return
+        for g in rec.gpu_ids:  # a shared device is busy while anyone is on it
+            sharers[g] -= 1
+            if not sharers[g]:
+                del sharers[g]
+                busy += now - since.pop(g)
 
     def carry_out(instructions: list[Instruction], now: float) -> None:
-        nonlocal busy, held_bytes
+        nonlocal preemptions
         for ins in instructions:
             if isinstance(ins, StartJob):
-                runtime.run(ins.job_id, now, trace[ins.job_id].duration)
+                left = trace[ins.job_id].duration - saved.get(ins.job_id, 0.0)
+                runtime.run(ins.job_id, now, left)
                 rec = records[ins.job_id]
-                rec.start, rec.gpu_ids = now, ins.gpus
+                if rec.start is None:
+                    rec.start = now
+                rec.gpu_ids = ins.gpus
+                run_start[ins.job_id] = now
                 if sharing and rec.gpu_memory:
                     for g in ins.gpus:
                         sharers[g] = sharers.get(g, 0) + 1
                         since.setdefault(g, now)
             elif isinstance(ins, StopContainer) and ins.job_id is not None:
                 runtime.stop(ins.job_id, now)
+            elif isinstance(ins, PreemptJob):
+                preemptions += 1
+                runtime.kill_at(ins.job_id, now + ins.grace)
             elif isinstance(ins, CommitJob) and ins.state in FINAL_STATES:
                 rec = records[ins.job_id]
-                if rec.start is not None:
+                if ins.job_id in run_start:
                     rec.end = now
                     rec.killed = ins.fields.get("error") == TIMEOUT
-                    held_bytes += rec.gpus * (rec.gpu_memory or gpu_memory) * (now - rec.start)
-                    if not (sharing and rec.gpu_memory):
-                        busy += rec.gpus * (now - rec.start)
-                        continue
-                    for g in rec.gpu_ids:  # a shared device is busy while anyone is on it
-                        sharers[g] -= 1
-                        if not sharers[g]:
-                            del sharers[g]
-                            busy += now - since.pop(g)
+                    end_run(ins.job_id, now, requeued=False)
+                else:
+                    left_at[ins.job_id] = now
+            elif (isinstance(ins, CommitJob) and ins.state == JobState.QUEUED
+                  and ins.job_id in run_start):
+                end_run(ins.job_id, now, requeued=True)
+                restarts = int(ins.fields.get("restarts", records[ins.job_id].restarts + 1))
+                records[ins.job_id].restarts = restarts
+                carry_out(queue(trace[ins.job_id], now, restarts), now)
 
     def report_exits(now: float) -> None:
         for ev in runtime.exits(now):
@@ -259,9 +266,7 @@ def simulate(
         while nxt < len(arrivals) and arrivals[nxt].submit <= now:
             tj = arrivals[nxt]
             nxt += 1
-            sched.handle(JobQueued(QueuedJob(
-                tj.id, tj.user, tj.gpus, tj.submit, tj.time_limit, priority=tj.priority,
-                gpu_memory=tj.gpu_memory if sharing else 0)), now)
+            queue(tj, now)
         carry_out(sched.handle(Tick(), now), now)
         decision = sched.last_decision
         if observe is not None and decision is not None and decision.inputs is not None:
@@ -274,88 +279,18 @@ def simulate(
             pool = sched.pool
             if not pool.shared():  # (its one-holder-per-GPU check is for whole GPUs)
                 validate_gpus(pool.total, list(sched.running.values()), free=pool.free())
-    result = _summarise(list(records.values()), gpus, cfg, busy, events,
-                        gpu_memory if sharing else 0)
+    result = summarise(list(records.values()), gpus, cfg, busy, events,
+                       gpu_memory if sharing else 0, runs, left_at, preemptions)
     if any(tj.gpu_memory for tj in jobs):
         span = result.makespan * gpus * gpu_memory
         result.memory_utilisation = held_bytes / span if span > 0 else 0.0
         result.gpu_memory, result.sharing = gpu_memory, sharing
+    if cfg.preemption != "off":
+        result.preemption = {
+            "preemption": cfg.preemption, "min_runtime": cfg.min_runtime,
+            "preempt_grace": cfg.preempt_grace, "max_preemptions": cfg.max_preemptions,
+            "preemptible_default": cfg.preemptible_default, "checkpoint_every": checkpoint_every}
     return result
-
-
-def _summarise(
-    records: list[JobRecord], gpus: int, cfg: PolicyConfig, busy: float, events: int,
-    shared_memory: int = 0,
-) -> SimResult:
-    """Per user and overall; ``shared_memory``: a job declaring memory received
-    that fraction of each device it shared (0: jobs ran on whole GPUs)."""
-
-    def gpus_of(r: JobRecord) -> float:
-        if shared_memory and r.gpu_memory:
-            return r.gpus * min(1.0, r.gpu_memory / shared_memory)
-        return r.gpus
-
-    names: dict[str, str] = {}
-    for rec in records:
-        names.setdefault(rec.user.lower(), rec.user)
-    weights = {u: cfg.weight(u) for u in names}
-    wsum = sum(weights.values()) or 1.0
-    users = []
-    for key, name in sorted(names.items()):
-        mine = [r for r in records if r.user.lower() == key]
-        waits = [r.wait for r in mine if r.wait is not None]
-        received = sum(gpus_of(r) * (r.end - r.start) for r in mine
-                       if r.start is not None and r.end is not None)
-        users.append(
-            UserResult(
-                user=name,
-                jobs=len(mine),
-                gpu_hours=received / 3600,
-                share=weights[key] / wsum,
-                mean_wait=sum(waits) / len(waits) if waits else 0.0,
-                worst_wait=max(waits, default=0.0),
-            )
-        )
-    first = min((r.submit for r in records), default=0.0)
-    last = max((r.end for r in records if r.end is not None), default=first)
-    makespan = last - first
-    utilisation = busy / (gpus * makespan) if makespan > 0 else 0.0
-    # Jain's index over GPU-hours per unit of share, among users who asked for GPUs.
-    gpu_users = {r.user.lower() for r in records if r.gpus}
-    x = [u.gpu_hours / u.share for u in users if u.user.lower() in gpu_users]
-    squares = sum(v * v for v in x)
-    jain = sum(x) ** 2 / (len(x) * squares) if squares > 0 else 1.0
-    return SimResult(gpus, cfg.policy, cfg.half_life, users, records, makespan, utilisation,
-                     jain, events)
-
-
-def format_result(result: SimResult, title: str = "") -> str:
-    jobs = len(result.jobs)
-    lines = [
-        f"{title + ': ' if title else ''}{jobs} jobs on {result.gpus} GPUs, "
-        f"policy {result.policy}, half-life {format_duration(result.half_life)}",
-        f"{'user':<12} {'jobs':>5} {'GPU-hours':>10} {'share':>6} {'mean wait':>10} "
-        f"{'worst wait':>10}",
-    ]
-    for u in result.users:
-        lines.append(
-            f"{u.user:<12} {u.jobs:>5} {u.gpu_hours:>10.1f} {u.share:>6.3f} "
-            f"{format_duration(u.mean_wait):>10} {format_duration(u.worst_wait):>10}"
-        )
-    unstarted = sum(1 for j in result.jobs if j.start is None)
-    by_memory = ("" if result.memory_utilisation is None else
-                 f" (by memory {result.memory_utilisation:.1%} of {_gib(result.gpu_memory)}"
-                 f" each{', sharing' if result.sharing else ', no sharing'})")
-    lines.append(
-        f"makespan {format_duration(result.makespan)}, utilisation "
-        f"{result.utilisation:.1%}{by_memory}, Jain index {result.jain:.3f}"
-        + (f", {unstarted} never started" if unstarted else "")
-    )
-    return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:g} GiB"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -384,16 +319,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="memory of each device no shared job gets (default 1g)")
     parser.add_argument("--no-sharing", action="store_true",
                         help="give jobs that declare gpu_memory whole GPUs (to compare)")
+    parser.add_argument("--preemption", choices=PREEMPTION, default="off",
+                        help="off (default) or fairshare: preempt preemptible jobs of users "
+                        "above their share for users under it")
+    parser.add_argument("--min-runtime", default="30m",
+                        help="a run this short is not preempted (default 30m)")
+    parser.add_argument("--preempt-grace", default="2m",
+                        help="a preempted job is killed this long after its stop signal "
+                        "(default 2m; the simulated job holds its GPUs that long)")
+    parser.add_argument("--max-preemptions", type=int, default=3,
+                        help="a job preempted this often is not preempted again (default 3)")
+    parser.add_argument("--preemptible-default", action="store_true",
+                        help="jobs whose trace line does not say are preemptible")
+    parser.add_argument("--checkpoint-every", default=None, metavar="SECONDS",
+                        help="seconds of a run between a job's checkpoints: a preempted job "
+                        "loses the work since its last one (default: no checkpoints, all lost)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(args_in)
     try:
-        text = args.half_life
-        half_life = parse_duration(float(text) if _is_number(text) else text, "--half-life")
-        cfg = PolicyConfig(policy=args.policy, half_life=half_life).validate()
+        half_life = _duration(args.half_life, "--half-life")
+        cfg = PolicyConfig(
+            policy=args.policy, half_life=half_life, preemption=args.preemption,
+            preemptible_default=args.preemptible_default,
+            min_runtime=_duration(args.min_runtime, "--min-runtime", zero=True),
+            preempt_grace=_duration(args.preempt_grace, "--preempt-grace", zero=True),
+            max_preemptions=args.max_preemptions).validate()
+        every = (None if args.checkpoint_every is None
+                 else _duration(args.checkpoint_every, "--checkpoint-every"))
         result = simulate(load_trace(args.trace), args.gpus, cfg,
                           gpu_memory=parse_size(args.gpu_memory, "--gpu-memory"),
                           memory_reserve=parse_size(args.memory_reserve, "--memory-reserve"),
-                          sharing=not args.no_sharing)
+                          sharing=not args.no_sharing, checkpoint_every=every)
     except DopqError as err:
         print(f"dopq simulate: {err}", file=sys.stderr)
         return 2
@@ -402,6 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(format_result(result, Path(args.trace).name))
     return 0
+
+
+def _duration(text: str, what: str, zero: bool = False) -> float:
+    """Seconds (a number or a duration such as ``30m``); ``zero``: 0 is allowed."""
+    if zero and _is_number(text) and float(text) == 0:
+        return 0.0
+    return parse_duration(float(text) if _is_number(text) else text, what)
 
 
 def _is_number(text: str) -> bool:

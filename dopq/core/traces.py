@@ -16,7 +16,8 @@ from typing import Any
 from dopq.core.errors import DopqError, JobRejected
 from dopq.core.forms import parse_size
 
-TRACE_KEYS = {"submit", "user", "gpus", "duration", "time_limit", "priority", "gpu_memory"}
+TRACE_KEYS = {"submit", "user", "gpus", "duration", "time_limit", "priority", "gpu_memory",
+              "preemptible"}
 
 
 class TraceError(DopqError):
@@ -39,6 +40,7 @@ class TraceJob:
     time_limit: float | None = None
     priority: int = 0
     gpu_memory: int = 0  # bytes on each device, shared; 0: whole GPUs
+    preemptible: bool | None = None  # None: the simulation's preemptible_default
 
 
 def _number(job: dict[str, Any], key: str, positive: bool) -> float:
@@ -80,6 +82,9 @@ def _parse_job(text: str, job_id: int) -> TraceJob:
             raise ValueError(str(err)) from None
         if memory and not gpus:
             raise ValueError("gpu_memory: needs gpus >= 1")
+    preemptible = job.get("preemptible")
+    if preemptible is not None and not isinstance(preemptible, bool):
+        raise ValueError(f"preemptible: expected true or false, got {preemptible!r}")
     return TraceJob(
         id=job_id,
         submit=_number(job, "submit", positive=False),
@@ -89,6 +94,7 @@ def _parse_job(text: str, job_id: int) -> TraceJob:
         time_limit=limit,
         priority=priority,
         gpu_memory=memory,
+        preemptible=preemptible,
     )
 
 
@@ -130,6 +136,8 @@ trace format: JSON lines, one job each; blank lines and # comments are skipped.
   priority    an integer, as `dopq submit --priority` (optional, default 0)
   gpu_memory  bytes, or a size such as "10g", on each of its GPUs: the job shares
               devices with others (optional; without it, whole GPUs)
+  preemptible true or false: may be preempted with --preemption fairshare
+              (optional; default --preemptible-default)
 Jobs are numbered from 1 in file order.
 
 example: dopq simulate bench/traces/mixed_day.jsonl --gpus 8 --policy recency --json
