@@ -106,3 +106,121 @@ def test_a_database_from_before_preemption_gains_the_columns(tmp_path: Path) -> 
         assert (got["preemptible"], got["restarts"], got["preempted_by"]) == (True, 2, 1)
     finally:
         store.close()
+
+
+# -- the queue thread's part, with a fake engine (test_scheduler_driver's rig) -------------
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Any:
+    """test_scheduler_driver's rig (two GPUs), with preemption on."""
+    from conftest import make_config
+    from test_scheduler_driver import Clock, FakeEngine
+
+    from dopq.core import settings as settings_mod
+    from dopq.server.queue import PriorityQueueThread
+    from dopq.server.runtime import ContainerSpec
+
+    settings = settings_mod.from_dict(make_config(
+        tmp_path, docker={"stop_grace": 1.0},
+        policy={"preemption": "fairshare", "min_runtime": 60.0, "preempt_grace": 5.0}))
+    store = Store(settings.db_path)
+    clock = Clock()
+    engine = FakeEngine(store.owner_id())
+    q = PriorityQueueThread(settings, store, engine, [0, 1], "env",  # type: ignore[arg-type]
+                            clock=clock)
+    q.container_spec = lambda row, gpus: ContainerSpec(  # type: ignore[method-assign]
+        name=q.container_name(row["id"]), image="img",
+        labels={"dopq.job": str(row["id"])}, gpus=gpus)
+
+    class Rig:
+        def add(self, user: str = "alice", gpus: int = 1, **kw: Any) -> int:
+            return store.add_job(name="job", user=user, state=JobState.QUEUED, num_gpus=gpus,
+                                 submitted_at=clock.now, **kw)
+
+        def step(self, advance: float = 0.0, exited: list[str] | None = None) -> None:
+            clock.now += advance
+            q.step(exited)
+            q.scheduler.validate()
+
+    r: Any = Rig()
+    r.settings, r.store, r.clock, r.engine, r.q = settings, store, clock, engine, q
+    yield r
+    q._workers.shutdown(wait=True)
+    store.close()
+
+
+def test_the_driver_preempts_keeps_the_log_and_clears_the_name_for_the_rerun(
+        rig: Any) -> None:
+    rig.q.recover()
+    job = rig.add(gpus=1, preemptible=True)
+    rig.step()
+    name = rig.q.container_name(job)
+    submitted = rig.store.job(job)["submitted_at"]
+    assert rig.store.job(job)["state"] == "running"
+    light = rig.add(user="bob", gpus=2)  # one GPU is free: not enough
+    rig.step(1.0)
+    assert rig.store.job(job)["state"] == "running" and name not in rig.engine.stopped
+    rig.step(60.0)  # past its minimum runtime: preempted for bob's job
+    wait_for(lambda: name in rig.engine.stopped, 10)  # docker stop with the grace, on a worker
+    audit = rig.store.audit_log()[0]
+    assert audit["action"] == "preempt"
+    assert audit["detail"].startswith(f"job {job} of alice: preempted by job {light} of bob")
+
+    # The container exits (its trap saved a checkpoint): queued again by the
+    # scheduler, its log kept apart and its container collected on a worker.
+    rig.engine.exit(name, 0, rig.clock.now)
+    rig.step(1.0, [name])
+    row = rig.store.job(job)
+    assert (row["state"], row["restarts"], row["preempted_by"]) == ("queued", 1, light)
+    assert (row["error"], row["gpus"], row["submitted_at"]) == (None, [], submitted)
+    assert rig.store.job(light)["state"] == "running"
+    first = rig.q.house.run_log_path(job, 1)
+    wait_for(first.exists, 10)
+    wait_for(lambda: name not in rig.engine.containers, 10)
+    assert first.read_text() == "log\n" and not rig.q.run_log_path(job).exists()
+    assert job not in rig.q.house._sealed  # the outputs stay open for the next run
+
+    # bob's job ends. A container of the first run left behind (remove_containers
+    # off, a collect not yet run) is cleared before the rerun takes its name.
+    rig.engine.containers[name] = _exited(rig, name, job)
+    first.unlink()
+    light_name = rig.q.container_name(light)
+    rig.engine.exit(light_name, 0, rig.clock.now)
+    rig.step(1.0, [light_name])
+    assert rig.store.job(job)["state"] == "running" and first.read_text() == "log\n"
+    assert rig.engine.containers[name].running  # the new run's container
+
+
+def _exited(rig: Any, name: str, job: int) -> Any:
+    from dopq.server.runtime import ContainerStatus
+
+    return ContainerStatus(name, name, job, False, 0, False, 1.0, 2.0, owner=rig.engine.owner)
+
+
+def test_the_container_gets_its_restart_count(tmp_path: Path) -> None:
+    from conftest import make_config
+
+    from dopq.core import settings as settings_mod
+    from dopq.server.containers import container_spec
+    from dopq.server.outputs import OutputFolders
+
+    settings = settings_mod.from_dict(make_config(tmp_path))
+    store = Store(settings.db_path)
+    try:
+        job = store.add_job(name="job", user="alice", state=JobState.QUEUED, num_gpus=1,
+                            preemptible=True)
+        folders = OutputFolders(settings)
+        spec = container_spec(settings, folders, store.job(job), [0], instance="t",
+                              owner="o", gpu_mode="env")
+        assert spec.env["DOPQ_RESTART_COUNT"] == "0"
+        (folders.path("alice", job) / "checkpoint").write_text("step 7\n")
+        store.transition(job, JobState.QUEUED, restarts=1, preempted_by=5)
+        spec = container_spec(settings, folders, store.job(job), [0], instance="t",
+                              owner="o", gpu_mode="env")
+        assert spec.env["DOPQ_RESTART_COUNT"] == "1"
+        outdir = spec.binds[str(folders.path("alice", job))]
+        assert outdir["bind"] == "/outdir"  # the same folder, as the first run left it
+        assert (folders.path("alice", job) / "checkpoint").read_text() == "step 7\n"
+    finally:
+        store.close()
