@@ -240,6 +240,24 @@ def trace_small_and_whole(rng: random.Random) -> list[str]:
     return lines
 
 
+def trace_heavy_day_light_arrival(rng: random.Random) -> list[str]:
+    lines = ["# 8 GPUs: a heavy user fills the machine with day-long preemptible jobs and queues"
+             " more; a light user arrives at 12h with a few short jobs; compare `dopq simulate"
+             " --gpus 8` with and without --preemption fairshare (and --checkpoint-every 1h)"]
+    for _ in range(6):
+        lines.append(_line(rng.uniform(0, 300), "heavy", 1, rng.uniform(20, 28) * 3600,
+                           preemptible=True))
+    lines.append(_line(rng.uniform(0, 300), "heavy", 2, rng.uniform(24, 30) * 3600,
+                       preemptible=True))
+    for k in range(4):
+        lines.append(_line(3600 + k * 600, "heavy", 1, rng.uniform(20, 26) * 3600,
+                           preemptible=True))
+    for offset, gpus in ((0, 1), (600, 1), (2400, 2), (5400, 1), (9000, 1)):
+        lines.append(_line(12 * 3600 + offset + rng.uniform(0, 120), "light", gpus,
+                           rng.uniform(1200, 3000), time_limit=3600))
+    return lines
+
+
 def write_traces(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     makers = {
@@ -247,6 +265,7 @@ def write_traces(directory: Path) -> None:
         "big_job_vs_stream": trace_big_job_vs_stream,
         "mixed_day": trace_mixed_day,
         "small_and_whole": trace_small_and_whole,
+        "heavy_day_light_arrival": trace_heavy_day_light_arrival,
     }
     for name, make in makers.items():
         path = directory / f"{name}.jsonl"

@@ -183,6 +183,7 @@ def simulate(
     run_start: dict[int, float] = {}  # running job -> its run's start
     saved: dict[int, float] = {}  # job -> seconds of its work kept by checkpoints
     left_at: dict[int, float] = {}  # a job that failed in the queue -> when
+    finished: dict[int, bool] = {}  # the exit being handled: did the job end by itself?
     preemptions = 0
 
     def queue(tj: TraceJob, now: float, restarts: int = 0) -> list[Instruction]:
@@ -200,6 +201,8 @@ def simulate(
             ran = now - start
             every = checkpoint_every
             kept = math.floor(ran / every) * every if every else 0.0
+            if finished.pop(job_id, False):
+                kept = ran  # it ended by itself in its grace: nothing left but a restart
             saved[job_id] = saved.get(job_id, 0.0) + kept
             lost = ran - kept
         runs.setdefault(job_id, []).append((start, now, lost))
@@ -246,11 +249,14 @@ def simulate(
                 end_run(ins.job_id, now, requeued=True)
                 restarts = int(ins.fields.get("restarts", records[ins.job_id].restarts + 1))
                 records[ins.job_id].restarts = restarts
-                carry_out(queue(trace[ins.job_id], now, restarts), now)
+                if ins.job_id not in sched.queued:  # (the scheduler queues it again itself)
+                    carry_out(queue(trace[ins.job_id], now, restarts), now)
 
     def report_exits(now: float) -> None:
         for ev in runtime.exits(now):
+            finished[ev.job_id] = ev.exit_code == 0
             carry_out(sched.handle(ev, now), now)
+            finished.pop(ev.job_id, None)
 
     while nxt < len(arrivals) or sched.queued or sched.running:
         times = [t for t in (runtime.next_exit(), wakeup) if t is not None]
