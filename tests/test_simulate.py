@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def test_oversized_job_is_refused():
 
 
 def test_shipped_traces():
-    for name in ("heavy_vs_light", "big_job_vs_stream", "mixed_day", "small_and_whole"):
+    for name in ("heavy_vs_light", "big_job_vs_stream", "mixed_day", "small_and_whole",
+                 "heavy_day_light_arrival"):
         path = TRACES / f"{name}.jsonl"
         assert path.stat().st_size < 200_000
         result = simulate(load_trace(path), 4, CFG)
@@ -187,3 +189,118 @@ def test_small_and_whole_trace_with_and_without_sharing(capsys):
 def test_whole_gpu_traces_report_no_memory_figures(capsys):
     assert main([str(TRACES / "mixed_day.jsonl"), "--json"]) == 0
     assert "memory_utilisation" not in json.loads(capsys.readouterr().out)
+
+
+# -- preemption and demand-aware fairness ------------------------------------------------
+PRE = PolicyConfig(preemption="fairshare", preempt_grace=60.0)
+DAY_TRACE = TRACES / "heavy_day_light_arrival.jsonl"
+# mixed_day on 8 GPUs before #14: the table's lines must stay as they were.
+MIXED_DAY_8 = """\
+mixed_day.jsonl: 233 jobs on 8 GPUs, policy fairshare, half-life 7d00h00m
+user          jobs  GPU-hours  share  mean wait worst wait
+ana             32        7.9  0.167        12s      3m52s
+ben             46        9.1  0.167      3m11s     48m47s
+chen            64       12.4  0.167      1m56s     55m57s
+dara            18        6.5  0.167        36s      4m27s
+eli             47       11.8  0.167      1m21s     20m28s
+fay             26        5.7  0.167        26s      5m29s
+makespan 23h34m38s, utilisation 28.3%, Jain index 0.927
+"""
+
+
+def test_trace_preemptible_key():
+    (job,) = parse_trace(['{"submit": 0, "user": "a", "gpus": 1, "duration": 5, '
+                          '"preemptible": true}'])
+    assert job.preemptible is True
+    with pytest.raises(TraceError, match="preemptible"):
+        parse_trace(['{"submit": 0, "user": "a", "gpus": 1, "duration": 5, "preemptible": 1}'])
+
+
+def two_gpus(preemptible: bool | None = True) -> list[TraceJob]:
+    """A heavy 1-GPU job for 10000 s; at 5000 a light job wants both GPUs for 1000 s."""
+    return [TraceJob(1, 0.0, "heavy", 1, 10000.0, preemptible=preemptible),
+            TraceJob(2, 5000.0, "light", 2, 1000.0)]
+
+
+def test_a_preempted_job_is_killed_after_the_grace_and_runs_again_from_scratch():
+    result = simulate(two_gpus(), 2, PRE)
+    heavy, light = result.jobs
+    assert (light.start, light.end) == (5060.0, 6060.0)  # the grace, then the light job
+    assert (heavy.start, heavy.end, heavy.restarts) == (0.0, 16060.0, 1)  # all 10000 s again
+    assert result.fairness is not None and result.fairness.preemptions == 1
+    assert result.fairness.lost == pytest.approx(5060 / 3600)
+    users = {u.user: u for u in result.users}
+    assert users["heavy"].gpu_hours == pytest.approx((5060 + 10000) / 3600)
+    assert users["heavy"].mean_wait == 0.0  # waits count to the first start
+
+
+def test_checkpoints_keep_the_work_before_the_last_one():
+    result = simulate(two_gpus(), 2, PRE, checkpoint_every=1000.0)
+    heavy = result.jobs[0]
+    assert heavy.end == 6060.0 + 5000.0  # 5000 s saved at the checkpoint at 5000
+    assert result.fairness is not None
+    assert result.fairness.lost == pytest.approx(60 / 3600)
+    with pytest.raises(JobRejected, match="checkpoint"):
+        simulate(two_gpus(), 2, PRE, checkpoint_every=0.0)
+
+
+def test_only_preemptible_jobs_are_preempted():
+    for jobs, cfg in ((two_gpus(False), PRE), (two_gpus(None), PRE),
+                      (two_gpus(False), dataclasses.replace(PRE, preemptible_default=True))):
+        result = simulate(jobs, 2, cfg)
+        assert result.jobs[1].start == 10000.0 and result.jobs[0].restarts == 0
+    by_default = simulate(two_gpus(None), 2, dataclasses.replace(PRE, preemptible_default=True))
+    assert by_default.jobs[1].start == 5060.0
+
+
+def test_preemption_without_preemptible_jobs_changes_nothing():
+    for name in ("heavy_vs_light", "mixed_day", "small_and_whole"):
+        jobs = load_trace(TRACES / f"{name}.jsonl")
+        off = simulate(jobs, 8, CFG)
+        # Preemption on, but no job is preemptible: the same schedule.
+        on = simulate(jobs, 8, dataclasses.replace(CFG, preemption="fairshare"))
+        assert [(j.start, j.end) for j in on.jobs] == [(j.start, j.end) for j in off.jobs]
+        assert on.fairness is not None and on.fairness.preemptions == 0
+
+
+def test_the_table_keeps_its_lines_and_adds_the_fairness_block(capsys):
+    assert main([str(TRACES / "mixed_day.jsonl"), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(MIXED_DAY_8)
+    block = out[len(MIXED_DAY_8):]
+    assert "demand-aware fairness" in block and "first wait" in block
+    assert "demand-aware Jain index" in block and "0 preemptions" in block
+    assert "preemption fairshare" not in block
+
+
+def test_json_has_fairness_and_preemption_keys(capsys):
+    assert main([str(DAY_TRACE), "--gpus", "8", "--json"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert "preemption" not in off
+    assert set(off["fairness"]) == {"jain", "lost_gpu_hours", "preemptions", "users"}
+    assert set(off["fairness"]["users"][0]) == {"user", "received", "entitled", "ratio",
+                                                "first_wait", "lost"}
+    assert main([str(DAY_TRACE), "--gpus", "8", "--json", "--preemption", "fairshare",
+                 "--min-runtime", "0", "--preempt-grace", "0", "--checkpoint-every", "1h"]) == 0
+    on = json.loads(capsys.readouterr().out)
+    assert on["preemption"] == {"preemption": "fairshare", "min_runtime": 0.0,
+                                "preempt_grace": 0.0, "max_preemptions": 3,
+                                "preemptible_default": False, "checkpoint_every": 3600.0}
+    assert main([str(DAY_TRACE), "--checkpoint-every", "soon"]) == 2
+    assert "--checkpoint-every" in capsys.readouterr().err
+
+
+def test_preemption_serves_the_light_user_sooner_and_checkpoints_shrink_the_loss():
+    jobs = load_trace(DAY_TRACE)
+    cfg = dataclasses.replace(CFG, preemption="fairshare")
+    off, on = simulate(jobs, 8, CFG), simulate(jobs, 8, cfg)
+    saved = simulate(jobs, 8, cfg, checkpoint_every=3600.0)
+    assert off.fairness is not None and on.fairness is not None and saved.fairness is not None
+    light_off, light_on = off.fairness.users[1], on.fairness.users[1]
+    assert light_off.user == light_on.user == "light"
+    assert light_off.first_wait is not None and light_off.first_wait > 6 * 3600
+    assert light_on.first_wait is not None and light_on.first_wait <= cfg.preempt_grace
+    assert on.fairness.jain > off.fairness.jain
+    assert off.fairness.lost == 0 and on.fairness.preemptions > 0
+    assert 0 < saved.fairness.lost < on.fairness.lost
+    assert all(j.start is not None for j in on.jobs)
