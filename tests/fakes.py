@@ -25,6 +25,7 @@ class FakeContainer:
     exit_code: int | None = None
     created: bool = False  # created, never started
     stops: int = 0
+    graces: list[float | None] = field(default_factory=list)  # of each stop asked
 
 
 class FakeRuntime:
@@ -43,10 +44,11 @@ class FakeRuntime:
         self.containers[name] = FakeContainer(job_id)
         return name
 
-    def stop(self, ref: str) -> None:
+    def stop(self, ref: str, grace: float | None = None) -> None:
         c = self.containers.get(ref)
         if c is not None:
             c.stops += 1
+            c.graces.append(grace)
 
 
 @dataclass
@@ -135,7 +137,9 @@ class Driver:
                     continue
                 pending[0:0] = ins.then
             elif isinstance(ins, ev.StopContainer):
-                self.runtime.stop(ins.ref or f"c-{ins.job_id}")
+                self.runtime.stop(ins.ref or f"c-{ins.job_id}", ins.grace)
+            elif isinstance(ins, ev.PreemptJob):  # the stop signal, SIGKILL after the grace
+                self.runtime.stop(ins.container or f"c-{ins.job_id}", ins.grace)
             elif isinstance(ins, ev.RemoveContainer):
                 self.runtime.removed.append(ins.ref or f"c-{ins.job_id}")
 

@@ -49,6 +49,7 @@ from dopq.core.policy import (
     explain,
     fairshare_factors,
 )
+from dopq.core.preemption import Plan
 
 MAX_EVENTS = 400
 STARTING = "Starting"  # the reason of a job that starts at this instant
@@ -270,6 +271,13 @@ class _Words:
                 return end
         return INF
 
+    def preempt(self, plan: Plan) -> str:
+        """``will preempt job 12 of alice at ~10:42`` (now, or at the victims' min_runtime)."""
+        victims = ", ".join(
+            f"job {v} of {self.running[v].user}" if v in self.running else f"job {v}"
+            for v in plan.victims)
+        return f"will preempt {victims} at {self._at(plan.at)}"
+
     def reserved(self, q: QueuedJob) -> str:
         gpus = self.free[: q.num_gpus] if q.num_gpus else self.free
         what = ("GPU " if len(gpus) == 1 else "GPUs ") + ", ".join(map(str, gpus))
@@ -340,6 +348,7 @@ def estimate(
     starts, end_of, cut = _simulate(state, now, cfg, runtimes, first, order, max_events,
                                     window)
     words = _Words(state, now, cfg, first, starts, end_of, when)
+    plan = first.plan  # the head job's preemption (``preemption = "fairshare"``)
     unknown = sorted(jid for jid, end in end_of.items() if end is None)
     out: dict[int, Estimate] = {}
     ahead = 0
@@ -352,6 +361,8 @@ def estimate(
         if r == WaitReason.NONE:
             text = STARTING
             words.started(q)
+        elif r == WaitReason.RESOURCES and plan is not None and plan.job == q.id:
+            text = words.preempt(plan)
         elif r == WaitReason.RESOURCES:
             text = words.resources(q)
         elif r == WaitReason.RESERVED:
@@ -364,6 +375,8 @@ def estimate(
             text = f"Priority: {_plural(ahead, 'job')} ahead"
         ahead += 1
         start = starts.get(q.id)
+        if plan is not None and plan.job == q.id:  # the victims' grace is the longest wait
+            start = min(start if start is not None else INF, plan.at + cfg.preempt_grace)
         if start is None and "unknown" not in text:
             if cut:
                 text += f"; start not estimated (beyond {max_events} simulated events)"

@@ -342,8 +342,11 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
         placer.visit(q)
     heap = scorer.keys(rest)
     heapq.heapify(heap)
-    # Pop in order while a GPU job could still start without backfilling.
-    while heap and placer.open_for_gpu_jobs():
+    # Pop in order while a GPU job could still start without backfilling;
+    # with preemption, on a full machine too, as far as the head job (which
+    # may preempt): only CPU-only jobs start on the way, as they would below.
+    preempting = cfg.preemption != "off"
+    while heap and (placer.open_for_gpu_jobs() or (preempting and placer.shadow is None)):
         placer.visit(rest[heapq.heappop(heap)[3]])
     # Past that point only CPU-only jobs and backfill candidates can start;
     # the others would only be told why they wait, which explain() does.
