@@ -362,3 +362,20 @@ def test_a_day_long_heavy_job_makes_room_for_a_light_user_and_runs_again() -> No
     assert d.store.state(1) == JobState.SUCCEEDED and d.store.jobs[1]["restarts"] == 1
     ends = [i for i in d.done if isinstance(i, ev.CommitJob) and i.state == JobState.SUCCEEDED]
     assert [c.job_id for c in ends] == [2, 1]
+
+
+def test_nobody_backfills_onto_a_victims_devices_while_the_others_drain() -> None:
+    d = driver(gpus=2, usage={"alice": 60_000.0})
+    d.submit(1, "alice", preemptible=True, time_limit=36_000.0)
+    d.submit(2, "alice", preemptible=True, time_limit=36_000.0)
+    d.tick()
+    d.submit(3, "bob", 2)
+    assert victims(d.tick(MIN)) == [1, 2]
+    d.submit(4, "carol", 1, time_limit=3_600.0)  # would end long before jobs 1, 2's limits
+    d.exit(1, 143)
+    assert d.started(d.tick(1)) == []  # the head's reservation ends with the grace
+    d.submit(5, "dan", 1, time_limit=GRACE / 2)  # ends by then: may borrow the GPU
+    assert d.started(d.tick()) == [5]
+    d.exit(5, 0)
+    d.exit(2, 143)
+    assert d.started(d.tick(1)) == [3]

@@ -195,6 +195,21 @@ def stop_victims(decision: Decision, running: Mapping[int, Running],
     return out
 
 
+def draining(live: Running, asked: float | None, grace: float) -> tuple[float | None, bool]:
+    """The job's time limit and whether it is being stopped, as the policy sees them.
+
+    A preempted job ends by the end of its grace at the latest: so the
+    reservation of the job it makes room for ends then, and no job backfills
+    onto its devices unless it ends by then too. Its stored stop reason marks
+    it stopping after a server restart as well (no second victim for the head).
+    """
+    preempted = (live.error or "").startswith(PREEMPTED_PREFIX)
+    if not preempted or asked is None or live.started_at is None:
+        return live.time_limit, asked is not None or preempted
+    end = asked + grace - live.started_at
+    return (end if live.time_limit is None else min(live.time_limit, end)), True
+
+
 def requeue(live: Running) -> tuple[CommitJob, QueuedJob | None]:
     """A preempted job's return to the queue, and the job to queue again (if known here).
 

@@ -418,13 +418,13 @@ class Scheduler:
                       history: Sequence[str] | None = None) -> policy_mod.ClusterState:
         pool = self.pool
         pool.set_external(self.external - set(pool.held()), self.foreign)
-        running = [
-            policy_mod.RunningJob(r.id, r.user, r.num_gpus, r.gpus,
-                                  now if r.started_at is None else r.started_at, r.time_limit,
-                                  r.gpu_memory, r.preemptible, r.restarts, r.priority,
-                                  r.id in self.stopping)
-            for r in self.running.values()
-        ]
+        grace = self.config.policy.preempt_grace
+        running = []
+        for r in self.running.values():
+            limit, stopping = preemption.draining(r, self.stopping.get(r.id), grace)
+            running.append(policy_mod.RunningJob(
+                r.id, r.user, r.num_gpus, r.gpus, now if r.started_at is None else r.started_at,
+                limit, r.gpu_memory, r.preemptible, r.restarts, r.priority, stopping))
         return policy_mod.ClusterState(
             queued=list(self.queued.values()), running=running, free_gpus=pool.free(),
             usage=self.ledger.snapshot(now),
