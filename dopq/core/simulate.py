@@ -300,7 +300,8 @@ def simulate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: ``TRACE [--gpus N] [--policy P] [--half-life S] [--json]``.
+    """CLI entry: ``TRACE [--gpus N] [--policy P] [--half-life S] [--preemption fairshare
+    ...] [--checkpoint-every S] [--json]`` (``--help`` lists them all).
 
     ``argv`` are the arguments after ``dopq simulate`` (a leading
     ``simulate`` is tolerated).
