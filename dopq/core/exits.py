@@ -10,6 +10,9 @@ idleness enforced by the GPU watch), a vanished
 container, out of memory, a signal exit around an engine outage (requeued or
 failed per ``requeue_on_engine_restart``), exit 0, a signal from outside, any
 other exit code.
+
+A job whose stop reason starts :data:`PREEMPTED_PREFIX` does not end: the
+scheduler queues it again (:func:`dopq.core.preemption.requeue`) before asking here.
 """
 
 from __future__ import annotations

@@ -41,6 +41,13 @@ Placement (EASY backfill; :mod:`dopq.core.placement`)
     infinite shadow nothing backfills. ``max_gpus_per_user`` counts a shared
     job as its declared memory over the device's (as fair share charges it).
 
+Preemption (``preemption="fairshare"``; :mod:`dopq.core.preemption`)
+    The job that reserves (the head) may have preemptible jobs of users above
+    their fair share stopped for it: ``Decision.preempt`` lists (victim, for
+    job) to stop now, ``Decision.plan`` says whom it preempts and when, and a
+    later plan wakes the decision up. On a full machine the walk goes on as
+    far as the head so that it is known. Off: none of this runs.
+
 ``policy="recency"`` is DoPQ 1.0's order: a user's penalty is the sum of
 ``exp(-i)`` over their entries in the finished-job history (newest first, i
 from 0); order by penalty, then submit time. No aging tier (as in 1.0).
@@ -161,7 +168,8 @@ class QueueEntry:
 
 
 class Decision:
-    """What to do now: ``starts`` (job id, GPU indices), ``fail`` (job id, reason).
+    """What to do now: ``starts`` (job id, GPU indices), ``fail`` (job id, reason),
+    ``preempt`` (job id, for job id).
 
     ``next_wakeup`` is the earliest future time the decision may change with no
     event (a time limit runs out, a job reaches ``max_age``); the slow drift of

@@ -17,6 +17,10 @@ The scheduler applies a change as soon as it decides it and tells the driver
 to commit it; a commit the store refuses (compare-and-set) comes back as an
 event: only a refused start needs undoing (:class:`StartRefused`).
 
+Preemption: the policy names victims, :func:`dopq.core.preemption.stop_victims`
+stops them, and a victim's exit sends it back to the queue
+(:func:`dopq.core.preemption.requeue`) instead of ending it.
+
 How a container's end is classified: :func:`dopq.core.exits.classify`. A
 signal exit DoPQ did not ask for is looked at again after
 ``DEFER_SIGNAL_EXIT`` seconds: the engine may be on its way down.
