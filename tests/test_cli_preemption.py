@@ -107,7 +107,11 @@ def test_show_says_by_which_job_and_why(capsys: pytest.CaptureFixture[str],
     assert code == 0
     text = " ".join(out.split())
     assert "preemptible: yes" in text and "restarts: 1" in text
-    assert f"preempted: by job 17 at 2026-01-01T10:42:07.000Z: {WHY}" in text
+    assert ("preempted: by job 17 of bob (bob under fair share; alice above), at "
+            "2026-01-01T10:42:07.000Z") in text
+    shown["events"] = []
+    code, out, _ = run_cli(capsys, "show", "12")
+    assert "preempted: by job 17" in out
     plain = job(events=[], spec=None, outputs="/o/12", expected_start=None, reason=None,
                 expected_start_first=None, expected_start_last=None)
     monkeypatch.setattr("dopq.client.commands._client", lambda args: FakeClient({"job": plain}))

@@ -115,10 +115,10 @@ def _show_preemption(job: dict[str, Any]) -> None:
     if not restarts:
         return
     why = [e for e in job.get("events", []) if str(e.get("detail", "")).startswith("preempted")]
-    by = job.get("preempted_by")
-    line = f"by job {by}" if by is not None else "yes"
-    if why:
-        line += f" at {why[-1]['at']}: {why[-1]['detail']}"
+    if why:  # "preempted by job 17 of bob (bob under fair share; alice above)"
+        line = f"{why[-1]['detail'].removeprefix('preempted').strip()}, at {why[-1]['at']}"
+    else:  # the events were cleared
+        line = f"by job {job.get('preempted_by', '?')}"
     print(_wrapped("preempted", printable(line)))
 
 

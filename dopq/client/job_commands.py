@@ -222,8 +222,7 @@ def listing(method: str, cols: list[tuple[str, str]]) -> Any:
         if any(r.get("array_index") is not None for r in rows):
             at = [k for k, _ in shown].index("job") + 1
             shown.insert(at, ("array_index", "INDEX"))
-        if method != "history" and any(r.get("preemptible") or r.get("restarts")
-                                       for r in rows):
+        if any(r.get("preemptible") or r.get("restarts") for r in rows):
             # Only where preemption is in play: a preemptible job's restarts ("0P": may
             # be preempted, never was), a job that may not be preempted "-".
             for r in rows:
