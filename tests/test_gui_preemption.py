@@ -3,12 +3,17 @@ Queued views, and a job's preemption in its details. No server, no widgets."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-import pytest
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from dopq.client.gui.columns import QUEUED_COLUMNS, RUNNING_COLUMNS, restarts_text
-from dopq.client.gui.details import JobDialog
+import pytest  # noqa: E402
+
+pytest.importorskip("PySide6.QtWidgets")
+
+from dopq.client.gui.columns import QUEUED_COLUMNS, RUNNING_COLUMNS, restarts_text  # noqa: E402
+from dopq.client.gui.details import JobDialog  # noqa: E402
 
 
 @pytest.mark.parametrize(("row", "text"), [
@@ -31,3 +36,15 @@ def test_details_show_preemption() -> None:
     fields = dict(JobDialog.FIELDS)
     assert (fields["preemptible"], fields["restarts"], fields["preempted_by"]) == (
         "Preemptible", "Restarts", "Preempted for job")
+
+
+def test_submit_dialog_asks_preemptible(qtbot: Any) -> None:
+    from dopq.client.gui.dialogs import SubmitDialog
+
+    dialog = SubmitDialog()
+    qtbot.addWidget(dialog)
+    assert "preemptible" not in dialog.options()  # the job folder's, else the server's
+    dialog.preemptible.setCurrentIndex(1)
+    assert dialog.options()["preemptible"] is True
+    dialog.preemptible.setCurrentIndex(2)
+    assert dialog.options()["preemptible"] is False

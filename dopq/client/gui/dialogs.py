@@ -10,6 +10,7 @@ from typing import Any
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QDialog,
     QDialogButtonBox,
     QFileDialog,
@@ -209,6 +210,12 @@ class SubmitDialog(QDialog):
         self.memory.setPlaceholderText("e.g. 20g")
         self.time_limit = QLineEdit(self)
         self.time_limit.setPlaceholderText("e.g. 12h, 2d")
+        self.preemptible = QComboBox(self)
+        self.preemptible.addItems(["from container_config.json", "yes", "no"])
+        self.preemptible.setToolTip(
+            "yes: the job may be stopped (its stop signal, then a grace to save a checkpoint"
+            " in /outdir) for a user under their fair share, and run again later with"
+            " DOPQ_RESTART_COUNT set (container_config.json: preemptible)")
         form = QFormLayout(self)
         form.addRow("Job", pick)
         form.addRow("Name", self.name)
@@ -216,6 +223,7 @@ class SubmitDialog(QDialog):
         form.addRow("GPU memory", self.gpu_memory)
         form.addRow("Memory", self.memory)
         form.addRow("Time limit", self.time_limit)
+        form.addRow("Preemptible", self.preemptible)
         self.box = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel, self)
         self.box.button(QDialogButtonBox.StandardButton.Ok).setText("Submit")
@@ -251,6 +259,8 @@ class SubmitDialog(QDialog):
             opts["memory"] = self.memory.text().strip()
         if self.time_limit.text().strip():
             opts["time_limit"] = self.time_limit.text().strip()
+        if self.preemptible.currentIndex() > 0:
+            opts["preemptible"] = self.preemptible.currentIndex() == 1
         return opts
 
 
