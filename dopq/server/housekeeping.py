@@ -12,14 +12,14 @@ import threading
 import traceback
 from pathlib import Path
 
-from dopq.core.errors import DopqError
+from dopq.core.errors import DopqError, NotFound
 from dopq.core.jobs import ACTIVE_STATES, FINAL_STATES
 from dopq.core.settings import Settings
 from dopq.server import hostfs
 from dopq.server.images import cache_tag, job_tag, owner_tag_pattern
 from dopq.server.outputs import OutputFolders
 from dopq.server.runtime import ContainerRuntime
-from dopq.server.store import Store
+from dopq.server.store import JobRow, Store
 
 log = logging.getLogger("dopq.server.queue")
 
@@ -63,11 +63,15 @@ class Housekeeper:
                 return
             self.collecting.add(job_id)
         try:
-            row = self.store.job(job_id)
+            try:
+                row: JobRow | None = self.store.job(job_id)
+            except NotFound:
+                row = None  # a stray container of a job this store does not know
             # Preempted and queued again (restarts counts this run): its log is
             # kept apart, its outputs stay open for the next run to resume from.
-            preempted = row["state"] not in FINAL_STATES and row["restarts"] > 0
-            path = self.run_log_path(job_id, row["restarts"] if preempted else None)
+            run = row["restarts"] if row is not None else 0
+            preempted = run > 0 and row is not None and row["state"] not in FINAL_STATES
+            path = self.run_log_path(job_id, run if preempted else None)
             if not path.exists():
                 cap = self.settings.bytes_of("docker.log_max_bytes")
                 tmp = path.with_suffix(".tmp")
@@ -75,7 +79,7 @@ class Housekeeper:
                 hostfs.private_file(tmp)
                 tmp.replace(path)
             if not preempted:  # again after a crash: before the container goes
-                self.seal(job_id, row["user"])
+                self.seal(job_id, self.store.job(job_id)["user"])
             if self.settings.docker.remove_containers:
                 self.runtime.remove(cid, owner=self.owner)
                 self.untag(job_id)
@@ -98,7 +102,7 @@ class Housekeeper:
         if st is None or st.running:
             return  # nothing left, or not ours to touch: the start reports the clash
         path = self.run_log_path(job_id, restarts)
-        if not path.exists():
+        if not path.exists():  # collect() did not get to it
             tmp = path.with_suffix(".tmp")
             self.runtime.save_logs(st.id, tmp, self.settings.bytes_of("docker.log_max_bytes"))
             hostfs.private_file(tmp)
