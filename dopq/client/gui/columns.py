@@ -207,6 +207,7 @@ RUNNING_COLUMNS = (
     col("Job", "name"),
     col("User", "user"),
     Column("State", job_state, _state_text, coloured=True),
+    col("Restarts", "restarts", restarts_text, right=True, tip=RESTARTS_TIP),
     col("GPUs", "num_gpus", gpuview.gpu_request, right=True, tip=GPUS_TIP),
     Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus")),
            tip=ON_GPUS_TIP),
@@ -222,7 +223,6 @@ RUNNING_COLUMNS = (
     Column("GPU memory", lambda r: r.get("gpu_memory_used"), job_gpu_memory,
            tip="GPU memory the job's processes use, of its share when it declared one",
            searchable=False),
-    col("Restarts", "restarts", restarts_text, right=True, tip=RESTARTS_TIP),
     col("Started", "started_at", _time("started_at")),
 )
 
@@ -232,6 +232,7 @@ QUEUED_COLUMNS = (
     col("Job", "name"),
     col("User", "user"),
     Column("State", job_state, _state_text, coloured=True),
+    col("Restarts", "restarts", restarts_text, right=True, tip=RESTARTS_TIP),
     col("GPUs", "num_gpus", gpuview.gpu_request, right=True, tip=GPUS_TIP),
     col("Priority", "priority_value", lambda r: fmt_number(r.get("priority_value"), 3),
         right=True, tip="the policy's priority (higher runs first)", searchable=False),
@@ -241,7 +242,6 @@ QUEUED_COLUMNS = (
     col("Waiting", "wait_s", _dur("wait_s"), right=True, searchable=False),
     Column("Start", field("expected_start"), _start, tip=START_TIP, searchable=False),
     col("Reason", "reason", tip="why it waits (hover a row for all of it)"),
-    col("Restarts", "restarts", restarts_text, right=True, tip=RESTARTS_TIP),
     col("Submitted", "submitted_at", _time("submitted_at")),
 )
 
