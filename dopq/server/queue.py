@@ -291,10 +291,10 @@ class PriorityQueueThread(threading.Thread):
         except Exception:  # the store failed: the job stays queued
             self._handle(ev.StartRefused(job_id, retry=True))
             raise
-        if row["restarts"]:  # preempted before: its last run's container takes this name
-            self.house.clear_for_rerun(job_id, self.container_name(job_id), row["restarts"])
         self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
         try:
+            if row["restarts"]:  # preempted before: its last run's container has this name
+                self.house.clear_for_rerun(job_id, self.container_name(job_id), row["restarts"])
             cid = self.runtime.run(self.container_spec(row, gpus))
         except EngineUnavailable:
             self._carry_out(self._handle(ev.StartFailed(job_id, "engine unavailable", True)))
