@@ -133,3 +133,25 @@ def test_submit_preemptible_option(capsys: pytest.CaptureFixture[str]) -> None:
         run_cli(capsys, "submit", "--help")
     out = " ".join(capsys.readouterr().out.split())
     assert "--preemptible, --no-preemptible" in out and "DOPQ_RESTART_COUNT" in out
+
+
+def test_logs_of_an_earlier_run(capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    class Logs(FakeClient):
+        def call(self, method: str, *args: Any, **kw: Any) -> Any:
+            if method == "logs":
+                self.asked = args
+                kind = args[1]
+                return {"data": "run 0\ncheckpointed\n" if kind == "run.1" else "",
+                        "offset": 0, "done": True, "state": "queued"}
+            return super().call(method, *args, **kw)
+
+    queued_again = job(state="queued", started_at=None, preemptible=True, restarts=1)
+    client = Logs({"job": queued_again, "whoami": {"user": "alice"}})
+    monkeypatch.setattr("dopq.client.job_commands._client", lambda args: client)
+    code, out, err = run_cli(capsys, "logs", "12", "--run", "1")
+    assert code == 0 and out == "run 0\ncheckpointed\n" and client.asked[:2] == (12, "run.1")
+    code, out, err = run_cli(capsys, "logs", "12")
+    assert code == 0 and "dopq logs 12 --run N` shows its run N (1 to 1)" in err
+    code, out, err = run_cli(capsys, "logs", "12", "--run", "0")
+    assert code != 0 and "runs count from 1" in err

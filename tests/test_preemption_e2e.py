@@ -18,6 +18,7 @@ import pytest
 from conftest import wait_for
 from hostile import good_job
 
+from dopq.core.errors import DopqError
 from dopq.core.jobs import JobState
 from dopq.server.schema import MIGRATIONS, SCHEMA_VERSION
 from dopq.server.store import Store
@@ -82,6 +83,10 @@ def test_a_light_users_job_preempts_a_checkpointing_job_which_resumes(
     assert "run 1" in alice.call("logs", heavy)["data"]
     first_log = server.settings.state_path / "jobs" / str(heavy) / "run.1.log"
     assert "run 0" in first_log.read_text() and "checkpointed" in first_log.read_text()
+    earlier = alice.call("logs", heavy, "run.1")
+    assert earlier["data"] == first_log.read_text() and earlier["done"]
+    with pytest.raises(DopqError, match="preempted 1 times: no run 2"):
+        alice.call("logs", heavy, "run.2")
 
 
 def test_a_database_from_before_preemption_gains_the_columns(tmp_path: Path) -> None:

@@ -265,6 +265,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     job_id = one(c, args.id)
     kind = "build" if args.build else "run"
     job = c.call("job", job_id)
+    if args.run is not None:  # an earlier run of a preempted job: saved, it does not grow
+        if args.run < 1:
+            raise DopqError(f"--run {args.run}: runs count from 1 (the first run)")
+        r = c.call("logs", job_id, f"run.{args.run}", 0, 4 << 20)
+        sys.stdout.write(r["data"] if job["user"] == c.call("whoami")["user"]
+                         else printable_lines(r["data"]))
+        return 0
     # Another user's log (users.logs_visible_to_all) could drive this terminal:
     # its control characters are written out, only newlines and tabs stay.
     mine = job["user"] == c.call("whoami")["user"]
@@ -294,6 +301,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 elif not args.follow:
                     print(f"job {args.id} is {job['state']}: no log until it starts "
                           f"(`dopq logs -f {args.id}` waits for it)", file=sys.stderr)
+                    if job.get("restarts"):
+                        print(f"it was preempted: `dopq logs {args.id} --run N` shows its "
+                              f"run N (1 to {job['restarts']})", file=sys.stderr)
             return 0
         if not r["data"]:
             time.sleep(0.5)
@@ -445,6 +455,8 @@ def add_commands(add: Any, conn: Any) -> None:
     sp = add("logs", cmd_logs, "a job's run (or build) log", (conn,))
     sp.add_argument("id", type=job_ref)
     sp.add_argument("--build", action="store_true")
+    sp.add_argument("--run", type=int, metavar="N",
+                    help="a preempted job's N-th run (1: its first), saved when it was stopped")
     sp.add_argument("-f", "--follow", action="store_true",
                     help="follow the log (a queued job: wait for its start)")
     sp = add("cancel", cmd_cancel, "cancel jobs (an array's first id: the whole array; "

@@ -3,11 +3,13 @@
 The build log is a file the Provider writes; the run log is read from the
 container while it exists and from the file the queue thread saves when it
 ends (``jobs/<id>/run.log``), whichever there is. ``done`` tells a follower
-that no more will come.
+that no more will come. A preempted job's earlier runs are ``run.<n>.log``
+(kind ``run.1`` is its first run).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from dopq.core.errors import DopqError
@@ -20,6 +22,7 @@ from dopq.server.runtime import ContainerRuntime
 from dopq.server.store import Store
 
 MAX_READ = 4 << 20  # the most one call returns
+EARLIER_RUN = re.compile(r"run\.([1-9][0-9]{0,5})")  # run.1: a preempted job's first run
 
 
 def read_log(settings: Settings, store: Store, runtime: ContainerRuntime, who: Principal,
@@ -29,11 +32,23 @@ def read_log(settings: Settings, store: Store, runtime: ContainerRuntime, who: P
     row = store.job(int(job_id))
     authz.require(who, authz.Action.READ_LOGS, row["user"], job=job_id,
                   visible_to_all=settings.users.logs_visible_to_all)
-    if kind not in ("run", "build"):
-        raise DopqError("log kind must be 'run' or 'build'")
+    earlier = EARLIER_RUN.fullmatch(kind)
+    if kind not in ("run", "build") and earlier is None:
+        raise DopqError("log kind must be 'run', 'build' or 'run.N' (a preempted job's N-th run)")
     limit = max(1, min(int(limit), MAX_READ))
     offset = max(0, int(offset))
     path = job_dir(settings, row["id"]) / f"{kind}.log"
+    if earlier is not None:  # saved when that run was preempted; it will not grow
+        if int(earlier[1]) > int(row["restarts"] or 0):
+            raise DopqError(f"job {job_id} was preempted {row['restarts'] or 0} times: "
+                            f"no run {earlier[1]} to show (run.1 is its first run)")
+        data = b""
+        if path.exists():
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read(limit)
+        return {"data": data.decode("utf-8", "replace"), "offset": offset + len(data),
+                "done": len(data) < limit, "state": row["state"]}
 
     def from_file() -> bytes:
         try:
