@@ -10,6 +10,7 @@ Also the store's migration of a database from before preemption.
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,12 @@ def test_a_light_users_job_preempts_a_checkpointing_job_which_resumes(
     # Its events say so, dopq show names the job and why, the audit log records it.
     details = [e["detail"] for e in done["events"]]
     assert any(d.startswith("preempted") for d in details), details
-    assert any(e["action"] == "preempt" and f"job {heavy} of alice" in e["detail"]
-               for e in root.call("audit"))
+    audit = [e for e in root.call("audit")
+             if e["action"] == "preempt" and f"job {heavy} of alice" in e["detail"]]
+    assert len(audit) == 1, audit
+    # Its trap saved the checkpoint and ended it well within the grace (no SIGKILL).
+    back = next(e["at"] for e in done["events"] if e["detail"].startswith("preempted"))
+    assert 0 <= _seconds(back) - _seconds(audit[0]["at"]) < GRACE
     # Both runs' logs: the first kept apart, the second as the job's run log.
     assert "run 1" in alice.call("logs", heavy)["data"]
     first_log = server.settings.state_path / "jobs" / str(heavy) / "run.1.log"
@@ -87,6 +92,13 @@ def test_a_light_users_job_preempts_a_checkpointing_job_which_resumes(
     assert earlier["data"] == first_log.read_text() and earlier["done"]
     with pytest.raises(DopqError, match="preempted 1 times: no run 2"):
         alice.call("logs", heavy, "run.2")
+
+
+def _seconds(at: Any) -> float:
+    """An API time (ISO 8601 UTC, or a Unix time) in seconds."""
+    if isinstance(at, int | float):
+        return float(at)
+    return dt.datetime.fromisoformat(str(at).replace("Z", "+00:00")).timestamp()
 
 
 def test_a_database_from_before_preemption_gains_the_columns(tmp_path: Path) -> None:
