@@ -123,6 +123,21 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN preempted_by INTEGER
     """,
+    # 8: operations: a restarted job's original (dopq restart), the mean GPU
+    # utilisation NVML measured over a run (dopq report's efficiency), and the
+    # users' notification targets (dopq notify; the URLs hold secrets)
+    """
+    ALTER TABLE jobs ADD COLUMN restarted_from INTEGER;
+    ALTER TABLE jobs ADD COLUMN gpu_utilisation REAL;
+    CREATE TABLE notify_targets (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user TEXT NOT NULL,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX notify_targets_user ON notify_targets(user)
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
