@@ -167,3 +167,30 @@ class Driver:
 
     def of_type(self, kind: type) -> list[Any]:
         return [i for i in self.done if isinstance(i, kind)]
+
+
+class AnswerClient:
+    """A client for the CLI's printers: each method returns its canned answer."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+
+    def call(self, method: str, *args: Any, **kw: Any) -> Any:
+        return self.answers[method]
+
+
+def database_at(path: Any, version: int) -> Any:
+    """A database left by an older DoPQ: schema ``version``, one queued job of alice."""
+    import sqlite3
+
+    from dopq.server.schema import MIGRATIONS
+
+    db = sqlite3.connect(path)
+    for step in MIGRATIONS[:version]:
+        db.executescript(step)
+    db.execute(f"PRAGMA user_version={version}")
+    db.execute("INSERT INTO jobs (name, user, state, num_gpus, submitted_at) "
+               "VALUES ('old', 'alice', 'queued', 1, 1.0)")
+    db.commit()
+    db.close()
+    return path

@@ -10,18 +10,11 @@ from typing import Any
 
 import pytest
 from conftest import run_cli
+from fakes import AnswerClient
 
 from dopq.client import gpuview
 
 G = 2**30
-
-
-class FakeClient:
-    def __init__(self, answers: dict[str, Any]) -> None:
-        self.answers = answers
-
-    def call(self, method: str, *args: Any, **kw: Any) -> Any:
-        return self.answers[method]
 
 
 def job(**kw: Any) -> dict[str, Any]:
@@ -67,7 +60,7 @@ def test_running_listing_shows_requests_use_and_idle(
             job(id=8, name="whole", num_gpus=2, gpus=[1, 2], gpu_memory_used=20 * G,
                 gpu_utilisation=1.0, idle_since="2026-01-01T10:00:00.000Z")]
     monkeypatch.setattr("dopq.client.job_commands._client",
-                        lambda args: FakeClient({"running": rows}))
+                        lambda args: AnswerClient({"running": rows}))
     code, out, _ = run_cli(capsys, "running")
     assert code == 0
     head, first, second = out.splitlines()
@@ -101,7 +94,7 @@ def test_status_names_holders_and_foreign_processes(
         ],
     }
     monkeypatch.setattr("dopq.client.info_commands._client",
-                        lambda args: FakeClient({"status": status}))
+                        lambda args: AnswerClient({"status": status}))
     code, out, _ = run_cli(capsys, "status")
     assert code == 0
     lines = out.splitlines()

@@ -12,20 +12,13 @@ from typing import Any
 
 import pytest
 from conftest import run_cli
+from fakes import AnswerClient
 
 from dopq.client.commands import build_parser
 from dopq.client.job_commands import _submit_options, restarts_cell
 
 WILL_PREEMPT = "will preempt job 12 of alice at ~10:42"
 WHY = "preempted by job 17 of bob (bob under fair share; alice above)"
-
-
-class FakeClient:
-    def __init__(self, answers: dict[str, Any]) -> None:
-        self.answers = answers
-
-    def call(self, method: str, *args: Any, **kw: Any) -> Any:
-        return self.answers[method]
 
 
 def job(**kw: Any) -> dict[str, Any]:
@@ -71,7 +64,7 @@ def test_restarts_cell(row: dict[str, Any], text: str) -> None:
 def test_listings_add_restarts_only_where_a_job_is_preemptible(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     answers = {"running": [job()], "queue": [queued(reason=WILL_PREEMPT)]}
-    monkeypatch.setattr("dopq.client.job_commands._client", lambda args: FakeClient(answers))
+    monkeypatch.setattr("dopq.client.job_commands._client", lambda args: AnswerClient(answers))
     code, out, _ = run_cli(capsys, "running")
     assert code == 0 and "RESTARTS" not in out  # as before #14 when no job is preemptible
     answers["running"] = [job(preemptible=True, restarts=1), job(id=13, name="other")]
@@ -102,7 +95,7 @@ def test_show_says_by_which_job_and_why(capsys: pytest.CaptureFixture[str],
                 restarts=1, preempted_by=17, events=events, spec=None, outputs="/o/12",
                 expected_start=None, reason="Resources", expected_start_first=None,
                 expected_start_last=None)
-    monkeypatch.setattr("dopq.client.commands._client", lambda args: FakeClient({"job": shown}))
+    monkeypatch.setattr("dopq.client.commands._client", lambda args: AnswerClient({"job": shown}))
     code, out, _ = run_cli(capsys, "show", "12")
     assert code == 0
     text = " ".join(out.split())
@@ -114,7 +107,7 @@ def test_show_says_by_which_job_and_why(capsys: pytest.CaptureFixture[str],
     assert "preempted: by job 17" in out
     plain = job(events=[], spec=None, outputs="/o/12", expected_start=None, reason=None,
                 expected_start_first=None, expected_start_last=None)
-    monkeypatch.setattr("dopq.client.commands._client", lambda args: FakeClient({"job": plain}))
+    monkeypatch.setattr("dopq.client.commands._client", lambda args: AnswerClient({"job": plain}))
     code, out, _ = run_cli(capsys, "show", "12")
     assert code == 0 and "preempt" not in out and "restarts" not in out
 
@@ -137,7 +130,7 @@ def test_submit_preemptible_option(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_logs_of_an_earlier_run(capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    class Logs(FakeClient):
+    class Logs(AnswerClient):
         def call(self, method: str, *args: Any, **kw: Any) -> Any:
             if method == "logs":
                 self.asked = args

@@ -9,16 +9,16 @@ share is refused at submit. Also the store's migration of a DoPQ 1.0 database.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Running, wait_for
+from fakes import database_at
 from hostile import good_job, zip_it
 
 from dopq.core.errors import JobRejected
-from dopq.server.schema import MIGRATIONS, SCHEMA_VERSION
+from dopq.server.schema import SCHEMA_VERSION
 from dopq.server.store import Store
 
 GIB = 2**30
@@ -111,14 +111,7 @@ def test_an_inbox_job_asking_too_much_fails_with_the_reason(
 def test_a_dopq_1_database_gains_gpu_memory_0(tmp_path: Path) -> None:
     """Jobs stored before #13 read as whole-GPU jobs after the migration."""
     path = tmp_path / "old.sqlite"
-    db = sqlite3.connect(path)
-    for step in MIGRATIONS[:5]:
-        db.executescript(step)
-    db.execute("PRAGMA user_version=5")
-    db.execute("INSERT INTO jobs (name, user, state, num_gpus, submitted_at) "
-               "VALUES ('old', 'alice', 'queued', 1, 1.0)")
-    db.commit()
-    db.close()
+    database_at(path, 5)
     store = Store(path)
     try:
         assert store.read("PRAGMA user_version")[0][0] == SCHEMA_VERSION

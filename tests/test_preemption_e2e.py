@@ -11,17 +11,17 @@ Also the store's migration of a database from before preemption.
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import wait_for
+from fakes import database_at
 from hostile import good_job
 
 from dopq.core.errors import DopqError
 from dopq.core.jobs import JobState
-from dopq.server.schema import MIGRATIONS, SCHEMA_VERSION
+from dopq.server.schema import SCHEMA_VERSION
 from dopq.server.store import Store
 
 GRACE = 10.0
@@ -104,14 +104,7 @@ def _seconds(at: Any) -> float:
 def test_a_database_from_before_preemption_gains_the_columns(tmp_path: Path) -> None:
     """Jobs stored before #14 read as not preemptible, never restarted."""
     path = tmp_path / "old.sqlite"
-    db = sqlite3.connect(path)
-    for step in MIGRATIONS[:6]:
-        db.executescript(step)
-    db.execute("PRAGMA user_version=6")
-    db.execute("INSERT INTO jobs (name, user, state, num_gpus, submitted_at) "
-               "VALUES ('old', 'alice', 'queued', 1, 1.0)")
-    db.commit()
-    db.close()
+    database_at(path, 6)
     store = Store(path)
     try:
         assert store.read("PRAGMA user_version")[0][0] == SCHEMA_VERSION
