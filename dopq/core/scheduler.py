@@ -49,7 +49,7 @@ from dopq.core.exits import (  # noqa: F401 (TIMEOUT, OOM, OUTPUT_LIMIT: the sch
     TIMEOUT,
     classify,
 )
-from dopq.core.jobs import JobState
+from dopq.core.jobs import WAITING_STATES, JobState
 from dopq.core.usage import UsageLedger, charge_rates
 
 log = logging.getLogger("dopq.core.scheduler")
@@ -133,7 +133,7 @@ class Scheduler:
     def _on_CancelRequested(self, ev: E.CancelRequested, now: float,
                             out: list[E.Instruction]) -> None:
         reason = f"{CANCELLED_PREFIX} by {ev.by}"
-        if ev.state in (JobState.RECEIVED, JobState.BUILDING, JobState.QUEUED):
+        if ev.state in WAITING_STATES:
             # The queue drops it when the store says it left (a start racing
             # this cancel loses the compare-and-set, or this one does).
             out.append(E.CommitJob(ev.job_id, JobState.CANCELLED, (ev.state,),
