@@ -145,6 +145,11 @@ class GuiSettings:
 
 
 @dataclass
+class MetricsSettings:
+    listen: str = ""  # host:port of the Prometheus endpoint; empty: off
+
+
+@dataclass
 class Settings:
     state_dir: str = "/var/lib/dopq"
     inbox: str = ""  # empty: <state_dir>/inbox
@@ -159,6 +164,7 @@ class Settings:
     users: UserSettings = field(default_factory=UserSettings)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # dopq.core.fairshare
     gui: GuiSettings = field(default_factory=GuiSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     mounts: list[MountSettings] = field(default_factory=list)
 
     # -- derived paths ------------------------------------------------------
@@ -256,6 +262,7 @@ class Settings:
             if _get(self, key) <= 0:
                 raise ConfigError(key, "must be positive")
         self.policy.validate("policy.")
+        self.metrics_address()
         for i, mount in enumerate(self.mounts):
             if not mount.source.startswith("/") or not mount.target.startswith("/"):
                 raise ConfigError(f"mounts[{i}]", "source and target must be absolute paths")
@@ -285,6 +292,22 @@ class Settings:
             raise ConfigError("gpus.idle_utilisation", "must be a percentage (0-100)")
         if g.sample_interval <= 0:
             raise ConfigError("gpus.sample_interval", "must be positive")
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics.listen`` as (host, port); None when empty (metrics off).
+
+        ``[::1]:9400`` for IPv6; port 0 takes any free port (tests).
+        """
+        text = self.metrics.listen.strip()
+        if not text:
+            return None
+        host, sep, port = text.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(
+                c.isspace() or c in "/[]" for c in host):
+            raise ConfigError("metrics.listen", f"expected host:port, like 127.0.0.1:9400 "
+                              f"(got {text!r})")
+        return host, int(port)
 
     def gpu_idle_after(self) -> float:
         """``gpus.idle_after`` in seconds."""

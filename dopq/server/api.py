@@ -17,6 +17,7 @@ import functools
 import logging
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -73,6 +74,7 @@ def api_call(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except DopqError:
@@ -82,6 +84,10 @@ def api_call(fn: F) -> F:
         except Exception as exc:  # noqa: BLE001
             log.error("API %s failed\n%s", fn.__name__, traceback.format_exc())
             raise DopqError(f"internal error in {fn.__name__}: {exc.__class__.__name__}") from None
+        finally:
+            metrics = getattr(getattr(args[0] if args else None, "_p", None), "metrics", None)
+            if metrics is not None:  # the method's name: a fixed set, no caller-made labels
+                metrics.api_call(fn.__name__, time.perf_counter() - began)
 
     return wrapper  # type: ignore[return-value]
 
