@@ -156,7 +156,7 @@ class _Line:
         waits = self.waits
         return {
             "user": user, "month": month, "jobs": self.jobs, **self.ends,
-            "gpu_hours": round(self.gpu_hours, 4), "cpu_hours": round(self.cpu_hours, 4),
+            "gpu_hours": round(self.gpu_hours, 6), "cpu_hours": round(self.cpu_hours, 6),
             "wait_mean": round(sum(waits) / len(waits), 1) if waits else None,
             "wait_p90": percentile(waits, 0.9),
             "efficiency": (round(self.measured_util / self.measured_hours, 1)

@@ -283,6 +283,19 @@ class Controller:
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._p.commands.audit_log(self._who(), int(limit))
 
+    @api_call
+    def report(self, since: str | None = None, until: str | None = None,
+               by: str | None = None) -> dict[str, Any]:
+        """Usage of finished jobs (``dopq report``): one's own lines, an admin's all."""
+        who = self._who()
+        return self._p.commands.report(who, *(None if v is None else str(v)[:64]
+                                              for v in (since, until, by)))
+
+    @api_call
+    def restart_job(self, job_id: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue a copy of a finished job with its image and changed options."""
+        return self._p.commands.restart(self._who(), int(job_id), overrides)
+
     # -- users (admins) ---------------------------------------------------------------------
     @api_call
     def user_list(self) -> list[dict[str, Any]]:
@@ -325,6 +338,7 @@ RULES: dict[str, tuple[Action, ...]] = {
     "shutdown": (Action.SHUTDOWN,), "set_share": (Action.SET_SHARE,), "audit": (Action.AUDIT,),
     "user_add": (Action.USER_ADD,), "user_remove": (Action.USER_REMOVE,),
     "user_passwd": (Action.USER_PASSWD,), "revoke_tokens": (Action.REVOKE_TOKENS,),
+    "report": (Action.REPORT,), "restart_job": (Action.RESTART, Action.SUBMIT),
 }
 
 

@@ -270,6 +270,8 @@ class Supervisor:
         }
         found = self.gpu_sampler.observe(samples, jobs, now, self._foreign_containers())
         self.queue.set_foreign(found.foreign)
+        for job_id, mean in found.ended.items():  # dopq report's efficiency
+            self.store.update_job(job_id, gpu_utilisation=mean)
         report = {"jobs": found.jobs, "devices": found.devices}
         if report != self._gpu_report:
             self._gpu_report = report

@@ -66,6 +66,7 @@ def job_view(row: JobRow, now: float) -> dict[str, Any]:
         "preemptible": row["preemptible"],
         "restarts": row["restarts"],
         "preempted_by": row["preempted_by"],
+        "restarted_from": row.get("restarted_from"),
     }
 
 

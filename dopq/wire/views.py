@@ -66,6 +66,7 @@ class JobView(TypedDict):
     preemptible: NotRequired[bool]  # NotRequired: older servers leave the three out
     restarts: NotRequired[int]  # times it was preempted and queued again
     preempted_by: NotRequired[int | None]  # the job it was last preempted for
+    restarted_from: NotRequired[int | None]  # dopq restart: the finished job it copies
 
 
 class JobDetail(JobView):
