@@ -40,8 +40,10 @@ RESTART_OPTIONS = {"gpus": "num_gpus", "memory": "memory", "time_limit": "time_l
                    "preemptible": "preemptible"}
 
 
-def finished_rows(store: Store, since: float | None, until: float | None) -> list[dict[str, Any]]:
-    """Finished jobs that ended in [since, until), hidden ones too."""
+def finished_rows(store: Store, since: float | None, until: float | None,
+                  user: str | None = None) -> list[dict[str, Any]]:
+    """Finished jobs (of ``user``, or everyone's) that ended in [since, until),
+    hidden ones too."""
     states = [s.value for s in FINAL_STATES]
     sql = (f"SELECT {', '.join(REPORT_COLUMNS)} FROM jobs WHERE state IN "
            f"({', '.join('?' * len(states))}) AND finished_at IS NOT NULL")
@@ -52,6 +54,9 @@ def finished_rows(store: Store, since: float | None, until: float | None) -> lis
     if until is not None:
         sql += " AND finished_at < ?"
         params.append(until)
+    if user is not None:
+        sql += " AND user = ?"
+        params.append(user)
     out = []
     for r in store.read(sql, params):
         row = dict(r)
@@ -67,7 +72,9 @@ def usage_report(store: Store, devices: Sequence[GpuInfo], who: Principal,
     end = accounting.parse_date(until, end=True) if until else None
     if start is not None and end is not None and start >= end:
         raise DopqError(f"--since {since} is not before --until {until}")
-    rows = [r for r in finished_rows(store, start, end)
+    # A user's own rows only are read (a user's report costs what their jobs do);
+    # each row is still checked against the rule.
+    rows = [r for r in finished_rows(store, start, end, None if who.is_admin else who.name)
             if authz.may(who, Action.REPORT, r["user"])]
     memory = {d.index: d.memory_total for d in devices}
     return {"by": group.value, "since": since, "until": until,
