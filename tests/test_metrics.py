@@ -222,3 +222,46 @@ def test_prometheus_scrapes_a_running_server(
     result = wait_for(answered, 60, 0.5)
     assert float(result[0]["value"][1]) == 1.0
     assert float(prom_query(port, "dopq_engine_up")[0]["value"][1]) == 1.0
+
+
+# -- the shipped examples -------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_dashboard_asks_only_for_metrics_the_server_serves() -> None:
+    import re
+
+    dash = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    workers = SimpleNamespace(queue=SimpleNamespace(engine_up=True))
+    m = Metrics(None, fake_views(REST), workers)
+    m.job_finished({"user": "alice", "state": "succeeded"})
+    m.api_call("status", 0.1)
+    served = set(re.findall(r"^(dopq_\w+?)(?:\{| )", exposition(m), re.M))
+    used = {n for e in exprs for n in re.findall(r"\bdopq_\w+", e)}
+    assert used and used <= served, used - served
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for shown in ("queue length", "wait", "gpu holders", "per user"):
+        assert shown in titles
+
+
+def test_the_example_prometheus_config_is_valid() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (scripts/prometheus.sh installs it)")
+    out = subprocess.run([promtool, "check", "config", str(DOCS / "prometheus.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_scrape_bench_runs(tmp_path: Path) -> None:
+    import sys
+
+    out = tmp_path / "metrics.json"
+    root = DOCS.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_metrics.py"), "--quick",
+                           "--json", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["events_caught_up"] == 2000 and r["scrape_ms"]["n"] == 50 and r["catch_up_ms"] > 0
