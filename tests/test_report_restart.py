@@ -10,6 +10,7 @@ image are refused with one line.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,13 @@ def test_report_and_restart_end_to_end(server_factory: Any, jobs_dir: Path,
     assert out.splitlines()[0].startswith("user,jobs,") and out.splitlines()[1].startswith("alice,")
     code, out, err = run_cli(capsys, "report", "--since", "2026-13")
     assert code == 1 and "bad date" in err and "Traceback" not in err
+    code, out, err = run_cli(capsys, "restart", str(first), "--time-limit", "10m", "--json")
+    assert code == 0, err
+    via_cli = server.wait_job(json.loads(out)["id"])
+    assert via_cli["time_limit"] == 600 and via_cli["state"] == "succeeded"
+    code, out, err = run_cli(capsys, "restart", str(other))
+    assert code == 1 and err.strip() == (f"dopq: error: cannot restart job {other}: "
+                                         "it belongs to bob")
 
     # -- refusals -------------------------------------------------------------------------
     with pytest.raises(Forbidden, match=f"cannot restart job {first}: it belongs to alice"):
