@@ -151,6 +151,10 @@ ROWS: list[Row] = [
     Row("user_passwd", "of-alice", Action.USER_PASSWD,
         own_or_admin("changing another user's password needs the admin role")),
     Row("revoke_tokens", "", Action.REVOKE_TOKENS, admin_only("revoke tokens"), owner=None),
+    # One's own notification targets; an admin lists and removes anyone's.
+    *(Row(m, "", Action.NOTIFY, SIGNED_IN, owner=None) for m in ("notify_add", "notify_list")),
+    Row("notify_remove", "of-alice", Action.NOTIFY,
+        own_or_admin(f"notification target {JOB} belongs to alice"), facts={"job": JOB}),
     # dopq report: every signed-in caller; each line is its user's and the admins'
     Row("report", "", Action.REPORT, SIGNED_IN, owner=None),
     Row("report", "alices-line", Action.REPORT,

@@ -221,6 +221,9 @@ def build_parser(host: HostCommands = CLIENT_ONLY) -> argparse.ArgumentParser:
     sp = add("audit", info.cmd_audit, "admin: the audit log")
     sp.add_argument("--limit", type=int, default=100)
     add("servers", info.cmd_servers, "DoPQ servers registered in the name server")
+    from dopq.client import notify_commands
+
+    notify_commands.add_commands(add)
     from dopq.client import report_commands
 
     report_commands.add_commands(add)

@@ -150,6 +150,15 @@ class MetricsSettings:
 
 
 @dataclass
+class NotifySettings:
+    urls: list[str] = field(default_factory=list)  # apprise URLs for server events (admins')
+    retries: int = 3  # more tries of a failed send, each after twice the wait
+    log_lines: int = 20  # last lines of a job's log in its message
+    disk_low: str = "5g"  # free space under state_dir that raises "disk low"; "0": off
+    allow_schemes: list[str] = field(default_factory=list)  # users' URL schemes; empty: any
+
+
+@dataclass
 class Settings:
     state_dir: str = "/var/lib/dopq"
     inbox: str = ""  # empty: <state_dir>/inbox
@@ -165,6 +174,7 @@ class Settings:
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # dopq.core.fairshare
     gui: GuiSettings = field(default_factory=GuiSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     mounts: list[MountSettings] = field(default_factory=list)
 
     # -- derived paths ------------------------------------------------------
@@ -263,6 +273,13 @@ class Settings:
                 raise ConfigError(key, "must be positive")
         self.policy.validate("policy.")
         self.metrics_address()
+        for key in ("notify.retries", "notify.log_lines"):
+            if not 0 <= _get(self, key) <= 1000:
+                raise ConfigError(key, "must be between 0 and 1000")
+        try:
+            self.bytes_of("notify.disk_low")
+        except JobRejected as exc:
+            raise ConfigError("notify.disk_low", exc.reason) from None
         for i, mount in enumerate(self.mounts):
             if not mount.source.startswith("/") or not mount.target.startswith("/"):
                 raise ConfigError(f"mounts[{i}]", "source and target must be absolute paths")

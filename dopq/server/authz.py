@@ -57,6 +57,7 @@ class Action(StrEnum):
     USER_REMOVE = "user remove"
     USER_PASSWD = "user passwd"  # owner: the user whose password changes
     REVOKE_TOKENS = "revoke tokens"
+    NOTIFY = "notify"  # one's notification targets; owner: the target's user; facts: job (its id)
     REPORT = "report"  # owner: whose usage a report line is (one's own, or an admin)
     RESTART = "restart"
 
@@ -85,6 +86,7 @@ OWNER_OR_ADMIN = {
     Action.CANCEL: "cannot cancel job {job}: it belongs to {owner}",
     Action.FETCH_OUTPUTS: "cannot fetch the outputs of job {job}: it belongs to {owner}",
     Action.USER_PASSWD: "changing another user's password needs the admin role",
+    Action.NOTIFY: "notification target {job} belongs to {owner}",
     Action.REPORT: "the usage of {owner} is theirs and the admins' to see",
     Action.RESTART: "cannot restart job {job}: it belongs to {owner}",
 }
