@@ -153,6 +153,25 @@ def test_the_endpoint_has_its_own_registry_and_shrugs_off_garbage() -> None:
         b.stop()
 
 
+def test_scrapes_never_read_the_store_and_the_follower_counts_on_its_own(store: Store) -> None:
+    """The HTTP server runs each scrape on a new thread, and the store keeps a reader
+    connection per reading thread: a scrape that read the store would leak one each."""
+    job = store.add_job(name="n", user="alice", origin="api", state=JobState.QUEUED)
+    m = Metrics(store, fake_views(REST), SimpleNamespace(queue=SimpleNamespace(engine_up=True)))
+    m.start(settings.from_dict({"metrics": {"listen": "127.0.0.1:0"}}))
+    try:
+        store.transition(job, JobState.RUNNING)
+        store.transition(job, JobState.SUCCEEDED)
+        url = f"http://127.0.0.1:{m.port}/metrics"
+        wait_for(lambda: 'state="succeeded",user="alice"} 1.0' in get(url), 10)
+        readers = len(store._readers)
+        for _ in range(20):
+            get(url)
+        assert len(store._readers) == readers <= 2  # this thread's and the follower's
+    finally:
+        m.stop()
+
+
 # -- a real server, scraped by Debian's real Prometheus ------------------------------------
 def prom_query(port: int, query: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})

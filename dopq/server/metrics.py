@@ -14,7 +14,9 @@ global one, so a process can hold several servers, as the tests do):
   end on the queue thread, so rather than reach into either, ``follow`` reads
   the store's event log from where it last stopped (every state change writes
   one row there, from any process) and calls the hooks for each change it
-  sees. It runs at each scrape, under its own lock, reading only the new rows.
+  sees. It runs every ``FOLLOW_EVERY`` on a thread of its own, reading only the
+  new rows: not in the scrape, whose HTTP server starts a thread per request
+  (and the store keeps a reader connection per thread that reads).
 
 The endpoint has no sign-in: what it shows is what every signed-in user sees
 in ``dopq users`` and ``dopq status`` (user names, counts, GPUs), never job
@@ -44,6 +46,7 @@ WAIT_BUCKETS = (1, 10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 36
 BUILD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 API_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
 TAIL_CHUNK = 5000  # event rows read per query while catching up
+FOLLOW_EVERY = 1.0  # seconds between reads of the event log
 FINAL = {s.value for s in FINAL_STATES}
 ALL_STATES = [s.value for s in JobState]
 
@@ -108,10 +111,7 @@ class _Gauges(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        try:
-            m.follow()
-        except Exception:  # noqa: BLE001 - a scrape must not fail for the event log
-            log.warning("reading the event log for metrics failed\n%s", traceback.format_exc())
+        # The newest version already built (never ``current()``, which may build one).
         version = m.views.cache._newest() if m.views is not None else None
         yield from gauges(version.rest if version is not None else None, m.engine_up())
 
@@ -148,6 +148,8 @@ class Metrics:
                 self._jobs[int(row[0])] = (str(row[1]), float(row[2]))
         self._http: Any = None
         self._thread: threading.Thread | None = None
+        self._halt = threading.Event()
+        self._follower: threading.Thread | None = None
 
     # -- hooks ------------------------------------------------------------------------
     def job_started(self, row: Mapping[str, Any]) -> None:
@@ -226,12 +228,28 @@ class Metrics:
         except OSError as exc:
             raise ConfigError("metrics.listen", f"cannot listen on {host}:{port}: "
                               f"{exc.strerror or exc}") from None
+        self._halt.clear()
+        self._follower = threading.Thread(target=self._follow_loop, name="dopq-metrics",
+                                          daemon=True)
+        self._follower.start()
+
+    def _follow_loop(self) -> None:
+        while not self._halt.wait(FOLLOW_EVERY):
+            try:
+                self.follow()
+            except Exception:  # noqa: BLE001 - the thread must live on
+                log.warning("reading the event log for metrics failed\n%s",
+                            traceback.format_exc())
 
     @property
     def port(self) -> int | None:
         return int(self._http.server_port) if self._http is not None else None
 
     def stop(self) -> None:
+        self._halt.set()
+        if self._follower is not None:
+            self._follower.join(timeout=5)
+            self._follower = None
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
