@@ -300,3 +300,37 @@ def test_disk_low_is_told_once(settings: Settings, store: Store) -> None:
     assert notifier._queue.qsize() == 1
     settings.notify.disk_low = "0"
     Notifier(settings, store).check_disk(0.0)
+
+
+# -- end to end: the real server, Docker and the API -------------------------------------------
+@pytest.mark.docker
+def test_a_real_jobs_start_and_failure_reach_its_owner_only(
+        server: Any, jobs_dir: Path, receiver: Receiver, capsys: Any,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from conftest import cli_login, run_cli, wait_for
+    from hostile import good_job
+
+    port = receiver.server_address[1]
+    alice, bob, root = server["alice"], server["bob"], server["root"]
+    mine = alice.call("notify_add", f"json://alice:hook-secret@127.0.0.1:{port}/a",
+                      ["started", "failed"])
+    assert [t["id"] for t in bob.call("notify_list")] == []
+    assert "hook-secret" in root.call("notify_list")[0]["url"]  # admins see them whole
+    with pytest.raises(DopqError, match="no notification target"):
+        bob.call("notify_remove", mine["id"])
+    with pytest.raises(DopqError, match="apprise does not understand"):
+        bob.call("notify_add", "nosuch://x/y")
+    script = 'for i in 1 2 3 4 5; do echo "step $i"; done; exit 3'
+    job = alice.submit(good_job(jobs_dir, "alice", "noisy", script))["id"]
+    bob.submit(good_job(jobs_dir, "bob", "quiet", "exit 1"))  # Bob has no targets
+    assert server.wait_job(job, 90)["state"] == "failed"
+    wait_for(lambda: len(receiver.got) >= 2, 30)
+    titles = [m["title"] for m in receiver.got]
+    assert any(t.endswith(f"job {job} (noisy) of alice: started") for t in titles)
+    failed = next(m["message"] for m in receiver.got if m["title"].endswith(": failed"))
+    assert "state: failed, exit code 3" in failed and failed.endswith("step 4\nstep 5")
+    cli_login(server, monkeypatch, tmp_path)
+    code, out, _ = run_cli(capsys, "notify", "list")
+    assert code == 0 and f"127.0.0.1:{port}/a" in out
+    assert run_cli(capsys, "notify", "remove", str(mine["id"]))[0] == 0
+    assert alice.call("notify_list") == []

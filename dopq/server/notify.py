@@ -189,10 +189,10 @@ class Notifier(threading.Thread):
     def step(self, wait: float | None = None) -> None:
         """Read new job events, check the disk, then send what is queued (waiting up to
         ``wait`` seconds, default ``poll``, for something to send)."""
-        self.read_events()
+        behind = self.read_events() == EVENT_BATCH  # more to read: no waiting
         self.check_disk(self.clock())
         try:
-            item = self._queue.get(timeout=self.poll if wait is None else wait)
+            item = self._queue.get(timeout=0 if behind else self.poll if wait is None else wait)
         except queue_mod.Empty:
             return
         what, payload, kind = item
@@ -202,17 +202,19 @@ class Notifier(threading.Thread):
             self._deliver(self.settings.notify.urls,
                           *msg.server_message(kind, payload, self.settings.server_name))
 
-    def read_events(self) -> None:
-        """Turn the store's new event rows into job events for users with targets."""
+    def read_events(self) -> int:
+        """Turn the store's new event rows into job events for users with targets;
+        return how many rows were read."""
+        if not self.targets.any():  # nobody listens: skip what happened meanwhile
+            self._mark = self.store.last_event_id()
+            return 0
         rows = self.store.read(
             "SELECT e.id, e.job_id, e.state, e.detail, j.user FROM events e"
             " JOIN jobs j ON j.id = e.job_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
             (self._mark, EVENT_BATCH))
         if not rows:
-            return
+            return 0
         self._mark = int(rows[-1]["id"])
-        if not self.targets.any():
-            return
         for r in rows:
             kind = msg.event_kind(str(r["state"]), str(r["detail"] or ""))
             if kind is None or not self.targets.urls_for(r["user"], kind):
@@ -227,6 +229,7 @@ class Notifier(threading.Thread):
                 self.job_event(self.store.job(r["job_id"]), kind)
             except DopqError:
                 continue
+        return len(rows)
 
     def check_disk(self, now: float) -> None:
         """A server event when the free space under the state dir falls below ``disk_low``."""
