@@ -65,6 +65,8 @@ def test_url_shape_checks() -> None:
                      ("hooks.example.com", "not a notification URL")):
         with pytest.raises(DopqError, match=why):
             msg.check_url(bad)
+    with pytest.raises(DopqError, match="would notify the server host itself"):
+        msg.check_url("syslog://")  # the host's own log: apprise knows it, a user may not
     with pytest.raises(DopqError, match="json:// is not allowed"):
         msg.check_url("json://127.0.0.1/x", allow_schemes=["mailtos", "slack"])
 

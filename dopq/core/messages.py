@@ -21,6 +21,8 @@ DEFAULT_EVENTS = ("finished", "failed", "cancelled")  # a job's end, however it 
 SERVER_EVENTS = ("engine-down", "provider-restarted", "disk-low", "foreign-gpu")
 MAX_TARGETS = 10  # per user
 MAX_URL = 2000  # characters
+# apprise's targets on the server host itself (its syslog, its desktop): never a user's.
+HOST_SCHEMES = frozenset({"syslog", "dbus", "kde", "qt", "glib", "gnome", "windows", "macosx"})
 # The state a job's end is stored as -> the event users subscribe to.
 END_STATES = {"succeeded": "finished", "failed": "failed", "cancelled": "cancelled"}
 
@@ -53,6 +55,9 @@ def check_url(url: str, allow_schemes: Sequence[str] = ()) -> str:
     if not scheme:
         raise DopqError(f"not a notification URL: {mask_url(url)} (expected scheme://...,"
                         " e.g. mailto://, slack://, json://)")
+    if scheme in HOST_SCHEMES:
+        raise DopqError(f"notification scheme {scheme}:// would notify the server host itself:"
+                        " use a service or address of yours")
     if allow_schemes and scheme not in {s.lower() for s in allow_schemes}:
         raise DopqError(f"notification scheme {scheme}:// is not allowed on this server"
                         f" (allowed: {', '.join(allow_schemes)})")
