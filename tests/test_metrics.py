@@ -211,6 +211,8 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], int]]:
             p.wait()
 
 
+@pytest.mark.docker
+@pytest.mark.slow
 def test_prometheus_scrapes_a_running_server(
         server_factory: Callable[..., Running], jobs_dir: Path,
         prometheus: Callable[[int], int]) -> None:
@@ -273,6 +275,7 @@ def test_the_example_prometheus_config_is_valid() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_the_scrape_bench_runs(tmp_path: Path) -> None:
     import sys
 
