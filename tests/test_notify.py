@@ -336,3 +336,27 @@ def test_a_real_jobs_start_and_failure_reach_its_owner_only(
     assert code == 0 and f"127.0.0.1:{port}/a" in out
     assert run_cli(capsys, "notify", "remove", str(mine["id"]))[0] == 0
     assert alice.call("notify_list") == []
+
+
+def test_start_idle_and_preemption_are_heard_from_the_event_log(settings: Settings,
+                                                                 store: Store) -> None:
+    sent: list[tuple[str, str, str]] = []
+    Targets(settings, store).add(ALICE, "json://hooks.example.com/a", "started,idle,preempted")
+
+    def send(url: str, title: str, body: str) -> bool:
+        sent.append((url, title, body))
+        return True
+
+    notifier = Notifier(settings, store, send=send)
+    job = store.add_job(name="long", user="alice", origin="api", state=JobState.QUEUED,
+                        submitted_at=time.time())
+    store.transition(job, JobState.RUNNING, detail="gpus 1", gpus=[1], started_at=time.time())
+    store.note_event(job, "7.0 GiB of GPU memory, declared 4.0 GiB")  # not an event of theirs
+    store.note_event(job, "idle: GPUs at 0% for 30m")
+    store.transition(job, JobState.QUEUED, expect=[JobState.RUNNING],
+                     detail="preempted by job 9 of bob", error="preempted by job 9 of bob")
+    store.transition(job, JobState.RUNNING, detail="gpus 0", gpus=[0], started_at=time.time())
+    _until(lambda: len(sent) >= 4, notifier)
+    assert [t.rsplit(": ", 1)[1] for _, t, _ in sent] == ["started", "idle", "preempted",
+                                                          "started"]
+    assert "reason: preempted by job 9 of bob" in sent[2][2]
