@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -198,3 +199,16 @@ def test_screenshot_shows_the_pictures(qtbot: Any, tmp_path: Path,
     shot = Path(os.environ.get("DOPQ_SHOT_DIR") or tmp_path) / "pictures.png"
     assert gui_app.main(_args(shot)) == 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_void_qt_calls_cannot_bring_none_to_zero() -> None:
+    """PySide6 6.12 on CPython 3.11 drops a reference to None per void call (compat)."""
+    from PySide6.QtCore import QObject
+
+    from dopq.client.gui import compat
+
+    probe = QObject()
+    for _ in range(20000):  # what a few paints of the timeline do
+        probe.setObjectName("x")
+    compat.keep_none()
+    assert not compat.VOID_DROPS_NONE or sys.getrefcount(None) >= compat.NONE_FLOOR

@@ -16,8 +16,9 @@ from typing import Any
 
 from PySide6.QtCore import QModelIndex, QObject, QPersistentModelIndex, QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPen, QPolygonF
-from PySide6.QtWidgets import QApplication, QStyle, QStyledItemDelegate, QStyleOptionViewItem
+from PySide6.QtWidgets import QStyledItemDelegate, QStyleOptionViewItem
 
+from dopq.client.gui.compat import keep_none
 from dopq.client.gui.models import ROW_ROLE
 from dopq.client.gui.timeline import user_color
 
@@ -53,19 +54,17 @@ class _Cell(QStyledItemDelegate):
         return QSize(max(hint.width(), self.width), hint.height())
 
     def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: Index) -> None:
-        opt = QStyleOptionViewItem(option)
-        self.initStyleOption(opt, index)
-        opt.text = ""  # type: ignore[attr-defined]
-        widget = opt.widget  # type: ignore[attr-defined]
-        style = widget.style() if widget is not None else QApplication.style()
-        style.drawControl(QStyle.ControlElement.CE_ItemViewItem, opt, painter, widget)
+        # The column's text is empty: the base class draws just the background. Not
+        # ``option.widget``: PySide6 drops a reference to None on each read of it.
+        keep_none()  # void QPainter calls (compat.keep_none)
+        super().paint(painter, option, index)
         row = index.data(ROW_ROLE)
         if isinstance(row, Mapping):
             painter.save()
             painter.setRenderHint(QPainter.RenderHint.Antialiasing, True)
-            rect = QRectF(opt.rect).adjusted(4, 3, -4, -3)  # type: ignore[attr-defined]
-            self.draw(painter, rect, row, opt.palette.color(  # type: ignore[attr-defined]
-                opt.palette.ColorRole.Text))  # type: ignore[attr-defined]
+            rect = QRectF(option.rect).adjusted(4, 3, -4, -3)  # type: ignore[attr-defined]
+            palette = option.palette  # type: ignore[attr-defined]
+            self.draw(painter, rect, row, palette.color(palette.ColorRole.Text))
             painter.restore()
 
     def draw(self, painter: QPainter, rect: QRectF, row: Mapping[str, Any],

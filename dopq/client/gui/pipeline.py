@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from dopq.client.gui import actions, dialogs, layout, pictures
-from dopq.client.gui.compat import emit
+from dopq.client.gui.compat import emit, keep_none
 from dopq.client.gui.models import MODEL_CLASSES, RowModel, may_act
 from dopq.client.gui.style import StateColors, StyleManager, resolve_style
 from dopq.client.gui.timeline import TimelinePanel
@@ -147,6 +147,7 @@ class Pipeline(QMainWindow):
 
     def _cycle_done(self, _cycle: int) -> None:
         self.refreshes += 1
+        keep_none()  # a refresh makes many void Qt calls (compat.keep_none)
         m = self.models
         who = self.whoami
         self._set_live(True, "up", f"● {self.server_name} · {who.get('user', '?')} "

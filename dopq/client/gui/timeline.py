@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from dopq.client.gui.compat import emit
+from dopq.client.gui.compat import emit, keep_none
 from dopq.core.jobs import format_duration
 from dopq.core.text import printable
 
@@ -58,26 +58,44 @@ class Bar:
     end: float | None  # None: running
 
 
-def parse_bars(raw: Any, limit: int = MAX_BARS) -> list[Bar]:
-    """The snapshot's ``timeline`` as bars; anything malformed is left out."""
+def parse_bars(raw: Any, limit: int = MAX_BARS,
+               known: dict[int, tuple[Mapping[str, Any], Bar]] | None = None) -> list[Bar]:
+    """The snapshot's ``timeline`` as bars; anything malformed is left out.
+
+    ``known`` (id -> the entry and its bar, from the last call, updated here)
+    spares re-reading the entries that did not change: most, between snapshots.
+    """
     if not isinstance(raw, list):
         return []
     out = []
+    seen: dict[int, tuple[Mapping[str, Any], Bar]] = {}
     for r in raw[:limit]:
         if not isinstance(r, Mapping):
             continue
-        try:
-            start = float(r["start"])
-            end = None if r.get("end") is None else float(r["end"])
-            gpus = tuple(int(g) for g in r.get("gpus") or () if 0 <= int(g) < 4096)
-            bar = Bar(int(r["id"]), printable(str(r.get("name") or ""))[:200],
-                      printable(str(r.get("user") or "?"))[:64],
-                      printable(str(r.get("state") or ""))[:16], gpus[:64], start, end)
-        except (KeyError, TypeError, ValueError, OverflowError):
-            continue
-        if gpus and _plausible(start) and (end is None or _plausible(end)):
+        old = known.get(r.get("id")) if known is not None else None  # type: ignore[arg-type]
+        bar = old[1] if old is not None and old[0] == r else _bar(r)
+        if bar is not None:
             out.append(bar)
+            seen[bar.id] = (r, bar)
+    if known is not None:
+        known.clear()
+        known.update(seen)
     return out
+
+
+def _bar(r: Mapping[str, Any]) -> Bar | None:
+    try:
+        start = float(r["start"])
+        end = None if r.get("end") is None else float(r["end"])
+        gpus = tuple(int(g) for g in r.get("gpus") or () if 0 <= int(g) < 4096)
+        bar = Bar(int(r["id"]), printable(str(r.get("name") or ""))[:200],
+                  printable(str(r.get("user") or "?"))[:64],
+                  printable(str(r.get("state") or ""))[:16], gpus[:64], start, end)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if gpus and _plausible(start) and (end is None or _plausible(end)):
+        return bar
+    return None
 
 
 def _plausible(ts: float) -> bool:
@@ -112,10 +130,18 @@ class TimelineView(QWidget):
         self.gpus: list[int] = []
         self.now = 0.0
         self.span = DEFAULT_SPAN
+        self._raw: Any = None
+        self._known: dict[int, tuple[Mapping[str, Any], Bar]] = {}
+        self._bar_gpus: set[int] = set()
+        self._cache_key: Any = None
+        self._cache: list[tuple[QRectF, Bar]] = []
 
     # -- data ------------------------------------------------------------------------------
     def set_bars(self, raw: Any, now: float | None = None) -> None:
-        self.bars = parse_bars(raw)
+        if raw != self._raw:  # the server's list changes only when a job starts or ends
+            self._raw = raw
+            self.bars = parse_bars(raw, known=self._known)
+            self._bar_gpus = {g for b in self.bars for g in b.gpus}
         if isinstance(now, int | float) and now == now:
             self.now = float(now)
         elif self.bars:
@@ -130,7 +156,7 @@ class TimelineView(QWidget):
 
     def rows(self) -> list[int]:
         """The GPUs shown: the server's, and any a bar ran on (a GPU since removed)."""
-        return sorted(set(self.gpus) | {g for b in self.bars for g in b.gpus})
+        return sorted(set(self.gpus) | self._bar_gpus)
 
     def visible(self) -> list[Bar]:
         t0 = self.now - self.span
@@ -167,19 +193,28 @@ class TimelineView(QWidget):
         return plot.left() + (ts - (self.now - self.span)) / self.span * plot.width()
 
     def _rects(self) -> list[tuple[QRectF, Bar]]:
+        """Each visible bar's rectangle on each of its GPUs (kept until anything moves)."""
+        key = (id(self.bars), self.now, self.span, self.width(), self.height(), self.gpus)
+        if key == self._cache_key:
+            return self._cache
         plot = self._plot()
         rows = self.rows()
-        if not rows:
-            return []
-        lane = plot.height() / len(rows)
-        where = {g: n for n, g in enumerate(rows)}
-        out = []
-        for b in self.visible():
-            x0 = max(plot.left(), self._x(b.start, plot))
-            x1 = min(plot.right(), self._x(b.end if b.end is not None else self.now, plot))
-            for g in b.gpus:
-                top = plot.top() + where[g] * lane
-                out.append((QRectF(x0, top + 2, max(2.0, x1 - x0), max(2.0, lane - 4)), b))
+        out: list[tuple[QRectF, Bar]] = []
+        if rows:
+            lane = plot.height() / len(rows)
+            height = max(2.0, lane - 4)
+            tops = {g: plot.top() + n * lane + 2 for n, g in enumerate(rows)}
+            now, t0, left, right = self.now, self.now - self.span, plot.left(), plot.right()
+            scale = plot.width() / self.span
+            for b in self.bars:
+                end = now if b.end is None else b.end
+                if end < t0 or b.start > now:
+                    continue
+                x0 = max(left, left + (b.start - t0) * scale)
+                x1 = min(right, left + (end - t0) * scale)
+                for g in b.gpus:
+                    out.append((QRectF(x0, tops[g], max(2.0, x1 - x0), height), b))
+        self._cache_key, self._cache = key, out
         return out
 
     def bar_at(self, pos: QPoint) -> Bar | None:
@@ -200,6 +235,7 @@ class TimelineView(QWidget):
 
     # -- painting --------------------------------------------------------------------------
     def paintEvent(self, _event: QPaintEvent) -> None:  # noqa: N802 - Qt's name
+        keep_none()  # thousands of void QPainter calls below (compat.keep_none)
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing, False)
         pal = self.palette()
@@ -221,14 +257,14 @@ class TimelineView(QWidget):
             p.setPen(grid)
             p.drawLine(int(plot.left()), int(top + lane), int(plot.right()), int(top + lane))
         self._paint_axis(p, plot, text, grid)
-        colours: dict[str, QColor] = {}
-        p.setPen(Qt.PenStyle.NoPen)
+        groups: dict[tuple[str, bool], list[QRectF]] = {}  # one brush, one call per group
         for r, b in self._rects():
-            c = colours.get(b.user)
-            if c is None:
-                c = colours[b.user] = user_color(b.user)
-            p.setBrush(c if b.end is None else c.darker(125))
-            p.drawRect(r)
+            groups.setdefault((b.user, b.end is None), []).append(r)
+        colours = {u: user_color(u) for u, _ in groups}
+        p.setPen(Qt.PenStyle.NoPen)
+        for (user, running), rects in groups.items():
+            p.setBrush(colours[user] if running else colours[user].darker(125))
+            p.drawRects(rects)
         x = float(GUTTER)  # the legend: each user shown, as far as it fits
         for user in self.users():
             w = fm.horizontalAdvance(user) + 22
