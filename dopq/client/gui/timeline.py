@@ -43,8 +43,10 @@ GUTTER, AXIS, LEGEND = 52, 18, 18  # pixels: the GPU labels, the time axis, the 
 
 def user_color(user: str) -> QColor:
     """A stable colour for a user: the same on every run and every client."""
-    hue = (zlib.crc32(user.encode("utf-8", "replace")) * 0x9E3779B1 >> 7) % 360
-    return QColor.fromHsv(int(hue), 150, 215)
+    h = zlib.crc32(user.encode("utf-8", "replace")) * 0x9E3779B1 >> 7
+    # near hues happen: a second choice of saturation and brightness keeps most apart
+    sat, val = ((110, 250), (170, 205), (230, 235), (150, 160))[(h >> 20) % 4]
+    return QColor.fromHsv(h % 360, sat, val)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,7 @@ class TimelineView(QWidget):
             self._raw = raw
             self.bars = parse_bars(raw, known=self._known)
             self._bar_gpus = {g for b in self.bars for g in b.gpus}
+            self._fit()
         if isinstance(now, int | float) and now == now:
             self.now = float(now)
         elif self.bars:
@@ -152,7 +155,13 @@ class TimelineView(QWidget):
         gpus = sorted({int(i) for i in indices})
         if gpus != self.gpus:
             self.gpus = gpus
+            self._fit()
             self.update()
+
+    def _fit(self) -> None:
+        """Room for a readable lane per GPU (the dock grows to it)."""
+        lane = self.fontMetrics().height() + 2
+        self.setMinimumHeight(max(90, LEGEND + AXIS + lane * min(len(self.rows()), 16)))
 
     def rows(self) -> list[int]:
         """The GPUs shown: the server's, and any a bar ran on (a GPU since removed)."""
