@@ -167,6 +167,8 @@ class Supervisor:
         self.queue.join(timeout=15)
         for t in self._threads:
             t.join(timeout=3)
+        if self.notifier.is_alive():  # it reads the store, which closes next
+            self.notifier.join(timeout=3)
 
     def close(self) -> None:
         self.gpu_backend.close()
