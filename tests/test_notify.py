@@ -350,6 +350,8 @@ def test_start_idle_and_preemption_are_heard_from_the_event_log(settings: Settin
     notifier = Notifier(settings, store, send=send)
     job = store.add_job(name="long", user="alice", origin="api", state=JobState.QUEUED,
                         submitted_at=time.time())
+    job_dir(settings, job).mkdir(parents=True)
+    (job_dir(settings, job) / "build.log").write_text("Step 1/2 : FROM busybox\n")
     store.transition(job, JobState.RUNNING, detail="gpus 1", gpus=[1], started_at=time.time())
     store.note_event(job, "7.0 GiB of GPU memory, declared 4.0 GiB")  # not an event of theirs
     store.note_event(job, "idle: GPUs at 0% for 30m")
@@ -360,3 +362,4 @@ def test_start_idle_and_preemption_are_heard_from_the_event_log(settings: Settin
     assert [t.rsplit(": ", 1)[1] for _, t, _ in sent] == ["started", "idle", "preempted",
                                                           "started"]
     assert "reason: preempted by job 9 of bob" in sent[2][2]
+    assert "log lines" not in sent[1][2]  # no run log yet, and the build log is not its run

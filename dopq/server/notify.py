@@ -266,7 +266,11 @@ class Notifier(threading.Thread):
                                        ("finished", "failed", "cancelled") else 0)
         while not run.exists() and time.monotonic() < deadline and not self.halt.is_set():
             self.halt.wait(0.2)
-        path = run if run.exists() else build
+        # A running job's log is the engine's, not a file: none then (its build log is
+        # the last thing it wrote only if it never started).
+        path = run if run.exists() else build if not row.get("started_at") else None
+        if path is None:
+            return b""
         try:
             with path.open("rb") as fh:
                 size = fh.seek(0, 2)
