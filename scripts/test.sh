@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/engine.sh
+bash scripts/prometheus.sh
 bash scripts/venv.sh
 bash scripts/qt-deps.sh
 bash scripts/base-image.sh

@@ -151,6 +151,20 @@ ROWS: list[Row] = [
     Row("user_passwd", "of-alice", Action.USER_PASSWD,
         own_or_admin("changing another user's password needs the admin role")),
     Row("revoke_tokens", "", Action.REVOKE_TOKENS, admin_only("revoke tokens"), owner=None),
+    # One's own notification targets; an admin lists and removes anyone's.
+    *(Row(m, "", Action.NOTIFY, SIGNED_IN, owner=None) for m in ("notify_add", "notify_list")),
+    Row("notify_remove", "of-alice", Action.NOTIFY,
+        own_or_admin(f"notification target {JOB} belongs to alice"), facts={"job": JOB}),
+    # dopq report: every signed-in caller; each line is its user's and the admins'
+    Row("report", "", Action.REPORT, SIGNED_IN, owner=None),
+    Row("report", "alices-line", Action.REPORT,
+        own_or_admin("the usage of alice is theirs and the admins' to see")),
+    Row("restart_job", "", Action.RESTART,
+        own_or_admin(f"cannot restart job {JOB}: it belongs to alice"), facts={"job": JOB}),
+    # the copy is submitted as the original's owner, with its priority
+    Row("restart_job", "priority-above-0", Action.SUBMIT,
+        rule(other="cannot submit as alice: only as yourself (bob)", owner=SUBMIT_PRIORITY),
+        owner=None, facts={"user": "alice", "priority": 1}),
 ]
 CELLS = [pytest.param(row, caller, id=f"{row.id}[{caller}]") for row in ROWS for caller in CALLERS]
 

@@ -158,6 +158,12 @@ def test_five_views_show_what_the_api_returns(world: World, qtbot: Any, tmp_path
                             ("Finished", "finished"), ("Failed", "failed")):
             assert cell(m["users"], row["user"], title) == str(row[name]), (row["user"], title)
     assert {"alice", "bob"} <= set(m["users"].keys())
+    # the GPU timeline: from the same (delta) snapshots, every running job on GPUs a bar
+    on_gpus = {r["id"] for r in snap["running"] if r["gpus"]}
+    assert on_gpus and snap["timeline"]
+    assert on_gpus <= {b["id"] for b in snap["timeline"] if b["end"] is None}
+    qtbot.waitUntil(lambda: {b.id for b in w.timeline.view.bars}
+                    == {b["id"] for b in run["root"].call("snapshot")["timeline"]}, timeout=5000)
 
     def holders_match() -> bool:
         gpus = run["root"].call("snapshot")["system"]["gpus"]

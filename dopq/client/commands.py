@@ -96,6 +96,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 print(f"{'gpu use':>13}: {gpuview.gpu_use_line(job)}")
         else:
             print(f"{key:>13}: {_cell(job.get(key))}")
+    if job.get("restarted_from"):
+        print(f"{'restarted from':>13}: job {job['restarted_from']}")
     _show_preemption(job)
     _show_estimate(job)
     print("       events:")
@@ -219,6 +221,12 @@ def build_parser(host: HostCommands = CLIENT_ONLY) -> argparse.ArgumentParser:
     sp = add("audit", info.cmd_audit, "admin: the audit log")
     sp.add_argument("--limit", type=int, default=100)
     add("servers", info.cmd_servers, "DoPQ servers registered in the name server")
+    from dopq.client import notify_commands
+
+    notify_commands.add_commands(add)
+    from dopq.client import report_commands
+
+    report_commands.add_commands(add)
     return p
 
 

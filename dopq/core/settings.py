@@ -145,6 +145,20 @@ class GuiSettings:
 
 
 @dataclass
+class MetricsSettings:
+    listen: str = ""  # host:port of the Prometheus endpoint; empty: off
+
+
+@dataclass
+class NotifySettings:
+    urls: list[str] = field(default_factory=list)  # apprise URLs for server events (admins')
+    retries: int = 3  # more tries of a failed send, each after twice the wait
+    log_lines: int = 20  # last lines of a job's log in its message
+    disk_low: str = "5g"  # free space under state_dir that raises "disk low"; "0": off
+    allow_schemes: list[str] = field(default_factory=list)  # users' URL schemes; empty: any
+
+
+@dataclass
 class Settings:
     state_dir: str = "/var/lib/dopq"
     inbox: str = ""  # empty: <state_dir>/inbox
@@ -159,6 +173,8 @@ class Settings:
     users: UserSettings = field(default_factory=UserSettings)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # dopq.core.fairshare
     gui: GuiSettings = field(default_factory=GuiSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     mounts: list[MountSettings] = field(default_factory=list)
 
     # -- derived paths ------------------------------------------------------
@@ -256,6 +272,14 @@ class Settings:
             if _get(self, key) <= 0:
                 raise ConfigError(key, "must be positive")
         self.policy.validate("policy.")
+        self.metrics_address()
+        for key in ("notify.retries", "notify.log_lines"):
+            if not 0 <= _get(self, key) <= 1000:
+                raise ConfigError(key, "must be between 0 and 1000")
+        try:
+            self.bytes_of("notify.disk_low")
+        except JobRejected as exc:
+            raise ConfigError("notify.disk_low", exc.reason) from None
         for i, mount in enumerate(self.mounts):
             if not mount.source.startswith("/") or not mount.target.startswith("/"):
                 raise ConfigError(f"mounts[{i}]", "source and target must be absolute paths")
@@ -285,6 +309,22 @@ class Settings:
             raise ConfigError("gpus.idle_utilisation", "must be a percentage (0-100)")
         if g.sample_interval <= 0:
             raise ConfigError("gpus.sample_interval", "must be positive")
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics.listen`` as (host, port); None when empty (metrics off).
+
+        ``[::1]:9400`` for IPv6; port 0 takes any free port (tests).
+        """
+        text = self.metrics.listen.strip()
+        if not text:
+            return None
+        host, sep, port = text.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(
+                c.isspace() or c in "/[]" for c in host):
+            raise ConfigError("metrics.listen", f"expected host:port, like 127.0.0.1:9400 "
+                              f"(got {text!r})")
+        return host, int(port)
 
     def gpu_idle_after(self) -> float:
         """``gpus.idle_after`` in seconds."""

@@ -17,6 +17,7 @@ import functools
 import logging
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from dopq.server import authz
 from dopq.server.auth import Principal, SignInGuard, SignInLimits, check_username
 from dopq.server.authz import Action
 from dopq.server.platform import DataPlatform
+from dopq.server.registrar import Registrar
 from dopq.wire import tls
 from dopq.wire.protocol import TOKEN_ANNOTATION  # importing it registers the errors
 from dopq.wire.transport import Guard, GuardedDaemon, GuardedNameServerDaemon
@@ -73,6 +75,7 @@ def api_call(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except DopqError:
@@ -82,6 +85,10 @@ def api_call(fn: F) -> F:
         except Exception as exc:  # noqa: BLE001
             log.error("API %s failed\n%s", fn.__name__, traceback.format_exc())
             raise DopqError(f"internal error in {fn.__name__}: {exc.__class__.__name__}") from None
+        finally:
+            metrics = getattr(getattr(args[0] if args else None, "_p", None), "metrics", None)
+            if metrics is not None:  # the method's name: a fixed set, no caller-made labels
+                metrics.api_call(fn.__name__, time.perf_counter() - began)
 
     return wrapper  # type: ignore[return-value]
 
@@ -277,6 +284,19 @@ class Controller:
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._p.commands.audit_log(self._who(), int(limit))
 
+    @api_call
+    def report(self, since: str | None = None, until: str | None = None,
+               by: str | None = None) -> dict[str, Any]:
+        """Usage of finished jobs (``dopq report``): one's own lines, an admin's all."""
+        who = self._who()
+        return self._p.commands.report(who, *(None if v is None else str(v)[:64]
+                                              for v in (since, until, by)))
+
+    @api_call
+    def restart_job(self, job_id: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue a copy of a finished job with its image and changed options."""
+        return self._p.commands.restart(self._who(), int(job_id), overrides)
+
     # -- users (admins) ---------------------------------------------------------------------
     @api_call
     def user_list(self) -> list[dict[str, Any]]:
@@ -299,6 +319,19 @@ class Controller:
     def revoke_tokens(self, name: str) -> dict[str, Any]:
         return self._p.commands.revoke_tokens(self._who(), name)
 
+    # -- notifications (dopq notify) ---------------------------------------------------------
+    @api_call
+    def notify_add(self, url: str, events: Any = None) -> dict[str, Any]:
+        return self._p.workers.notifier.targets.add(self._who(), str(url), events)
+
+    @api_call
+    def notify_list(self) -> list[dict[str, Any]]:
+        return self._p.workers.notifier.targets.visible(self._who())
+
+    @api_call
+    def notify_remove(self, target_id: int) -> dict[str, Any]:
+        return self._p.workers.notifier.targets.remove(self._who(), int(target_id))
+
 
 # Which rules of ``dopq.server.authz`` guard each API method (tests/test_authz.py
 # checks that every public method has an entry, and what each rule allows).
@@ -319,48 +352,12 @@ RULES: dict[str, tuple[Action, ...]] = {
     "shutdown": (Action.SHUTDOWN,), "set_share": (Action.SET_SHARE,), "audit": (Action.AUDIT,),
     "user_add": (Action.USER_ADD,), "user_remove": (Action.USER_REMOVE,),
     "user_passwd": (Action.USER_PASSWD,), "revoke_tokens": (Action.REVOKE_TOKENS,),
+    **{m: (Action.NOTIFY,) for m in ("notify_add", "notify_list", "notify_remove")},
+    "report": (Action.REPORT,), "restart_job": (Action.RESTART, Action.SUBMIT),
 }
 
 
 # -- serving -----------------------------------------------------------------------------------
-class Registrar(threading.Thread):
-    """Keeps ``dopq.<name>`` registered; registers again when the name server returns."""
-
-    def __init__(self, settings: Settings, uri: Any, stop: threading.Event) -> None:
-        super().__init__(name="dopq-registrar", daemon=True)
-        self.settings = settings
-        self.uri = uri
-        self._halt = stop
-        self.registered = threading.Event()
-
-    def _ns(self) -> Any:
-        ns = Pyro5.api.locate_ns(self.settings.nameserver.host, self.settings.nameserver.port)
-        ns._pyroTimeout = 3.0
-        return ns
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                with self._ns() as ns:
-                    current = ns.list(prefix=self.settings.object_name).get(
-                        self.settings.object_name
-                    )
-                    if current != str(self.uri):
-                        ns.register(self.settings.object_name, self.uri, metadata={"dopq"})
-                        log.info("registered %s in the name server", self.settings.object_name)
-                self.registered.set()
-            except Pyro5.errors.PyroError:
-                self.registered.clear()
-            self._halt.wait(1.0)
-
-    def unregister(self) -> None:
-        try:
-            with self._ns() as ns:
-                ns.remove(self.settings.object_name)
-        except Pyro5.errors.PyroError:
-            pass
-
-
 def _name_server_answers(settings: Settings) -> bool:
     try:
         ns = Pyro5.api.locate_ns(settings.nameserver.host, settings.nameserver.port)

@@ -57,6 +57,9 @@ class Action(StrEnum):
     USER_REMOVE = "user remove"
     USER_PASSWD = "user passwd"  # owner: the user whose password changes
     REVOKE_TOKENS = "revoke tokens"
+    NOTIFY = "notify"  # one's notification targets; owner: the target's user; facts: job (its id)
+    REPORT = "report"  # owner: whose usage a report line is (one's own, or an admin)
+    RESTART = "restart"
 
 
 OPEN = frozenset({Action.PING, Action.LOGIN})
@@ -83,6 +86,9 @@ OWNER_OR_ADMIN = {
     Action.CANCEL: "cannot cancel job {job}: it belongs to {owner}",
     Action.FETCH_OUTPUTS: "cannot fetch the outputs of job {job}: it belongs to {owner}",
     Action.USER_PASSWD: "changing another user's password needs the admin role",
+    Action.NOTIFY: "notification target {job} belongs to {owner}",
+    Action.REPORT: "the usage of {owner} is theirs and the admins' to see",
+    Action.RESTART: "cannot restart job {job}: it belongs to {owner}",
 }
 
 
@@ -160,7 +166,7 @@ def require(who: Principal | None, action: Action, owner: str | None = None,
 def audited(who: Principal, action: Action, owner: str | None = None) -> bool:
     """Whether the call goes into the audit log: what admins do, but their reads
     and, for cancel and outputs, acting on their own jobs."""
-    if not who.is_admin or action in (OPEN | {Action.READ, Action.READ_FETCH}):
+    if not who.is_admin or action in (OPEN | {Action.READ, Action.READ_FETCH, Action.REPORT}):
         return False
     if action in (Action.CANCEL, Action.FETCH_OUTPUTS):
         return owner is not None and owner != who.name

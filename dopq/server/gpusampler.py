@@ -90,6 +90,9 @@ class Observation:
     jobs: dict[int, dict[str, Any]] = field(default_factory=dict)  # job id -> its figures
     devices: list[dict[str, Any]] = field(default_factory=list)  # per device, for the status
     actions: list[Action] = field(default_factory=list)  # what the GPU watch says
+    # job id -> its mean GPU utilisation (%) over the samples of its run, once it
+    # is no longer running (the supervisor stores it: dopq report's efficiency)
+    ended: dict[int, float] = field(default_factory=dict)
 
 
 class GpuSampler:
@@ -103,6 +106,7 @@ class GpuSampler:
         self.children = mig_children(self.devices)
         self.watch: dict[int, JobWatch] = {}
         self._warned: set[tuple[int, int]] = set()  # (device, pid) already in the log
+        self.utilisation: dict[int, tuple[float, int]] = {}  # job id -> (sum of %, samples)
 
     # -- a process's job ------------------------------------------------------------
     def _owner(self, pid: int, jobs: Sequence[GpuJob]) -> int | None:
@@ -201,6 +205,9 @@ class GpuSampler:
                 memory=max(known) if known and len(known) == len(per_device) else None,
                 utilisation=max(rates) if rates else None,
             )
+            if rates:  # the mean of its devices: a job on 4 GPUs using one is at 25 %
+                total, n = self.utilisation.get(job.id, (0.0, 0))
+                self.utilisation[job.id] = (total + sum(rates) / len(rates), n + 1)
             state = self.watch.setdefault(job.id, JobWatch())
             out.actions += observe(job.id, job.gpu_memory, sample, state, now, self.cfg)
             out.jobs[job.id] = {
@@ -210,6 +217,9 @@ class GpuSampler:
             }
         for gone in set(self.watch) - {j.id for j in jobs}:
             del self.watch[gone]
+        for gone in set(self.utilisation) - {j.id for j in jobs}:
+            total, n = self.utilisation.pop(gone)
+            out.ended[gone] = round(total / n, 2)
 
     def _devices(self, jobs: Sequence[GpuJob], by_index: Mapping[int, GpuSample],
                  mine: Mapping[tuple[int, int], int | None],

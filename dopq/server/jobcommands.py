@@ -17,7 +17,7 @@ from dopq.core.errors import Conflict, DopqError, JobRejected
 from dopq.core.jobs import FINAL_STATES
 from dopq.core.settings import Settings
 from dopq.core.spec import check_overrides
-from dopq.server import authz
+from dopq.server import authz, reports
 from dopq.server import fetch as fetch_mod
 from dopq.server.auth import Principal, Role, Users, check_username
 from dopq.server.authz import ADMIN_HOLD, Action
@@ -161,6 +161,22 @@ class JobCommands:
         f = self.fetches.begin(who.name, row["user"], row["id"])
         return {"fetch": f.id, "size": f.size, "files": f.files, "skipped": f.skipped,
                 "chunk": fetch_mod.CHUNK}
+
+    # -- dopq report, dopq restart (dopq.server.reports) ----------------------------------
+    def report(self, who: Principal, since: str | None, until: str | None,
+               by: str | None) -> dict[str, Any]:
+        authz.require(who, Action.REPORT)
+        return reports.usage_report(self.store, self.workers.gpu_info, who, since, until, by)
+
+    def restart(self, who: Principal, job_id: int, overrides: Any) -> dict[str, Any]:
+        new_id = reports.restart(self.settings, self.store, self.workers.runtime,
+                                 self.workers.gpu_info, who, job_id, overrides)
+        row = self.store.job(new_id)
+        audit(self.store, who, Action.RESTART, f"job {job_id} of {row['user']} as job {new_id}",
+              row["user"])
+        self.workers.queue.wake()
+        self.wrote(who)
+        return job_view(row, time.time())
 
     # -- accounts (admins; a user changes their own password) -----------------------------
     def audit_log(self, who: Principal, limit: int) -> list[dict[str, Any]]:

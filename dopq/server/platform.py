@@ -29,6 +29,7 @@ from dopq.server.fetch import OutputFetches
 from dopq.server.jobcommands import JobCommands
 from dopq.server.joblogs import read_log
 from dopq.server.limits import QueueSlots
+from dopq.server.metrics import Metrics, for_platform
 from dopq.server.queue import PriorityQueueThread
 from dopq.server.runtime import ContainerRuntime
 from dopq.server.store import Store
@@ -61,6 +62,7 @@ class DataPlatform:
                                lambda cmd: self._send(cmd),
                                max((g.memory_total for g in self.gpu_info), default=0))
         self.views = ViewBuilder(settings, self.store, self.users, self.workers, self.fetches)
+        self.metrics: Metrics | None = for_platform(self)  # None: [metrics] listen is empty
         self.commands = JobCommands(settings, self.store, self.users, self.workers,
                                     self.fetches, self._wrote)
         self.closing = False  # set when the server stops: the API refuses calls
@@ -84,12 +86,16 @@ class DataPlatform:
         return self.commands.stop_running_on_shutdown
 
     def start(self) -> None:
+        if self.metrics is not None:  # first: a port in use stops the start before any work
+            self.metrics.start(self.settings)
         self.output_mount.mount()  # outputs nosuid,nodev before any job can write there
         self.workers.start(self.views.cache.refresh, self.uploads.sweep, VIEW_TTL)
 
     def stop(self, stop_running: bool = False) -> None:
         """Stop intake and the queue; running containers stay unless asked."""
         self.workers.stop(stop_running)
+        if self.metrics is not None:
+            self.metrics.stop()
         if not self.store.jobs([JobState.RUNNING], light=True):
             self.output_mount.unmount()  # else running jobs keep it (and the next start adopts it)
         self.workers.close()

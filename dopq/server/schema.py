@@ -159,7 +159,7 @@ JOB_COLUMNS = (
     "array_index", "array_parent", "context_hash", "image", "container", "exit_code",
     "error", "submitted_at", "queued_at", "started_at", "finished_at", "hidden",
     "submitted_by", "expected_start_first", "expected_start_last", "gpu_memory",
-    "preemptible", "restarts", "preempted_by",
+    "preemptible", "restarts", "preempted_by", "restarted_from", "gpu_utilisation",
 )
 
 

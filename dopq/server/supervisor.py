@@ -29,6 +29,7 @@ from dopq.server import gpus as gpus_mod
 from dopq.server import outputs
 from dopq.server.auth import Users
 from dopq.server.gpusampler import GpuJob, GpuSampler, ProcFs
+from dopq.server.notify import Notifier
 from dopq.server.provider import start_process
 from dopq.server.queue import PriorityQueueThread
 from dopq.server.runtime import ContainerRuntime, cpu_percent
@@ -69,6 +70,8 @@ class Supervisor:
         self.gpu_samples: dict[int, dict[str, Any]] = {}
         self._raw_stats: dict[int, dict[str, float]] = {}
         self._last_clean_hour = 0
+        self.notifier = Notifier(settings, store)  # dopq notify, [notify] urls
+        self._foreign_seen: set[int] = set()  # GPUs with a foreign process, told once
 
     def _gpu_mode(self) -> str:
         mode = self.settings.docker.gpu_mode
@@ -99,6 +102,7 @@ class Supervisor:
         ``refresh_views`` every ``view_every`` seconds."""
         self.queue.start()
         self._start_provider()
+        self.notifier.start()
         watcher = outputs.OutputWatcher(
             outputs.OutputFolders(self.settings), self.settings.bytes_of("limits.max_output"),
             self.settings.limits.max_output,
@@ -136,6 +140,7 @@ class Supervisor:
     def stop(self, stop_running: bool = False) -> None:
         """Stop the Provider, the queue and the relays; running containers stay unless asked."""
         self.halt.set()
+        self.notifier.stop()
         if stop_running:
             for row in self.store.jobs([JobState.RUNNING]):
                 try:
@@ -162,6 +167,8 @@ class Supervisor:
         self.queue.join(timeout=15)
         for t in self._threads:
             t.join(timeout=3)
+        if self.notifier.is_alive():  # it reads the store, which closes next
+            self.notifier.join(timeout=3)
 
     def close(self) -> None:
         self.gpu_backend.close()
@@ -197,6 +204,8 @@ class Supervisor:
                     if ev.get("Action") == "die" and cid:
                         self.queue.container_exited(cid)
             except EngineUnavailable:
+                if self.queue.engine_up:  # told once per outage
+                    self.notifier.server_event("engine-down", "the Docker engine does not answer")
                 self.queue.engine_lost()
                 self.halt.wait(1.0)
             except Exception:  # noqa: BLE001
@@ -270,6 +279,12 @@ class Supervisor:
         }
         found = self.gpu_sampler.observe(samples, jobs, now, self._foreign_containers())
         self.queue.set_foreign(found.foreign)
+        for index in sorted(set(found.foreign) - self._foreign_seen):
+            self.notifier.server_event("foreign-gpu", f"GPU {index}: a process outside DoPQ"
+                                       " uses it (see the server log)")
+        self._foreign_seen = set(found.foreign)
+        for job_id, mean in found.ended.items():  # dopq report's efficiency
+            self.store.update_job(job_id, gpu_utilisation=mean)
         report = {"jobs": found.jobs, "devices": found.devices}
         if report != self._gpu_report:
             self._gpu_report = report
@@ -317,6 +332,8 @@ class Supervisor:
             if self._provider is not None and not self._provider.is_alive():
                 log.error("provider died (exit %s); restarting", self._provider.exitcode)
                 self.provider_restarts += 1
+                self.notifier.server_event("provider-restarted", "the provider process died"
+                                           f" (exit {self._provider.exitcode}); restarted")
                 self._start_provider()
             if not self.queue.is_alive() and not self.halt.is_set():
                 log.error("queue thread died; restarting")

@@ -23,10 +23,11 @@ from dopq.server import authz
 from dopq.server.auth import Principal, Users
 from dopq.server.estimates import StartEstimates
 from dopq.server.fetch import OutputFetches
+from dopq.server.schema import ids_of
 from dopq.server.store import JobRow, Store
 from dopq.server.supervisor import Supervisor
 from dopq.server.views import Version, ViewCache, finished_delta, full_queue, queue_delta
-from dopq.wire.views import iso
+from dopq.wire.views import TIMELINE_LIMIT, TIMELINE_WINDOW, iso
 
 VIEW_TTL = 0.5  # seconds a shared view may be old (writes through the API show at once)
 HISTORY_CACHED = 1000  # finished jobs kept in the shared views
@@ -66,6 +67,7 @@ def job_view(row: JobRow, now: float) -> dict[str, Any]:
         "preemptible": row["preemptible"],
         "restarts": row["restarts"],
         "preempted_by": row["preempted_by"],
+        "restarted_from": row.get("restarted_from"),
     }
 
 
@@ -103,7 +105,7 @@ class ViewBuilder:
         out: dict[str, Any] = {
             "version": v.number, "now": now, "running": v.rest["running"],
             "finished": v.rest["finished"][:limit], "users": v.rest["users"],
-            "system": v.rest["system"],
+            "system": v.rest["system"], "timeline": v.rest["timeline"],
         }
         if since is None:
             out["queued"] = full_queue(v, now)
@@ -231,6 +233,7 @@ class ViewBuilder:
             "finished": [finished[r["id"]] for r in finished_rows],
             "users": self._user_stats(),
             "system": self._status(running),
+            "timeline": timeline_bars(self.store, time.time()),
         }
         return Version(self.cache.next_number(), 0.0, None, queued, order, rest,
                        finished=finished, finished_order=[r["id"] for r in finished_rows])
@@ -302,6 +305,23 @@ class ViewBuilder:
                 "penalty": round(mine.penalty, 4) if mine else None,
             })
         return out
+
+
+def timeline_bars(store: Store, now: float) -> list[dict[str, Any]]:
+    """The GPU timeline (``TimelineBar``): jobs on GPUs running now or ended in the window.
+
+    One indexed query (``jobs_finished``, ``jobs_state``), newest starts
+    first, capped: a day of short jobs must not make every snapshot heavy.
+    Hidden jobs (``clear-history``) are left out, as in the history.
+    """
+    finals = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
+    rows = store.read(
+        "SELECT id, name, user, state, gpus, started_at, finished_at FROM jobs"
+        " WHERE started_at IS NOT NULL AND gpus != '' AND hidden = 0"
+        f" AND (state = 'running' OR (state IN ({finals}) AND finished_at >= ?))"
+        " ORDER BY started_at DESC LIMIT ?", (now - TIMELINE_WINDOW, TIMELINE_LIMIT))
+    return [{"id": r[0], "name": r[1], "user": r[2], "state": r[3], "gpus": ids_of(r[4]),
+             "start": r[5], "end": r[6] if r[3] != "running" else None} for r in rows]
 
 
 # -- GPU use: the sampler's report, read defensively -------------------------------------

@@ -29,6 +29,8 @@ TOKEN_ANNOTATION = "TOKN"  # Pyro5 annotation names are four characters
 IDEMPOTENT_CALLS = frozenset({
     "ping", "whoami", "job", "queue", "running", "history", "status", "users", "priority",
     "snapshot", "logs", "user_list", "audit", "array", "outputs_chunk",
+    "notify_list",
+    "report",
 })
 
 

@@ -66,6 +66,7 @@ class JobView(TypedDict):
     preemptible: NotRequired[bool]  # NotRequired: older servers leave the three out
     restarts: NotRequired[int]  # times it was preempted and queued again
     preempted_by: NotRequired[int | None]  # the job it was last preempted for
+    restarted_from: NotRequired[int | None]  # dopq restart: the finished job it copies
 
 
 class JobDetail(JobView):
@@ -213,6 +214,25 @@ class FinishedDelta(TypedDict):
     order: list[int] | None
 
 
+class TimelineBar(TypedDict):
+    """A job on the GPU timeline: running, or finished within ``TIMELINE_WINDOW``.
+
+    Unix times (not ISO strings): thousands travel with every snapshot.
+    """
+
+    id: int
+    name: str
+    user: str
+    state: str
+    gpus: list[int]
+    start: float
+    end: float | None  # None: still running
+
+
+TIMELINE_WINDOW = 86400.0  # seconds of finished jobs the timeline shows
+TIMELINE_LIMIT = 5000  # bars at most, the newest starts first
+
+
 class Snapshot(TypedDict):
     """``snapshot``: the five views of the GUI in one call (the plain form)."""
 
@@ -224,6 +244,7 @@ class Snapshot(TypedDict):
     users: list[UserView]
     system: StatusView
     whoami: NotRequired[WhoAmI]
+    timeline: NotRequired[list[TimelineBar]]  # NotRequired: older servers leave it out
 
 
 class DeltaSnapshot(TypedDict):
@@ -238,3 +259,4 @@ class DeltaSnapshot(TypedDict):
     finished_delta: FinishedDelta
     history_limit: int
     whoami: NotRequired[WhoAmI]
+    timeline: NotRequired[list[TimelineBar]]

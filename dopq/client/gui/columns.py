@@ -263,6 +263,8 @@ FINISHED_COLUMNS = (
 
 USER_COLUMNS = (
     col("User", "user"),
+    Column("Usage / share", field("gpu_hours"), lambda r: "", searchable=False,
+           tip="bar: the user's part of all GPU-hours counted; mark: their fair share"),
     col("Running", "running", right=True),
     col("Queued", "queued", right=True),
     col("Finished", "finished", right=True),
@@ -276,10 +278,14 @@ USER_COLUMNS = (
     col("Penalty", "penalty", lambda r: fmt_number(r.get("penalty"), 3), right=True),
 )
 
+USAGE_COLUMN = 1  # painted by dopq.client.gui.pictures.UsageBars
+
 GPU_COLUMNS = (
     col("GPU", "index", right=True),
     col("Name", "name"),
     col("Util", "utilization", lambda r: fmt_percent(r.get("utilization")), right=True),
+    Column("Recent use", field("utilization"), lambda r: "", searchable=False,
+           tip="utilisation over the last minutes, as this window saw it (where NVML reads it)"),
     Column("Memory", lambda r: r.get("used", r.get("memory_used")), gpu_memory_text, RIGHT,
            tip="GPU memory in use (by anyone) of the device's total"),
     Column("Holder", gpu_state, gpu_holder, coloured=True,
@@ -288,6 +294,8 @@ GPU_COLUMNS = (
            tip="processes on the device that no DoPQ job started: pid, user, GPU memory"),
     col("UUID", "uuid"),
 )
+
+SPARK_COLUMN = 3  # "Recent use", painted by dopq.client.gui.pictures.Sparklines
 
 
 # every field a searchable job column shows

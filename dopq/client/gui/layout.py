@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 from PySide6.QtCore import QByteArray, Qt
 from PySide6.QtWidgets import QDockWidget, QWidget
 
+from dopq.client.gui import pictures
+from dopq.client.gui.columns import SPARK_COLUMN, USAGE_COLUMN
+from dopq.client.gui.timeline import TimelinePanel
 from dopq.client.gui.viewthread import VIEWS
 from dopq.client.gui.widgets import SystemPanel, TablePanel
 
@@ -16,12 +19,13 @@ if TYPE_CHECKING:
 
 TITLES = {"running": "Running", "queued": "Queued", "finished": "Finished",
           "users": "Users", "system": "System"}
-VERSION = 1  # of the saved dock state: a layout saved by another version is not restored
+# of the saved dock state (2: the timeline dock): a layout saved by another is not restored
+VERSION = 2
 
 
 def build_docks(w: Pipeline) -> None:
     """One dock per view (``w.panels``, ``w.docks``): the three job tables on the left,
-    System and Users on the right."""
+    System and Users on the right, the GPU timeline below; the tables' pictures."""
     w.system_panel = SystemPanel(w.models["system"], w)
     for name in VIEWS:
         widget: QWidget
@@ -35,6 +39,16 @@ def build_docks(w: Pipeline) -> None:
         dock.setObjectName(f"{name}Dock")
         dock.setWidget(widget)
         w.docks[name] = dock
+    w.timeline = TimelinePanel(w)
+    dock = QDockWidget("GPU timeline", w)
+    dock.setObjectName("timelineDock")
+    dock.setWidget(w.timeline)
+    w.docks["timeline"] = dock
+    w.usage_bars = pictures.UsageBars(w)
+    w.panels["users"].view.setItemDelegateForColumn(USAGE_COLUMN, w.usage_bars)
+    w.util_history = pictures.UtilHistory()
+    w.sparklines = pictures.Sparklines(w.util_history, w)
+    w.panels["system"].view.setItemDelegateForColumn(SPARK_COLUMN, w.sparklines)
     for name in ("running", "queued", "finished"):
         w.panels[name].activated.connect(w.open_job)
     w.setDockNestingEnabled(True)
@@ -45,6 +59,7 @@ def build_docks(w: Pipeline) -> None:
     w.splitDockWidget(d["queued"], d["finished"], Qt.Orientation.Vertical)
     w.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, d["system"])
     w.splitDockWidget(d["system"], d["users"], Qt.Orientation.Vertical)
+    w.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, d["timeline"])
 
 
 def default_sizes(w: Pipeline) -> None:
@@ -59,6 +74,7 @@ def default_sizes(w: Pipeline) -> None:
                   Qt.Orientation.Vertical)
     w.resizeDocks([d["system"], d["users"]], [int(height * 0.42), int(height * 0.58)],
                   Qt.Orientation.Vertical)
+    w.resizeDocks([d["timeline"]], [int(height * 0.24)], Qt.Orientation.Vertical)
 
 
 def restore(w: Pipeline) -> bool:

@@ -25,10 +25,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from dopq.client.gui import actions, dialogs, layout
-from dopq.client.gui.compat import emit
+from dopq.client.gui import actions, dialogs, layout, pictures
+from dopq.client.gui.compat import emit, keep_none
 from dopq.client.gui.models import MODEL_CLASSES, RowModel, may_act
 from dopq.client.gui.style import StateColors, StyleManager, resolve_style
+from dopq.client.gui.timeline import TimelinePanel
 from dopq.client.gui.trust import TrustKeeper
 from dopq.client.gui.viewthread import HISTORY_LIMIT, Runner, ViewThread, one_line
 from dopq.client.gui.widgets import SystemPanel, TablePanel
@@ -74,6 +75,10 @@ class Pipeline(QMainWindow):
         self.panels: dict[str, TablePanel] = {}
         self.docks: dict[str, QDockWidget] = {}
         self.system_panel: SystemPanel
+        self.timeline: TimelinePanel  # the GPU timeline; and the tables' pictures:
+        self.usage_bars: pictures.UsageBars
+        self.util_history: pictures.UtilHistory
+        self.sparklines: pictures.Sparklines
         layout.build_docks(self)
         self.act, self.theme_actions = actions.build_actions(self)
         self.admin_actions = ("clear_history", "clear_status", "shutdown")
@@ -87,6 +92,8 @@ class Pipeline(QMainWindow):
         t.view_whoami.connect(self._apply_whoami)
         for name in ("running", "queued", "finished", "users"):
             t.view_signal(name).connect(self.models[name].apply)
+        t.view_users.connect(self.usage_bars.set_users)
+        t.view_timeline.connect(self.timeline.apply)
         t.view_system.connect(self._apply_system)
         t.cycle_done.connect(self._cycle_done)
         t.connected.connect(self._on_connected)
@@ -120,6 +127,8 @@ class Pipeline(QMainWindow):
         self._apply_whoami(snap.get("whoami") or {})
         for name in ("running", "queued", "finished", "users"):
             self.models[name].apply(snap[name])
+        self.usage_bars.set_users(snap["users"])
+        self.timeline.apply({"bars": snap.get("timeline") or [], "now": snap.get("now")})
         self._apply_system(snap["system"])
         self._cycle_done(0)
 
@@ -129,12 +138,16 @@ class Pipeline(QMainWindow):
             self._update_actions()
 
     def _apply_system(self, status: StatusView) -> None:
-        self.models["system"].apply(status.get("gpus") or [])
+        gpus = status.get("gpus") or []
+        self.util_history.add(gpus)  # before the table repaints its sparklines
+        self.timeline.view.set_gpus(g["index"] for g in gpus if isinstance(g.get("index"), int))
+        self.models["system"].apply(gpus)
         self.system_panel.summary.show_status(status)
         self.server_name = str(status.get("name") or self.server_name)
 
     def _cycle_done(self, _cycle: int) -> None:
         self.refreshes += 1
+        keep_none()  # a refresh makes many void Qt calls (compat.keep_none)
         m = self.models
         who = self.whoami
         self._set_live(True, "up", f"● {self.server_name} · {who.get('user', '?')} "

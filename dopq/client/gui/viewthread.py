@@ -56,6 +56,7 @@ class ViewThread(QThread):
     view_users = Signal(object)  # list of per-user statistics
     view_system = Signal(object)  # the status dict (server, queue, GPUs)
     view_whoami = Signal(object)  # {"user", "role"}
+    view_timeline = Signal(object)  # {"bars": the snapshot's timeline, "now": its clock}
     cycle_done = Signal(int)  # after the views of one snapshot; the cycle number
     connected = Signal(str)  # the server answered (again); its name
     disconnected = Signal(str)  # a poll failed; the one-line reason
@@ -132,6 +133,7 @@ class ViewThread(QThread):
                 snap: Mapping[str, Any] = self.fetch()
                 views = {name: snap[name] for name in VIEWS}
                 whoami = snap.get("whoami") or {}
+                timeline = {"bars": snap.get("timeline") or [], "now": snap.get("now")}
             except (UnknownServer, ServerIdentityChanged) as exc:
                 failures += 1  # nothing was sent; ask the user (Pipeline), then try again
                 self._state, self.last_error = "trust", one_line(exc)
@@ -159,6 +161,7 @@ class ViewThread(QThread):
                 emit(self.view_whoami, whoami)
                 for name in VIEWS:
                     emit(self.view_signal(name), views[name])
+                emit(self.view_timeline, timeline)
                 emit(self.cycle_done, cycle)
             self._pause(delay)
 
