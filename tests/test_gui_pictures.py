@@ -22,6 +22,7 @@ pytest.importorskip("PySide6.QtWidgets")
 
 from PySide6.QtCore import QPoint, QPointF, QRectF, Qt  # noqa: E402
 from PySide6.QtGui import QWheelEvent  # noqa: E402
+from test_gui import FakeClient, _args, open_window, snapshot  # noqa: E402
 
 from dopq.client.gui import app as gui_app  # noqa: E402
 from dopq.client.gui import pictures, timeline  # noqa: E402
@@ -33,7 +34,6 @@ from dopq.client.gui.columns import (  # noqa: E402
 )
 from dopq.server import viewbuilder  # noqa: E402
 from dopq.server.store import Store  # noqa: E402
-from tests.test_gui import FakeClient, _args, open_window, snapshot  # noqa: E402
 
 NOW = 1_700_000_000.0
 
