@@ -86,5 +86,6 @@ for id in 1 2 3 4; do
     echo "== logs of job $id"; as admin logs "$id"
 done
 echo "== users (fair share)"; as admin users
+echo "== report (GPU-hours, waits, efficiency per user)"; as admin report
 echo "== outputs"; find "$STATE/outputs" -type f | sort
 echo "== demo done: the server stops now"
