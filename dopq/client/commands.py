@@ -36,10 +36,10 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from dopq.client.remote import Client
+    from dopq.client.api import Client
 
-    return Client(args.ns_host, args.ns_port, args.server,
-                  fingerprint=getattr(args, "fingerprint", None))
+    return Client.connect(args.server, args.ns_host, args.ns_port,
+                          fingerprint=getattr(args, "fingerprint", None))
 
 
 @dataclass(frozen=True)
