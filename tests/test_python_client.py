@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Running, cli_login, free_port, run_cli
+from conftest import Running, cli_login, free_port, run_cli, wait_for
 from hostile import good_job
 
 from dopq import Client
@@ -34,11 +34,11 @@ def test_a_sweep_submitted_and_waited_for(signed_in: Running, jobs_dir: Path) ->
     shown = c.show(ids[0])
     assert shown["name"] == "lr-0.1" and shown["time_limit"] == 300 and shown["events"]
     assert c.wait(ids[1])["exit_code"] == 0
-    assert set(ids) <= {r["id"] for r in c.history()}
+    # the listings are views the server refreshes a moment after a change
+    wait_for(lambda: set(ids) <= {r["id"] for r in c.history()}, 10, 0.1)
     assert "alice" in {u["user"] for u in c.users()}
     assert "gpus" in c.status()
-    snap = c.snapshot()
-    assert set(ids) <= {r["id"] for r in snap["finished"]}
+    wait_for(lambda: set(ids) <= {r["id"] for r in c.snapshot()["finished"]}, 10, 0.1)
 
 
 def test_cancel_and_refusals(signed_in: Running, jobs_dir: Path, capsys: Any) -> None:
