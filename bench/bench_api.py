@@ -25,7 +25,9 @@ Reported per call: latency p50/p99, errors; per mode: the server's CPU
 sweep of the snapshot mode over fewer pollers gives p99 against clients.
 ``--profile DIR`` samples the server with py-spy during each mode and adds
 the hottest functions to the figures. ``--quick``: 1,000 queued, 100 finished,
-5 pollers, 5 s.
+5 pollers, 5 s; ``--size 10000,1000`` sets the queued and finished jobs. A
+last phase, ``quiet``, polls snapshots with no submitters (nothing changes):
+the server's CPU per poll there does not grow with the rows.
 """
 
 from __future__ import annotations
@@ -246,6 +248,9 @@ def phase(srv: ServerProcess, conn: dict[str, Any], archive: Path, mode: str, po
         "polls_wanted_per_s": pollers,
         "errors": errors,
         "server_cpu_cores": round((cpu1["server"] - cpu0["server"]) / wall, 2),
+        # what one poll costs the server (submits and pings included, when any)
+        "server_cpu_ms_per_poll": round(1000 * (cpu1["server"] - cpu0["server"])
+                                        / max(1, len(polls) // len(calls)), 3),
         "provider_cpu_cores": round((cpu1["children"] - cpu0["children"]) / wall, 2),
         "server_peak_rss_mib": round(mem.get("VmHWM", 0) / 2**20, 1),
         "server_rss_mib": round(mem.get("VmRSS", 0) / 2**20, 1),
@@ -262,8 +267,9 @@ def phase(srv: ServerProcess, conn: dict[str, Any], archive: Path, mode: str, po
 
 
 # -- the benchmark ---------------------------------------------------------------------------
-def run(quick: bool, profile: Path | None = None) -> dict[str, Any]:
-    queued, finished = (1000, 100) if quick else (10_000, 1000)
+def run(quick: bool, profile: Path | None = None, size: tuple[int, int] | None = None
+        ) -> dict[str, Any]:
+    queued, finished = size or ((1000, 100) if quick else (10_000, 1000))
     pollers, seconds = (5, 5.0) if quick else (50, 60.0)
     sweep = [] if quick else [1, 10, 25]
     tmp = Path(tempfile.mkdtemp(prefix="dopq-bench-api-"))
@@ -299,6 +305,13 @@ def run(quick: bool, profile: Path | None = None) -> dict[str, Any]:
         for mode in ("views", "snapshot"):
             print(f"api: {mode}, {pollers} pollers, {seconds:.0f} s", file=sys.stderr)
             out["modes"][mode] = phase(srv, conn, small, mode, pollers, 2, seconds, tmp, profile)
+        # Nothing changes (no submitters): the server's CPU per poll when every
+        # poller holds the newest version (encoded once, sent to all).
+        print(f"api: quiet snapshot, {pollers} pollers, {seconds:.0f} s", file=sys.stderr)
+        quiet = phase(srv, conn, small, "snapshot", pollers, 0, seconds, tmp, None)
+        out["quiet"] = {k: quiet[k] for k in ("pollers", "polls_per_s", "poll_p50_ms",
+                                              "poll_p99_ms", "errors", "server_cpu_cores",
+                                              "server_cpu_ms_per_poll")}
         out["sweep"] = [{k: v for k, v in out["modes"]["snapshot"].items() if k != "profile"}]
         for n in sweep:
             print(f"api: sweep, snapshot, {n} pollers", file=sys.stderr)
@@ -338,8 +351,11 @@ def _decided(c: Any, job_id: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--profile", metavar="DIR", help="sample the server with py-spy")
+    p.add_argument("--size", metavar="QUEUED,FINISHED", help="jobs in the store (10000,1000)")
     args = p.parse_args(argv)
-    result = run(args.quick, Path(args.profile) if args.profile else None)
+    size = tuple(int(n) for n in args.size.split(",")) if args.size else None
+    result = run(args.quick, Path(args.profile) if args.profile else None,
+                 size)  # type: ignore[arg-type]
     write_result(result, args.json)
     return 0
 

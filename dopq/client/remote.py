@@ -36,6 +36,7 @@ from dopq.core.errors import (
     ServerUnavailable,
     UnknownServer,
 )
+from dopq.wire import protocol as wire_protocol
 from dopq.wire import tls
 from dopq.wire.protocol import IDEMPOTENT_CALLS, NS_PREFIX, SERIALIZER, TOKEN_ANNOTATION
 from dopq.wire.transport import SIGNED_MAX
@@ -461,6 +462,9 @@ class SnapshotFollower:
         except DopqError:
             self.reset()  # a new server may number its versions anew
             raise
+        encoded = snap.pop(wire_protocol.ENCODED, None)
+        if encoded is not None:  # the shared part, encoded once on the server for all
+            snap.update(wire_protocol.decode_reply(encoded))
         delta = snap.pop("queued_delta", None)
         if delta is None:  # a server (or a stand-in) without deltas
             return cast(Snapshot, snap)

@@ -26,7 +26,9 @@ from dopq.server.fetch import OutputFetches
 from dopq.server.schema import ids_of
 from dopq.server.store import JobRow, Store
 from dopq.server.supervisor import Supervisor
+from dopq.server.viewcache import SHARED, EncodedReplies
 from dopq.server.views import Version, ViewCache, finished_delta, full_queue, queue_delta
+from dopq.wire.protocol import ENCODED
 from dopq.wire.views import TIMELINE_LIMIT, TIMELINE_WINDOW, iso
 
 VIEW_TTL = 0.5  # seconds a shared view may be old (writes through the API show at once)
@@ -85,6 +87,7 @@ class ViewBuilder:
         self.cache = ViewCache(self._build, self._key, ttl=VIEW_TTL)
         self.estimates = StartEstimates(store, iso)
         self._write_gen: dict[str, int] = {}
+        self.encoded = EncodedReplies()
 
     # -- reads -----------------------------------------------------------------------
     def wrote(self, who: Principal) -> None:
@@ -109,13 +112,18 @@ class ViewBuilder:
         }
         if since is None:
             out["queued"] = full_queue(v, now)
-        else:
-            old = self.cache.find(int(since)) if since else None
-            out["queued_delta"] = queue_delta(old, v)
-            out["finished_delta"] = finished_delta(old, v)
-            out["history_limit"] = limit
-            del out["finished"]
-        return out
+            return out
+        # Encoded once per (from, to, limit) and shared by every poller: only the
+        # clock travels beside the bytes (``dopq.server.viewcache``).
+        old = self.cache.find(int(since)) if since else None
+        del out["now"], out["finished"]
+
+        def delta() -> dict[str, Any]:
+            return {**out, "queued_delta": queue_delta(old, v),
+                    "finished_delta": finished_delta(old, v), "history_limit": limit}
+
+        key = (SHARED, old.number if old else None, v.number, limit)
+        return {"now": now, ENCODED: self.encoded.get(key, delta)}
 
     def history(self, limit: int, user: str | None, who: Principal | None
                 ) -> list[dict[str, Any]]:

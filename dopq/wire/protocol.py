@@ -12,12 +12,17 @@
   ``SerializeError``.
 - ``IDEMPOTENT_CALLS``: the API calls that change nothing, so a client may send
   one again after a dropped connection. Any other call is sent at most once.
+- ``snapshot(limit, since)`` replies carry the shared part pre-encoded
+  (``encode_reply``) under ``ENCODED``: the server encodes it once for every
+  client that polls the same version, the client decodes it (``decode_reply``)
+  and merges it into the reply, so callers see the same dicts as before.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 from Pyro5.serializers import SerializerBase
 
 from dopq.core import errors
@@ -32,6 +37,20 @@ IDEMPOTENT_CALLS = frozenset({
     "notify_list",
     "report",
 })
+
+
+ENCODED = "encoded"  # the key of a reply's pre-encoded part (msgpack bytes)
+
+
+def encode_reply(data: Any) -> bytes:
+    """Plain data as msgpack, as Pyro5's msgpack serializer would write it."""
+    blob: bytes = msgpack.packb(data, use_bin_type=True)
+    return blob
+
+
+def decode_reply(blob: bytes) -> Any:
+    """``encode_reply``'s bytes back to data, as Pyro5's msgpack serializer reads them."""
+    return msgpack.unpackb(blob, raw=False)
 
 
 def _wire_name(cls: type[BaseException]) -> str:
