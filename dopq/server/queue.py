@@ -38,6 +38,7 @@ from dopq.server.containers import container_name, container_spec
 from dopq.server.housekeeping import Housekeeper
 from dopq.server.jobrows import queued_job, running_job
 from dopq.server.runtime import ContainerRuntime, ContainerSpec
+from dopq.server.starter import Starter
 from dopq.server.store import JobRow, Store
 
 log = logging.getLogger("dopq.server.queue")
@@ -89,6 +90,7 @@ class PriorityQueueThread(threading.Thread):
         self._exited: list[str] = []
         self._halt = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
+        self.starter = Starter(self)
         self.outputs = outputs.OutputFolders(settings)
         self.house = Housekeeper(settings, store, runtime, self.owner, self.outputs)
         self._last_reconcile = 0.0
@@ -192,6 +194,7 @@ class PriorityQueueThread(threading.Thread):
                 self._halt.wait(0.5)
         self._save_usage()
         self._workers.shutdown(wait=True)
+        self.starter.shutdown()
 
     def step(self, exited: list[str] | None = None) -> None:
         now = self.clock()
@@ -216,6 +219,9 @@ class PriorityQueueThread(threading.Thread):
     def _carry_out(self, instructions: list[ev.Instruction], strict: bool = False) -> JobRow | None:
         """Do what the scheduler said, in order; return the last committed row.
 
+        A run of ``StartJob`` goes out together: committed one by one, then
+        created and started on the starter's pool (``dopq.server.starter``).
+
         ``strict``: a refused commit raises (to an API caller) instead of being
         passed over. If one instruction raises, the starts not yet tried are
         handed back to the scheduler before the error goes on.
@@ -226,7 +232,10 @@ class PriorityQueueThread(threading.Thread):
             ins = pending.pop(0)
             try:
                 if isinstance(ins, ev.StartJob):
-                    self._start(ins)
+                    batch = [ins]
+                    while pending and isinstance(pending[0], ev.StartJob):
+                        batch.append(pending.pop(0))  # type: ignore[arg-type]
+                    self.starter.start_all(batch)
                 elif isinstance(ins, ev.CommitJob):
                     row = self._commit(ins, strict)
                     if row is not None:
@@ -276,40 +285,6 @@ class PriorityQueueThread(threading.Thread):
             if strict:
                 raise
             return None
-
-    def _start(self, ins: ev.StartJob) -> None:
-        job_id, gpus = ins.job_id, list(ins.gpus)
-        try:
-            row = self.store.transition(
-                job_id, JobState.RUNNING, expect=[JobState.QUEUED], unless_held=True,
-                gpus=gpus, container=None, started_at=ins.started_at,
-                detail="gpus " + (",".join(map(str, gpus)) or "none"),
-            )
-        except DopqError:  # refused: held, or moved on
-            self._handle(ev.StartRefused(job_id))
-            return
-        except Exception:  # the store failed: the job stays queued
-            self._handle(ev.StartRefused(job_id, retry=True))
-            raise
-        self.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
-        try:
-            if row["restarts"]:  # preempted before: its last run's container has this name
-                self.house.clear_for_rerun(job_id, self.container_name(job_id), row["restarts"])
-            cid = self.runtime.run(self.container_spec(row, gpus))
-        except EngineUnavailable:
-            self._carry_out(self._handle(ev.StartFailed(job_id, "engine unavailable", True)))
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever it was, this job failed to start
-            text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            self._carry_out(self._handle(ev.StartFailed(job_id, text)))
-            return
-        # Only now is there a container to look for after a crash: a running
-        # job without one was cut off before its start and is queued again.
-        name = self.container_name(job_id)
-        self.store.update_job(job_id, container=name)
-        log.debug("job %s started as %s", job_id, cid[:12])
-        marker = self.store.job(job_id)["error"]  # a cancel during the create left its mark
-        self._carry_out(self._handle(ev.ContainerStarted(job_id, name, marker)))
 
     def _preempt(self, ins: ev.PreemptJob) -> None:
         """Its stop signal now (the container's, from ``run_params.stop_signal``), SIGKILL
