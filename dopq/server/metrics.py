@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from dopq.core.errors import ConfigError
 from dopq.core.jobs import FINAL_STATES, JobState
 from dopq.core.settings import Settings
+from dopq.server.eventlog import events_after
 
 log = logging.getLogger("dopq.server.metrics")
 
@@ -179,15 +180,13 @@ class Metrics:
         seen = 0
         with self._tail:
             while True:
-                rows = self.store.read(
-                    "SELECT e.id, e.job_id, e.at, e.state, j.user, j.submitted_at FROM events e"
-                    " LEFT JOIN jobs j ON j.id = e.job_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
-                    (self._mark, TAIL_CHUNK))
+                rows = events_after(self.store, self._mark, TAIL_CHUNK)
                 for r in rows:
-                    self._event(int(r[1]), float(r[2]), str(r[3]), r[4], r[5])
+                    self._event(int(r["job_id"]), float(r["at"]), str(r["state"]), r["user"],
+                                r["submitted_at"])
                 seen += len(rows)
                 if rows:
-                    self._mark = int(rows[-1][0])
+                    self._mark = int(rows[-1]["id"])
                 if len(rows) < TAIL_CHUNK:
                     return seen
 

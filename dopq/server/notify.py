@@ -38,6 +38,7 @@ from dopq.core.settings import Settings
 from dopq.server import authz
 from dopq.server.auth import Principal
 from dopq.server.authz import Action
+from dopq.server.eventlog import events_after
 from dopq.server.provider import job_dir
 from dopq.server.store import Store
 
@@ -208,14 +209,13 @@ class Notifier(threading.Thread):
         if not self.targets.any():  # nobody listens: skip what happened meanwhile
             self._mark = self.store.last_event_id()
             return 0
-        rows = self.store.read(
-            "SELECT e.id, e.job_id, e.state, e.detail, j.user FROM events e"
-            " JOIN jobs j ON j.id = e.job_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
-            (self._mark, EVENT_BATCH))
+        rows = events_after(self.store, self._mark, EVENT_BATCH)
         if not rows:
             return 0
         self._mark = int(rows[-1]["id"])
         for r in rows:
+            if r["user"] is None:
+                continue  # the job was deleted since
             kind = msg.event_kind(str(r["state"]), str(r["detail"] or ""))
             if kind is None or not self.targets.urls_for(r["user"], kind):
                 continue
