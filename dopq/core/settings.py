@@ -1,6 +1,6 @@
 """The one validated settings object, read from a TOML file.
 
-Every key has a typed default here and nowhere else. Unknown keys and bad
+Every key has a typed default in :mod:`dopq.core.sections` and nowhere else. Unknown keys and bad
 values stop the start-up with a ``ConfigError`` that names the key
 (``docker.network: expected a string``). The object is passed explicitly;
 nothing reads a global configuration.
@@ -21,141 +21,27 @@ from typing import Any
 from dopq.core.errors import ConfigError, JobRejected
 from dopq.core.fairshare import PolicyConfig
 from dopq.core.jobs import parse_duration, parse_size
+from dopq.core.sections import (  # noqa: F401 - the tables, importable from here too
+    DEFAULT_CAPS,
+    BuildSettings,
+    DockerSettings,
+    GpuSettings,
+    GuiSettings,
+    ImageSettings,
+    IntakeSettings,
+    LimitSettings,
+    MetricsSettings,
+    MountSettings,
+    NameServerSettings,
+    NotifySettings,
+    RegistrySettings,
+    RuntimeSettings,
+    ServerSettings,
+    SlurmSettings,
+    UserSettings,
+)
 
 ENV_CONFIG = "DOPQ_CONFIG"
-# Capabilities a job keeps after dropping all: enough for ordinary images
-# (chown, su to an unprivileged user), nothing that reaches the host.
-DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID")
-
-
-@dataclass
-class ServerSettings:
-    name: str = ""  # registered as dopq.<name>; empty: the host name
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port
-    tls_cert: str = ""
-    tls_key: str = ""
-    max_connections: int = 256  # worker threads of the API
-    max_connections_per_address: int = 128
-    idle_timeout: float = 10.0  # an API connection silent this long is closed
-    handshake_timeout: float = 2.0  # TLS and Pyro's CONNECT must be done within this
-
-
-@dataclass
-class NameServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 9090
-    embedded: str = "auto"  # auto | yes | no
-
-
-@dataclass
-class GpuSettings:
-    backend: str = "auto"  # auto | nvml | virtual
-    virtual_count: int = 2
-    virtual_memory: str = "16g"  # memory of each virtual GPU
-    memory_reserve: str = "1g"  # kept free on a shared device
-    memory_enforcement: str = "kill"  # kill | warn: a job using more GPU memory than declared
-    memory_tolerance: str = "256m"  # use above declared + this is a breach
-    idle_after: str = "30m"  # a job's GPUs at (near) 0% this long: the job is idle
-    idle_action: str = "warn"  # warn | cancel
-    idle_utilisation: float = 5.0  # percent; at or below counts as idle
-    sample_interval: float = 5.0  # seconds between GPU samples
-
-
-@dataclass
-class DockerSettings:
-    base_url: str = "unix:///var/run/docker.sock"
-    gpu_mode: str = "auto"  # auto | nvidia | env
-    network: str = "none"
-    stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
-    pids_limit: int = 4096
-    log_max_bytes: str = "64m"  # per job, run log cap
-    read_only_rootfs: bool = False
-    cap_add: list[str] = field(default_factory=lambda: list(DEFAULT_CAPS))  # kept after drop-all
-    name_prefix: str = "dopq"  # containers are <prefix>-<job-id>, labelled dopq.instance=<prefix>
-    requeue_on_engine_restart: bool = False  # else such jobs fail with that reason
-    remove_containers: bool = True  # remove a container once its exit and log are saved
-    image_keep_days: float = 7.0  # remove DoPQ images unused for this long; 0: keep
-
-
-@dataclass
-class LimitSettings:
-    default_memory: str = "20g"
-    max_memory: str = "64g"
-    default_cpus: float = 2.0
-    max_cpus: float = 0.0  # 0: the host's CPU count
-    default_shm: str = "64m"
-    max_shm: str = "8g"
-    max_time_limit: str = ""  # empty: no cap
-    max_upload: str = "2g"
-    max_unpacked: str = "8g"
-    max_entries: int = 20000
-    max_output: str = "50g"  # what one job may write to /outdir; "0": no limit
-
-
-@dataclass
-class BuildSettings:
-    concurrency: int = 2
-    timeout: float = 3600.0  # unused: replaced by time_limit; kept so older configs still load
-    time_limit: str = "1h"  # a build running longer is stopped and fails
-    network: bool = True  # RUN steps reach the network (to install packages)
-
-
-@dataclass
-class ImageSettings:
-    # What a build may start from (FROM, COPY --from, RUN --mount from): these
-    # names (shell patterns, e.g. "pytorch/pytorch:*"), scratch, and the
-    # user's own earlier job images. Nothing else: not other users' images.
-    allowed_bases: list[str] = field(default_factory=lambda: ["dopq/busybox:latest"])
-
-
-@dataclass
-class IntakeSettings:
-    poll_interval: float = 0.2  # seconds between looks at the drop folder
-    settle_seconds: float = 2.0  # a non-.part file must be unchanged this long
-    upload_timeout: float = 60.0  # an upload without a chunk this long is discarded
-
-
-@dataclass
-class MountSettings:
-    source: str = ""
-    target: str = ""
-    read_only: bool = True
-
-
-@dataclass
-class UserSettings:
-    allowed: list[str] = field(default_factory=list)  # empty: anyone
-    uid_map: dict[str, int] = field(default_factory=dict)  # user -> uid for the drop folder
-    check_owner: bool = True
-    logs_visible_to_all: bool = False
-    token_ttl: float = 30 * 86400.0
-    login_attempts: int = 5  # failures of one user from one address before that pair locks
-    login_user_attempts: int = 30  # failures of one user from any address before it locks
-    login_window: float = 300.0
-    login_max_delay: float = 2.0  # an address with many failures waits up to this (no lock)
-    login_concurrency: int = 2  # password hashes at once
-    login_busy_wait: float = 5.0  # a sign-in waits this long for a hashing slot
-
-
-@dataclass
-class GuiSettings:
-    poll_interval: float = 1.0
-    style: str = ""  # path of a Qt style sheet; empty: the shipped dark theme
-
-
-@dataclass
-class MetricsSettings:
-    listen: str = ""  # host:port of the Prometheus endpoint; empty: off
-
-
-@dataclass
-class NotifySettings:
-    urls: list[str] = field(default_factory=list)  # apprise URLs for server events (admins')
-    retries: int = 3  # more tries of a failed send, each after twice the wait
-    log_lines: int = 20  # last lines of a job's log in its message
-    disk_low: str = "5g"  # free space under state_dir that raises "disk low"; "0": off
-    allow_schemes: list[str] = field(default_factory=list)  # users' URL schemes; empty: any
 
 
 @dataclass
@@ -175,6 +61,9 @@ class Settings:
     gui: GuiSettings = field(default_factory=GuiSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     mounts: list[MountSettings] = field(default_factory=list)
 
     # -- derived paths ------------------------------------------------------
@@ -288,7 +177,28 @@ class Settings:
         if self.server_name and not all(c.isalnum() or c in "-_" for c in self.server_name):
             raise ConfigError("server.name", "only letters, digits, '-' and '_' are allowed")
         self.users.allowed = [u.lower() for u in self.users.allowed]
+        self._validate_slurm()
         return self
+
+    def _validate_slurm(self) -> None:
+        _choice("runtime.backend", self.runtime.backend, ("docker", "slurm"))
+        if self.slurm.poll_interval <= 0:
+            raise ConfigError("slurm.poll_interval", "must be positive")
+        for key in ("slurm.conf", "slurm.bin_dir", "slurm.shared_dir"):
+            path = _get(self, key)
+            if path and not path.startswith("/"):
+                raise ConfigError(key, f"must be an absolute path (got {path!r})")
+        url = self.registry.url
+        if url and (any(c.isspace() or c in "/@" for c in url) or ":" not in url):
+            raise ConfigError("registry.url", f"expected host:port, like 127.0.0.1:5000 "
+                              f"(got {url!r})")
+        if self.runtime.backend == "slurm":
+            if not self.slurm.shared_dir:
+                raise ConfigError("slurm.shared_dir", "is needed with runtime.backend = "
+                                  '"slurm": a folder every node sees')
+            if not url:
+                raise ConfigError("registry.url", 'is needed with runtime.backend = "slurm":'
+                                  " the nodes pull the images from it")
 
     def _validate_gpus(self) -> None:
         g = self.gpus

@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,61 +27,20 @@ from dopq.core.errors import BuildFailed, DopqError, EngineUnavailable
 from dopq.server import builds
 from dopq.server import images as images_mod
 from dopq.server.builds import BuildLimits
+from dopq.server.runspec import (  # noqa: F401 - the seam's data, importable from here too
+    LABEL_CONTEXT,
+    LABEL_INSTANCE,
+    LABEL_JOB,
+    LABEL_OWNER,
+    LABEL_USER,
+    ContainerSpec,
+    ContainerStatus,
+)
 
 # Pinned, so making a client sends nothing (``auto`` asks the engine at once,
 # and leaks the connection when the engine is down); Docker >= 20.10 speaks it.
 API_VERSION = "1.41"
-LABEL_JOB = "dopq.job"
-LABEL_INSTANCE = "dopq.instance"
-LABEL_USER = "dopq.user"
-LABEL_CONTEXT = "dopq.context"
-LABEL_OWNER = "dopq.owner"  # the store's unique id: two servers never touch each other's
-
 log = logging.getLogger("dopq.server.runtime")
-
-
-@dataclass
-class ContainerSpec:
-    """What the queue thread asks the engine to run for one job."""
-
-    name: str
-    image: str
-    labels: dict[str, str]
-    env: dict[str, str] = field(default_factory=dict)
-    command: list[str] | str | None = None
-    entrypoint: list[str] | str | None = None
-    working_dir: str | None = None
-    user: str | None = None
-    mem_limit: int | None = None
-    nano_cpus: int | None = None
-    shm_size: int | None = None
-    pids_limit: int | None = None
-    network: str = "none"
-    binds: dict[str, dict[str, str]] = field(default_factory=dict)
-    gpus: list[int] = field(default_factory=list)
-    gpu_mode: str = "env"  # nvidia: DeviceRequest; env: NVIDIA_VISIBLE_DEVICES only
-    device_ids: list[str] = field(default_factory=list)  # gpus by UUID (MIG); []: by index
-    cap_add: list[str] = field(default_factory=list)
-    read_only: bool = False
-    log_max_bytes: int | None = None
-    tty: bool = False
-    stop_signal: str | None = None
-    ulimits: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class ContainerStatus:
-    id: str
-    name: str
-    job_id: int | None
-    running: bool
-    exit_code: int | None
-    oom_killed: bool
-    started_at: float | None
-    finished_at: float | None
-    pids: list[int] = field(default_factory=list)
-    owner: str | None = None
-    created: bool = False  # created but never started
 
 
 def _ts(text: str | None) -> float | None:
