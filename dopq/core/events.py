@@ -161,6 +161,21 @@ class CapacityChanged:
 
 
 @dataclass(frozen=True)
+class NodeSeen:
+    """A cluster node as its scheduler reports it now (:mod:`dopq.core.cluster`).
+
+    ``gpus`` devices (indices 0..gpus-1); ``usable``: it takes new jobs (not
+    down or drained); ``foreign``: its devices held by jobs that are not ours.
+    A node not reported any more comes as ``gpus=0, usable=False``.
+    """
+
+    name: str
+    gpus: int
+    usable: bool = True
+    foreign: int = 0
+
+
+@dataclass(frozen=True)
 class UsageReset:
     user: str | None
 
@@ -186,7 +201,7 @@ class Tick:
 Event = (JobQueued | JobLeftQueue | QueueLoaded | JobAdopted | CancelRequested
          | OutputLimitReached | StartRefused | ContainerStarted | StartFailed | ContainerExited
          | ContainerMissing | ContainerNeverStarted | StrayContainer | EngineDown | EngineUp
-         | CapacityChanged | UsageReset | DeadlinesDue | Tick)
+         | CapacityChanged | NodeSeen | UsageReset | DeadlinesDue | Tick)
 
 
 # ----------------------------------------------------------- instructions

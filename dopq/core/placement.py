@@ -27,7 +27,8 @@ runs: a whole-GPU queue is placed exactly as before sharing existed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,8 @@ class Placer:
         self.count: dict[str, int] = {}
         self.gpus: dict[str, float] = {}
         self.sharing = any(map(_memory, state.queued)) or any(map(_memory, state.running))
+        self.node_of = state.node_of  # several nodes: a job's devices on one of them
+        self.node_size = Counter(self.node_of.values())
         if self.sharing:
             held = len({g for r in state.running for g in r.gpus})
             self._init_sharing(state)
@@ -122,23 +125,54 @@ class Placer:
     def may_fit(self, q: QueuedJob) -> bool:
         """Could ``q`` fit now (the device count only; room only shrinks from here)?"""
         if not q.gpu_memory:
-            return q.num_gpus <= len(self.free)
+            return self._whole_fits(q.num_gpus)
+        if self.node_of:
+            return self._pick(q) is not None
         return q.num_gpus <= sum(1 for r in self.room.values() if r >= q.gpu_memory)
+
+    def _by_node(self, devices: Iterable[int]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for d in devices:
+            out.setdefault(self.node_of.get(d, ""), []).append(d)
+        return out
+
+    def _whole_fits(self, need: int) -> bool:
+        if not self.node_of:
+            return need <= len(self.free)
+        return any(need <= len(v) for v in self._by_node(self.free).values())
+
+    def _whole_pick(self, need: int) -> tuple[int, ...]:
+        """The lowest ``need`` free devices; on several nodes, of the node with the
+        fewest free devices that still has enough (best fit keeps big holes whole)."""
+        if not self.node_of or not need:
+            return tuple(self.free[:need])
+        groups = [g for g in self._by_node(self.free).items() if len(g[1]) >= need]
+        _, devices = min(groups, key=lambda g: (len(g[1]), g[0]))
+        return tuple(devices[:need])
 
     def _pick(self, q: QueuedJob) -> tuple[int, ...] | None:
         """Devices for a shared job: in use already first, tightest fit, lowest index."""
         m = q.gpu_memory
         fully = set(self.free)
         fits = sorted((d in fully, r, d) for d, r in self.room.items() if r >= m)
+        if self.node_of:  # the first node (in that order) with enough of them
+            groups: dict[str, list[tuple[bool, int, int]]] = {}
+            for f in fits:
+                groups.setdefault(self.node_of.get(f[2], ""), []).append(f)
+            fits = next((g for g in groups.values() if len(g) >= q.num_gpus), [])
         if len(fits) < q.num_gpus:
             return None
         return tuple(sorted(d for _, _, d in fits[: q.num_gpus]))
 
     def _could_ever_fit(self, q: QueuedJob) -> bool:
         if not q.gpu_memory:
+            if self.node_of:
+                return q.num_gpus <= max(self.node_size.values(), default=0)
             return q.num_gpus <= self.capacity
-        hosts = sum(1 for d in self.devices if self.memory.get(d, 0) - self.reserve >= q.gpu_memory)
-        return q.num_gpus <= hosts
+        hosts = [d for d in self.devices if self.memory.get(d, 0) - self.reserve >= q.gpu_memory]
+        if self.node_of:
+            return any(q.num_gpus <= len(v) for v in self._by_node(hosts).values())
+        return q.num_gpus <= len(hosts)
 
     def visit(self, q: QueuedJob) -> WaitReason:
         if q.held:
@@ -169,7 +203,7 @@ class Placer:
             return self._start(q, ())
         if not self._could_ever_fit(q):
             return WaitReason.RESOURCES  # refused at submit; never reserve for it
-        fits = pick is not None if q.gpu_memory else need <= len(self.free)
+        fits = pick is not None if q.gpu_memory else self._whole_fits(need)
         if self.shadow is None:
             if fits:
                 return self._start(q, pick)
@@ -183,8 +217,8 @@ class Placer:
 
     def _start(self, q: QueuedJob, pick: tuple[int, ...] | None) -> WaitReason:
         if pick is None:  # whole GPUs (or none)
-            gpus = tuple(self.free[: q.num_gpus])
-            del self.free[: q.num_gpus]
+            gpus = self._whole_pick(q.num_gpus)
+            self.free = [g for g in self.free if g not in gpus]
             if self.sharing:
                 for g in gpus:
                     self.room.pop(g, None)

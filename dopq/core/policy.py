@@ -154,6 +154,7 @@ class ClusterState:
     foreign: Mapping[int, int] = field(default_factory=dict)
     external: frozenset[int] = frozenset()
     memory_reserve: int = 0
+    node_of: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

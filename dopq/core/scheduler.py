@@ -35,9 +35,9 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dopq.core import cluster, preemption
 from dopq.core import events as E  # short: the handlers name their event ``ev``
 from dopq.core import policy as policy_mod
-from dopq.core import preemption
 from dopq.core.capacity import Capacity, Device, GpuPool
 from dopq.core.errors import Conflict
 from dopq.core.exits import (  # noqa: F401 (TIMEOUT, OOM, OUTPUT_LIMIT: the scheduler's words)
@@ -89,6 +89,8 @@ class Scheduler:
         self.deferred: list[tuple[float, int, str]] = []  # (due, job, container)
         self.external: frozenset[int] = frozenset()
         self.foreign: dict[int, int] = {}  # device -> bytes used from outside DoPQ
+        self.nodes_seen: dict[str, tuple[bool, int]] = {}  # cluster node -> (usable, foreign)
+        self._flat: cluster.Flat | None = None  # several nodes: this decision's device ids
         self.engine_up = True
         self.engine_down_since: float | None = None
         self.last_outage: tuple[float, float] | None = None
@@ -325,6 +327,12 @@ class Scheduler:
             self.external = frozenset(ev.external)
             self.foreign = {}
 
+    def _on_NodeSeen(self, ev: E.NodeSeen, now: float, out: list[E.Instruction]) -> None:
+        node = cluster.ensure_node(self.capacity, ev.name)
+        if len(node.devices) != ev.gpus:
+            node.set_devices(cluster.node_devices(ev.gpus))
+        self.nodes_seen[ev.name] = (ev.usable, ev.foreign)
+
     # -- usage --------------------------------------------------------------------------
     def _on_UsageReset(self, ev: E.UsageReset, now: float, out: list[E.Instruction]) -> None:
         self.ledger.reset(ev.user)
@@ -422,21 +430,27 @@ class Scheduler:
                       history: Sequence[str] | None = None) -> policy_mod.ClusterState:
         pool = self.pool
         pool.set_external(self.external - set(pool.held()), self.foreign)
+        for name, (usable, foreign) in self.nodes_seen.items():
+            node = self.capacity.nodes[name]
+            node.pool.set_external(cluster.closed_devices(node, usable, foreign))
+        flat = self._flat = cluster.Flat.of(self.capacity) if self.nodes_seen else None
         grace = self.config.policy.preempt_grace
         running = []
         for r in self.running.values():
             limit, stopping = preemption.draining(r, self.stopping.get(r.id), grace)
             running.append(policy_mod.RunningJob(
-                r.id, r.user, r.num_gpus, r.gpus, now if r.started_at is None else r.started_at,
+                r.id, r.user, r.num_gpus, flat.to_global(r.node, r.gpus) if flat else r.gpus,
+                now if r.started_at is None else r.started_at,
                 limit, r.gpu_memory, r.preemptible, r.restarts, r.priority, stopping))
+        m = (cluster.merge(self.capacity, flat) if flat else cluster.Merged(
+            pool.free(), self._device_memory(), pool.foreign(), pool.external(), len(pool.total)))
         return policy_mod.ClusterState(
-            queued=list(self.queued.values()), running=running, free_gpus=pool.free(),
+            queued=list(self.queued.values()), running=running, free_gpus=m.free,
             usage=self.ledger.snapshot(now),
             finished_states=self.finished if finished_states is None else finished_states,
             history=self.history if history is None else history,
-            total_gpus=len(pool.total), memory=self._device_memory(),
-            foreign=pool.foreign(), external=pool.external(),
-            memory_reserve=self.memory_reserve,
+            total_gpus=m.total, memory=m.memory, foreign=m.foreign, external=m.external,
+            memory_reserve=self.memory_reserve, node_of=flat.node_of() if flat else {},
         )
 
     def _on_Tick(self, ev: E.Tick, now: float, out: list[E.Instruction]) -> None:
@@ -455,9 +469,10 @@ class Scheduler:
             self.queued.pop(job_id, None)
             if self.config.remember_finished:
                 self.finished[job_id] = JobState.FAILED
-        node = self.capacity.default
-        for job_id, gpus in decision.starts:
+        for job_id, picked in decision.starts:
             q = self.queued[job_id]
+            name, gpus = self._flat.to_local(picked) if self._flat else ("", picked)
+            node = self.capacity.nodes.get(name) or self.capacity.default
             try:
                 node.pool.acquire(job_id, gpus, q.gpu_memory)
             except Conflict as exc:
@@ -477,22 +492,7 @@ class Scheduler:
 
     def validate(self) -> None:
         """Assert the books balance: the pools, and running jobs against them."""
-        self.capacity.validate()
-        for node in self.capacity.nodes.values():
-            mine = {r.id: r for r in self.running.values() if r.node == node.name and r.gpus}
-            held = node.pool.jobs()
-            for job, r in mine.items():
-                if job in held and sorted(held[job]) != sorted(r.gpus):
-                    raise AssertionError(f"job {job} runs on {r.gpus}, the pool says {held[job]}")
-                if job in held and r.gpu_memory != node.pool.sharers(r.gpus[0]).get(job, 0):
-                    raise AssertionError(f"job {job} declared {r.gpu_memory} bytes, the pool "
-                                         "has it otherwise")
-            stray = set(held) - set(mine)
-            if stray:
-                raise AssertionError(f"jobs {sorted(stray)} hold GPUs but are not running")
-        both = self.queued.keys() & self.running.keys()
-        if both:
-            raise AssertionError(f"jobs {sorted(both)} both queued and running")
+        cluster.validate_books(self.capacity, self.running, self.queued)
 
 
 def _earliest(a: float | None, b: float) -> float:
