@@ -14,3 +14,26 @@ bench:
 
 faults:
 	bash scripts/faults.sh
+
+# The private two-node Slurm test cluster of issue #16 (scripts/cluster.sh):
+# up prints the DoPQ config for it; test-slurm runs the Slurm tests against it
+# (they find the config in DOPQ_SLURM_CONFIG).
+.PHONY: cluster-up cluster-down test-slurm
+cluster-up:
+	bash scripts/engine.sh && bash scripts/base-image.sh && bash scripts/cluster.sh up
+
+cluster-down:
+	bash scripts/cluster.sh down
+
+test-slurm:
+	bash scripts/engine.sh && bash scripts/venv.sh && bash scripts/base-image.sh && \
+		cfg=$$(bash scripts/cluster.sh up | tail -n 1) && \
+		DOPQ_SLURM_CONFIG=$$cfg .venv/bin/pytest -q -p no:cacheprovider -k slurm tests
+
+# The API under load (issue 17): figures and PNG in bench/results; the "before"
+# line comes from bench/results/api-before.json when it is there (bench_api.py's docstring).
+.PHONY: bench-api
+bench-api:
+	bash scripts/engine.sh && bash scripts/venv.sh && bash scripts/base-image.sh && \
+		.venv/bin/python bench/bench_api.py --json bench/results/api.json \
+		--png bench/results/api.png --before bench/results/api-before.json

@@ -10,7 +10,9 @@
 #                                   the last line of stdout is the DoPQ config
 #   bash scripts/cluster.sh down    stop what "up" started (by its PID files)
 #   bash scripts/cluster.sh status  what runs
-#   bash scripts/cluster.sh env     export lines for a shell (SLURM_CONF, PATH)
+#   bash scripts/cluster.sh env     export lines for a shell (SLURM_CONF, DOPQ_CONFIG)
+#   bash scripts/cluster.sh node-stop dopq-n2 / node-start dopq-n2
+#                                   stop / start one node's slurmd (node failure)
 #
 # Ports (loopback): DOPQ_CLUSTER_CTLD_PORT (16817), the nodes take the next
 # two, DOPQ_CLUSTER_REGISTRY_PORT (15000).
@@ -57,23 +59,31 @@ launch() {
     echo $! >"$RUN/$name.pid"
 }
 
-# stop NAME BINARY: SIGTERM the recorded PID, SIGKILL after 15 s.
+# stop NAME:BINARY...: SIGTERM each recorded PID at once, SIGKILL what still
+# runs after 15 s. Only PIDs from our own PID files, checked by alive.
 stop() {
-    local name=$1 pid
-    if alive "$1" "$2"; then
-        pid=$(cat "$RUN/$name.pid")
-        kill -TERM "$pid" 2>/dev/null || true
+    local spec name pids=() names=() pid i
+    for spec in "$@"; do
+        name=${spec%%:*}
+        if alive "$name" "${spec#*:}"; then
+            pid=$(cat "$RUN/$name.pid")
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+            names+=("$name")
+        fi
+        rm -f "$RUN/$name.pid"
+    done
+    for i in "${!pids[@]}"; do
         for _ in $(seq 1 150); do
-            kill -0 "$pid" 2>/dev/null || break
+            kill -0 "${pids[$i]}" 2>/dev/null || break
             sleep 0.1
         done
-        if kill -0 "$pid" 2>/dev/null; then
-            say "$name ($pid) ignored SIGTERM, killing"
-            kill -KILL "$pid" 2>/dev/null || true
+        if kill -0 "${pids[$i]}" 2>/dev/null; then
+            say "${names[$i]} (${pids[$i]}) ignored SIGTERM, killing"
+            kill -KILL "${pids[$i]}" 2>/dev/null || true
         fi
-        say "stopped $name ($pid)"
-    fi
-    rm -f "$RUN/$name.pid"
+        say "stopped ${names[$i]} (${pids[$i]})"
+    done
 }
 
 # -- installation -------------------------------------------------------------
@@ -100,9 +110,20 @@ install_missing() {
 }
 
 # -- configuration ------------------------------------------------------------
+# replace FILE: FILE.tmp becomes FILE unless they are the same (a second "up"
+# leaves the files of running daemons untouched).
+replace() {
+    if cmp -s "$1.tmp" "$1"; then
+        rm -f "$1.tmp"
+    else
+        mv "$1.tmp" "$1"
+    fi
+}
+
 write_config() {
     mkdir -p "$DIR"/{etc,dev,shared,registry,dopq-state,spool/ctld} "$LOG" "$RUN/munge"
-    chmod 700 "$DIR/etc" "$RUN/munge"
+    chmod 755 "$DIR/etc"
+    chmod 700 "$RUN/munge"
     chmod 755 "$DIR" "$DIR/shared"
     if [ ! -s "$DIR/etc/munge.key" ]; then
         (umask 077 && dd if=/dev/urandom of="$DIR/etc/munge.key" bs=1024 count=1 status=none)
@@ -162,7 +183,7 @@ GresTypes=gpu
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 MessageTimeout=5
-SlurmdTimeout=15
+SlurmdTimeout=10
 SlurmctldTimeout=15
 InactiveLimit=0
 KillWait=30
@@ -172,11 +193,12 @@ TreeWidth=4
 $node_lines
 PartitionName=dopq Nodes=$nodelist Default=YES MaxTime=INFINITE State=UP
 EOF
-    mv "$CONF.tmp" "$CONF"
+    replace "$CONF"
     printf '# Written by scripts/cluster.sh: the fake GPUs of the test nodes.\n%s' "$gres_lines" \
-        >"$DIR/etc/gres.conf"
+        >"$DIR/etc/gres.conf.tmp"
+    replace "$DIR/etc/gres.conf"
 
-    cat >"$DIR/etc/registry.yml" <<EOF
+    cat >"$DIR/etc/registry.yml.tmp" <<EOF
 version: 0.1
 log:
   level: warn
@@ -188,6 +210,7 @@ storage:
 http:
   addr: 127.0.0.1:$REG_PORT
 EOF
+    replace "$DIR/etc/registry.yml"
 
     cat >"$TOML.tmp" <<EOF
 # DoPQ on the test cluster of scripts/cluster.sh (issue #16).
@@ -222,7 +245,7 @@ host = "127.0.0.1"
 port = 9090
 embedded = "auto"
 EOF
-    mv "$TOML.tmp" "$TOML"
+    replace "$TOML"
 }
 
 # -- readiness probes ---------------------------------------------------------
@@ -236,10 +259,9 @@ EOF
 }
 node_state() { slurm sinfo -h -n "$1" -o '%T' 2>/dev/null | head -1; }
 nodes_idle() {
-    local n s
+    local n
     for n in "${NODES[@]}"; do
-        s=$(node_state "$n")
-        case "$s" in idle|mixed|allocated|completing) ;; *) return 1 ;; esac
+        node_ok "$n" || return 1
     done
 }
 # wait_for SECONDS WHAT PROBE...: poll PROBE every 0.2 s.
@@ -256,7 +278,7 @@ wait_for() {
 # -- daemons --------------------------------------------------------------------
 start_munge() {
     alive munged /usr/sbin/munged && munge_ok && return 0
-    stop munged /usr/sbin/munged
+    stop munged:/usr/sbin/munged
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     say "starting munged"
     launch munged /usr/sbin/munged --foreground --force \
@@ -269,7 +291,7 @@ start_munge() {
 
 start_ctld() {
     alive slurmctld /usr/sbin/slurmctld && ctld_ok && return 0
-    stop slurmctld /usr/sbin/slurmctld
+    stop slurmctld:/usr/sbin/slurmctld
     say "starting slurmctld"
     # -i: ignore state it cannot recover (a changed config); state survives "down".
     SLURM_CONF=$CONF launch slurmctld /usr/sbin/slurmctld -D -i -f "$CONF"
@@ -277,21 +299,30 @@ start_ctld() {
     STARTED=1
 }
 
+node_ok() {
+    case "$(node_state "$1")" in idle|mixed|allocated|completing) return 0 ;; esac
+    return 1
+}
+
+start_node() {
+    alive "slurmd-$1" /usr/sbin/slurmd && return 0
+    stop "slurmd-$1:/usr/sbin/slurmd"
+    say "starting slurmd $1"
+    SLURM_CONF=$CONF launch "slurmd-$1" /usr/sbin/slurmd -D -N "$1" -f "$CONF"
+    STARTED=1
+}
+
 start_nodes() {
     local n
     for n in "${NODES[@]}"; do
-        alive "slurmd-$n" /usr/sbin/slurmd && continue
-        stop "slurmd-$n" /usr/sbin/slurmd
-        say "starting slurmd $n"
-        SLURM_CONF=$CONF launch "slurmd-$n" /usr/sbin/slurmd -D -N "$n" -f "$CONF"
-        STARTED=1
+        start_node "$n"
     done
     wait_for 60 "nodes ${NODES[*]}" nodes_idle
 }
 
 start_registry() {
     alive registry /usr/bin/docker-registry && registry_ok && return 0
-    stop registry /usr/bin/docker-registry
+    stop registry:/usr/bin/docker-registry
     say "starting docker-registry on 127.0.0.1:$REG_PORT"
     launch registry /usr/bin/docker-registry serve "$DIR/etc/registry.yml"
     wait_for 20 docker-registry registry_ok
@@ -359,12 +390,13 @@ cmd_down() {
             done
         fi
     fi
+    local specs=()
     for n in "${NODES[@]}"; do
-        stop "slurmd-$n" /usr/sbin/slurmd
+        specs+=("slurmd-$n:/usr/sbin/slurmd")
     done
-    stop slurmctld /usr/sbin/slurmctld
-    stop registry /usr/bin/docker-registry
-    stop munged /usr/sbin/munged
+    stop "${specs[@]}"
+    stop slurmctld:/usr/sbin/slurmctld registry:/usr/bin/docker-registry
+    stop munged:/usr/sbin/munged
     rm -f "$RUN/smoke.ok"
 }
 
@@ -387,6 +419,28 @@ cmd_status() {
     return $rc
 }
 
+# node-stop NAME: stop that node's slurmd only, as if the node died: slurmctld
+# marks it down after SlurmdTimeout; its job steps keep running on this machine.
+cmd_node_stop() {
+    known_node "$1"
+    stop "slurmd-$1:/usr/sbin/slurmd"
+}
+
+cmd_node_start() {
+    known_node "$1"
+    STARTED=0
+    start_node "$1"
+    wait_for 60 "node $1" node_ok "$1"
+}
+
+known_node() {
+    local n
+    for n in "${NODES[@]}"; do
+        [ "$n" = "$1" ] && return 0
+    done
+    die "no node '$1' (nodes: ${NODES[*]})"
+}
+
 cmd_env() {
     echo "export SLURM_CONF=$CONF"
     echo "export DOPQ_CONFIG=$TOML"
@@ -397,5 +451,7 @@ case "${1:-}" in
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+    node-stop) cmd_node_stop "${2:-}" ;;
+    node-start) cmd_node_start "${2:-}" ;;
+    *) echo "usage: $0 up|down|status|env|node-stop NODE|node-start NODE" >&2; exit 2 ;;
 esac
