@@ -105,6 +105,7 @@ class ContainerExited:
     finished_at: float | None
     oom: bool = False
     deferrable: bool = True  # False: classify now (a recheck, or a reconcile)
+    reason: str | None = None  # ended without an exit code: why (its node failed...)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ PREEMPTED_PREFIX = "preempted"  # "preempted by job 17 of bob (...)": requeued, 
 TIMEOUT = "timeout"
 OUTPUT_LIMIT = "wrote more than limits.max_output"  # dopq.server.outputs starts its reason so
 OOM = "out of memory (killed at the memory limit)"
+REQUEUED_PREFIX = "requeued: "  # a reason the runtime gives when the job should run again
 # dopq.core.gpuwatch's stop reasons: "used 14.2 GiB of GPU memory, declared 10 GiB"
 # and "idle: GPUs at 0% for 30m" (sent as OutputLimitReached, failed with them).
 GPU_MEMORY = "GiB of GPU memory, declared"
@@ -42,6 +43,8 @@ def classify(marker: str, exit_code: int | None, *, vanished: str | None, oom: b
             or (marker.startswith("used ") and GPU_MEMORY in marker)):
         return JobState.FAILED, marker
     if vanished:
+        if vanished.startswith(REQUEUED_PREFIX):  # the runtime says: run it again
+            return None, vanished
         return JobState.FAILED, vanished
     if oom:
         return JobState.FAILED, OOM

@@ -205,7 +205,7 @@ class Scheduler:
             # that is why; look again shortly to tell the user the right reason.
             self.deferred.append((now + DEFER_SIGNAL_EXIT, ev.job_id, ev.container))
             return
-        self._exit(live, ev.exit_code, ev.finished_at, now, out, oom=ev.oom)
+        self._exit(live, ev.exit_code, ev.finished_at, now, out, ev.reason, ev.oom)
         out.append(E.CollectContainer(ev.job_id, ev.container))
 
     def _on_ContainerMissing(self, ev: E.ContainerMissing, now: float,

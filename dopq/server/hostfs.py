@@ -81,13 +81,21 @@ def ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None = None) -> N
         os.close(fd)
 
 
+def outputs_root(settings: Settings) -> Path:
+    """``<state_dir>/outputs``; on a cluster ``<slurm.shared_dir>/outputs``, which the
+    nodes see (mount it ``nosuid,nodev`` there too)."""
+    if settings.runtime.backend == "slurm":
+        return Path(settings.slurm.shared_dir) / "outputs"
+    return settings.state_path / "outputs"
+
+
 def secure_state(settings: Settings) -> None:
     """Lay out the state folder with its modes; older installs are corrected."""
     state = settings.state_path
     ensure_dir(state, 0o711)
     for sub in PRIVATE_DIRS:
         ensure_dir(state / sub, 0o700)
-    ensure_dir(state / "outputs", 0o711)
+    ensure_dir(outputs_root(settings), 0o711)
     ensure_dir(settings.inbox_path, 0o711)
     for suffix in ("", "-wal", "-shm", "-journal"):
         _chmod_db(Path(str(settings.db_path) + suffix))
@@ -240,7 +248,7 @@ class OutputMount:
     """``outputs/`` bind-mounted onto itself ``nosuid,nodev`` (the server is root)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.root = settings.state_path / "outputs"
+        self.root = outputs_root(settings)
         self.marker = settings.state_path / MARKER
         self.protected = False
         self.ours: int | None = None

@@ -11,6 +11,7 @@ import logging
 import threading
 import traceback
 from pathlib import Path
+from typing import Any
 
 from dopq.core.errors import DopqError, NotFound
 from dopq.core.jobs import ACTIVE_STATES, FINAL_STATES
@@ -18,6 +19,7 @@ from dopq.core.settings import Settings
 from dopq.server import hostfs
 from dopq.server.images import cache_tag, job_tag, owner_tag_pattern
 from dopq.server.outputs import OutputFolders
+from dopq.server.runspec import JobRuntime
 from dopq.server.runtime import ContainerRuntime
 from dopq.server.store import JobRow, Store
 
@@ -27,11 +29,13 @@ log = logging.getLogger("dopq.server.queue")
 class Housekeeper:
     """Logs, outputs, containers and image tags of finished jobs (thread-safe)."""
 
-    def __init__(self, settings: Settings, store: Store, runtime: ContainerRuntime,
-                 owner: str, folders: OutputFolders) -> None:
+    def __init__(self, settings: Settings, store: Store, runtime: JobRuntime,
+                 owner: str, folders: OutputFolders, images: ContainerRuntime | None = None
+                 ) -> None:
         self.settings = settings
         self.store = store
-        self.runtime = runtime
+        self.runtime = runtime  # the jobs' containers
+        self.images: Any = images if images is not None else runtime  # this host's engine
         self.owner = owner
         self.outputs = folders
         self._lock = threading.Lock()
@@ -124,7 +128,7 @@ class Housekeeper:
             tagged = row["array_parent"] or job_id
             if not row["image"] or not spec.get("name") or tagged in self._tag_users():
                 return
-            self.runtime.untag(job_tag(self.owner, row["user"], spec["name"], tagged))
+            self.images.untag(job_tag(self.owner, row["user"], spec["name"], tagged))
         except Exception:  # noqa: BLE001 - a tag left behind is swept later
             log.warning("job %s: untag failed\n%s", job_id, traceback.format_exc())
 
@@ -136,11 +140,11 @@ class Housekeeper:
         """Remove this server's job tags whose job is over and has no container."""
         removed = []
         busy = self._tag_users()
-        for tag in self.runtime.tags_matching(owner_tag_pattern(self.owner)):
+        for tag in self.images.tags_matching(owner_tag_pattern(self.owner)):
             tail = tag.rpartition(":")[2].rpartition("-")[2]
             if not tail.isdigit() or int(tail) in busy or int(tail) in self.collecting:
                 continue
-            self.runtime.untag(tag)
+            self.images.untag(tag)
             removed.append(tag)
         return removed
 
@@ -158,7 +162,7 @@ class Housekeeper:
         removed = []
         for img in self.store.images():
             if img["last_used"] < now - keep * 86400 and img["image_id"] not in needed:
-                self.runtime.untag(cache_tag(self.owner, img["context_hash"]))
+                self.images.untag(cache_tag(self.owner, img["context_hash"]))
                 self.store.forget_image(img["image_id"])
                 removed.append(img["image_id"])
         return removed

@@ -18,14 +18,14 @@ from dopq.core.settings import Settings
 from dopq.server import authz
 from dopq.server.auth import Principal
 from dopq.server.provider import job_dir
-from dopq.server.runtime import ContainerRuntime
+from dopq.server.runspec import JobRuntime
 from dopq.server.store import Store
 
 MAX_READ = 4 << 20  # the most one call returns
 EARLIER_RUN = re.compile(r"run\.([1-9][0-9]{0,5})")  # run.1: a preempted job's first run
 
 
-def read_log(settings: Settings, store: Store, runtime: ContainerRuntime, who: Principal,
+def read_log(settings: Settings, store: Store, runtime: JobRuntime, who: Principal,
              job_id: int, kind: str = "run", offset: int = 0, limit: int = 1 << 20
              ) -> dict[str, Any]:
     """``limit`` bytes of job ``job_id``'s ``kind`` log from ``offset``, as text."""

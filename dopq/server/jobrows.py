@@ -29,5 +29,5 @@ def running_job(row: JobRow) -> ev.Running:
         gpu_memory=row["gpu_memory"], started_at=row["started_at"],
         time_limit=row["time_limit"], container=row["container"], error=row["error"],
         preemptible=bool(row["preemptible"]), restarts=int(row["restarts"]),
-        priority=int(row["priority"]),
+        priority=int(row["priority"]), node=row.get("node") or "",
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dopq.core.settings import Settings
-from dopq.server.hostfs import DIR_FLAGS, FILE_FLAGS, ensure_dir, lstat_at, unix_ids
+from dopq.server.hostfs import DIR_FLAGS, FILE_FLAGS, ensure_dir, lstat_at, outputs_root, unix_ids
 
 log = logging.getLogger("dopq.server.outputs")
 
@@ -47,7 +47,7 @@ class OutputFolders:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.root = settings.state_path / "outputs"
+        self.root = outputs_root(settings)
 
     def path(self, user: str, job_id: int) -> Path:
         return self.root / user / str(job_id)

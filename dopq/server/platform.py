@@ -161,7 +161,7 @@ class DataPlatform:
 
     def logs(self, who: Principal, job_id: int, kind: str = "run", offset: int = 0,
              limit: int = 1 << 20) -> dict[str, Any]:
-        return read_log(self.settings, self.store, self.runtime, who, job_id, kind, offset,
+        return read_log(self.settings, self.store, self.workers.jobs, who, job_id, kind, offset,
                         limit)
 
     # -- commands ------------------------------------------------------------------------------

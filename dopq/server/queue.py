@@ -34,10 +34,11 @@ from dopq.core.jobs import JobState
 from dopq.core.settings import Settings
 from dopq.core.usage import UsageLedger
 from dopq.server import outputs
+from dopq.server.backends import Backend
 from dopq.server.containers import container_name, container_spec
 from dopq.server.housekeeping import Housekeeper
 from dopq.server.jobrows import queued_job, running_job
-from dopq.server.runtime import ContainerRuntime, ContainerSpec
+from dopq.server.runspec import ContainerSpec, JobRuntime
 from dopq.server.starter import Starter
 from dopq.server.store import JobRow, Store
 
@@ -55,10 +56,11 @@ class PriorityQueueThread(threading.Thread):
         self,
         settings: Settings,
         store: Store,
-        runtime: ContainerRuntime,
+        runtime: JobRuntime,
         gpus: Sequence[int | Device],
         gpu_mode: str,
         clock: Callable[[], float] = time.time,
+        backend: Backend | None = None,
     ) -> None:
         super().__init__(name="dopq-queue", daemon=True)
         self.settings = settings
@@ -68,6 +70,9 @@ class PriorityQueueThread(threading.Thread):
         self.clock = clock
         self.instance = settings.docker.name_prefix
         self.owner = store.owner_id()
+        # One host: the engine runs the jobs and keeps the images. A cluster: see backends.
+        self.backend = backend or Backend(
+            settings, runtime, self.owner, jobs=runtime)  # type: ignore[arg-type]
         # The machine's devices (memory, MIG parent, UUID: what containers are given).
         self.devices = {d.index: d for d in (Device(g) if isinstance(g, int) else g
                                              for g in gpus)}
@@ -92,7 +97,8 @@ class PriorityQueueThread(threading.Thread):
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
         self.starter = Starter(self)
         self.outputs = outputs.OutputFolders(settings)
-        self.house = Housekeeper(settings, store, runtime, self.owner, self.outputs)
+        self.house = Housekeeper(settings, store, runtime, self.owner, self.outputs,
+                                 self.backend.images)
         self._last_reconcile = 0.0
         self._event_mark = 0
         self._last_full_refresh = 0.0
@@ -201,6 +207,7 @@ class PriorityQueueThread(threading.Thread):
         for cid in exited or []:
             self._finish_container(cid)
         if now - self._last_reconcile >= RECONCILE_EVERY:
+            self._handle_all(self.backend.node_events())
             self.reconcile()
             self._last_reconcile = now
         self._refresh_queued()

@@ -206,6 +206,18 @@ class ContainerRuntime:
         repo, _, version = tag.rpartition(":")
         self._call(self.api.tag, image_id, repo, version)
 
+    def push(self, image: str, target: str) -> None:
+        """Push ``image`` to a registry as ``target`` (``host:port/repo:tag``); the
+        local ``target`` tag is dropped again (the image keeps its own)."""
+        repo, _, version = target.rpartition(":")
+        self.tag(image, target)
+        try:
+            for chunk in self._call(self.api.push, repo, tag=version, stream=True, decode=True):
+                if chunk.get("error"):
+                    raise DopqError(f"pushing {image} to {repo}: {chunk['error']}")
+        finally:
+            self.untag(target)
+
     def untag(self, tag: str) -> None:
         """Remove one tag; the image goes too when it was its last tag and unused."""
         try:

@@ -138,6 +138,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX notify_targets_user ON notify_targets(user)
     """,
+    # 9: the node a job runs (ran) on: "local" on one host, a Slurm node's name
+    """
+    ALTER TABLE jobs ADD COLUMN node TEXT
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -159,7 +163,7 @@ JOB_COLUMNS = (
     "array_index", "array_parent", "context_hash", "image", "container", "exit_code",
     "error", "submitted_at", "queued_at", "started_at", "finished_at", "hidden",
     "submitted_by", "expected_start_first", "expected_start_last", "gpu_memory",
-    "preemptible", "restarts", "preempted_by", "restarted_from", "gpu_utilisation",
+    "preemptible", "restarts", "preempted_by", "restarted_from", "gpu_utilisation", "node",
 )
 
 

@@ -86,8 +86,9 @@ class Starter:
         try:
             return self.q.store.transition(
                 job_id, JobState.RUNNING, expect=[JobState.QUEUED], unless_held=True,
-                gpus=gpus, container=None, started_at=ins.started_at,
-                detail="gpus " + (",".join(map(str, gpus)) or "none"),
+                gpus=gpus, container=None, started_at=ins.started_at, node=ins.node,
+                detail="gpus " + (",".join(map(str, gpus)) or "none")
+                + (f" on {ins.node}" if self.q.backend.cluster else ""),
             )
         except DopqError:  # refused: held, or moved on
             self.q._handle(ev.StartRefused(job_id))
@@ -102,7 +103,7 @@ class Starter:
         q.run_log_path(job_id).unlink(missing_ok=True)  # from a run cut off earlier
         if row["restarts"]:  # preempted before: its last run's container has this name
             q.house.clear_for_rerun(job_id, q.container_name(job_id), row["restarts"])
-        return q.runtime.run(q.container_spec(row, list(ins.gpus)))
+        return q.runtime.run(q.backend.adapt(q.container_spec(row, list(ins.gpus)), ins.node, row))
 
     def _settle(self, job_id: int, outcome: str | BaseException) -> BaseException | None:
         """On the queue thread: tell the scheduler how a start went; an engine lost is returned."""

@@ -28,6 +28,7 @@ from dopq.core.settings import Settings
 from dopq.server import gpus as gpus_mod
 from dopq.server import outputs
 from dopq.server.auth import Users
+from dopq.server.backends import Backend
 from dopq.server.gpusampler import GpuJob, GpuSampler, ProcFs
 from dopq.server.notify import Notifier
 from dopq.server.provider import start_process
@@ -48,7 +49,9 @@ class Supervisor:
         self.settings = settings
         self.store = store
         self.users = users
-        self.runtime = runtime
+        self.runtime = runtime  # this host's engine: builds and images
+        self.backend = Backend(settings, runtime, store.owner_id())
+        self.jobs = self.backend.jobs  # what runs the jobs' containers (backends)
         self.gpu_backend = gpus_mod.open_backend(settings.gpus.backend, settings.gpus.virtual_count,
                                                  settings.bytes_of("gpus.virtual_memory"))
         self.gpu_info = self.gpu_backend.devices()
@@ -85,8 +88,9 @@ class Supervisor:
 
     def _new_queue(self) -> PriorityQueueThread:
         q = PriorityQueueThread(
-            self.settings, self.store, self.runtime, gpus_mod.as_devices(self.gpu_info),
-            self.gpu_mode,
+            self.settings, self.store, self.jobs,
+            [] if self.backend.cluster else gpus_mod.as_devices(self.gpu_info),
+            self.gpu_mode, backend=self.backend,
         )
         q.shares = self.users.shares()
         return q
@@ -178,7 +182,7 @@ class Supervisor:
         """The first process of a running job's container (output watcher)."""
         try:
             row = self.store.job(job_id)
-            st = self.runtime.status(row["container"]) if row["container"] else None
+            st = self.jobs.status(row["container"]) if row["container"] else None
         except DopqError:
             return None
         return st.pids[0] if st is not None and st.pids else None
@@ -199,7 +203,7 @@ class Supervisor:
         """Relay container exits from Docker's event stream; reconnect when it drops."""
         while not self.halt.is_set():
             try:
-                for ev in self.runtime.events(self.store.owner_id(), self.halt):
+                for ev in self.jobs.events(self.store.owner_id(), self.halt):
                     cid = ev.get("id") or ev.get("Actor", {}).get("ID")
                     if ev.get("Action") == "die" and cid:
                         self.queue.container_exited(cid)
@@ -253,7 +257,7 @@ class Supervisor:
         stats = {}
         for row in running:
             if row["container"]:
-                s = self.runtime.stats(row["container"])
+                s = self.jobs.stats(row["container"])
                 if s is not None:
                     s["cpu"] = cpu_percent(self._raw_stats.get(row["id"]), s) or 0.0
                     stats[row["id"]] = s
@@ -268,7 +272,7 @@ class Supervisor:
         samples = self.gpu_backend.sample()
         jobs = []
         for row in running:
-            st = self.runtime.status(row["container"]) if row["container"] else None
+            st = self.jobs.status(row["container"]) if row["container"] else None
             jobs.append(GpuJob(
                 row["id"], row["user"], tuple(row["gpus"]), int(row.get("gpu_memory") or 0),
                 st.id if st is not None else "", tuple(st.pids) if st is not None else ()))

@@ -70,6 +70,7 @@ def job_view(row: JobRow, now: float) -> dict[str, Any]:
         "restarts": row["restarts"],
         "preempted_by": row["preempted_by"],
         "restarted_from": row.get("restarted_from"),
+        "node": row.get("node"),
     }
 
 

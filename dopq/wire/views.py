@@ -67,6 +67,7 @@ class JobView(TypedDict):
     restarts: NotRequired[int]  # times it was preempted and queued again
     preempted_by: NotRequired[int | None]  # the job it was last preempted for
     restarted_from: NotRequired[int | None]  # dopq restart: the finished job it copies
+    node: NotRequired[str | None]  # where it runs (ran): "local", or a cluster node
 
 
 class JobDetail(JobView):

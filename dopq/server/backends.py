@@ -1,0 +1,170 @@
+"""Where jobs' containers run: this host's Docker engine, or a Slurm cluster's nodes.
+
+:class:`Backend` holds the two runtimes the server needs: ``images`` (always
+this host's engine: builds, tags, pushes) and ``jobs`` (what the queue thread
+starts, watches and stops containers through: the same engine, or
+:class:`dopq.server.slurm.SlurmRuntime`). On a cluster it also
+
+- pushes a job's image to ``[registry] url`` before its start (once per
+  image id), and hands the node the registry's name for it;
+- turns the cluster's nodes into the scheduler's :class:`NodeSeen` events;
+- lets the queue name a job's container by its name, as on one host (the
+  store keeps names; Slurm knows its own job ids).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dopq.core import events as ev
+from dopq.core.capacity import LOCAL
+from dopq.core.errors import DopqError
+from dopq.core.exits import REQUEUED_PREFIX
+from dopq.core.settings import Settings
+from dopq.server.runspec import ContainerSpec, ContainerStatus, JobRuntime
+from dopq.server.runtime import ContainerRuntime
+from dopq.server.store import JobRow
+
+log = logging.getLogger("dopq.server.backends")
+
+
+class Backend:
+    """The runtimes of one server and what differs between one host and a cluster."""
+
+    def __init__(self, settings: Settings, docker: ContainerRuntime, owner: str,
+                 jobs: JobRuntime | None = None) -> None:
+        self.settings = settings
+        self.images = docker
+        self.cluster = settings.runtime.backend == "slurm"
+        if jobs is None and self.cluster:
+            from dopq.server.slurm import SlurmRuntime  # only a cluster server needs it
+
+            jobs = ClusterJobs(SlurmRuntime(settings, owner), settings)
+        self.jobs: JobRuntime = jobs if jobs is not None else docker
+        self._pushed: dict[str, str] = {}  # local image -> its name in the registry
+        self._push_lock = threading.Lock()
+        self._nodes: set[str] = set()
+
+    # -- starting a job --------------------------------------------------------------------
+    def adapt(self, spec: ContainerSpec, node: str, row: JobRow) -> ContainerSpec:
+        """``spec`` as this backend runs it: on a cluster, on ``node``, from the registry."""
+        if not self.cluster:
+            return spec
+        spec.node = "" if node == LOCAL else node
+        spec.time_limit = row["time_limit"]
+        spec.image = self.publish(spec.image)
+        return spec
+
+    def publish(self, image: str) -> str:
+        """Push ``image`` to the registry (once per image id); its name there."""
+        url = self.settings.registry.url
+        info = self.images.inspect_image(image)
+        if info is None:
+            raise DopqError(f"image {image} is gone from the server's engine")
+        key = str(info.get("Id") or image)
+        with self._push_lock:
+            if key in self._pushed:
+                return self._pushed[key]
+            target = f"{url}/{image}"
+            self.images.push(image, target)
+            self._pushed[key] = target
+        return target
+
+    # -- the cluster's nodes --------------------------------------------------------------
+    def node_events(self) -> builtins.list[ev.NodeSeen]:
+        """The nodes as the cluster reports them now (none on one host); a node that
+        is no longer reported comes once more, with no devices and closed."""
+        nodes = getattr(self.jobs, "nodes", None)
+        if not self.cluster or nodes is None:
+            return []
+        seen = [ev.NodeSeen(n.name, n.gpus, n.usable, n.foreign_gpus) for n in nodes()]
+        names = {e.name for e in seen}
+        gone = [ev.NodeSeen(name, 0, False) for name in sorted(self._nodes - names)]
+        self._nodes = names
+        return seen + gone
+
+
+class ClusterJobs:
+    """A cluster runtime under the names the queue gives containers.
+
+    The store keeps a job's container *name* (``dopq-<owner>-<id>``); the
+    cluster knows its jobs by its own ids. Calls with a name are sent on with
+    the cluster's id, found from the last :meth:`list` (read again when a name
+    is new). A job that ended without an exit code because its node failed is
+    queued again when ``[slurm] requeue_on_node_failure`` says so.
+    """
+
+    def __init__(self, runtime: Any, settings: Settings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.instance = settings.docker.name_prefix
+        self._ids: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _ref(self, ref: str) -> str:
+        with self._lock:
+            known = self._ids.get(ref)
+        if known is not None or ref.startswith("slurm-"):
+            return known or ref
+        self.list(self.instance)
+        with self._lock:
+            return self._ids.get(ref, ref)
+
+    def _seen(self, st: ContainerStatus | None) -> ContainerStatus | None:
+        if st is None:
+            return None
+        with self._lock:
+            self._ids[st.name] = st.id
+        if (st.reason and "node" in st.reason and self.settings.slurm.requeue_on_node_failure
+                and not st.reason.startswith(REQUEUED_PREFIX)):
+            st.reason = REQUEUED_PREFIX + st.reason
+        return st
+
+    def ping(self) -> bool:
+        return bool(self.runtime.ping())
+
+    def run(self, spec: ContainerSpec) -> str:
+        ref = str(self.runtime.run(spec))
+        with self._lock:
+            self._ids[spec.name] = ref
+        return ref
+
+    def status(self, ref: str) -> ContainerStatus | None:
+        return self._seen(self.runtime.status(self._ref(ref)))
+
+    def list(self, instance: str, owner: str | None = None) -> builtins.list[ContainerStatus]:
+        out = [self._seen(st) for st in self.runtime.list(instance, owner)]
+        return [st for st in out if st is not None]
+
+    def stop(self, ref: str, grace: float, *, owner: str) -> None:
+        self.runtime.stop(self._ref(ref), grace, owner=owner)
+
+    def remove(self, ref: str, *, owner: str) -> None:
+        self.runtime.remove(self._ref(ref), owner=owner)
+
+    def logs(self, ref: str, *, tail: int | str = "all") -> bytes:
+        return bytes(self.runtime.logs(self._ref(ref), tail=tail))
+
+    def save_logs(self, ref: str, path: Path, cap: int) -> int:
+        return int(self.runtime.save_logs(self._ref(ref), path, cap))
+
+    def stats(self, ref: str) -> dict[str, float] | None:
+        return None  # the nodes' engines are not this server's to ask
+
+    def events(self, owner: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
+        return iter(self.runtime.events(owner, stop))
+
+    def foreign_gpu_envs(
+            self, owner: str) -> builtins.list[tuple[builtins.list[str], builtins.list[str]]]:
+        return []
+
+    def has_nvidia_runtime(self) -> bool:
+        return False
+
+    def nodes(self) -> builtins.list[Any]:
+        return list(self.runtime.nodes())
