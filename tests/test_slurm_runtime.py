@@ -94,7 +94,7 @@ class FakeSlurm:
             return 0, "", ""
         if argv[:2] == ["scontrol", "ping"]:
             return 0, "Slurmctld(primary) at head is UP\n", ""
-        if argv[:4] == ["scontrol", "--oneliner", "show", "node"]:
+        if argv[:5] == ["scontrol", "--details", "--oneliner", "show", "node"]:
             return 0, "".join(n + "\n" for n in self.nodes), ""
         return 1, "", f"{cmd}: error: unexpected call\n"
 
@@ -423,15 +423,19 @@ def test_nodes_count_the_gpus_others_hold(rt: SlurmRuntime, fake: FakeSlurm) -> 
         "AllocTRES= Reason=fix it [root@2026-12-03T10:00:00]",
         "NodeName=dopq-n3 CPUTot=4 Gres=(null) RealMemory=8000 State=DOWN* "
         "GresUsed=gpu:0",
+        # Slurm 22.05 without gres/gpu in AccountingStorageTRES: only GresUsed counts
+        "NodeName=dopq-n4 CPUTot=2 Gres=gpu:2 GresDrain=N/A GresUsed=gpu:1 State=MIXED "
+        "CfgTRES=cpu=2,mem=4G,billing=2 AllocTRES=cpu=1,mem=256M RealMemory=4096",
     ]
     fake.add(10, "RUNNING", gres="gres:gpu:1")  # ours on n1
     fake.add(11, "RUNNING", comment="other", gres="gres:gpu:1")
     fake.add(12, "PENDING", gres="gres:gpu:2", node="")
-    n1, n2, n3 = rt.nodes()
+    n1, n2, n3, n4 = rt.nodes()
     assert n1.name == "dopq-n1" and n1.state == "mixed" and n1.usable
     assert (n1.gpus, n1.cpus, n1.memory, n1.foreign_gpus) == (2, 8, 16000 * 2**20, 1)
     assert (n2.state, n2.usable, n2.gpus, n2.foreign_gpus) == ("drained", False, 2, 0)
     assert (n3.state, n3.usable, n3.gpus) == ("down*", False, 0)
+    assert (n4.state, n4.usable, n4.gpus, n4.foreign_gpus) == ("mixed", True, 2, 1)
 
 
 def test_events_tell_each_exit_once(rt: SlurmRuntime, fake: FakeSlurm,

@@ -125,7 +125,8 @@ def batch_script(spec: ContainerSpec, job_dir: str, grace: float, docker: str = 
     q = shlex.quote
     docker_cmd = " ".join(q(w) for w in shlex.split(docker)) or "docker"
     log_cap = int(spec.log_max_bytes or 0)
-    follow = ('"${DOCKER[@]}" logs -f "$CID" 2>&1 | head -c "$LOG_CAP"' if log_cap
+    # head's output is buffered by stdio: stdbuf makes the log stream (no stdbuf: no cap)
+    follow = ('"${DOCKER[@]}" logs -f "$CID" 2>&1 | "${CAP[@]}"' if log_cap
               else '"${DOCKER[@]}" logs -f "$CID" 2>&1')
     return f"""#!/bin/bash
 # DoPQ: one job's container on this node's Docker engine (made by dopq.server.batch).
@@ -136,6 +137,8 @@ NAME={q(spec.name)}
 IMAGE={q(spec.image)}
 GRACE={max(0, int(round(grace)))}
 LOG_CAP={log_cap}
+CAP=(cat)
+! command -v stdbuf >/dev/null 2>&1 || CAP=(stdbuf -o0 head -c "$LOG_CAP")
 LOG="$JOB_DIR/log"
 CID=
 TERMINATED=0

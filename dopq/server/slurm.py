@@ -167,7 +167,9 @@ class SlurmRuntime:
     # -- nodes -----------------------------------------------------------------------
     def nodes(self) -> builtins.list[SlurmNode]:
         """Every node with its state, GPUs and the GPUs other jobs hold on it."""
-        rows = parse_nodes(self._call(["scontrol", "--oneliner", "show", "node"]) or "")
+        # --details: GresUsed, the GPUs in use where AllocTRES does not count them
+        text = self._call(["scontrol", "--details", "--oneliner", "show", "node"])
+        rows = parse_nodes(text or "")
         ours: dict[str, int] = {}
         for job in self._jobs():
             if job.state in HOLDING and self._ours(job, self.owner) is not None:
@@ -219,7 +221,7 @@ class SlurmRuntime:
     def _folder(self, ref: str, owner: str, job_id: int | None = None) -> Path | None:
         with self._lock:
             known = self._dirs.get(ref)
-        if known is not None:
+        if known is not None and known.is_dir():
             return known
         found = self._folders(owner).get(ref)
         if found is None and job_id is not None:
@@ -297,8 +299,8 @@ class SlurmRuntime:
                 return None  # not a DoPQ server's Slurm job
             owner, job_id = mine
         folder = self._folder(ref, owner, job_id)
-        if job is None and folder is None:
-            return None
+        if folder is None and (job is None or job.state not in ALIVE):
+            return None  # removed (Slurm keeps an ended job's row a few minutes)
         return self._status_of(ref, job, folder, owner, job_id)
 
     def list(self, instance: str, owner: str | None = None) -> builtins.list[ContainerStatus]:
@@ -315,8 +317,10 @@ class SlurmRuntime:
                 continue
             ref = f"{REF_PREFIX}{job.id}"
             seen.add(ref)
-            out.append(self._status_of(ref, job, self._folder(ref, owner, job_id), owner,
-                                       job_id))
+            folder = self._folder(ref, owner, job_id)
+            if folder is None and job.state not in ALIVE:
+                continue  # removed
+            out.append(self._status_of(ref, job, folder, owner, job_id))
         for ref, folder in sorted(self._folders(owner).items()):
             if ref not in seen:
                 out.append(self._status_of(ref, None, folder, owner, None))
