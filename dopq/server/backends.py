@@ -76,6 +76,17 @@ class Backend:
         return target
 
     # -- the cluster's nodes --------------------------------------------------------------
+    def largest_node(self) -> int:
+        """GPUs of the cluster's largest node (what one job may ask for);
+        ``[gpus] virtual_count`` when the cluster does not answer now."""
+        try:
+            nodes = self.jobs.nodes()  # type: ignore[attr-defined]
+            return max((n.gpus for n in nodes), default=0)
+        except DopqError as exc:
+            log.warning("cluster nodes unknown at start (%s): assuming %d GPUs per node",
+                        exc, self.settings.gpus.virtual_count)
+            return self.settings.gpus.virtual_count
+
     def node_events(self) -> builtins.list[ev.NodeSeen]:
         """The nodes as the cluster reports them now (none on one host); a node that
         is no longer reported comes once more, with no devices and closed."""

@@ -52,8 +52,12 @@ class Supervisor:
         self.runtime = runtime  # this host's engine: builds and images
         self.backend = Backend(settings, runtime, store.owner_id())
         self.jobs = self.backend.jobs  # what runs the jobs' containers (backends)
-        self.gpu_backend = gpus_mod.open_backend(settings.gpus.backend, settings.gpus.virtual_count,
-                                                 settings.bytes_of("gpus.virtual_memory"))
+        # On a cluster the nodes' GPUs are Slurm's to sample; this host's stand-ins only
+        # say how many one job may ask for (the most any node has).
+        self.gpu_backend = gpus_mod.open_backend(
+            "virtual" if self.backend.cluster else settings.gpus.backend,
+            self.backend.largest_node() if self.backend.cluster else settings.gpus.virtual_count,
+            settings.bytes_of("gpus.virtual_memory"))
         self.gpu_info = self.gpu_backend.devices()
         self.gpu_sampler = GpuSampler(self.gpu_info, WatchConfig.of(settings), ProcFs())
         self._gpu_report: dict[str, Any] = {}
