@@ -28,7 +28,8 @@ cluster-down:
 test-slurm:
 	bash scripts/engine.sh && bash scripts/venv.sh && bash scripts/base-image.sh && \
 		cfg=$$(bash scripts/cluster.sh up | tail -n 1) && \
-		DOPQ_SLURM_CONFIG=$$cfg .venv/bin/pytest -q -p no:cacheprovider -k slurm tests
+		DOPQ_SLURM_FULL=1 DOPQ_SLURM_CONFIG=$$cfg QT_QPA_PLATFORM=offscreen \
+		.venv/bin/pytest -q -p no:cacheprovider -m slurm tests
 
 # The API under load (issue 17): figures and PNG in bench/results; the "before"
 # line comes from bench/results/api-before.json when it is there (bench_api.py's docstring).

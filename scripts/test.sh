@@ -7,6 +7,7 @@ bash scripts/prometheus.sh
 bash scripts/venv.sh
 bash scripts/qt-deps.sh
 bash scripts/base-image.sh
+bash scripts/cluster.sh up >/dev/null  # the Slurm test cluster (tests/slurmcluster.py)
 export QT_QPA_PLATFORM=offscreen
 echo "== ruff"; .venv/bin/ruff check dopq tests bench scripts
 echo "== mypy"; .venv/bin/mypy dopq

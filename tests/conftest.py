@@ -262,3 +262,14 @@ def cli_login(server: Running, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     monkeypatch.delenv("DOPQ_TOKEN", raising=False)
     monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORDS[user] + "\n"))
     assert cli.main(["login", "--user", user, "--password-stdin"]) == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slurm_long`` tests (faults on the Slurm test cluster) run with
+    ``DOPQ_SLURM_FULL=1`` (``make test-slurm``); the test command runs the rest."""
+    if os.environ.get("DOPQ_SLURM_FULL") == "1":
+        return
+    skip = pytest.mark.skip(reason="the long Slurm suite: make test-slurm")
+    for item in items:
+        if "slurm_long" in item.keywords:
+            item.add_marker(skip)
