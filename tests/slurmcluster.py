@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_DIR = Path(os.environ.get("DOPQ_CLUSTER_DIR", "/var/lib/dopq-cluster"))
-CONFIG = CLUSTER_DIR / "dopq.toml"
+CONFIG = Path(os.environ.get("DOPQ_SLURM_CONFIG") or CLUSTER_DIR / "dopq.toml")
 NODES = ("dopq-n1", "dopq-n2")
 
 
