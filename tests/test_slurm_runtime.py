@@ -38,7 +38,6 @@ from dopq.server.slurmstate import (
 
 OWNER = "a1b2c3d4e5"
 UID = os.getuid()
-SQUEUE = ["squeue", "--noheader", "--all", "--states=all", f"--format={SQUEUE_FORMAT}"]
 EVIL = "x'\"$(touch PWNED1)`touch PWNED2`;touch PWNED3\n -rf ${IFS}* \\ && touch PWNED4 #"
 
 
@@ -654,3 +653,29 @@ def test_sigterm_stops_the_container_with_the_grace(job_dir: Path, fake_docker: 
             proc.kill()
     assert ["stop", "-t", "17", "cid123"] in recorded(job_dir)
     assert json.loads((job_dir / "status").read_text())["exit_code"] == 143
+
+
+def test_list_asks_squeue_for_this_users_jobs(rt: SlurmRuntime, fake: FakeSlurm) -> None:
+    rt.list("dopq", OWNER)
+    assert fake.calls[-1] == ["squeue", "--noheader", "--all", "--states=all", f"--user={UID}",
+                              f"--format={SQUEUE_FORMAT}"]
+
+
+def test_a_job_submitted_while_listing_is_not_taken_for_lost(rt: SlurmRuntime,
+                                                             fake: FakeSlurm) -> None:
+    first = rt.run(spec())
+    fake.jobs[101]["state"] = "RUNNING"
+    real = fake.__call__
+
+    def racing(argv: list[str], timeout: float) -> tuple[int, str, str]:
+        answer = real(argv, timeout)
+        if argv[0] == "squeue" and not any(a.startswith("--jobs=") for a in argv):
+            rt._run = real
+            rt.run(spec(name="dopq-a1b2c3d4-8", job=8))  # sbatch after squeue answered
+        return answer
+
+    rt._run = racing
+    listed = rt.list("dopq", OWNER)
+    assert [(st.id, st.running, st.reason) for st in listed] == [(first, True, None)]
+    assert {st.id: st.running for st in rt.list("dopq", OWNER)} == {first: True,
+                                                                     "slurm-102": True}

@@ -131,7 +131,8 @@ class SlurmRuntime:
         raise DopqError(f"Slurm: {argv[0]}: {_first_line(err) or f'exit status {rc}'}")
 
     def _jobs(self, job: int | None = None) -> builtins.list[SlurmJob]:
-        argv = ["squeue", "--noheader", "--all", "--states=all", f"--format={SQUEUE_FORMAT}"]
+        argv = ["squeue", "--noheader", "--all", "--states=all", f"--user={self._uid}",
+                f"--format={SQUEUE_FORMAT}"]
         if job is not None:
             argv.append(f"--jobs={job}")
         out = self._call(argv, missing_ok=job is not None)
@@ -309,21 +310,23 @@ class SlurmRuntime:
         ``instance`` is not used: the owner in the comment already tells servers apart.
         """
         owner = owner or self.owner
+        # The folders first: a job submitted meanwhile is then surely in squeue's
+        # answer, never taken for one that Slurm lost.
+        folders = self._folders(owner)
         out: builtins.list[ContainerStatus] = []
-        seen: set[str] = set()
         for job in self._jobs():
             job_id = self._ours(job, owner)
             if job_id is None:
                 continue
             ref = f"{REF_PREFIX}{job.id}"
-            seen.add(ref)
-            folder = self._folder(ref, owner, job_id)
+            folder = folders.pop(ref, None)
+            if folder is None and job.state in ALIVE:
+                folder = self._folder(ref, owner, job_id)
             if folder is None and job.state not in ALIVE:
-                continue  # removed
+                continue  # removed (Slurm keeps an ended job's row a few minutes)
             out.append(self._status_of(ref, job, folder, owner, job_id))
-        for ref, folder in sorted(self._folders(owner).items()):
-            if ref not in seen:
-                out.append(self._status_of(ref, None, folder, owner, None))
+        for ref, folder in sorted(folders.items()):
+            out.append(self._status_of(ref, None, folder, owner, None))
         return out
 
     def stop(self, ref: str, grace: float, *, owner: str) -> None:
