@@ -96,6 +96,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 print(f"{'gpu use':>13}: {gpuview.gpu_use_line(job)}")
         else:
             print(f"{key:>13}: {_cell(job.get(key))}")
+        if key == "gpus" and job.get("node") not in (None, "", "local"):  # a cluster's node
+            print(f"{'node':>13}: {printable(job['node'])}")
     if job.get("restarted_from"):
         print(f"{'restarted from':>13}: job {job['restarted_from']}")
     _show_preemption(job)

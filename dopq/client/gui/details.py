@@ -107,7 +107,7 @@ class JobDialog(QDialog):
 
     FIELDS = (("id", "ID"), ("name", "Name"), ("user", "User"), ("state", "State"),
               ("exit_code", "Exit code"), ("error", "Error"), ("num_gpus", "GPUs"),
-              ("gpu_memory", "GPU memory each"), ("gpus", "On GPUs"),
+              ("gpu_memory", "GPU memory each"), ("gpus", "On GPUs"), ("node", "On node"),
               ("gpu_memory_used", "GPU memory used"), ("gpu_utilisation", "GPU use"),
               ("idle_since", "GPUs idle since"), ("memory", "Memory"), ("cpus", "CPUs"),
               ("shm_size", "Shared memory"), ("priority", "Priority"), ("nice", "Nice"),
