@@ -102,3 +102,24 @@ def test_fair_share_across_the_cluster(slurm_server: Any, jobs_dir: Path) -> Non
     assert order[:2] == b_ids, order
     jobs = [slurm_server.wait_job(i, 120) for i in a_ids + b_ids]
     assert all(j["state"] == "succeeded" for j in jobs), jobs
+
+
+def test_cli_shows_the_nodes(slurm_server: Any, jobs_dir: Path, monkeypatch: Any,
+                             tmp_path: Path, capsys: Any) -> None:
+    from conftest import cli_login
+
+    from dopq import cli
+
+    alice = slurm_server["alice"]
+    job_id = alice.submit(good_job(jobs_dir, "alice", "shown", "sleep 20", num_gpus=2))["id"]
+    wait_for(lambda: alice.call("job", job_id)["state"] == "running", 120)
+    cli_login(slurm_server, monkeypatch, tmp_path)
+    capsys.readouterr()
+    for argv in (["status"], ["show", str(job_id)]):
+        assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    print(out)  # -s: the capture to look at
+    node = alice.call("job", job_id)["node"]
+    assert f"node: {node}" in out and "GPUs: slurm" in out
+    assert all(f"{n} GPU {i}" in out for n in NODES for i in (0, 1))
+    alice.call("cancel", job_id)

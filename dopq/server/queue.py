@@ -89,7 +89,7 @@ class PriorityQueueThread(threading.Thread):
         self.scheduler.shares = {}
         # The scheduler is touched from API threads too (cancel, reset_usage);
         # each event is handled whole under this lock, instructions outside it.
-        self._lock = threading.RLock()
+        self._lock = self.lock = threading.RLock()
         self._cond = threading.Condition()
         self._dirty = True
         self._exited: list[str] = []

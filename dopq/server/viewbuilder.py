@@ -15,6 +15,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 from dopq import __version__
+from dopq.core.capacity import LOCAL, Capacity
 from dopq.core.errors import DopqError, NotFound
 from dopq.core.fairshare import fair_shares
 from dopq.core.jobs import FINAL_STATES, WAITING_STATES, JobState
@@ -268,7 +269,11 @@ class ViewBuilder:
         queue = w.queue
         external = queue.pool.external() if queue.is_alive() else set()
         _, reported = gpu_report(w)
-        gpus = device_rows(w.gpu_info, running, w.gpu_samples, reported, external)
+        if w.backend.cluster:
+            with queue.lock:
+                gpus = node_device_rows(queue.scheduler.capacity, running)
+        else:
+            gpus = device_rows(w.gpu_info, running, w.gpu_samples, reported, external)
         return {
             "name": self.settings.server_name,
             "version": __version__,
@@ -278,7 +283,7 @@ class ViewBuilder:
             "engine_state": "up" if queue.engine_up else "down",
             "started_at": iso(self.started_at),
             "uptime_s": round(now - self.started_at, 1),
-            "gpu_backend": w.gpu_backend.kind,
+            "gpu_backend": "slurm" if w.backend.cluster else w.gpu_backend.kind,
             "gpu_mode": w.gpu_mode,
             "gpus": gpus,
             "counts": self.store.state_counts(),
@@ -423,4 +428,26 @@ def device_rows(infos: Iterable[Any], running: list[JobRow],
             "holders": holders,
             "foreign": [dict(f) for f in rep.get("foreign") or () if isinstance(f, Mapping)],
         })
+    return out
+
+
+def node_device_rows(capacity: Capacity, running: list[JobRow]) -> list[dict[str, Any]]:
+    """The status view's GPUs on a cluster: every node's devices as the scheduler
+    counts them (``index`` runs over the cluster, ``node`` and ``node_index`` say
+    where); ``external``: down, drained, or held by the cluster's other jobs."""
+    out: list[dict[str, Any]] = []
+    for name in sorted(capacity.nodes):
+        pool = capacity.nodes[name].pool
+        for i in sorted(pool.total):
+            holders = [{"job": r["id"], "user": r["user"], "declared": r["gpu_memory"],
+                        "memory": None} for r in running
+                       if (r.get("node") or LOCAL) == name and i in r["gpus"]]
+            out.append({
+                "index": len(out), "node": name, "node_index": i, "name": f"{name} GPU {i}",
+                "uuid": "", "memory_total": pool.memory(i) or None,
+                "job": holders[0]["job"] if holders else None,
+                "user": holders[0]["user"] if holders else None,
+                "external": i in pool.external(), "memory": pool.memory(i) or None,
+                "used": None, "holders": holders, "foreign": [],
+            })
     return out

@@ -162,6 +162,8 @@ class GpuView(TypedDict):
     used: int | None  # bytes in use, by anyone
     holders: list[GpuHolder]
     foreign: list[ForeignProcess]
+    node: NotRequired[str]  # on a cluster: the node it is on, ``node_index`` its index there
+    node_index: NotRequired[int]
 
 
 class StatusView(TypedDict):
