@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -155,3 +156,28 @@ def test_nodes_see_gpus_held_by_other_slurm_jobs(rt: SlurmRuntime, tmp_path: Pat
         assert rt.status(f"slurm-{foreign}") is None  # not a DoPQ job: never ours
     finally:
         slurm(["scancel", foreign], 10)
+
+
+def test_a_cancel_in_slurm_stops_the_container_and_is_an_event(rt: SlurmRuntime,
+                                                                image: str) -> None:
+    spec = make_spec(rt, image, 5, ["sh", "-c", "trap 'exit 9' TERM; echo up; "
+                                    "while true; do sleep 0.2; done"])
+    ref = rt.run(spec)
+    wait_for(lambda: b"up" in rt.logs(ref), timeout=90, interval=0.5)
+    stop = threading.Event()
+    seen: list[dict[str, object]] = []
+
+    def watch() -> None:
+        for event in rt.events(rt.owner, stop):
+            seen.append(event)
+            stop.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rc, _, err = subprocess_runner(rt.settings)(["scancel", ref.removeprefix("slurm-")], 10)
+    assert rc == 0, err
+    watcher.join(timeout=60)
+    stop.set()
+    assert seen == [{"Action": "die", "id": ref}]
+    st = rt.status(ref)
+    assert st is not None and not st.running and st.exit_code == 9

@@ -679,3 +679,32 @@ def test_a_job_submitted_while_listing_is_not_taken_for_lost(rt: SlurmRuntime,
     assert [(st.id, st.running, st.reason) for st in listed] == [(first, True, None)]
     assert {st.id: st.running for st in rt.list("dopq", OWNER)} == {first: True,
                                                                      "slurm-102": True}
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 70_000, 200_000])
+def test_logs_tail_reads_from_the_end(rt: SlurmRuntime, settings: Settings, size: int) -> None:
+    ref = rt.run(spec())
+    folder = next((Path(settings.slurm.shared_dir) / OWNER).iterdir())
+    data = b"".join(b"line %d %s\n" % (i, b"x" * (i % 50)) for i in range(size))
+    (folder / "log").write_bytes(data + b"last without newline")
+    lines = (data + b"last without newline").splitlines(keepends=True)
+    for n in (1, 2, 3, 1000, 10**6):
+        assert rt.logs(ref, tail=n) == b"".join(lines[-n:])
+    assert rt.logs(ref, tail=0) == b""
+
+
+def test_the_script_starts_with_fixed_lines_sbatch_reads_no_directive_from_values() -> None:
+    s = hostile_spec()
+    s.name = "x\n#SBATCH --uid=0\n"
+    lines = batch_script(s, "/j\n#SBATCH --partition=evil", 10).splitlines()
+    assert lines[0] == "#!/bin/bash" and lines[1].startswith("# DoPQ") and lines[2] == "set -u"
+
+
+def test_a_stop_during_the_pull_is_a_stop(job_dir: Path, fake_docker: Path) -> None:
+    s = ContainerSpec(name="n", image="i", labels={})
+    script = batch_script(s, str(job_dir), 5).replace(
+        'if ! "${DOCKER[@]}" pull', 'kill -TERM $$\nif ! "${DOCKER[@]}" pull', 1)
+    proc = run_script(script, job_dir, fake_docker, FAKE_PULL_RC="1")
+    assert proc.returncode == 143
+    status = json.loads((job_dir / "status").read_text())
+    assert status["reason"] == "stopped before the container started"

@@ -157,6 +157,9 @@ write_status() {{  # exit_code oom_killed started_at finished_at reason
 }}
 
 fail() {{  # exit_code reason: the container never ran
+  if [ "$TERMINATED" = 1 ]; then  # a stop, not the failure it caused
+    set -- 143 "stopped before the container started"
+  fi
   echo "[dopq: $2]" >>"$LOG"
   [ -z "$CID" ] || "${{DOCKER[@]}}" rm -f "$CID" >/dev/null 2>&1
   write_status "$1" false "" "" "$2"
@@ -180,6 +183,7 @@ on_term() {{
 trap on_term TERM
 STARTED=1
 "${{DOCKER[@]}}" start "$CID" >/dev/null 2>>"$LOG" || STARTED=0
+[ "$TERMINATED" = 0 ] || on_term  # a stop that came while it was starting
 # The helpers ignore SIGTERM (Slurm signals every process of the job): the
 # container's end ends them, and the trap above does the stopping.
 ( trap '' TERM; {follow} ) >>"$LOG" &

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dopq.core.errors import DopqError, EngineUnavailable
 from dopq.core.settings import Settings
@@ -90,6 +90,21 @@ def subprocess_runner(settings: Settings) -> Runner:
 
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")[:300]
+
+
+def _tail(fh: BinaryIO, lines: int) -> bytes:
+    """The last ``lines`` lines of a file, read from its end."""
+    if lines <= 0:
+        return b""
+    end = fh.seek(0, os.SEEK_END)
+    data = b""
+    pos = end
+    while pos > 0 and data.count(b"\n", 0, len(data) - 1) < lines:
+        step = min(pos, 1 << 16)
+        pos -= step
+        fh.seek(pos)
+        data = fh.read(step) + data
+    return b"".join(data.splitlines(keepends=True)[-lines:])
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -375,12 +390,12 @@ class SlurmRuntime:
         if folder is None:
             return b""
         try:
-            data = (folder / "log").read_bytes()
+            with (folder / "log").open("rb") as fh:
+                if tail == "all" or not isinstance(tail, int):
+                    return fh.read()
+                return _tail(fh, tail)
         except OSError:
             return b""
-        if tail == "all" or not isinstance(tail, int):
-            return data
-        return b"".join(data.splitlines(keepends=True)[-tail:]) if tail > 0 else b""
 
     def save_logs(self, ref: str, path: Path, cap: int) -> int:
         """Copy the job's log to ``path`` (at most ``cap`` bytes, then a truncation mark)."""
