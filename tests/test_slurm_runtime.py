@@ -310,17 +310,21 @@ def test_lost_job(rt: SlurmRuntime, fake: FakeSlurm) -> None:
 
 def test_foreign_jobs_are_not_ours(rt: SlurmRuntime, fake: FakeSlurm) -> None:
     fake.add(1, comment=f"dopq:{OWNER}:1", uid=UID + 1)  # another user, our comment
-    fake.add(2, comment="dopq:someoneelse:2")
+    theirs = SlurmRuntime(rt.settings, "someoneelse", fake)
+    two = theirs.run(ContainerSpec(name="dopq-someone-2", image="i",
+                                   labels={LABEL_JOB: "2", LABEL_OWNER: "someoneelse"}))
+    fake.jobs[int(two[6:])]["state"] = "RUNNING"
     fake.add(3, comment=f"x|dopq:{OWNER}:3", uid=UID + 1)  # a bar in a foreign comment
     fake.add(4, comment="plain user job")
     assert rt.list("dopq", OWNER) == []
     assert rt.status("slurm-1") is None and rt.status("slurm-4") is None
-    st = rt.status("slurm-2")
-    assert st is not None and st.owner == "someoneelse"
-    rt.stop("slurm-2", 1, owner=OWNER)
+    st = rt.status(two)  # another server's: seen, with its owner, never touched
+    assert st is not None and st.owner == "someoneelse" and st.running
+    rt.stop(two, 1, owner=OWNER)
     rt.remove("slurm-1", owner=OWNER)
-    rt.remove("slurm-2", owner=OWNER)
+    rt.remove(two, owner=OWNER)
     assert not [c for c in fake.calls if c[0] == "scancel"]
+    assert theirs.status(two) is not None
 
 
 def test_list_finds_exits_after_a_restart(settings: Settings, fake: FakeSlurm,
@@ -708,3 +712,17 @@ def test_a_stop_during_the_pull_is_a_stop(job_dir: Path, fake_docker: Path) -> N
     assert proc.returncode == 143
     status = json.loads((job_dir / "status").read_text())
     assert status["reason"] == "stopped before the container started"
+
+
+def test_an_earlier_run_of_the_job_never_takes_the_new_runs_folder(
+        rt: SlurmRuntime, fake: FakeSlurm) -> None:
+    old = rt.run(spec())
+    fake.jobs[101]["state"] = "COMPLETING"  # removed, Slurm still finishing it
+    rt.remove(old, owner=OWNER)
+    new = rt.run(spec())  # the job runs again: same DoPQ id, same folder name
+    fake.jobs[102]["state"] = "RUNNING"
+    again = SlurmRuntime(rt.settings, OWNER, fake)
+    found = {st.id: st for st in again.list("dopq", OWNER)}
+    assert set(found) == {new}  # the old one, removed, is gone although Slurm has it
+    assert found[new].running and found[new].name == "dopq-a1b2c3d4-7"
+    assert again.status(old) is None and again.status(new) is not None

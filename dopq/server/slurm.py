@@ -242,7 +242,9 @@ class SlurmRuntime:
         found = self._folders(owner).get(ref)
         if found is None and job_id is not None:
             # sbatch answered but the server died before meta.json: by the job id
-            matches = builtins.list(self._root(owner).glob(f"job-{job_id}-*"))
+            # (a folder with a meta.json belongs to another run of the job)
+            matches = [d for d in self._root(owner).glob(f"job-{job_id}-*")
+                       if _read_json(d / "meta.json") is None]
             found = matches[0] if len(matches) == 1 else None
         if found is not None:
             with self._lock:
@@ -315,7 +317,7 @@ class SlurmRuntime:
                 return None  # not a DoPQ server's Slurm job
             owner, job_id = mine
         folder = self._folder(ref, owner, job_id)
-        if folder is None and (job is None or job.state not in ALIVE):
+        if folder is None:
             return None  # removed (Slurm keeps an ended job's row a few minutes)
         return self._status_of(ref, job, folder, owner, job_id)
 
@@ -337,7 +339,7 @@ class SlurmRuntime:
             folder = folders.pop(ref, None)
             if folder is None and job.state in ALIVE:
                 folder = self._folder(ref, owner, job_id)
-            if folder is None and job.state not in ALIVE:
+            if folder is None:
                 continue  # removed (Slurm keeps an ended job's row a few minutes)
             out.append(self._status_of(ref, job, folder, owner, job_id))
         for ref, folder in sorted(folders.items()):
