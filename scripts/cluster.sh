@@ -36,6 +36,14 @@ MUNGE_SOCKET=$RUN/munge/munge.socket.2
 BIN_DIR=/usr/bin
 
 say() { echo "cluster: $*" >&2; }
+# node_port NODE: the nodes listen on the ports after slurmctld's.
+node_port() {
+    local i
+    for i in "${!NODES[@]}"; do
+        [ "${NODES[$i]}" = "$1" ] && { echo $((CTLD_PORT + 1 + i)); return 0; }
+    done
+    return 1
+}
 die() { echo "cluster: $*" >&2; exit 1; }
 
 # -- processes we started: PID files under $RUN, checked against the binary --
@@ -51,11 +59,11 @@ alive() {
 }
 
 # launch NAME COMMAND...: run in the background, in its own session, with its
-# output in $LOG/NAME.out, and remember its PID.
+# output in $LOG/NAME.out (this run's), and remember its PID.
 launch() {
     local name=$1
     shift
-    setsid "$@" </dev/null >>"$LOG/$name.out" 2>&1 &
+    setsid "$@" </dev/null >"$LOG/$name.out" 2>&1 &
     echo $! >"$RUN/$name.pid"
 }
 
@@ -104,7 +112,7 @@ install_missing() {
     fi
     export DEBIAN_FRONTEND=noninteractive
     local rc=0
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } || rc=$?
+    { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; } || rc=$?
     [ "$ours" = 1 ] && rm -f "$policy"
     [ "$rc" = 0 ] || die "apt-get install ${missing[*]} failed"
 }
@@ -117,6 +125,7 @@ replace() {
         rm -f "$1.tmp"
     else
         mv "$1.tmp" "$1"
+        CHANGED+=("$1")
     fi
 }
 
@@ -134,7 +143,7 @@ write_config() {
     host=$(hostname -s)
     for i in "${!NODES[@]}"; do
         n=${NODES[$i]}
-        port=$((CTLD_PORT + 1 + i))
+        port=$(node_port "$n")
         mkdir -p "$DIR/spool/$n"
         # Stand-ins for /dev/nvidia*: Slurm wants character devices, so each
         # fake GPU is a copy of /dev/null (1,3); nothing ever opens them.
@@ -181,7 +190,7 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=256
 GresTypes=gpu
 SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
+SchedulerParameters=sched_interval=1,bf_interval=1
 MessageTimeout=5
 SlurmdTimeout=10
 SlurmctldTimeout=15
@@ -257,6 +266,10 @@ import sys, urllib.request
 urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v2/", timeout=2).read()
 EOF
 }
+# port_free PORT: nothing listens on 127.0.0.1:PORT (else a probe could be
+# answered by someone else's daemon).
+port_free() { python3 -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
+need_port() { port_free "$1" || die "127.0.0.1:$1 is in use (for $2); choose other ports (see the top of $0)"; }
 node_state() { slurm sinfo -h -n "$1" -o '%T' 2>/dev/null | head -1; }
 nodes_idle() {
     local n
@@ -274,6 +287,22 @@ wait_for() {
         sleep 0.2
     done
 }
+# wait_up NAME BINARY SECONDS PROBE...: as wait_for, but gives up at once
+# when the daemon NAME has exited, showing the end of its output.
+wait_up() {
+    local name=$1 bin=$2 secs=$3
+    shift 3
+    local end=$((SECONDS + secs))
+    until "$@"; do
+        # kill -0, not alive: just after launch the PID may still be setsid.
+        if ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
+            tail -n 5 "$LOG/$name.out" >&2 || true
+            die "$name exited (logs: $LOG)"
+        fi
+        [ $SECONDS -lt $end ] || die "$name did not come up within ${secs}s (logs: $LOG)"
+        sleep 0.2
+    done
+}
 
 # -- daemons --------------------------------------------------------------------
 start_munge() {
@@ -285,17 +314,18 @@ start_munge() {
         --socket="$MUNGE_SOCKET" --key-file="$DIR/etc/munge.key" \
         --pid-file="$RUN/munged.daemon.pid" --log-file="$LOG/munged.log" \
         --seed-file="$RUN/munge/munged.seed"
-    wait_for 20 munged munge_ok
+    wait_up munged /usr/sbin/munged 20 munge_ok
     STARTED=1
 }
 
 start_ctld() {
     alive slurmctld /usr/sbin/slurmctld && ctld_ok && return 0
     stop slurmctld:/usr/sbin/slurmctld
+    need_port "$CTLD_PORT" slurmctld
     say "starting slurmctld"
     # -i: ignore state it cannot recover (a changed config); state survives "down".
     SLURM_CONF=$CONF launch slurmctld /usr/sbin/slurmctld -D -i -f "$CONF"
-    wait_for 30 slurmctld ctld_ok
+    wait_up slurmctld /usr/sbin/slurmctld 30 ctld_ok
     STARTED=1
 }
 
@@ -307,6 +337,7 @@ node_ok() {
 start_node() {
     alive "slurmd-$1" /usr/sbin/slurmd && return 0
     stop "slurmd-$1:/usr/sbin/slurmd"
+    need_port "$(node_port "$1")" "slurmd $1"
     say "starting slurmd $1"
     SLURM_CONF=$CONF launch "slurmd-$1" /usr/sbin/slurmd -D -N "$1" -f "$CONF"
     STARTED=1
@@ -323,9 +354,10 @@ start_nodes() {
 start_registry() {
     alive registry /usr/bin/docker-registry && registry_ok && return 0
     stop registry:/usr/bin/docker-registry
+    need_port "$REG_PORT" docker-registry
     say "starting docker-registry on 127.0.0.1:$REG_PORT"
     launch registry /usr/bin/docker-registry serve "$DIR/etc/registry.yml"
-    wait_for 20 docker-registry registry_ok
+    wait_up registry /usr/bin/docker-registry 20 registry_ok
     STARTED=1
 }
 
@@ -361,9 +393,15 @@ smoke() {
 cmd_up() {
     [ "$(id -u)" = 0 ] || die "up needs root"
     install_missing
-    write_config
     STARTED=0
+    CHANGED=()
+    write_config
     start_munge
+    if alive slurmctld /usr/sbin/slurmctld && [[ " ${CHANGED[*]} " == *" $CONF "* ]]; then
+        say "slurm.conf changed: scontrol reconfigure"
+        slurm scontrol reconfigure || true
+        STARTED=1
+    fi
     start_ctld
     start_nodes
     start_registry
