@@ -510,7 +510,7 @@ def fake_docker(tmp_path: Path) -> Path:
 def hostile_spec() -> ContainerSpec:
     return ContainerSpec(
         name="-" + EVIL, image="reg/img:" + EVIL,
-        labels={LABEL_JOB: "7", "k" + EVIL: EVIL},
+        labels={LABEL_JOB: "7", "k" + EVIL.replace("=", ""): EVIL},
         env={"A" + EVIL.replace("=", ""): EVIL, "NVIDIA_VISIBLE_DEVICES": "all", "B": "-e X=1"},
         command=["--privileged", EVIL, "$HOME"], entrypoint=["-" + EVIL, "--rm"],
         working_dir=EVIL, user="-" + EVIL, mem_limit=2**30, nano_cpus=1_250_000_000,
@@ -524,7 +524,7 @@ def hostile_argv() -> list[str]:
     """What docker must receive for hostile_spec(), written out by hand."""
     e = EVIL
     return [
-        "create", "--name=-" + e, "--label=dopq.job=7", f"--label=k{e}={e}",
+        "create", "--name=-" + e, "--label=dopq.job=7", f"--label=k{e.replace('=', '')}={e}",
         f"--env=A{e.replace('=', '')}={e}", "--env=B=-e X=1",
         "--env=NVIDIA_VISIBLE_DEVICES=0,1", "--env=DOPQ_NODE=dopq-n1",
         "--env=DOPQ_SLURM_JOB=42", f"--memory={2**30}", f"--memory-swap={2**30}",
@@ -610,6 +610,8 @@ def test_bad_image_or_env_names_are_refused() -> None:
         docker_argv(ContainerSpec(name="n", image="--privileged", labels={}))
     with pytest.raises(DopqError):
         docker_argv(ContainerSpec(name="n", image="i", labels={}, env={"A=B": "c"}))
+    with pytest.raises(DopqError):
+        docker_argv(ContainerSpec(name="n", image="i", labels={"dopq.owner=x": "y"}))
     with pytest.raises(DopqError):
         docker_argv(ContainerSpec(name="n", image="i", labels={},
                                   binds={"/a": {"bind": "/b", "mode": "rw,z"}}))

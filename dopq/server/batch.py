@@ -60,7 +60,10 @@ def docker_argv(spec: ContainerSpec) -> list[str]:
     if not spec.image or spec.image.startswith("-"):
         raise DopqError(f"slurm: bad image name {spec.image[:80]!r}")
     args: list[str] = [f"--name={spec.name}"]
-    args += [f"--label={k}={v}" for k, v in spec.labels.items()]
+    for key, value in spec.labels.items():
+        if not key or "=" in key:  # the CLI splits at the first "=": another label
+            raise DopqError(f"slurm: bad label name {key[:80]!r}")
+        args.append(f"--label={key}={value}")
     for key, value in spec.env.items():
         if not key or "=" in key:
             raise DopqError(f"slurm: bad environment variable name {key[:80]!r}")
