@@ -728,3 +728,28 @@ def test_an_earlier_run_of_the_job_never_takes_the_new_runs_folder(
     assert set(found) == {new}  # the old one, removed, is gone although Slurm has it
     assert found[new].running and found[new].name == "dopq-a1b2c3d4-7"
     assert again.status(old) is None and again.status(new) is not None
+
+
+def test_the_node_docker_command_may_have_words() -> None:
+    s = ContainerSpec(name="n", image="i", labels={})
+    script = batch_script(s, "/j", 10, docker="'/opt/my docker/docker' --config '/etc/x y'")
+    assert "\nDOCKER=('/opt/my docker/docker' --config '/etc/x y')\n" in script
+
+
+def test_the_default_runner_runs_no_shell_and_passes_slurm_conf(tmp_path: Path) -> None:
+    from dopq.server.slurm import subprocess_runner
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "squeue"
+    tool.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    "print(json.dumps([sys.argv[1:], os.environ.get('SLURM_CONF')]))\n")
+    tool.chmod(0o755)
+    s = Settings()
+    s.slurm.bin_dir = str(bin_dir)
+    s.slurm.conf = "/etc/x/slurm.conf"
+    rc, out, _ = subprocess_runner(s)(["squeue", "$(touch PWNED)", "a b"], 10)
+    assert rc == 0 and json.loads(out) == [["$(touch PWNED)", "a b"], "/etc/x/slurm.conf"]
+    assert not list(Path.cwd().glob("PWNED"))
+    with pytest.raises(DopqError):
+        subprocess_runner(s)(["sinfo"], 10)  # not in bin_dir

@@ -68,9 +68,12 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 def subprocess_runner(settings: Settings) -> Runner:
     """Slurm's commands as child processes: no shell, a small environment."""
     conf, bin_dir = settings.slurm.conf, settings.slurm.bin_dir
+    # sbatch hands its environment to the job: only what the script needs
+    # (HOME: the docker CLI's config, with the registry's credentials).
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
-    if os.environ.get("TZ"):
-        env["TZ"] = os.environ["TZ"]
+    for name in ("TZ", "HOME"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     if conf:
         env["SLURM_CONF"] = conf
 
