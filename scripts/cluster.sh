@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A private two-node Slurm test cluster on this one machine, for DoPQ's Slurm
 # backend (issue #16): munged, slurmctld, two slurmd ("dopq-n1", "dopq-n2",
-# gres gpu:2 each, backed by plain files standing in for GPU devices) and
+# gres gpu:2 each, backed by fake device files, no real GPU needed) and
 # Debian's docker-registry on 127.0.0.1. Everything it writes lives under one
 # folder (DOPQ_CLUSTER_DIR, default /var/lib/dopq-cluster); nothing in /etc.
 # All daemons listen on loopback only.
@@ -24,8 +24,11 @@ CTLD_PORT=${DOPQ_CLUSTER_CTLD_PORT:-16817}
 REG_PORT=${DOPQ_CLUSTER_REGISTRY_PORT:-15000}
 NODES=(dopq-n1 dopq-n2)
 GPUS_PER_NODE=2
-NODE_CPUS=2
-NODE_MEM_MB=4096
+# Declared, not detected (SlurmdParameters=config_overrides) and not enforced
+# by Slurm (no cgroups; the container's own limits apply): sized so that two
+# jobs with DoPQ's default limits (2 CPUs, 20g) fit on a node, one per GPU.
+NODE_CPUS=4
+NODE_MEM_MB=65536
 PKGS=(slurmctld slurmd slurm-client munge docker-registry)
 
 CONF=$DIR/etc/slurm.conf
@@ -287,11 +290,11 @@ wait_for() {
         sleep 0.2
     done
 }
-# wait_up NAME BINARY SECONDS PROBE...: as wait_for, but gives up at once
+# wait_up NAME SECONDS PROBE...: as wait_for, but gives up at once
 # when the daemon NAME has exited, showing the end of its output.
 wait_up() {
-    local name=$1 bin=$2 secs=$3
-    shift 3
+    local name=$1 secs=$2
+    shift 2
     local end=$((SECONDS + secs))
     until "$@"; do
         # kill -0, not alive: just after launch the PID may still be setsid.
@@ -314,7 +317,7 @@ start_munge() {
         --socket="$MUNGE_SOCKET" --key-file="$DIR/etc/munge.key" \
         --pid-file="$RUN/munged.daemon.pid" --log-file="$LOG/munged.log" \
         --seed-file="$RUN/munge/munged.seed"
-    wait_up munged /usr/sbin/munged 20 munge_ok
+    wait_up munged 20 munge_ok
     STARTED=1
 }
 
@@ -325,7 +328,7 @@ start_ctld() {
     say "starting slurmctld"
     # -i: ignore state it cannot recover (a changed config); state survives "down".
     SLURM_CONF=$CONF launch slurmctld /usr/sbin/slurmctld -D -i -f "$CONF"
-    wait_up slurmctld /usr/sbin/slurmctld 30 ctld_ok
+    wait_up slurmctld 30 ctld_ok
     STARTED=1
 }
 
@@ -357,7 +360,7 @@ start_registry() {
     need_port "$REG_PORT" docker-registry
     say "starting docker-registry on 127.0.0.1:$REG_PORT"
     launch registry /usr/bin/docker-registry serve "$DIR/etc/registry.yml"
-    wait_up registry /usr/bin/docker-registry 20 registry_ok
+    wait_up registry 20 registry_ok
     STARTED=1
 }
 
@@ -398,8 +401,12 @@ cmd_up() {
     write_config
     start_munge
     if alive slurmctld /usr/sbin/slurmctld && [[ " ${CHANGED[*]} " == *" $CONF "* ]]; then
+        # Node changes need a new slurmctld; running jobs survive that.
         say "slurm.conf changed: scontrol reconfigure"
-        slurm scontrol reconfigure || true
+        if ! slurm scontrol reconfigure; then
+            say "restarting slurmctld for the new slurm.conf"
+            stop slurmctld:/usr/sbin/slurmctld
+        fi
         STARTED=1
     fi
     start_ctld
@@ -439,8 +446,11 @@ cmd_down() {
 }
 
 cmd_status() {
-    local name bin rc=0
-    for spec in munged:/usr/sbin/munged slurmctld:/usr/sbin/slurmctld slurmd-dopq-n1:/usr/sbin/slurmd slurmd-dopq-n2:/usr/sbin/slurmd registry:/usr/bin/docker-registry; do
+    local name bin rc=0 n specs=(munged:/usr/sbin/munged slurmctld:/usr/sbin/slurmctld)
+    for n in "${NODES[@]}"; do
+        specs+=("slurmd-$n:/usr/sbin/slurmd")
+    done
+    for spec in "${specs[@]}" registry:/usr/bin/docker-registry; do
         name=${spec%%:*}
         bin=${spec#*:}
         if alive "$name" "$bin"; then
