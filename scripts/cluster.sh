@@ -62,12 +62,19 @@ alive() {
 }
 
 # launch NAME COMMAND...: run in the background, in its own session, with its
-# output in $LOG/NAME.out (this run's), and remember its PID.
+# output in $LOG/NAME.out (this run's), and remember its PID. Returns once
+# the PID runs COMMAND (not still setsid), so alive and stop can trust it.
 launch() {
-    local name=$1
+    local name=$1 pid
     shift
     setsid "$@" </dev/null >"$LOG/$name.out" 2>&1 &
-    echo $! >"$RUN/$name.pid"
+    pid=$!
+    echo "$pid" >"$RUN/$name.pid"
+    for _ in $(seq 1 100); do
+        alive "$name" "$1" && return 0
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.05
+    done
 }
 
 # stop NAME:BINARY...: SIGTERM each recorded PID at once, SIGKILL what still
@@ -297,7 +304,6 @@ wait_up() {
     shift 2
     local end=$((SECONDS + secs))
     until "$@"; do
-        # kill -0, not alive: just after launch the PID may still be setsid.
         if ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
             tail -n 5 "$LOG/$name.out" >&2 || true
             die "$name exited (logs: $LOG)"
