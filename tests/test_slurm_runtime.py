@@ -473,3 +473,12 @@ def test_the_default_runner_runs_no_shell_and_passes_slurm_conf(tmp_path: Path) 
     assert not list(Path.cwd().glob("PWNED"))
     with pytest.raises(DopqError):
         subprocess_runner(s)(["sinfo"], 10)  # not in bin_dir
+
+
+def test_a_job_cancelled_while_pending_has_ended_at_once(rt: SlurmRuntime, fake: FakeSlurm,
+                                                         clock: Clock) -> None:
+    ref = rt.run(spec())
+    fake.jobs[101].update(state="CANCELLED", node="", end="2026-12-03T17:00:00")
+    clock.now = time.mktime(time.strptime("2026-12-03T17:00:01", "%Y-%m-%dT%H:%M:%S"))
+    st = rt.status(ref)
+    assert st is not None and not st.running and st.reason == "cancelled in Slurm"

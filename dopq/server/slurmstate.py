@@ -196,7 +196,9 @@ def job_status(ref: str, name: str, job_id: int | None, owner: str, job: SlurmJo
             finished_at=_docker_time(status.get("finished_at")),
             owner=owner, node=str(status.get("node") or "") or node,
             reason=reason if isinstance(code, int) or reason else "status file unreadable")
-    waiting = (job is not None and job.state not in ALIVE
+    # An ended script's status file may reach this host a moment late (NFS);
+    # a job that never ran on a node (cancelled while pending) has none to wait for.
+    waiting = (job is not None and job.state not in ALIVE and bool(job.node)
                and job.state not in ("NODE_FAIL", "BOOT_FAIL")
                and (job.end is None or now - job.end < STATUS_WAIT))
     if job is not None and (job.state in ALIVE or waiting):
