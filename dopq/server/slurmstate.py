@@ -218,7 +218,9 @@ def sbatch_argv(settings: Settings, spec: ContainerSpec, job_dir: Path, owner: s
     s = settings.slurm
     argv = ["sbatch", "--parsable", "--nodes=1", "--ntasks=1", f"--job-name={spec.name}",
             f"--comment=dopq:{owner}:{job_id}", f"--output={job_dir}/slurm.out",
-            f"--chdir={job_dir}", "--requeue" if s.requeue_on_node_failure else "--no-requeue"]
+            # DoPQ requeues (requeue_on_node_failure) and places the job again itself:
+            # Slurm's own requeue would keep it pinned to the node that died.
+            f"--chdir={job_dir}", "--no-requeue"]
     if spec.node:
         argv.append(f"--nodelist={spec.node}")
     if spec.gpus:
