@@ -349,7 +349,10 @@ def estimate(
                                     window)
     words = _Words(state, now, cfg, first, starts, end_of, when)
     plan = first.plan  # the head job's preemption (``preemption = "fairshare"``)
-    unknown = sorted(jid for jid, end in end_of.items() if end is None)
+    # Only jobs on GPUs keep GPU jobs waiting; naming CPU-only ones too would change
+    # every queued job's reason (and the shared view) whenever one of them starts.
+    on_gpus = {r.id for r in state.running if r.gpus} | {q.id for q in state.queued if q.num_gpus}
+    unknown = sorted(jid for jid, end in end_of.items() if end is None and jid in on_gpus)
     out: dict[int, Estimate] = {}
     ahead = 0
     for e in entries:

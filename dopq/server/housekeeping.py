@@ -134,7 +134,9 @@ class Housekeeper:
 
     def _tag_users(self) -> set[int]:
         """Ids whose job tag an active job still needs (its own, or its array's)."""
-        return {r["array_parent"] or r["id"] for r in self.store.jobs(ACTIVE_STATES)}
+        # light: without their specs (10k queued jobs' JSON cost 240 ms per finished job)
+        return {r["array_parent"] or r["id"]
+                for r in self.store.jobs(ACTIVE_STATES, light=True)}
 
     def sweep_tags(self) -> list[str]:
         """Remove this server's job tags whose job is over and has no container."""
