@@ -12,6 +12,7 @@ and zipping) is ``dopq.core.context``; its names are importable from here too.
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import os
 import re
@@ -20,7 +21,9 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -88,14 +91,17 @@ class _Entry:
     mode: int  # the mode the file or folder is written with
 
 
-def unpack(zip_path: Path, dest: Path, limits: ArchiveLimits) -> Path:
+def unpack(zip_path: Path, dest: Path, limits: ArchiveLimits,
+           digests: dict[Path, bytes] | None = None) -> Path:
     """Unpack ``zip_path`` into ``dest`` and return the build context root.
 
     ``dest`` must not exist or be an empty folder (a caller bug otherwise:
     ``ValueError``). The root is the single top-level folder when the archive
     holds only that (users zip the folder itself), else ``dest``. Every refusal
     is a ``JobRejected``; after one, ``dest`` is gone (if this call created it)
-    or empty again.
+    or empty again. ``digests``, when given, receives the SHA-256 of every file
+    written (by its path), taken from the bytes on their way to disk, so
+    ``context_hash(root, digests)`` need not read a large context again.
     """
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -106,7 +112,7 @@ def unpack(zip_path: Path, dest: Path, limits: ArchiveLimits) -> Path:
     try:
         with _open_zip(Path(zip_path), limits) as zf:
             entries = _plan(zf.infolist(), limits)
-            _extract(zf, entries, real_dest, limits.max_unpacked_bytes)
+            _extract(zf, entries, real_dest, limits.max_unpacked_bytes, digests)
     except BaseException:
         _wipe(real_dest, remove_self=created)
         raise
@@ -273,26 +279,72 @@ def _check_entry(info: zipfile.ZipInfo) -> _Entry:
     return _Entry(info, parts, is_dir, mode)
 
 
-def _extract(zf: zipfile.ZipFile, entries: list[_Entry], dest: Path, limit: int) -> None:
+def _extract(zf: zipfile.ZipFile, entries: list[_Entry], dest: Path, limit: int,
+             digests: dict[Path, bytes] | None) -> None:
     made: set[tuple[str, ...]] = set()
     written = 0
-    for entry in entries:
-        folder = entry.parts if entry.is_dir else entry.parts[:-1]
-        _make_dirs(dest, folder, made)
-        target = dest.joinpath(*entry.parts)
-        if not target.parent.resolve().is_relative_to(dest):
-            raise JobRejected(f"entry {_show(entry.info.orig_filename)}: escapes the folder")
-        if entry.is_dir:
-            continue
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(target, flags, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), entry.mode)  # exact mode, whatever the umask
-            for chunk in _chunks(zf, entry.info):
-                written += len(chunk)
-                if written > limit:  # never trust the declared sizes
-                    raise JobRejected(f"archive unpacks to more than {limit} bytes")
-                out.write(chunk)
+    with _Hasher(digests) as hasher:
+        for entry in entries:
+            folder = entry.parts if entry.is_dir else entry.parts[:-1]
+            _make_dirs(dest, folder, made)
+            target = dest.joinpath(*entry.parts)
+            if not target.parent.resolve().is_relative_to(dest):
+                raise JobRejected(f"entry {_show(entry.info.orig_filename)}: escapes the folder")
+            if entry.is_dir:
+                continue
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(target, flags, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), entry.mode)  # exact mode, whatever the umask
+                for chunk in _chunks(zf, entry.info):
+                    written += len(chunk)
+                    if written > limit:  # never trust the declared sizes
+                        raise JobRejected(f"archive unpacks to more than {limit} bytes")
+                    out.write(chunk)
+                    hasher.update(chunk)
+            hasher.done(target)
+
+
+class _Hasher:
+    """SHA-256 of each file written, taken on a second thread while the next chunk
+    is read and written (hashlib, zlib's CRC and file writes all let go of the
+    GIL on large buffers, so the two overlap where a second core is free). At
+    most ``_IN_FLIGHT`` chunks wait: memory stays a few chunks whatever the size."""
+
+    _IN_FLIGHT = 2
+    _OFFLOAD_FROM = 256 * 1024
+
+    def __init__(self, digests: dict[Path, bytes] | None) -> None:
+        self.digests = digests
+        self.pool = ThreadPoolExecutor(1, "unpack-hash") if digests is not None else None
+        self.pending: deque[Future[None]] = deque()
+        self.digest = hashlib.sha256()
+
+    def __enter__(self) -> _Hasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def update(self, chunk: bytes) -> None:
+        if self.pool is None:
+            return
+        if len(chunk) < self._OFFLOAD_FROM and not self.pending:
+            self.digest.update(chunk)  # a small file: a thread's round trip would cost more
+            return
+        while len(self.pending) >= self._IN_FLIGHT:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.digest.update, chunk))  # one worker: in order
+
+    def done(self, path: Path) -> None:
+        """The file at ``path`` is complete: keep its digest, start the next."""
+        if self.digests is None:
+            return
+        while self.pending:
+            self.pending.popleft().result()
+        self.digests[path] = self.digest.digest()
+        self.digest = hashlib.sha256()
 
 
 def _make_dirs(dest: Path, parts: tuple[str, ...], made: set[tuple[str, ...]]) -> None:

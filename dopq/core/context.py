@@ -2,9 +2,14 @@
 
 The client lists it (``tree``, with ``.dockerignore``: ``dopq.core.dockerignore``)
 and zips it (``zip_folder``, deterministic); the server hashes what it unpacked
-(``context_hash``, to reuse an image built from the same files) and reads its
+(``context_hash``, to reuse an image built from the same files), reads its
 ``container_config.json`` (``inspect_context``, ``load_config``: strict JSON,
-no duplicate keys). Unpacking an uploaded zip is ``dopq.core.archive``'s.
+no duplicate keys) and sends it to the engine as a tar (``tar_stream``).
+Unpacking an uploaded zip is ``dopq.core.archive``'s.
+
+A context may hold a checkpoint of gigabytes: every step works in pieces of
+``_CHUNK`` bytes, so memory does not grow with it, and does it in one pass
+(``tests/test_large_context.py``).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import json
 import os
 import shutil
 import stat
+import tarfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dopq.core.errors import JobRejected
 
@@ -28,6 +35,8 @@ IMAGE_TAR_NAME = "image.tar"
 MAX_CONFIG_BYTES = 1024**2
 
 _CHUNK = 1024**2
+_SAMPLE = 64 * 1024  # bytes of each sample that decides whether a file is deflated
+_SAMPLE_FROM = 1024**2  # smaller files are always deflated: it costs little
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -69,12 +78,15 @@ def tree(
     yield from items
 
 
-def context_hash(root: Path) -> str:
+def context_hash(root: Path, known: Mapping[Path, bytes] | None = None) -> str:
     """SHA-256 of a build context: sorted paths, the executable bit and the contents.
 
     Independent of mtimes, owners and the order the files arrived in, so an
     identical folder maps to the same hash and its image can be reused.
+    ``known``: SHA-256 digests of files by path, taken as they were written
+    (``dopq.core.archive.unpack``); those files are not read again.
     """
+    known = known or {}
     digest = hashlib.sha256(b"dopq-context-v1\0")
     for rel, path, st in tree(Path(root)):
         name = os.fsencode(rel)
@@ -82,7 +94,8 @@ def context_hash(root: Path) -> str:
             digest.update(b"d\0" + name + b"\0")
         elif stat.S_ISREG(st.st_mode):
             exe = b"x" if st.st_mode & 0o100 else b"-"
-            digest.update(b"f\0" + name + b"\0" + exe + b"\0" + _file_digest(path))
+            content = known.get(path) or _file_digest(path)
+            digest.update(b"f\0" + name + b"\0" + exe + b"\0" + content)
         elif stat.S_ISLNK(st.st_mode):
             digest.update(b"l\0" + name + b"\0" + os.fsencode(os.readlink(path)) + b"\0")
     return digest.hexdigest()
@@ -100,6 +113,9 @@ def zip_folder(folder: Path, out: Path,
 
     Deterministic: sorted entries, a fixed timestamp, modes reduced to 0o644/0o755.
     Symlinks and special files are skipped, as the server would refuse them.
+    A file whose samples deflate by less than a tenth (a checkpoint, an archive,
+    media) is stored as it is (``_method``): deflate runs at some 40 MB/s and
+    would gain nothing on it.
     """
     folder = Path(folder)
     out = Path(out)
@@ -120,11 +136,72 @@ def zip_folder(folder: Path, out: Path,
                 perm = 0o755 if st.st_mode & 0o100 else 0o644
                 info.external_attr = (stat.S_IFREG | perm) << 16
                 info.create_system = 3
-                info.compress_type = zipfile.ZIP_DEFLATED
                 info.file_size = st.st_size  # lets zipfile pick zip64 for big files
-                with open(path, "rb") as src, zf.open(info, "w") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
+                with open(path, "rb") as src:
+                    info.compress_type = _method(src, st.st_size)
+                    with zf.open(info, "w") as dst:
+                        shutil.copyfileobj(src, dst, _CHUNK)
     return out
+
+
+def _method(src: BinaryIO, size: int) -> int:
+    """ZIP_STORED for a file that does not compress, judged by three samples (start,
+    middle, end); ZIP_DEFLATED otherwise. Leaves ``src`` at its start."""
+    if size < _SAMPLE_FROM:
+        return zipfile.ZIP_DEFLATED
+    raw = 0
+    packed = 0
+    for at in (0, size // 2, size - _SAMPLE):
+        src.seek(max(at, 0))
+        sample = src.read(_SAMPLE)
+        raw += len(sample)
+        packed += len(zlib.compress(sample, 1))
+    src.seek(0)
+    return zipfile.ZIP_STORED if packed > raw * 0.9 else zipfile.ZIP_DEFLATED
+
+
+def tar_stream(files: Iterable[tuple[str, Path, os.stat_result]],
+               chunk: int = _CHUNK) -> Iterator[bytes]:
+    """The tar of ``files`` (as ``tree`` yields them) in pieces of at most ``chunk``
+    bytes, each file read as its piece is asked for: what ``docker build`` sends the
+    engine, with no copy of the context on disk or in memory (docker-py's own
+    ``build(path=...)`` writes the whole tar to a temporary file first).
+
+    Folders, regular files and symlinks (as links), with the mode, owner and
+    mtime of their ``lstat``; other kinds are skipped. A file that shrank
+    since it was listed raises ``OSError``; one that grew is cut at its listed size.
+    """
+    for rel, path, st in files:
+        info = tarfile.TarInfo(rel)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.mtime = int(st.st_mtime)
+        if stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            yield _header(info)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.readlink(path)
+            yield _header(info)
+        elif stat.S_ISREG(st.st_mode):
+            info.size = st.st_size
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # as listed: no link
+            with os.fdopen(fd, "rb") as src:
+                yield _header(info)
+                left = st.st_size
+                while left:
+                    data = src.read(min(chunk, left))
+                    if not data:
+                        raise OSError(f"{rel}: changed while it was sent")
+                    left -= len(data)
+                    yield data
+            if st.st_size % tarfile.BLOCKSIZE:
+                yield bytes(tarfile.BLOCKSIZE - st.st_size % tarfile.BLOCKSIZE)
+    yield bytes(2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def inspect_context(root: Path) -> Context:

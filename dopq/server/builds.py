@@ -14,6 +14,11 @@ likes. Here a build gets:
 - ``build.time_limit``: the build stream is cut (which cancels a classic
   build) and any RUN container left in the build's cgroup is removed.
 
+The context goes to the engine as a tar streamed from the unpacked folder
+(``dopq.core.context.tar_stream``, ``.dockerignore`` applied as ``docker
+build`` applies it): a checkpoint of gigabytes is neither copied to a
+temporary tar first nor held in memory.
+
 The classic builder cannot drop capabilities of RUN containers; that stays a
 known limit (SECURITY.md).
 """
@@ -36,7 +41,9 @@ import docker.errors
 import requests.exceptions
 import urllib3.exceptions
 
-from dopq.core.errors import BuildFailed, EngineUnavailable
+from dopq.core import dockerignore
+from dopq.core.context import tar_stream
+from dopq.core.errors import BuildFailed, DopqError, EngineUnavailable
 
 log = logging.getLogger("dopq.server.builds")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -311,12 +318,19 @@ def build(
             if group is not None:
                 _remove_containers(base_url, api_version, group.containers())
 
+        try:  # what .dockerignore leaves, as docker build reads it; the Dockerfile always
+            files = list(dockerignore.context_files(context, {"Dockerfile"}))
+        except (DopqError, OSError) as exc:
+            raise BuildFailed(f"build context: {exc}", "") from None
         timer = threading.Timer(limits.time_limit, stop)
         timer.daemon = True
         timer.start()
         try:
+            # The tar is streamed from the unpacked folder as the engine reads it
+            # (docker-py's path= would write all of it to a temporary file first).
             stream = api.build(
-                path=str(context), dockerfile="Dockerfile", tag=tag, labels=labels,
+                fileobj=tar_stream(files), custom_context=True,
+                dockerfile="Dockerfile", tag=tag, labels=labels,
                 rm=True, forcerm=True, pull=False, decode=True,
                 container_limits=container_limits or None,
                 network_mode=None if limits.network else "none",

@@ -314,7 +314,8 @@ class Provider:
             max_unpacked_bytes=self.settings.bytes_of("limits.max_unpacked"),
             max_entries=self.settings.limits.max_entries,
         )
-        root = archive_mod.unpack(Path(source), ctx_dir, limits)
+        digests: dict[Path, bytes] = {}  # taken while unpacking: no second read to hash
+        root = archive_mod.unpack(Path(source), ctx_dir, limits, digests)
         ctx = archive_mod.inspect_context(root)
         self._name_from_config(job, ctx.config)  # kept even if the job is rejected below
         spec = spec_mod.parse_spec(
@@ -347,7 +348,7 @@ class Provider:
             if ctx.dockerfile is None:
                 raise JobRejected("no Dockerfile at the top of the archive")
             self._check_bases(ctx.dockerfile, spec.user)
-            chash = archive_mod.context_hash(root)
+            chash = archive_mod.context_hash(root, digests)
             known = self.store.image_for(chash)
             # Only the user's own: another user's image of the same context holds
             # what their RUN steps produced (fetched with their network access).
