@@ -38,3 +38,19 @@ bench-api:
 	bash scripts/engine.sh && bash scripts/venv.sh && bash scripts/base-image.sh && \
 		.venv/bin/python bench/bench_api.py --json bench/results/api.json \
 		--png bench/results/api.png --before bench/results/api-before.json
+
+# Large contexts: a 1 GB checkpoint through both doors against docker build
+# (bench/results/context.json); `make bench-context QUICK=1`: 100 MB, context-quick.json.
+.PHONY: bench-context
+bench-context:
+	bash scripts/engine.sh && bash scripts/venv.sh && bash scripts/base-image.sh && \
+		.venv/bin/python bench/bench_context.py $(if $(QUICK),--quick) \
+		--json bench/results/context$(if $(QUICK),-quick).json
+
+# Workload W on the Slurm test cluster (issue #16, item 4): DoPQ-on-Slurm against
+# plain sbatch of the same containers; figures in bench/results/slurm.json.
+.PHONY: bench-slurm
+bench-slurm:
+	bash scripts/engine.sh && bash scripts/venv.sh && bash scripts/base-image.sh && \
+		bash scripts/cluster.sh up >/dev/null && \
+		.venv/bin/python bench/bench_slurm.py --json bench/results/slurm.json

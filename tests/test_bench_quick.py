@@ -52,11 +52,18 @@ def test_api_quick(tmp_path: Path, engine: None) -> None:
     r = _bench("api", tmp_path)
     assert set(r["modes"]) == {"views", "snapshot"}
     for mode in r["modes"].values():
-        for key in ("poll_p50_ms", "poll_p99_ms", "errors", "server_cpu_cores",
-                    "server_peak_rss_mib", "ping_ms", "calls"):
+        for key in ("poll_p50_ms", "poll_p99_ms", "errors", "timeouts", "server_cpu_cores",
+                    "server_peak_rss_mib", "ping_ms", "calls", "clients_cpu_cores",
+                    "others_cpu_cores", "core_busy", "loadavg_1m"):
             assert key in mode
+        assert mode["ping_ms"]["n"] > 0
     assert {"running", "queue", "history", "users", "status", "submit"} \
         == set(r["modes"]["views"]["calls"])
+    assert set(r["sweeps"]) == {"views", "snapshot"}
+    for points in r["sweeps"].values():
+        assert points and all("ping_p99_ms" in p for p in points)
+    # the clients' cores and the server's are apart wherever there are two
+    assert r["cores"]["shared"] == (r["cores"]["usable"] < 2)
     assert r["sweep"] and "met" in r
 
 
@@ -102,3 +109,13 @@ def test_gui_output_parses() -> None:
     assert "serpent (0.3 MB)" not in got["refresh_ms"]
     [row] = summarise({"gui": got})
     assert row[-1] is True
+
+
+@pytest.mark.docker
+def test_context_quick(tmp_path: Path, engine: None) -> None:
+    r = _bench("context", tmp_path, timeout=300)
+    for key in ("docker_build_s", "api_s", "api_ratio", "inbox_s", "inbox_ratio",
+                "inbox_zip_s", "loadavg", "met"):
+        assert key in r
+    for proc in ("server", "provider"):
+        assert {"before_mib", "peak_api_mib", "peak_inbox_mib"} <= set(r["memory"][proc])
