@@ -21,7 +21,9 @@ sides are measured alike.
 Both run in one invocation, one after the other in each repetition (they
 would take each other's GPUs side by side); 3 repetitions, medians. Other
 people's jobs on the cluster take GPUs: the GPUs busy at each start are
-recorded (``foreign_busy``). ``--quick``: 4 jobs, 1 repetition.
+recorded (``foreign_busy``). ``--quick``: 4 jobs, 1 repetition. DoPQ notices an
+end by polling ``squeue`` every ``[slurm] poll_interval`` (the cluster config's,
+1 s; ``--poll-interval`` to try another).
 """
 
 from __future__ import annotations
@@ -212,13 +214,16 @@ def figures(side: dict[str, Any]) -> dict[str, Any]:
             "queued_before_blockers_end": side["queued_before_blockers_end"]}
 
 
-def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
+def run(quick: bool, reps: int | None = None, poll: float | None = None) -> dict[str, Any]:
     n = 4 if quick else 16
     hold = 25.0 if quick else 35.0
     reps = reps or (1 if quick else 3)
     cluster = Cluster()
     tmp = Path(tempfile.mkdtemp(prefix="dopq-bench-slurm-"))
-    cfg = bench_config(tmp, **cluster.sections(), docker={"stop_grace": 3.0},
+    sections = cluster.sections()
+    if poll is not None:
+        sections["slurm"] = {**sections["slurm"], "poll_interval": poll}
+    cfg = bench_config(tmp, **sections, docker={"stop_grace": 3.0},
                        gpus={"backend": "virtual", "virtual_count": 0})
     prefix = cfg["docker"]["name_prefix"]
     srv: Running | None = None
@@ -249,7 +254,8 @@ def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
         cleanup_docker(prefix)
         shutil.rmtree(tmp, ignore_errors=True)
     out: dict[str, Any] = {"jobs": n, "gpus": GPUS, "work_s": WORK, "repetitions": reps,
-                           "ideal_s": n / GPUS * WORK}
+                           "ideal_s": n / GPUS * WORK,
+                           "dopq_poll_interval_s": cfg["slurm"]["poll_interval"]}
     for name, rows in sides.items():
         makespans = [r["makespan_s"] for r in rows]
         out[name] = {
@@ -295,8 +301,10 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
+    p.add_argument("--poll-interval", type=float, default=None,
+                   help="DoPQ's [slurm] poll_interval (default: the cluster config's)")
     args = p.parse_args(argv)
-    result = run(args.quick, args.reps)
+    result = run(args.quick, args.reps, args.poll_interval)
     write_result(result, args.json)
     print(table(result))
     return 0
