@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from conftest import PASSWORDS, add_users, cleanup_docker, make_config, wait_for, write_toml
-from hostile import forbidden_run_params, good_job, traversal
+from hostile import good_job, traversal
 from slurmcluster import CLUSTER_DIR, NODES, cluster, cluster_sections, jobs_of, resume_nodes, slurm
 
 from dopq.client.remote import Client
@@ -384,12 +384,14 @@ def test_hostile_archive_refused_as_on_docker(server_factory: Any, tmp_path: Pat
         (foreign / "Dockerfile").write_text(
             "FROM alpine:3.19\nCOPY run.sh /job/run.sh\nCMD [\"sh\", \"/job/run.sh\"]\n")
         cases[f"{srv_name}:foreign-base"] = foreign
-        cases[f"{srv_name}:privileged"] = forbidden_run_params(folder)
+        cases[f"{srv_name}:privileged"] = good_job(
+            folder, "alice", "privileged", config={"run_params": {"privileged": True}})
         cases[f"{srv_name}:traversal"] = traversal(folder)
-    for case in ("foreign-base", "privileged", "traversal"):
+    words = {"foreign-base": "FROM alpine:3.19", "privileged": "privileged", "traversal": "'..'"}
+    for case, word in words.items():
         got_slurm = _verdict(on_slurm["alice"], on_slurm, cases[f"slurm:{case}"])
         got_docker = _verdict(on_docker["alice"], on_docker, cases[f"docker:{case}"])
         assert got_slurm == got_docker, (case, got_slurm, got_docker)
-        assert got_slurm, case
+        assert got_slurm.startswith("rejected:") and word in got_slurm, (case, got_slurm)
     assert jobs_of(owner) == []
     assert not (Path(slurm_sections["slurm"]["shared_dir"]) / owner).exists()
