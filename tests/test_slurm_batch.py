@@ -33,6 +33,8 @@ cmd = args[0]
 stopped = os.path.join(d, "stopped")
 if cmd == "pull":
     sys.exit(int(os.environ.get("FAKE_PULL_RC", "0")))
+if args[:2] == ["image", "inspect"]:  # the node has the image: FAKE_HAS_IMAGE=1
+    sys.exit(0 if os.environ.get("FAKE_HAS_IMAGE") else 1)
 if cmd == "create":
     print("cid123")
 elif cmd == "logs":
@@ -126,9 +128,10 @@ def test_hostile_values_reach_docker_as_exactly_one_argument_each(job_dir: Path,
     proc = run_script(batch_script(s, str(job_dir), 10), job_dir, fake_docker, FAKE_EXIT="3")
     assert proc.returncode == 3
     calls = recorded(job_dir)
-    assert calls[0] == ["pull", "-q", s.image]
-    assert calls[1] == ["rm", "-f", s.name]
-    assert calls[2] == hostile_argv()
+    assert calls[0] == ["image", "inspect", s.image]
+    assert calls[1] == ["pull", "-q", s.image]
+    assert calls[2] == ["rm", "-f", s.name]
+    assert calls[3] == hostile_argv()
     assert ["start", "cid123"] in calls and ["wait", "cid123"] in calls
     assert ["logs", "-f", "cid123"] in calls
     assert calls[-1] == ["rm", "-f", "cid123"]
@@ -177,7 +180,7 @@ def test_no_gpus_is_void_and_a_failed_pull_writes_125(job_dir: Path, fake_docker
     assert proc.returncode == 125
     status = json.loads((job_dir / "status").read_text())
     assert status["exit_code"] == 125 and status["reason"] == "docker pull failed"
-    assert [c[0] for c in recorded(job_dir)] == ["pull"]
+    assert [c[0] for c in recorded(job_dir)] == ["image", "pull"]
     assert b"[dopq: docker pull failed]" in (job_dir / "log").read_bytes()
     (job_dir.parent / "argv.jsonl").unlink()
     proc = run_script(batch_script(s, str(job_dir), 5), job_dir, fake_docker, SLURM_JOB_GPUS="",
@@ -224,7 +227,7 @@ def test_the_script_starts_with_fixed_lines_sbatch_reads_no_directive_from_value
 def test_a_stop_during_the_pull_is_a_stop(job_dir: Path, fake_docker: Path) -> None:
     s = ContainerSpec(name="n", image="i", labels={})
     script = batch_script(s, str(job_dir), 5).replace(
-        'if ! "${DOCKER[@]}" pull', 'kill -TERM $$\nif ! "${DOCKER[@]}" pull', 1)
+        'if ! "${DOCKER[@]}" image', 'kill -TERM $$\nif ! "${DOCKER[@]}" image', 1)
     proc = run_script(script, job_dir, fake_docker, FAKE_PULL_RC="1")
     assert proc.returncode == 143
     status = json.loads((job_dir / "status").read_text())
@@ -235,3 +238,12 @@ def test_the_node_docker_command_may_have_words() -> None:
     s = ContainerSpec(name="n", image="i", labels={})
     script = batch_script(s, "/j", 10, docker="'/opt/my docker/docker' --config '/etc/x y'")
     assert "\nDOCKER=('/opt/my docker/docker' --config '/etc/x y')\n" in script
+
+
+def test_an_image_the_node_has_is_not_pulled(job_dir: Path, fake_docker: Path) -> None:
+    s = hostile_spec()
+    proc = run_script(batch_script(s, str(job_dir), 10), job_dir, fake_docker,
+                      FAKE_HAS_IMAGE="1")
+    assert proc.returncode == 0
+    calls = recorded(job_dir)
+    assert calls[0] == ["image", "inspect", s.image] and ["pull", "-q", s.image] not in calls

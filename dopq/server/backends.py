@@ -39,6 +39,7 @@ class Backend:
     def __init__(self, settings: Settings, docker: ContainerRuntime, owner: str,
                  jobs: JobRuntime | None = None) -> None:
         self.settings = settings
+        self.owner = owner
         self.images = docker
         self.cluster = settings.runtime.backend == "slurm"
         if jobs is None and self.cluster:
@@ -70,7 +71,9 @@ class Backend:
         with self._push_lock:
             if key in self._pushed:
                 return self._pushed[key]
-            target = f"{url}/{image}"
+            # Named by content: jobs of one image share it, and a node's engine that
+            # has it already need not pull (dopq.server.batch).
+            target = f"{url}/dopq-images/{self.owner}:{key.rpartition(':')[2][:64]}"
             self.images.push(image, target)
             self._pushed[key] = target
         return target

@@ -169,7 +169,10 @@ fail() {{  # exit_code reason: the container never ran
   exit "$1"
 }}
 
-if ! "${{DOCKER[@]}}" pull -q "$IMAGE" >/dev/null 2>>"$LOG"; then
+# The registry's tags name the image's content (dopq.server.backends): one this
+# node's engine has is the same image, and the registry is not asked again.
+if ! "${{DOCKER[@]}}" image inspect "$IMAGE" >/dev/null 2>&1 \
+    && ! "${{DOCKER[@]}}" pull -q "$IMAGE" >/dev/null 2>>"$LOG"; then
   fail 125 "docker pull failed"
 fi
 # A container of this job left on this node by an earlier, killed run.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -55,6 +56,7 @@ from dopq.server.slurmstate import (
 __all__ = ["Runner", "SlurmNode", "SlurmRuntime", "subprocess_runner"]
 
 Runner = Callable[[builtins.list[str], float], tuple[int, str, str]]
+STATUS_POLL = 0.2  # seconds between looks at running jobs' status files
 log = logging.getLogger("dopq.server.slurm")
 
 TIMEOUT = 10.0
@@ -446,4 +448,15 @@ class SlurmRuntime:
                     told.add(st.id)
                     yield {"Action": "die", "id": st.id}
             told &= {st.id for st in current}
-            stop.wait(self.settings.slurm.poll_interval)
+            with self._lock:
+                watch = {st.id: self._dirs.get(st.id) for st in current if st.running}
+            # Between reads of Slurm, the status files of running jobs (a stat each):
+            # an end is seen within STATUS_POLL, not within poll_interval.
+            steps = max(1, math.ceil(self.settings.slurm.poll_interval / STATUS_POLL))
+            for _ in range(steps):
+                if stop.wait(self.settings.slurm.poll_interval / steps):
+                    break
+                for ref, folder in watch.items():
+                    if ref not in told and folder is not None and (folder / "status").exists():
+                        told.add(ref)
+                        yield {"Action": "die", "id": ref}
