@@ -130,7 +130,8 @@ def test_run_writes_a_private_job_folder_and_submits_it(rt: SlurmRuntime, fake: 
              time_limit=3600.0)
     ref = rt.run(s)
     assert ref == "slurm-101"
-    job_dir = Path(settings.slurm.shared_dir) / OWNER / "job-7-dopq-a1b2c3d4-7"
+    (job_dir,) = (Path(settings.slurm.shared_dir) / OWNER).glob("job-7-dopq-a1b2c3d4-7-*")
+    assert len(job_dir.name) == len("job-7-dopq-a1b2c3d4-7-") + 8  # a token per run
     assert fake.calls[-1] == [
         "sbatch", "--parsable", "--nodes=1", "--ntasks=1", "--job-name=dopq-a1b2c3d4-7",
         f"--comment=dopq:{OWNER}:7", f"--output={job_dir}/slurm.out", f"--chdir={job_dir}",
@@ -334,7 +335,8 @@ def test_remove_cancels_and_deletes_only_the_folder(rt: SlurmRuntime, fake: Fake
     (root / "unrelated").write_text("keep")
     rt.remove(ref, owner=OWNER)
     assert ["scancel", "101"] in fake.calls
-    assert sorted(p.name for p in root.iterdir()) == ["job-8-dopq-other-8", "unrelated"]
+    assert sorted(p.name.rpartition("-")[0] if p.name.startswith("job-") else p.name
+                  for p in root.iterdir()) == ["job-8-dopq-other-8", "unrelated"]
     del fake.jobs[101]
     rt.remove(ref, owner=OWNER)  # again: nothing left to do
     assert rt.status(ref) is None

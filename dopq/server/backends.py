@@ -61,6 +61,12 @@ class Backend:
         spec.image = self.publish(spec.image)
         return spec
 
+    def container_ref(self, name: str, started: str) -> str:
+        """What the store keeps to find a job's container: its name on one host (found
+        by name after a crash), this run's cluster id on a cluster (a rerun's differs,
+        so removing the old run never touches the new one)."""
+        return started if self.cluster else name
+
     def publish(self, image: str) -> str:
         """Push ``image`` to the registry (once per image id); its name there."""
         url = self.settings.registry.url

@@ -142,8 +142,8 @@ def _add_file(dir_fd: int, name: str, rel: str, walk: _Walk, limit: int) -> None
 class OutputFetches:
     """The fetches in progress: one per user, in ``<state_dir>/fetch/``."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.folders = OutputFolders(settings)
+    def __init__(self, settings: Settings, owner: str = "") -> None:
+        self.folders = OutputFolders(settings, owner)
         self.dir = settings.state_path / "fetch"
         self._lock = threading.Lock()
         self._open: dict[str, Fetch] = {}

@@ -83,7 +83,8 @@ def ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None = None) -> N
 
 def outputs_root(settings: Settings) -> Path:
     """``<state_dir>/outputs``; on a cluster ``<slurm.shared_dir>/outputs``, which the
-    nodes see (mount it ``nosuid,nodev`` there too)."""
+    nodes see (mount it ``nosuid,nodev`` there too), one folder per server in it
+    (by the store's owner id: ``dopq.server.outputs.OutputFolders``)."""
     if settings.runtime.backend == "slurm":
         return Path(settings.slurm.shared_dir) / "outputs"
     return settings.state_path / "outputs"

@@ -45,9 +45,11 @@ def _open_dir(name: str | Path, dir_fd: int | None = None) -> int:
 class OutputFolders:
     """``outputs/<user>/<id>``: made before a job starts, sealed after it ends."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, owner: str = "") -> None:
         self.settings = settings
         self.root = outputs_root(settings)
+        if settings.runtime.backend == "slurm":  # a shared folder: one server's part of it
+            self.root = self.root / (owner or "unknown")
 
     def path(self, user: str, job_id: int) -> Path:
         return self.root / user / str(job_id)

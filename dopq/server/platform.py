@@ -55,7 +55,7 @@ class DataPlatform:
         self.workers = Supervisor(settings, self.store, self.users, self.runtime)
         self.gpu_info = self.workers.gpu_info
         self.gpu_mode = self.workers.gpu_mode
-        self.fetches = OutputFetches(settings)
+        self.fetches = OutputFetches(settings, self.store.owner_id())
         self.fetches.clear()
         # ``_send`` looked up per call: a test holds the Provider back by replacing it.
         self.uploads = Uploads(settings, self.store, self.runtime, len(self.gpu_info),

@@ -96,7 +96,7 @@ class PriorityQueueThread(threading.Thread):
         self._halt = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
         self.starter = Starter(self)
-        self.outputs = outputs.OutputFolders(settings)
+        self.outputs = outputs.OutputFolders(settings, self.owner)
         self.house = Housekeeper(settings, store, runtime, self.owner, self.outputs,
                                  self.backend.images)
         self._last_reconcile = 0.0
@@ -344,7 +344,7 @@ class PriorityQueueThread(threading.Thread):
                 events.append(ev.ContainerNeverStarted(row["id"], c.id))
             elif not c.running:
                 events.append(ev.ContainerExited(row["id"], c.id, c.exit_code, c.finished_at,
-                                              c.oom_killed, deferrable=False))
+                                              c.oom_killed, deferrable=False, reason=c.reason))
         for job_id, c in containers.items():
             # Containers of ours whose job is over (or unknown): collect them.
             state: JobState | None = None
@@ -370,7 +370,8 @@ class PriorityQueueThread(threading.Thread):
             return
         self._carry_out(self._handle_all([
             ev.JobAdopted(running_job(row)),
-            ev.ContainerExited(st.job_id, cid, st.exit_code, st.finished_at, st.oom_killed, defer),
+            ev.ContainerExited(st.job_id, cid, st.exit_code, st.finished_at, st.oom_killed, defer,
+                               st.reason),
         ]))
 
     # -- cancels and stops from other threads -------------------------------------------

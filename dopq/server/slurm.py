@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import threading
@@ -272,9 +273,9 @@ class SlurmRuntime:
         root = self._root(owner)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", spec.name)[:100]
-        job_dir = root / f"job-{job_id}-{safe}"
-        if job_dir.exists():  # a folder an earlier run of the job left
-            shutil.rmtree(job_dir)
+        # One folder per run: a rerun (after a requeue) never shares the status, log or
+        # removal of the run before it.
+        job_dir = root / f"job-{job_id}-{safe}-{secrets.token_hex(4)}"
         job_dir.mkdir(mode=0o700)
         os.chmod(job_dir, 0o700)
         script = batch_script(spec, str(job_dir), self.grace, self.settings.slurm.node_docker)

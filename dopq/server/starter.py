@@ -117,7 +117,7 @@ class Starter:
             return None
         # Only now is there a container to look for after a crash: a running
         # job without one was cut off before its start and is queued again.
-        name = q.container_name(job_id)
+        name = q.backend.container_ref(q.container_name(job_id), outcome)
         q.store.update_job(job_id, container=name)
         log.debug("job %s started as %s", job_id, outcome[:12])
         marker = q.store.job(job_id)["error"]  # a cancel during the create left its mark

@@ -112,7 +112,8 @@ class Supervisor:
         self._start_provider()
         self.notifier.start()
         watcher = outputs.OutputWatcher(
-            outputs.OutputFolders(self.settings), self.settings.bytes_of("limits.max_output"),
+            outputs.OutputFolders(self.settings, self.store.owner_id()),
+            self.settings.bytes_of("limits.max_output"),
             self.settings.limits.max_output,
             lambda: [(r["id"], r["user"]) for r in self.store.jobs([JobState.RUNNING], light=True)],
             lambda job_id, reason: self.queue.stop_for_output(job_id, reason),
