@@ -171,3 +171,10 @@ def test_the_engine_builds_from_the_stream_as_dockerignore_says(tmp_path: Path,
                 api.remove_image(tag, force=True)
             except docker.errors.NotFound:
                 pass
+
+
+def test_the_server_caps_glibcs_memory_pools() -> None:
+    """``dopq server`` caps glibc's per-thread pools (each upload connection kept ~16 MiB)."""
+    from dopq.server.host_commands import cap_malloc_arenas
+
+    assert cap_malloc_arenas() is True

@@ -42,7 +42,7 @@ from dopq.wire.protocol import IDEMPOTENT_CALLS, NS_PREFIX, SERIALIZER, TOKEN_AN
 from dopq.wire.transport import SIGNED_MAX
 from dopq.wire.views import JobDetail, Snapshot
 
-CHUNK = 1 << 20
+CHUNK = 2 << 20  # bytes per submit_chunk call (the server takes up to 4 MiB)
 STALE_AFTER = 5.0  # seconds; the server closes connections idle for server.idle_timeout
 # DoPQ's name server, like its API, takes msgpack only (dopq.wire.transport).
 Pyro5.api.config.SERIALIZER = SERIALIZER
