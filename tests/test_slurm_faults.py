@@ -271,24 +271,11 @@ def _run_until_node_dies(srv: Any, jobs_dir: Path, name: str) -> tuple[int, str,
     return job_id, node, owner
 
 
-NODE_FAIL_REASON_DROPPED = (
-    "bug: dopq/server/queue.py builds ev.ContainerExited without the runtime's reason "
-    "(reconcile: reason=c.reason, _finish_container: reason=st.reason), so a job whose "
-    "node failed ends 'exit code None' and is never requeued")
-RERUN_SHARES_THE_OLD_RUN = (
-    "bug: after a requeue the scheduler's RemoveContainer names the job's container by "
-    "name (scheduler._exit: live.container), which ClusterJobs resolves to the new Slurm "
-    "job: it is scancelled (exit 137); and both runs share one job folder "
-    "(slurm.SlurmRuntime.run: job-<id>-<name>), so removing the old run deletes the new "
-    "one's folder (JobLaunchFailure) and the old run's status file is read as the new one's")
-
-
 def _restore(node: str) -> None:
     cluster("node-start", node, check=False)
     slurm("scontrol", "update", f"nodename={node}", "state=resume")
 
 
-@pytest.mark.xfail(reason=NODE_FAIL_REASON_DROPPED, strict=False)
 def test_node_failure_fails_the_job_naming_the_node(server_factory: Any, jobs_dir: Path,
                                                     slurm_sections: dict[str, Any]) -> None:
     srv = server_factory(**slurm_sections, **SERVER)
@@ -306,8 +293,6 @@ def test_node_failure_fails_the_job_naming_the_node(server_factory: Any, jobs_di
             _restore(node)
 
 
-@pytest.mark.xfail(reason=f"{NODE_FAIL_REASON_DROPPED}; {RERUN_SHARES_THE_OLD_RUN}",
-                   strict=False)
 def test_node_failure_requeues_onto_the_other_node(server_factory: Any, jobs_dir: Path,
                                                    slurm_sections: dict[str, Any]) -> None:
     sections = {**slurm_sections,
@@ -319,7 +304,7 @@ def test_node_failure_requeues_onto_the_other_node(server_factory: Any, jobs_dir
         alice = srv["alice"]
         # queued again after NODE_FAIL, then run on the node that still works
         job = srv.wait_job(job_id, 100)
-        assert job["state"] == "succeeded", job
+        assert job["state"] == "succeeded", (job["error"], job["events"])
         assert job["node"] != node, job
         assert any("requeued" in (e.get("detail") or "") and node in (e.get("detail") or "")
                    for e in alice.call("job", job_id)["events"]), job
@@ -333,13 +318,8 @@ def test_node_failure_requeues_onto_the_other_node(server_factory: Any, jobs_dir
 
 
 # -- outputs on the cluster ------------------------------------------------------------------
-OUTPUTS_SHARED = (
-    "bug: hostfs.outputs_root is <slurm.shared_dir>/outputs for every server: two servers "
-    "on one shared_dir (or one whose state was reset, ids from 1 again) give user/job-id "
-    "the same /outdir; it should be keyed by the server's owner id")
 
 
-@pytest.mark.xfail(reason=OUTPUTS_SHARED, strict=False)
 def test_outputs_of_two_servers_stay_apart(server_factory: Any, jobs_dir: Path,
                                            slurm_sections: dict[str, Any]) -> None:
     """Two servers on one cluster: alice's job 1 of the second does not see the /outdir

@@ -71,10 +71,10 @@ class Housekeeper:
                 row: JobRow | None = self.store.job(job_id)
             except NotFound:
                 row = None  # a stray container of a job this store does not know
-            # Preempted and queued again (restarts counts this run): its log is
-            # kept apart, its outputs stay open for the next run to resume from.
+            # Queued again (preempted: restarts counts this run; or its node died):
+            # its log is kept apart, its outputs stay open for the next run.
             run = row["restarts"] if row is not None else 0
-            preempted = run > 0 and row is not None and row["state"] not in FINAL_STATES
+            preempted = row is not None and row["state"] not in FINAL_STATES
             path = self.run_log_path(job_id, run if preempted else None)
             if not path.exists():
                 cap = self.settings.bytes_of("docker.log_max_bytes")
