@@ -237,7 +237,9 @@ def run(quick: bool, reps: int | None = None, poll: float | None = None) -> dict
         job = srv.wait_job(warm, 300)
         if job["state"] != "succeeded":
             raise RuntimeError(f"warm-up job ended {job['state']}: {job['error']}")
-        image = f"{cluster.registry}/{srv.server.platform.store.job(warm)['image']}"
+        # the registry's name for it (pushed already: the backend remembers it)
+        image = srv.server.platform.workers.backend.publish(
+            srv.server.platform.store.job(warm)["image"])
         for rep in range(reps):
             for name in ("dopq", "sbatch"):
                 busy[name].append(cluster.busy_gpus())

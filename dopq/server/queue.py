@@ -95,7 +95,8 @@ class PriorityQueueThread(threading.Thread):
         self._exited: list[str] = []
         self._halt = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dopq-worker")
-        self.starter = Starter(self)
+        # sbatch is a short call that waits mostly on slurmctld: several at once on a cluster
+        self.starter = Starter(self, 4) if self.backend.cluster else Starter(self)
         self.outputs = outputs.OutputFolders(settings, self.owner)
         self.house = Housekeeper(settings, store, runtime, self.owner, self.outputs,
                                  self.backend.images)
