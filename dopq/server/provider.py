@@ -197,7 +197,7 @@ class Provider:
                     job_id = self.watcher.adopt(f, user, uid, "job")
                     if job_id is not None:
                         log.info("adopted %s as job %s", f.name, job_id)
-                else:
+                elif not _recent(f):  # one in flight: its job is being written now
                     f.unlink(missing_ok=True)  # an upload whose job was never written
         for job in self.store.jobs([JobState.RECEIVED]):
             self.submit(job["id"])
@@ -443,3 +443,11 @@ def start_process(settings: Settings, total_gpus: int,
     )
     proc.start()
     return proc, commands, notices
+
+
+def _recent(path: Path, seconds: float = 60.0) -> bool:
+    """Written in the last ``seconds`` (an upload moved in just before its job row)."""
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False

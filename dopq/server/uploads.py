@@ -167,15 +167,17 @@ class Uploads:
             raise
         target = self.settings.state_path / "incoming" / f"api-{up.id}.zip"
         name = str(up.overrides.get("name") or up.source_name or "job")[:128]
+        # In place before the job exists: the Provider may find a received job on its
+        # own (a scan), before it is told, and must find its archive.
+        os.replace(up.path, target)
         try:  # the limit again, in the transaction that creates the job
             job_id = self.slots.add_job(up.id, dict(
                 name=name, user=up.user, origin="api", source=str(target), overrides=up.overrides,
                 submitted_by=up.by or up.user,
             ), up.slots)
         except DopqError:
-            up.path.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
             raise
-        os.replace(up.path, target)
         self.send(("job", job_id))
         return job_id
 
