@@ -66,7 +66,6 @@ from typing import Any
 
 from common import (
     BASE_IMAGE,
-    PASSWORDS,
     ServerProcess,
     add_users,
     bench_config,
@@ -83,8 +82,6 @@ from common import (
     zip_it,
 )
 from loadgen import CpuMeter, pin_tree, priorities, run_load, split_cores
-
-from dopq.core.errors import DopqError
 
 GOAL_P99_MS = 100.0
 GOAL_POLLERS = 50
@@ -103,35 +100,13 @@ class CheckoutServer(ServerProcess):
     def __init__(self, cfg: dict[str, Any], workdir: Path, root: Path) -> None:
         super().__init__(cfg, workdir)
         self.root = root
+        self.env = {**os.environ, "PYTHONPATH": str(root)}
         # The config file as that checkout writes it: this one's has sections it may not know.
         self.config.write_text(subprocess.run(
             [sys.executable, "-c", "import json, sys; from dopq.core import settings as s; "
              "sys.stdout.write(s.to_toml(s.from_dict(json.load(sys.stdin))))"],
             input=json.dumps(cfg), capture_output=True, text=True, check=True, cwd=root,
-            env={**os.environ, "PYTHONPATH": str(root)}, timeout=60).stdout)
-
-    def start(self, timeout: float = 120.0) -> float:
-        t0 = time.monotonic()
-        env = {**os.environ, "PYTHONPATH": str(self.root)}
-        with self.log.open("ab") as out:  # cwd: ``-m`` puts it first on the path
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dopq.cli", "server", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=self.root, env=env,
-            )
-        probe = self.client()
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log}")
-            try:
-                probe.login("root", PASSWORDS["root"], remember=False)
-                return True
-            except DopqError:
-                return False
-
-        wait_for(ready, timeout, 0.1)
-        probe.close()
-        return time.monotonic() - t0
+            env=self.env, timeout=60).stdout)
 
 
 # -- profiling ----------------------------------------------------------------------------

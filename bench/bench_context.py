@@ -44,6 +44,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench_intake import wait_queued  # the intake benchmark's, shared
 from common import (
     BASE_IMAGE,
     ServerProcess,
@@ -190,32 +191,6 @@ def phases(ev: dict[str, float], starts: BuildStarts, job_id: int) -> dict[str, 
 
 
 # -- the doors -------------------------------------------------------------------------
-def _events(store: Any, job_id: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for e in store.events(job_id):
-        out.setdefault(e["state"], e["at"])
-    return out
-
-
-def wait_queued(store: Any, find: Any, timeout: float) -> tuple[int, dict[str, float]]:
-    """Wait for the job ``find()`` names to be ``queued``; (its id, first time of each state)."""
-
-    def done() -> tuple[int, dict[str, float]] | None:
-        job_id = find()
-        if job_id is None:
-            return None
-        ev = _events(store, job_id)
-        if "queued" in ev:
-            return job_id, ev
-        row = store.job(job_id)
-        if row["state"] in FINAL:
-            raise RuntimeError(f"job {job_id} ended {row['state']}: {row['error']}")
-        return None
-
-    result: tuple[int, dict[str, float]] = wait_for(done, timeout, 0.01)
-    return result
-
-
 def wait_ended(store: Any, job_id: int, timeout: float = 120.0) -> None:
     """The job ran (``CMD true``) and ended: nothing of it overlaps the next run."""
     wait_for(lambda: store.job(job_id)["state"] in FINAL, timeout, 0.05)

@@ -133,6 +133,8 @@ class ServerProcess:
         self.config = write_toml(cfg, workdir / "config.toml")
         self.log = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.root = ROOT  # the checkout whose code runs the server (cwd: ``-m`` takes it)
+        self.env: dict[str, str] | None = None
 
     @property
     def pid(self) -> int:
@@ -145,7 +147,7 @@ class ServerProcess:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dopq.cli", "server", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.root, env=self.env,
             )
         probe = self.client()
 

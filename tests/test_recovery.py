@@ -4,66 +4,21 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORDS, add_users, cleanup_docker, make_config, wait_for, write_toml
+from conftest import add_users, cleanup_docker, make_config, wait_for, write_toml
 from hostile import good_job, zip_it
+from serverproc import ServerProc, signed_in
 
-from dopq.client.remote import Client
 from dopq.core import settings as settings_mod
-from dopq.core.errors import DopqError
 
 pytestmark = pytest.mark.docker
 
 FINAL = ("succeeded", "failed", "cancelled")
-
-
-class Proc:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dopq.cli", "server", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def term(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def _client(s: Any, user: str) -> Client:
-    c = Client(s.nameserver.host, s.nameserver.port, s.server_name, token="")
-
-    def login() -> bool:
-        try:
-            c.login(user, PASSWORDS[user], remember=False)
-            return True
-        except DopqError:
-            return False
-
-    wait_for(login, 60, 0.2)
-    return c
 
 
 CYCLES = 10 if os.environ.get("DOPQ_FAULTS_FULL") == "1" else 3
@@ -82,13 +37,13 @@ def test_kill9_loses_nothing(tmp_path: Path, engine: None, jobs_dir: Path) -> No
     cfg = make_config(tmp_path, gpus={"backend": "virtual", "virtual_count": 2})
     settings = settings_mod.from_dict(cfg)
     add_users(settings.db_path)
-    proc = Proc(write_toml(cfg, tmp_path / "config.toml"), tmp_path / "server.log")
+    proc = ServerProc(write_toml(cfg, tmp_path / "config.toml"), tmp_path / "server.log")
     rng = random.Random(int(os.environ.get("DOPQ_FAULTS_SEED", "7")))
     expected: dict[str, int] = {}  # job name -> exit code it must end with
     try:
         proc.start()
         for cycle in range(CYCLES):
-            alice = _client(settings, "alice")
+            alice = signed_in(settings, "alice")
             for k in range(3):
                 name = f"c{cycle}-job{k}"
                 code = rng.choice([0, 0, 3])
@@ -107,7 +62,7 @@ def test_kill9_loses_nothing(tmp_path: Path, engine: None, jobs_dir: Path) -> No
             time.sleep(rng.uniform(0.1, 2.5))  # into the middle of the work
             proc.kill9()
             proc.start()
-        alice = _client(settings, "alice")
+        alice = signed_in(settings, "alice")
 
         def all_final() -> list[dict[str, Any]] | None:
             jobs = alice.call("history", 1000) + alice.call("queue") + alice.call("running")

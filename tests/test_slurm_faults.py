@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORDS, add_users, cleanup_docker, make_config, wait_for, write_toml
+from conftest import add_users, cleanup_docker, make_config, wait_for, write_toml
 from hostile import good_job, traversal
+from serverproc import ServerProc, signed_in
 from slurmcluster import CLUSTER_DIR, NODES, cluster, cluster_sections, jobs_of, resume_nodes, slurm
 
-from dopq.client.remote import Client
 from dopq.core import settings as settings_mod
 from dopq.core.errors import DopqError
 from dopq.server.store import Store
@@ -44,49 +43,6 @@ SERVER = {"docker": {"stop_grace": 3.0}, "gpus": {"backend": "virtual", "virtual
 
 
 # -- helpers ---------------------------------------------------------------------------
-class ServerProc:
-    """``python -m dopq.cli server --config X`` as a child process (killed with -9)."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dopq.cli", "server", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def term(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def signed_in(settings: Any, user: str) -> Client:
-    c = Client(settings.nameserver.host, settings.nameserver.port, settings.server_name,
-               token="")
-
-    def login() -> bool:
-        try:
-            c.login(user, PASSWORDS[user], remember=False)
-            return True
-        except DopqError:
-            return False
-
-    wait_for(login, 60, 0.2)
-    return c
-
-
 def slurm_jobs_per_dopq_job(owner: str) -> Counter[int]:
     """How many Slurm jobs (any state Slurm still keeps) each DoPQ job id had."""
     return Counter(int(r["comment"].rsplit(":", 1)[1]) for r in jobs_of(owner))
