@@ -481,3 +481,37 @@ def test_submit_dialog_passes_gpu_memory(qtbot: Any) -> None:
     box.gpus.setValue(1)
     box.gpu_memory.setText(" 10g ")
     assert box.options() == {"gpus": 1, "gpu_memory": "10g"}
+
+
+def cluster_snapshot() -> dict[str, Any]:
+    """A server on a Slurm cluster: its status lists every node's GPUs by name."""
+    snap = snapshot()
+    snap["running"] = [job(1, "running", num_gpus=2, gpus=[0, 1], run_s=60.0, node="dopq-n1"),
+                       job(5, "running", "bob", num_gpus=1, gpus=[0], run_s=100.0,
+                           node="dopq-n2")]
+    held = {("dopq-n1", 0): (1, "alice"), ("dopq-n1", 1): (1, "alice"),
+            ("dopq-n2", 0): (5, "bob")}
+    snap["system"]["gpu_backend"] = "slurm"
+    snap["system"]["gpus"] = [
+        {"index": n * 2 + i, "node": node, "node_index": i, "name": f"{node} GPU {i}",
+         "uuid": "", "memory_total": None, "job": held.get((node, i), (None, None))[0],
+         "user": held.get((node, i), (None, None))[1], "external": False, "memory": None,
+         "used": None, "foreign": [],
+         "holders": [{"job": held[(node, i)][0], "user": held[(node, i)][1], "declared": 0,
+                      "memory": None}] if (node, i) in held else []}
+        for n, node in enumerate(("dopq-n1", "dopq-n2")) for i in (0, 1)]
+    return snap
+
+
+def test_screenshot_of_a_cluster(qtbot: Any, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system view names each node's GPUs (``DOPQ_SHOT_DIR`` keeps the picture)."""
+    w = open_window(qtbot, FakeClient(cluster_snapshot()), tmp_path)
+    system = w.models["system"]
+    assert system.keys() == [0, 1, 2, 3]
+    assert cell(system, 3, "Holder") == "free"
+    monkeypatch.setattr(gui_app, "Client", lambda *a: FakeClient(cluster_snapshot()))
+    shot = Path(os.environ.get("DOPQ_SHOT_DIR") or tmp_path) / "cluster.png"
+    assert gui_app.main(_args(shot)) == 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cell(w.models["running"], 0, "On GPUs") == "0, 1 on dopq-n1"

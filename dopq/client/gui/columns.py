@@ -196,6 +196,13 @@ RESTARTS_TIP = ("how often the job was preempted (stopped for a user under their
                 " and queued again); - : it may not be preempted")
 
 
+def on_gpus_text(r: Row) -> str:
+    """The job's GPUs, and on a cluster the node they are on (``0, 1 on dopq-n1``)."""
+    node = r.get("node")
+    text = fmt_gpus(r.get("gpus"))
+    return f"{text} on {node}" if node and node != "local" and r.get("gpus") else text
+
+
 def restarts_text(r: Row) -> str:
     """The job's restarts; ``-`` for a job that may not be preempted and never was."""
     n = int(r.get("restarts") or 0)
@@ -209,7 +216,7 @@ RUNNING_COLUMNS = (
     Column("State", job_state, _state_text, coloured=True),
     col("Restarts", "restarts", restarts_text, right=True, tip=RESTARTS_TIP),
     col("GPUs", "num_gpus", gpuview.gpu_request, right=True, tip=GPUS_TIP),
-    Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus")),
+    Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), on_gpus_text,
            tip=ON_GPUS_TIP),
     col("Running", "run_s", _dur("run_s"), right=True, searchable=False),
     col("Limit", "time_limit", _dur("time_limit"), right=True),
@@ -252,7 +259,7 @@ FINISHED_COLUMNS = (
     Column("Result", job_state, _result_text, coloured=True),
     col("Exit", "exit_code", right=True),
     col("GPUs", "num_gpus", gpuview.gpu_request, right=True, tip=GPUS_TIP),
-    Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), lambda r: fmt_gpus(r.get("gpus")),
+    Column("On GPUs", lambda r: tuple(r.get("gpus") or ()), on_gpus_text,
            tip=ON_GPUS_TIP),
     col("Ran", "run_s", _dur("run_s"), right=True),
     col("Waited", "wait_s", _dur("wait_s"), right=True),
