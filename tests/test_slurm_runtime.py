@@ -484,3 +484,15 @@ def test_a_job_cancelled_while_pending_has_ended_at_once(rt: SlurmRuntime, fake:
     clock.now = time.mktime(time.strptime("2026-12-03T17:00:01", "%Y-%m-%dT%H:%M:%S"))
     st = rt.status(ref)
     assert st is not None and not st.running and st.reason == "cancelled in Slurm"
+
+
+def test_removing_an_old_run_again_never_takes_a_new_runs_folder(
+        rt: SlurmRuntime, fake: FakeSlurm, settings: Settings) -> None:
+    """A requeued job's old run is removed twice (collected, then removed); by then a
+    new run's folder may exist without its meta.json (sbatch in flight): it stays."""
+    old = rt.run(spec())
+    rt.remove(old, owner=OWNER)
+    new = Path(settings.slurm.shared_dir) / OWNER / "job-7-dopq-a1b2c3d4-7-0123abcd"
+    new.mkdir(mode=0o700)
+    rt.remove(old, owner=OWNER)
+    assert new.is_dir()

@@ -387,7 +387,9 @@ class SlurmRuntime:
                 return
             if rows[0].state in ALIVE:
                 self._call(["scancel", str(number)], missing_ok=True)
-        folder = self._folder(ref, owner, self._ours(rows[0], owner) if rows else None)
+        # By the ref only: the job id's fallback (a folder without meta.json) may be a
+        # new run of the same job being submitted right now, never to be deleted.
+        folder = self._folder(ref, owner)
         with self._lock:
             self._dirs.pop(ref, None)
         if folder is not None and folder.parent == self._root(owner):
