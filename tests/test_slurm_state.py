@@ -58,3 +58,18 @@ def test_parse_jobs_a_bar_in_name_or_comment_moves_no_other_field() -> None:
     assert (job.id, job.uid, job.state, job.node, job.gpus) == (5, 0, "RUNNING", "n1", 2)
     assert job.name == "my|name" and job.comment == "dopq:o:9"
     assert job.start is not None and job.end is None
+
+
+@pytest.mark.parametrize(("state", "requeue", "reason"), [
+    ("NODE_FAIL", False, "node dopq-n2 failed"),
+    ("NODE_FAIL", True, "requeued: node dopq-n2 failed"),
+    ("BOOT_FAIL", True, "requeued: node dopq-n2 failed to boot"),
+    ("CANCELLED", True, "cancelled in Slurm"),  # only the node's failures are requeued
+])
+def test_a_node_failure_asks_for_a_requeue_when_configured(state: str, requeue: bool,
+                                                          reason: str) -> None:
+    from dopq.server.slurmstate import SlurmJob, job_status
+
+    job = SlurmJob(101, 0, state, "dopq-n2", 1, 100.0, 200.0, "dopq-x-7", "dopq:o:7")
+    st = job_status("slurm-101", "dopq-x-7", 7, "o", job, None, 1000.0, requeue)
+    assert (st.running, st.exit_code, st.reason) == (False, None, reason)

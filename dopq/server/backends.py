@@ -24,7 +24,6 @@ from typing import Any
 from dopq.core import events as ev
 from dopq.core.capacity import LOCAL
 from dopq.core.errors import DopqError
-from dopq.core.exits import REQUEUED_PREFIX
 from dopq.core.settings import Settings
 from dopq.server.runspec import ContainerSpec, ContainerStatus, JobRuntime
 from dopq.server.runtime import ContainerRuntime
@@ -112,16 +111,15 @@ class Backend:
 class ClusterJobs:
     """A cluster runtime under the names the queue gives containers.
 
-    The store keeps a job's container *name* (``dopq-<owner>-<id>``); the
-    cluster knows its jobs by its own ids. Calls with a name are sent on with
-    the cluster's id, found from the last :meth:`list` (read again when a name
-    is new). A job that ended without an exit code because its node failed is
-    queued again when ``[slurm] requeue_on_node_failure`` says so.
+    The store keeps each run's cluster id (:meth:`Backend.container_ref`), but
+    the queue still names a container by its name (``dopq-<owner>-<id>``) where
+    it has no run at hand (a stop or a removal by job). Calls with a name are
+    sent on with the cluster's id, found from the last :meth:`list` (read again
+    when a name is new).
     """
 
     def __init__(self, runtime: Any, settings: Settings) -> None:
         self.runtime = runtime
-        self.settings = settings
         self.instance = settings.docker.name_prefix
         self._ids: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -140,9 +138,6 @@ class ClusterJobs:
             return None
         with self._lock:
             self._ids[st.name] = st.id
-        if (st.reason and "node" in st.reason and self.settings.slurm.requeue_on_node_failure
-                and not st.reason.startswith(REQUEUED_PREFIX)):
-            st.reason = REQUEUED_PREFIX + st.reason
         return st
 
     def ping(self) -> bool:

@@ -307,7 +307,8 @@ class SlurmRuntime:
                                                                      else ""))
         if job_id is None and isinstance(meta.get("job_id"), int):
             job_id = int(meta["job_id"])
-        return job_status(ref, name, job_id, owner, job, status, self._clock())
+        return job_status(ref, name, job_id, owner, job, status, self._clock(),
+                          self.settings.slurm.requeue_on_node_failure)
 
     def status(self, ref: str) -> ContainerStatus | None:
         """The job behind ``ref``; None when neither Slurm nor a job folder knows it."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dopq.core.exits import REQUEUED_PREFIX
 from dopq.core.settings import Settings
 from dopq.server.runspec import ContainerSpec, ContainerStatus
 
@@ -164,6 +165,9 @@ def _docker_time(text: str | None) -> float | None:
     return base.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
+NODE_FAILURES = ("NODE_FAIL", "BOOT_FAIL")  # the job's node, not the job, failed
+
+
 def ended_reason(job: SlurmJob) -> str:
     """Why a Slurm job that left no status file ended."""
     node = job.node or "?"
@@ -180,8 +184,12 @@ def ended_reason(job: SlurmJob) -> str:
 
 
 def job_status(ref: str, name: str, job_id: int | None, owner: str, job: SlurmJob | None,
-               status: dict[str, Any] | None, now: float) -> ContainerStatus:
-    """What a job is, from Slurm's row (None: Slurm forgot it) and its status file."""
+               status: dict[str, Any] | None, now: float,
+               requeue_node_failure: bool = False) -> ContainerStatus:
+    """What a job is, from Slurm's row (None: Slurm forgot it) and its status file.
+
+    ``requeue_node_failure``: a job whose node failed ends with a reason that asks
+    the scheduler to queue it again (``dopq.core.exits.REQUEUED_PREFIX``)."""
     node = job.node if job and job.node else None
     if status is not None:
         reason = str(status.get("reason") or "") or None
@@ -199,18 +207,20 @@ def job_status(ref: str, name: str, job_id: int | None, owner: str, job: SlurmJo
     # An ended script's status file may reach this host a moment late (NFS);
     # a job that never ran on a node (cancelled while pending) has none to wait for.
     waiting = (job is not None and job.state not in ALIVE and bool(job.node)
-               and job.state not in ("NODE_FAIL", "BOOT_FAIL")
+               and job.state not in NODE_FAILURES
                and (job.end is None or now - job.end < STATUS_WAIT))
     if job is not None and (job.state in ALIVE or waiting):
         started = job.start if job.state not in NOT_STARTED else None
         return ContainerStatus(id=ref, name=name, job_id=job_id, running=True, exit_code=None,
                                oom_killed=False, started_at=started, finished_at=None,
                                owner=owner, node=node)
+    reason = ended_reason(job) if job is not None else "Slurm lost the job"
+    if requeue_node_failure and job is not None and job.state in NODE_FAILURES:
+        reason = REQUEUED_PREFIX + reason
     return ContainerStatus(
         id=ref, name=name, job_id=job_id, running=False, exit_code=None, oom_killed=False,
         started_at=job.start if job else None, finished_at=job.end if job else None,
-        owner=owner, node=node,
-        reason=ended_reason(job) if job is not None else "Slurm lost the job")
+        owner=owner, node=node, reason=reason)
 
 
 def sbatch_argv(settings: Settings, spec: ContainerSpec, job_dir: Path, owner: str,
