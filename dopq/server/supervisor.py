@@ -184,7 +184,10 @@ class Supervisor:
 
     # -- the relays -------------------------------------------------------------------------
     def _job_pid(self, job_id: int) -> int | None:
-        """The first process of a running job's container (output watcher)."""
+        """The first process of a running job's container (output watcher); none on
+        a cluster, whose processes are on the nodes."""
+        if self.backend.cluster:
+            return None
         try:
             row = self.store.job(job_id)
             st = self.jobs.status(row["container"]) if row["container"] else None
@@ -249,9 +252,12 @@ class Supervisor:
         if not (gpus_due or rest_due):
             return
         running = self.store.jobs([JobState.RUNNING])
+        # On a cluster the nodes' GPUs are not this host's to sample (and each job's
+        # status would be a call to Slurm): nothing to watch here.
         if gpus_due:
             self._last_gpu_sample = now
-            self.sample_gpus(running, now)
+            if not self.backend.cluster:
+                self.sample_gpus(running, now)
         if not rest_due:
             return
         self._last_stats = now
