@@ -14,10 +14,12 @@ likes. Here a build gets:
 - ``build.time_limit``: the build stream is cut (which cancels a classic
   build) and any RUN container left in the build's cgroup is removed.
 
-The context goes to the engine as a tar streamed from the unpacked folder
-(``dopq.core.context.tar_stream``, ``.dockerignore`` applied as ``docker
-build`` applies it): a checkpoint of gigabytes is neither copied to a
-temporary tar first nor held in memory.
+The context goes to the engine as a tar streamed, as the engine reads it,
+straight from the job's zip (``dopq.core.zipcontext.ZipContext.tar``: the
+Provider never unpacks a context it builds) or from a folder
+(``dopq.core.context.tar_stream``), ``.dockerignore`` applied as ``docker
+build`` applies it: a checkpoint of gigabytes is neither written to disk nor
+copied to a temporary tar first nor held in memory.
 
 The classic builder cannot drop capabilities of RUN containers; that stays a
 known limit (SECURITY.md).
@@ -31,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,8 @@ import urllib3.exceptions
 
 from dopq.core import dockerignore
 from dopq.core.context import tar_stream
-from dopq.core.errors import BuildFailed, DopqError, EngineUnavailable
+from dopq.core.errors import BuildFailed, DopqError, EngineUnavailable, JobRejected
+from dopq.core.zipcontext import ZipContext
 
 log = logging.getLogger("dopq.server.builds")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -275,7 +278,7 @@ class _BuildClient(docker.APIClient):  # type: ignore[misc]
 def build(
     base_url: str,
     api_version: str,
-    context: Path,
+    context: Path | ZipContext,
     tag: str,
     labels: dict[str, str],
     on_log: Callable[[str], None],
@@ -283,7 +286,9 @@ def build(
     chunk_text: Callable[[dict[str, Any]], str],
     owner: str = "",
 ) -> str | None:
-    """Build ``context/Dockerfile`` under ``limits``; return the image id if known."""
+    """Build the context's ``Dockerfile`` under ``limits``; return the image id if known.
+
+    ``context``: a folder, or a job's zip read in place (``ZipContext``)."""
     extra: dict[str, Any] = {}
     container_limits: dict[str, Any] = {}
     api = _BuildClient(extra, base_url=base_url, version=api_version,
@@ -318,18 +323,15 @@ def build(
             if group is not None:
                 _remove_containers(base_url, api_version, group.containers())
 
-        try:  # what .dockerignore leaves, as docker build reads it; the Dockerfile always
-            files = list(dockerignore.context_files(context, {"Dockerfile"}))
-        except (DopqError, OSError) as exc:
-            raise BuildFailed(f"build context: {exc}", "") from None
+        pieces = _context_tar(context)
         timer = threading.Timer(limits.time_limit, stop)
         timer.daemon = True
         timer.start()
         try:
-            # The tar is streamed from the unpacked folder as the engine reads it
-            # (docker-py's path= would write all of it to a temporary file first).
+            # The tar is streamed as the engine reads it (docker-py's path= would
+            # write all of it to a temporary file first).
             stream = api.build(
-                fileobj=tar_stream(files), custom_context=True,
+                fileobj=pieces, custom_context=True,
                 dockerfile="Dockerfile", tag=tag, labels=labels,
                 rm=True, forcerm=True, pull=False, decode=True,
                 container_limits=container_limits or None,
@@ -371,6 +373,19 @@ def build(
                 remove_stale(owner)
         api.close()
     return image_id
+
+
+def _context_tar(context: Path | ZipContext) -> Iterator[bytes]:
+    """The context's tar: what .dockerignore leaves, as docker build reads it; the
+    Dockerfile always. A bad .dockerignore fails the build before anything is sent."""
+    try:
+        if isinstance(context, ZipContext):
+            return context.tar({"Dockerfile"})
+        return tar_stream(list(dockerignore.context_files(context, {"Dockerfile"})))
+    except JobRejected:
+        raise  # the archive itself (ZipContext.verify): refused as at intake
+    except (DopqError, OSError) as exc:
+        raise BuildFailed(f"build context: {exc}", "") from None
 
 
 def _reason(error: str, group: BuildCgroup | None, timed_out: threading.Event,

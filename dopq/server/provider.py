@@ -3,9 +3,11 @@
 As in the first DoPQ, the Provider runs in its own process. It has two doors:
 the drop folder (``inbox/<user>/*.zip``, ``dopq.server.inbox``), which it
 watches itself, and uploads through the API, which the server hands over as
-``("job", id)`` commands. For each job it unpacks the archive into a private
-directory, validates the job spec, builds (or reuses, or loads) the image and
-moves the job to ``queued``.
+``("job", id)`` commands. For each job it checks the archive, validates the job
+spec, builds (or reuses, or loads) the image and moves the job to ``queued``.
+A context to build is never unpacked: it is hashed and streamed to the engine
+straight from the zip (``dopq.core.zipcontext``); only an ``image.tar`` to load
+is unpacked, into a private directory.
 A bad archive or a failed build fails that job only, with the reason kept;
 nothing a user sends stops the Provider.
 
@@ -24,9 +26,10 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from dopq.core import archive as archive_mod
 from dopq.core import dockerfile as dockerfile_mod
@@ -42,6 +45,7 @@ from dopq.core.errors import (
 from dopq.core.jobs import JobSpec, JobState
 from dopq.core.settings import Settings
 from dopq.core.text import safe_name
+from dopq.core.zipcontext import ZipContext
 from dopq.server import authz, hostfs
 from dopq.server import images as images_mod
 from dopq.server import limits as limits_mod
@@ -262,7 +266,7 @@ class Provider:
 
     def process(self, job_id: int) -> None:
         job = self.store.transition(
-            job_id, JobState.BUILDING, expect=[JobState.RECEIVED], detail="unpacking"
+            job_id, JobState.BUILDING, expect=[JobState.RECEIVED], detail="reading the archive"
         )
         self._notify("building", job_id)
         jdir = job_dir(self.settings, job_id)
@@ -314,71 +318,88 @@ class Provider:
             max_unpacked_bytes=self.settings.bytes_of("limits.max_unpacked"),
             max_entries=self.settings.limits.max_entries,
         )
-        digests: dict[Path, bytes] = {}  # taken while unpacking: no second read to hash
-        root = archive_mod.unpack(Path(source), ctx_dir, limits, digests)
-        ctx = archive_mod.inspect_context(root)
-        self._name_from_config(job, ctx.config)  # kept even if the job is rejected below
-        spec = spec_mod.parse_spec(
-            ctx.config, submitter=job["user"], overrides=job["overrides"],
-            allowed_users=self.settings.users.allowed,
-        )
-        check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
-        refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
-                                authz.Action.SUBMIT, priority=spec.priority)
-        if refused is not None:
-            raise JobRejected(refused)
-        tag = job_tag(self.store.owner_id(), spec.user, spec.name, job["id"])
-        self.store.update_job(job["id"], name=spec.name)
-        cap = [self.settings.bytes_of("docker.log_max_bytes")]  # a build's log is capped too
-        with build_log.open("w", encoding="utf-8") as fh:
+        # A context to build is read from the zip in place and streamed to the engine:
+        # unpacking a checkpoint of gigabytes first cost a second copy on disk.
+        with ZipContext.open(Path(source), limits, mtime=int(time.time())) as zc:
+            ctx: archive_mod.Context | None = None
+            if self._loads_image(job, zc):  # image.tar: loaded from the unpacked folder
+                ctx = archive_mod.inspect_context(archive_mod.unpack(Path(source), ctx_dir, limits))
+                config = ctx.config
+            else:
+                zc.verify()  # every byte read and checked, as unpacking did, before the config
+                config = zc.config()
+            self._name_from_config(job, config)  # kept even if the job is rejected below
+            spec = spec_mod.parse_spec(
+                config, submitter=job["user"], overrides=job["overrides"],
+                allowed_users=self.settings.users.allowed,
+            )
+            check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
+            refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
+                                    authz.Action.SUBMIT, priority=spec.priority)
+            if refused is not None:
+                raise JobRejected(refused)
+            tag = job_tag(self.store.owner_id(), spec.user, spec.name, job["id"])
+            self.store.update_job(job["id"], name=spec.name)
+            with build_log.open("w", encoding="utf-8") as fh:
+                on_log = _capped_log(fh, self.settings.bytes_of("docker.log_max_bytes"))
+                if not spec.build_flag:
+                    if ctx is None or ctx.image_tar is None:
+                        raise JobRejected("build_flag is false but the archive has no image.tar")
+                    on_log(f"[dopq] loading image.tar as {tag}\n")
+                    return spec, self.runtime.load(ctx.image_tar, tag, on_log), None
+                image, chash = self._build(zc, spec, tag, on_log)
+                return spec, image, chash
 
-            def on_log(text: str) -> None:
-                if cap[0] <= 0:
-                    return
-                data = text[:cap[0]]
-                cap[0] -= len(data)
-                fh.write(data if cap[0] > 0 else data + "\n[dopq: build log truncated]\n")
-                fh.flush()
+    def _loads_image(self, job: dict[str, Any], zc: ZipContext) -> bool:
+        """Whether the job loads its image.tar (build_flag false) instead of building,
+        judged on the config read from the zip. A config that cannot be read goes
+        the building way: refused there after the archive's own checks, as before."""
+        try:
+            spec = spec_mod.parse_spec(zc.config(), submitter=job["user"],
+                                       overrides=job["overrides"],
+                                       allowed_users=self.settings.users.allowed)
+        except JobRejected:
+            return False
+        return not spec.build_flag
 
-            if not spec.build_flag:
-                if ctx.image_tar is None:
-                    raise JobRejected("build_flag is false but the archive has no image.tar")
-                on_log(f"[dopq] loading image.tar as {tag}\n")
-                return spec, self.runtime.load(ctx.image_tar, tag, on_log), None
-            if ctx.dockerfile is None:
-                raise JobRejected("no Dockerfile at the top of the archive")
-            self._check_bases(ctx.dockerfile, spec.user)
-            chash = archive_mod.context_hash(root, digests)
-            known = self.store.image_for(chash)
-            # Only the user's own: another user's image of the same context holds
-            # what their RUN steps produced (fetched with their network access).
-            if known and known not in self.store.images_of(spec.user):
-                known = None
-            if known and self.runtime.image_exists(known):
-                on_log(f"[dopq] identical context already built: reusing {known[:19]}\n")
-                self.runtime.tag(known, tag)
-                self.store.touch_image(known, time.time())
-                return spec, known, chash
-            on_log(f"[dopq] building {tag}\n")
-            labels = {
-                LABEL_INSTANCE: self.settings.docker.name_prefix,
-                LABEL_USER: spec.user,
-                LABEL_CONTEXT: chash,
-                LABEL_OWNER: self.store.owner_id(),
-            }
-            image = self.runtime.build(root, tag, labels, on_log, self._build_limits(spec))
-            # A cache tag keeps the image after the job's own tag is removed.
-            self.runtime.tag(image, cache_tag(self.store.owner_id(), chash))
-            self.store.remember_image(chash, image, time.time())
-            return spec, image, chash
+    def _build(self, zc: ZipContext, spec: JobSpec, tag: str,
+               on_log: Callable[[str], None]) -> tuple[str, str]:
+        """Build the zip's context as ``tag``, or reuse the user's image of the same
+        context; return (image, context hash)."""
+        if zc.kind(archive_mod.DOCKERFILE_NAME) != "file":
+            raise JobRejected("no Dockerfile at the top of the archive")
+        dockerfile = zc.read(archive_mod.DOCKERFILE_NAME, 1 << 20,
+                             JobRejected("Dockerfile is larger than 1 MiB"))
+        self._check_bases(dockerfile or b"", spec.user)
+        chash = zc.context_hash
+        known = self.store.image_for(chash)
+        # Only the user's own: another user's image of the same context holds
+        # what their RUN steps produced (fetched with their network access).
+        if known and known not in self.store.images_of(spec.user):
+            known = None
+        if known and self.runtime.image_exists(known):
+            on_log(f"[dopq] identical context already built: reusing {known[:19]}\n")
+            self.runtime.tag(known, tag)
+            self.store.touch_image(known, time.time())
+            return known, chash
+        on_log(f"[dopq] building {tag}\n")
+        labels = {
+            LABEL_INSTANCE: self.settings.docker.name_prefix,
+            LABEL_USER: spec.user,
+            LABEL_CONTEXT: chash,
+            LABEL_OWNER: self.store.owner_id(),
+        }
+        image = self.runtime.build(zc, tag, labels, on_log, self._build_limits(spec))
+        # A cache tag keeps the image after the job's own tag is removed.
+        self.runtime.tag(image, cache_tag(self.store.owner_id(), chash))
+        self.store.remember_image(chash, image, time.time())
+        return image, chash
 
-    def _check_bases(self, dockerfile: Path, user: str) -> None:
+    def _check_bases(self, dockerfile: bytes, user: str) -> None:
         """Refuse a Dockerfile that reads any image but the allowed bases and the
         user's own job images (``dopq.server.images.check_references``)."""
-        if dockerfile.stat().st_size > 1 << 20:
-            raise JobRejected("Dockerfile is larger than 1 MiB")
-        try:
-            text = dockerfile.read_text(encoding="utf-8")
+        try:  # newlines as a text file reads them
+            text = dockerfile.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except UnicodeDecodeError:
             raise JobRejected("Dockerfile is not UTF-8 text") from None
         refs = dockerfile_mod.references(text)
@@ -443,6 +464,21 @@ def start_process(settings: Settings, total_gpus: int,
     )
     proc.start()
     return proc, commands, notices
+
+
+def _capped_log(fh: TextIO, cap: int) -> Callable[[str], None]:
+    """Write a build's log to ``fh``, at most ``cap`` characters (then a note)."""
+    left = [cap]
+
+    def on_log(text: str) -> None:
+        if left[0] <= 0:
+            return
+        data = text[:left[0]]
+        left[0] -= len(data)
+        fh.write(data if left[0] > 0 else data + "\n[dopq: build log truncated]\n")
+        fh.flush()
+
+    return on_log
 
 
 def _recent(path: Path, seconds: float = 60.0) -> bool:

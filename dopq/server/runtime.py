@@ -24,6 +24,7 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 
 from dopq.core.errors import BuildFailed, DopqError, EngineUnavailable
+from dopq.core.zipcontext import ZipContext
 from dopq.server import builds
 from dopq.server import images as images_mod
 from dopq.server.builds import BuildLimits
@@ -135,13 +136,14 @@ class ContainerRuntime:
     # -- images ---------------------------------------------------------------
     def build(
         self,
-        context: Path,
+        context: Path | ZipContext,
         tag: str,
         labels: dict[str, str],
         on_log: Callable[[str], None],
         limits: BuildLimits | None = None,
     ) -> str:
-        """Build ``context/Dockerfile`` under ``limits``; every chunk goes to ``on_log``."""
+        """Build the context's ``Dockerfile`` under ``limits`` (a folder, or a job's zip
+        read in place: ``ZipContext``); every chunk goes to ``on_log``."""
         image_id = builds.build(self.base_url, API_VERSION, context, tag, labels, on_log,
                                 limits or BuildLimits(), _chunk_text, labels.get(LABEL_OWNER, ""))
         if image_id is None:
