@@ -79,7 +79,7 @@ def edit(label: str, action: Action, expect: dict[str, str], **facts: Any) -> Ro
 
 
 READS = ("logout", "whoami", "job", "queue", "running", "history", "status", "users", "images",
-         "priority", "snapshot", "array", "user_list")
+         "priority", "snapshot", "array", "user_list", "upload_socket")
 ROWS: list[Row] = [
     Row("ping", "", Action.PING, OPEN, owner=None),
     Row("login", "", Action.LOGIN, OPEN, owner=None),

@@ -25,6 +25,7 @@ import Pyro5.core
 import Pyro5.errors
 from Pyro5 import protocol, serializers, socketutil
 
+from dopq.client import localsend
 from dopq.core import submitcheck
 from dopq.core.context import IMAGE_TAR_NAME, zip_folder
 from dopq.core.dockerignore import ALWAYS_SENT, context_files
@@ -392,8 +393,10 @@ class Client:
                                prepared.check() if prepared else None)
             sent = 0
             try:
-                with p.open("rb") as fh:
-                    while chunk := fh.read(CHUNK):
+                with p.open("rb") as fh:  # through the local socket, or else in chunks
+                    host = Pyro5.core.URI(self._lookup()).host
+                    local = localsend.try_send(self.call, host, upload, fh, size, progress)
+                    while not local and (chunk := fh.read(CHUNK)):
                         sent = self.call("submit_chunk", upload, chunk)
                         if progress:
                             progress(sent, size)

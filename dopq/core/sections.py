@@ -99,6 +99,7 @@ class IntakeSettings:
     poll_interval: float = 0.2  # seconds between looks at the drop folder
     settle_seconds: float = 2.0  # a non-.part file must be unchanged this long
     upload_timeout: float = 60.0  # an upload without a chunk this long is discarded
+    local_uploads: bool = True  # clients on this host may send bytes via <state>/local/upload.sock
 
 
 @dataclass

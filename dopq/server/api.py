@@ -31,6 +31,7 @@ from dopq.core.settings import Settings
 from dopq.server import authz
 from dopq.server.auth import Principal, SignInGuard, SignInLimits, check_username
 from dopq.server.authz import Action
+from dopq.server.localupload import LocalUploads
 from dopq.server.platform import DataPlatform
 from dopq.server.registrar import Registrar
 from dopq.wire import tls
@@ -98,8 +99,9 @@ def api_call(fn: F) -> F:
 class Controller:
     """The remote API. Every method but ``ping`` and ``login`` needs a token."""
 
-    def __init__(self, platform: DataPlatform) -> None:
+    def __init__(self, platform: DataPlatform, local: LocalUploads | None = None) -> None:
         self._p = platform
+        self._local = local
         s = platform.settings
         u = s.users
         self._guard = SignInGuard(SignInLimits(
@@ -163,6 +165,12 @@ class Controller:
         if check is not None and not isinstance(check, dict):
             raise DopqError("check must be a dict")
         return self._p.begin_upload(who, int(size), dict(options or {}), check)
+
+    @api_call
+    def upload_socket(self) -> str:
+        """The path of the local upload socket (``dopq.server.localupload``), or ''."""
+        self._who()
+        return self._local.address if self._local is not None else ""
 
     @api_call
     def submit_chunk(self, upload_id: str, data: Any) -> int:
@@ -338,8 +346,8 @@ class Controller:
 RULES: dict[str, tuple[Action, ...]] = {
     "ping": (Action.PING,), "login": (Action.LOGIN,),
     **{m: (Action.READ,) for m in (
-        "logout", "whoami", "queue", "running", "history", "status", "users", "images",
-        "priority", "snapshot", "array", "user_list")},
+        "logout", "whoami", "upload_socket", "queue", "running", "history", "status",
+        "users", "images", "priority", "snapshot", "array", "user_list")},
     "job": (Action.READ, Action.SEE_PRIVATE),  # the spec and image: the owner's and admins'
     "submit_begin": (Action.SUBMIT, Action.DEPEND),
     "submit_finish": (Action.UPLOAD, Action.SUBMIT),  # the archive's config: its priority
@@ -394,6 +402,7 @@ class Server:
         self.daemon: Any = None
         self.registrar: Registrar | None = None
         self._loop: threading.Thread | None = None
+        self.local: LocalUploads | None = None
         self.fingerprint = ""
 
     def start(self) -> None:
@@ -408,11 +417,15 @@ class Server:
         if embedded == "yes" or (embedded == "auto" and not _name_server_answers(s)):
             self.ns_daemon = start_embedded_ns(s, self.stop_event)
         self.platform.start()
+        if s.intake.local_uploads:
+            self.local = LocalUploads(s, self.platform.uploads)
+            self.local.start()
         self.daemon = GuardedDaemon(
             host=s.server.host, port=s.server.port,
             guard=guard_for(s, context, self._token_ok),
         )
-        uri = self.daemon.register(Controller(self.platform), objectId=s.object_name)
+        uri = self.daemon.register(Controller(self.platform, self.local),
+                                   objectId=s.object_name)
         self.uri = uri
         self._loop = threading.Thread(
             target=self.daemon.requestLoop, name="dopq-daemon", daemon=True
@@ -446,6 +459,8 @@ class Server:
         if self.daemon is not None:
             self.daemon.shutdown()
             self.daemon.close()
+        if self.local is not None:
+            self.local.stop()
         self.platform.stop(stop_running=self.platform.stop_running_on_shutdown)
         if self.ns_daemon is not None:
             self.ns_daemon.shutdown()

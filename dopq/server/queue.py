@@ -29,7 +29,7 @@ from dopq.core import events as ev
 from dopq.core import policy as policy_mod
 from dopq.core import scheduler as sc
 from dopq.core.capacity import LOCAL, Capacity, Device, GpuPool, Node
-from dopq.core.errors import DopqError, EngineUnavailable
+from dopq.core.errors import Conflict, DopqError, EngineUnavailable
 from dopq.core.jobs import JobState
 from dopq.core.settings import Settings
 from dopq.core.usage import UsageLedger
@@ -377,11 +377,19 @@ class PriorityQueueThread(threading.Thread):
 
     # -- cancels and stops from other threads -------------------------------------------
     def cancel(self, job_id: int, by: str) -> JobRow:
-        """Cancel a queued or running job (called from API threads)."""
-        row = self.store.job(job_id)
-        state = JobState(row["state"])
-        committed = self._carry_out(
-            self._handle(ev.CancelRequested(job_id, state, by, row["container"])), strict=True)
+        """Cancel a queued or running job (called from API threads). The state read
+        may move before the cancel commits (the Provider takes a received job up):
+        read again and retry, a few times."""
+        for attempt in range(3):
+            row = self.store.job(job_id)
+            state = JobState(row["state"])
+            try:
+                committed = self._carry_out(self._handle(
+                    ev.CancelRequested(job_id, state, by, row["container"])), strict=True)
+                break
+            except Conflict:
+                if attempt == 2 or JobState(self.store.job(job_id)["state"]) == state:
+                    raise
         if state != JobState.RUNNING and committed is not None:
             self.wake()
             return committed

@@ -11,6 +11,7 @@ limit. Part files live in ``state/uploads``; an upload idle for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from dopq.server.runtime import ContainerRuntime
 from dopq.server.store import Store
 
 MAX_CHUNK = 4 * 2**20
+_STREAM_BUFFER = 1 << 20  # bytes per read from the local socket
 OPTIONS = frozenset({
     "name", "gpus", "gpu_memory", "memory", "cpus", "time_limit", "shm_size",
     "priority", "command", "env", "after", "after_any", "array", "preemptible",
@@ -49,6 +51,7 @@ class Upload:
     by: str = ""
     slots: int = 1  # queue slots reserved (an array: one per element)
     source_name: str = ""  # the zip's or folder's name: the job's name until its config names it
+    streaming: bool = False  # its bytes are coming through the local socket (localupload)
 
 
 class Uploads:
@@ -124,6 +127,8 @@ class Uploads:
             raise LimitExceeded(f"chunk over {MAX_CHUNK} bytes")
         with self._lock:
             up = self._get(who, upload_id)
+            if up.streaming:
+                raise Conflict("upload is being sent through the local socket")
             if up.received + len(data) > up.size:
                 self._discard(up)
                 raise LimitExceeded("upload is larger than announced; discarded")
@@ -136,6 +141,43 @@ class Uploads:
             up.received += len(data)
             up.last = time.time()
             return up.received
+
+    def receive(self, upload_id: str, read: Callable[[memoryview], int]) -> int:
+        """Fill an empty upload from ``read`` (as ``socket.recv_into``: 0 at the end) and
+        return its size: the local socket's door (``dopq.server.localupload``), where
+        the upload id is the key. Not under the lock while bytes flow; chunks and
+        ``finish`` are refused meanwhile. A failure leaves the upload empty again
+        (or discarded, past its announced size)."""
+        with self._lock:
+            up = self.pending.get(str(upload_id))
+            if up is None:
+                raise NotFound("no such upload (expired or finished)")
+            if up.streaming or up.received:
+                raise Conflict("upload has data already")
+            up.streaming = True
+        buf = memoryview(bytearray(_STREAM_BUFFER))
+        try:
+            with up.path.open("r+b") as fh:
+                while n := read(buf):
+                    if up.received + n > up.size:
+                        with self._lock:
+                            self._discard(up)
+                        raise LimitExceeded("upload is larger than announced; discarded")
+                    fh.write(buf[:n])
+                    up.received += n
+                    up.last = time.time()
+                    if up.id not in self.pending:
+                        raise NotFound("upload was aborted")
+            if up.received != up.size:
+                raise Conflict(f"stream ended after {up.received} of {up.size} bytes")
+            return up.received
+        except BaseException:
+            up.received = 0
+            with contextlib.suppress(OSError):
+                os.truncate(up.path, 0)
+            raise
+        finally:
+            up.streaming = False
 
     def _discard(self, up: Upload) -> None:
         self.pending.pop(up.id, None)
@@ -157,6 +199,8 @@ class Uploads:
         """Judge the whole archive, make its job and hand it to the Provider; the job id."""
         with self._lock:
             up = self._get(who, upload_id)
+            if up.streaming:
+                raise Conflict("upload is being sent through the local socket")
             if up.received != up.size:
                 raise Conflict(f"upload incomplete: {up.received} of {up.size} bytes")
             self.pending.pop(up.id, None)
