@@ -257,3 +257,65 @@ def test_memory_stays_flat_through_the_hash_and_the_tar(method: int, tmp_path: P
         sent, tar_peak = _peak(lambda: sum(len(p) for p in zc.tar()))
     assert isinstance(sent, int) and sent > size
     assert max(hash_peak, tar_peak) < 8 * MIB, (hash_peak / MIB, tar_peak / MIB)
+
+
+def _engine_build(context: ZipContext, tag: str) -> str | None:
+    from dopq.server import builds
+    from dopq.server.builds import BuildLimits
+    from dopq.server.runtime import API_VERSION
+
+    return builds.build("unix:///var/run/docker.sock", API_VERSION, context, tag, {},
+                        lambda _text: None, BuildLimits(network=False),
+                        lambda c: str(c.get("stream", "")))
+
+
+def _remove(tag: str) -> None:
+    import docker
+
+    with docker.APIClient(version="auto", timeout=60) as api:
+        try:
+            api.remove_image(tag, force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+@pytest.mark.docker
+def test_the_engine_builds_from_the_zip(tmp_path: Path, engine: None) -> None:
+    """The tar streamed from the zip reaches the engine whole, .dockerignore applied."""
+    zipped = raw_zip(tmp_path / "job.zip", [
+        RawEntry("job/Dockerfile", (
+            f"FROM {hostile.BASE_IMAGE}\nCOPY . /job\n"
+            "RUN test ! -e /job/secret.txt && test -x /job/run.sh"
+            " && test $(wc -c < /job/data/weights.bin) = 5242887"
+            " && test $(wc -c < /job/notes.txt) = 600000\n").encode()),
+        RawEntry("job/data/weights.bin", os.urandom(5 * MIB + 7), method=zipfile.ZIP_STORED),
+        RawEntry("job/notes.txt", b"words " * 100_000),
+        RawEntry("job/run.sh", b"#!/bin/sh\n", external_attr=EXE),
+        RawEntry("job/secret.txt", b"left out"),
+        RawEntry("job/.dockerignore", b"secret.txt\n"),
+    ])
+    tag = f"dopqt-zipcontext/{os.urandom(6).hex()}:1"
+    try:
+        with ZipContext.open(zipped, LIMITS, mtime=1) as zc:
+            zc.verify()
+            assert _engine_build(zc, tag)
+    finally:
+        _remove(tag)
+
+
+@pytest.mark.docker
+def test_a_zip_that_changes_during_the_build_is_a_one_line_rejection(
+        tmp_path: Path, engine: None) -> None:
+    zipped = raw_zip(tmp_path / "job.zip", [
+        RawEntry("Dockerfile", f"FROM {hostile.BASE_IMAGE}\nCOPY . /job\n".encode()),
+        RawEntry("data.bin", os.urandom(3 * MIB), method=zipfile.ZIP_STORED)])
+    tag = f"dopqt-zipcontext/{os.urandom(6).hex()}:1"
+    try:
+        with ZipContext.open(zipped, LIMITS) as zc:
+            zc.verify()
+            with open(zipped, "ab") as fh:
+                fh.write(b"late")
+            with pytest.raises(JobRejected, match="^rejected: the archive changed while it"):
+                _engine_build(zc, tag)
+    finally:
+        _remove(tag)

@@ -8,6 +8,8 @@ executable bit, and on any rejection leaves nothing behind under ``dest``.
 
 What the unpacked folder holds (the build context: its config, hash, listing
 and zipping) is ``dopq.core.context``; its names are importable from here too.
+A context to build is not unpacked at all: ``dopq.core.zipcontext`` reads it
+from the zip after the very checks below (``_open_zip``, ``_plan``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The build context: a job's folder as DoPQ reads it, on either side.
 
 The client lists it (``tree``, with ``.dockerignore``: ``dopq.core.dockerignore``)
-and zips it (``zip_folder``, deterministic); the server hashes what it unpacked
-(``context_hash``, to reuse an image built from the same files), reads its
-``container_config.json`` (``inspect_context``, ``load_config``: strict JSON,
-no duplicate keys) and sends it to the engine as a tar (``tar_stream``).
-Unpacking an uploaded zip is ``dopq.core.archive``'s.
+and zips it (``zip_folder``, deterministic). For a folder, ``context_hash``
+gives the hash under which an image built from the same files is reused,
+``inspect_context`` and ``load_config`` read its ``container_config.json``
+(strict JSON, no duplicate keys) and ``tar_stream`` sends it to the engine.
+The Provider builds from the uploaded zip in place (``dopq.core.zipcontext``:
+the same hash and tar, nothing unpacked); unpacking a zip, for an
+``image.tar`` to load, is ``dopq.core.archive``'s.
 
 A context may hold a checkpoint of gigabytes: every step works in pieces of
 ``_CHUNK`` bytes, so memory does not grow with it, and does it in one pass
