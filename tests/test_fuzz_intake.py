@@ -1,5 +1,8 @@
 """Fuzz the intake: unpack() and parse_spec() raise JobRejected or succeed, nothing else.
 
+A zip read in place for a build (``dopq.core.zipcontext``) is refused with the
+unpack's words, or hashes and tars exactly as the unpacked folder does.
+
 Bounded: 300 examples per test, no deadline. Inputs tried in one full run
 (hypothesis --hypothesis-show-statistics, Python 3.11, hypothesis 6.170):
     unpack, random entries ............ 300
@@ -15,9 +18,11 @@ Bounded: 300 examples per test, no deadline. Inputs tried in one full run
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -29,10 +34,13 @@ from hostile import RawEntry, raw_zip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dopq.core.archive import ArchiveLimits, unpack
-from dopq.core.errors import JobRejected
+from dopq.core.archive import ArchiveLimits, context_hash, unpack
+from dopq.core.context import tar_stream
+from dopq.core.dockerignore import context_files
+from dopq.core.errors import DopqError, JobRejected
 from dopq.core.jobs import JobSpec
 from dopq.core.spec import ENV_KEY_RE, USER_RE, normalise_tag, parse_array, parse_spec
+from dopq.core.zipcontext import ZipContext
 
 FUZZ = settings(
     max_examples=300,
@@ -102,13 +110,31 @@ def outside(top: Path, dest: Path) -> set[tuple[str, int]]:
 
 
 def check_unpack(zip_path: Path, top: Path, dest: Path) -> None:
+    """The unpack refuses (one line, nothing left) or writes only plain files and
+    folders within the limit; read in place (``ZipContext``), the zip is refused
+    with the same words, or gives the unpacked folder's hash and tar."""
     before = outside(top, dest)
     try:
         root = unpack(zip_path, dest, LIMITS)
     except JobRejected as err:
         assert "\n" not in str(err)
         assert not dest.exists()
+        try:
+            with ZipContext.open(zip_path, LIMITS) as zc:
+                zc.verify()
+        except JobRejected as err2:
+            assert str(err2) == str(err)
+        else:
+            raise AssertionError(f"unpack refused, ZipContext did not: {err}")
     else:
+        with ZipContext.open(zip_path, LIMITS) as zc:
+            assert zc.verify() == context_hash(root)
+            try:
+                old = b"".join(tar_stream(list(context_files(root, {"Dockerfile"}))))
+            except DopqError:
+                old = None  # a .dockerignore the build refuses, either way
+            if old is not None:
+                assert b"".join(zc.tar({"Dockerfile"}, chunk=4096)) == _retimed(old, root)
         real = dest.resolve()
         assert root == real or real in root.parents
         total = 0
@@ -119,6 +145,20 @@ def check_unpack(zip_path: Path, top: Path, dest: Path) -> None:
             total += st_.st_size if stat.S_ISREG(st_.st_mode) else 0
         assert total <= LIMITS.max_unpacked_bytes
     assert outside(top, dest) == before
+
+
+def _retimed(tar: bytes, root: Path) -> bytes:
+    """``tar`` (of the unpacked folder) as the zip's tar writes it: mtime 0, owner 0."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tin:
+        for member in tin.getmembers():
+            member.mtime, member.uid, member.gid, member.uname, member.gname = 0, 0, 0, "", ""
+            out.write(member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            if member.isfile():
+                data = tin.extractfile(member).read()  # type: ignore[union-attr]
+                out.write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
+    out.write(bytes(2 * tarfile.BLOCKSIZE))
+    return out.getvalue()
 
 
 @FUZZ

@@ -65,6 +65,7 @@ class ZipContext:
         top = archive._root_folder(entries)
         skip = 1 if top else 0
         items: dict[Parts, _Item] = {}
+        self._files: list[_Item] = []  # in the archive's order, as the unpack reads them
         for entry in entries:
             parts = entry.parts[skip:]
             if not parts:
@@ -72,6 +73,8 @@ class ZipContext:
             for i in range(1, len(parts)):  # the folders the unpack makes on the way
                 items.setdefault(parts[:i], _Item("/".join(parts[:i]), True, None))
             items[parts] = _Item("/".join(parts), entry.is_dir, entry)
+            if not entry.is_dir:
+                self._files.append(items[parts])
         # The order of ``context.tree``: by the file system's bytes of the path.
         self._items = sorted(items.values(), key=lambda item: os.fsencode(item.rel))
         self._by_rel = {item.rel: item for item in self._items}
@@ -152,9 +155,8 @@ class ZipContext:
         digests: dict[Path, bytes] = {}
         written = 0
         with archive._Hasher(digests) as hasher:
-            for item in self._items:
-                if item.is_dir or item.entry is None:
-                    continue
+            for item in self._files:
+                assert item.entry is not None
                 size = 0
                 for chunk in archive._chunks(self._zf, item.entry.info):
                     size += len(chunk)
