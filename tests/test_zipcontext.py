@@ -232,6 +232,30 @@ def test_an_archive_changed_between_the_passes_is_refused(tmp_path: Path) -> Non
             b"".join(zc.tar())
 
 
+def test_a_small_file_rewritten_unseen_is_not_sent(tmp_path: Path) -> None:
+    """The Dockerfile the server checked is the one the engine gets, even when the
+    file was rewritten in place with its size and mtime kept (a writer the stamp
+    cannot see, such as a shared mapping)."""
+    zipped = raw_zip(tmp_path / "j.zip", [
+        RawEntry("Dockerfile", b"FROM dopq/busybox:latest\n", method=zipfile.ZIP_STORED),
+        RawEntry("big.bin", b"x" * (2 * MIB), method=zipfile.ZIP_STORED)])
+
+    def rewrite() -> None:
+        st = zipped.stat()
+        raw = zipped.read_bytes().replace(b"FROM dopq/busybox:latest", b"FROM evil/busybox:latest")
+        with open(zipped, "r+b") as fh:
+            fh.write(raw)
+        os.utime(zipped, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    with ZipContext.open(zipped, LIMITS) as zc:
+        zc.verify()
+        rewrite()
+        with pytest.raises(JobRejected, match="Bad CRC|changed while it was read"):
+            zc.read("Dockerfile", MIB, JobRejected("big"))  # through zipfile: its CRC
+        with pytest.raises(JobRejected, match="changed while it was read"):
+            b"".join(zc.tar())
+
+
 def _peak(step: Callable[[], object]) -> tuple[object, int]:
     tracemalloc.start()
     try:

@@ -15,7 +15,8 @@ same root folder. Then, with nothing written anywhere:
   ``_CHUNK`` bytes, ``.dockerignore`` applied to the relative paths as
   ``dockerignore.context_files`` applies it to a folder. Stored entries are
   read directly from the file, deflated ones decompressed as they go; each
-  file must give the very size ``verify`` found.
+  file must give the very size ``verify`` found, and a small one (the
+  Dockerfile, whose base images the server checks) the very bytes.
 
 Two passes over the zip (it is in the page cache by then) replace writing a
 checkpoint of gigabytes to disk and reading it back. The file is watched for
@@ -40,6 +41,7 @@ from dopq.core.dockerignore import IGNORE_FILE, MAX_IGNORE_BYTES, IgnoreRules
 from dopq.core.errors import DopqError, JobRejected
 
 _CHUNK = 1024**2
+_RECHECK = MAX_CONFIG_BYTES  # files up to this size are hashed again as they are sent
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a local file header, before its name
 
 Parts = tuple[str, ...]
@@ -79,6 +81,7 @@ class ZipContext:
         self._items = sorted(items.values(), key=lambda item: os.fsencode(item.rel))
         self._by_rel = {item.rel: item for item in self._items}
         self._sizes: dict[str, int] = {}  # rel -> the size verify found
+        self._digests: dict[Path, bytes] = {}  # Path(rel) -> the SHA-256 verify found
         self._offsets: dict[str, int] = {}  # rel -> where a stored entry's data starts
         self._hash: str | None = None
         self._stamp = self._file_stamp()
@@ -115,7 +118,7 @@ class ZipContext:
     def read(self, name: str, cap: int, too_big: DopqError) -> bytes | None:
         """The bytes of the file ``name`` below the root (None: no such file; a folder
         counts as none), read and counted as they are decoded; more than ``cap``
-        bytes: ``too_big`` is raised."""
+        bytes: ``too_big`` is raised. After ``verify``, they must be the bytes it hashed."""
         item = self._by_rel.get(name)
         if item is None or item.is_dir or item.entry is None:
             return None
@@ -125,7 +128,9 @@ class ZipContext:
             if size > cap:
                 raise too_big
             chunks.append(chunk)
-        return b"".join(chunks)
+        data = b"".join(chunks)
+        self._same_as_hashed(item, data)
+        return data
 
     def config(self) -> dict[str, Any]:
         """``container_config.json`` as ``context.inspect_context`` reads it, same refusals."""
@@ -152,7 +157,7 @@ class ZipContext:
         unpack's: a corrupt entry, more bytes than the limit."""
         if self._hash is not None:
             return self._hash
-        digests: dict[Path, bytes] = {}
+        digests = self._digests
         written = 0
         with archive._Hasher(digests) as hasher:
             for item in self._files:
@@ -257,9 +262,14 @@ class ZipContext:
             size = self._sizes[item.rel]
             info.mode = item.entry.mode
             info.size = size
+            pieces = self._data(item, size, chunk)
+            if size <= _RECHECK:  # the Dockerfile and the like: exactly the bytes checked
+                data = b"".join(pieces)
+                self._same_as_hashed(item, data)
+                pieces = _pieces_of([data], chunk)
             yield _header(info)
             got = 0
-            for data in self._data(item, size, chunk):
+            for data in pieces:
                 got += len(data)
                 sent += len(data)
                 if got > size or sent > self._limit:
@@ -290,6 +300,13 @@ class ZipContext:
             yield data
 
     # -- helpers --------------------------------------------------------------------
+    def _same_as_hashed(self, item: _Item, data: bytes) -> None:
+        """After ``verify``: ``data`` must be what it hashed for ``item`` (the file
+        read again could have been rewritten through a descriptor its owner kept)."""
+        known = self._digests.get(Path(item.rel))
+        if self._hash is not None and known != hashlib.sha256(data).digest():
+            raise self._changed()
+
     def _fd(self) -> int:
         fp = self._zf.fp
         if fp is None:
