@@ -5,7 +5,10 @@ through ``zip_folder`` (stored, not deflated: it does not compress),
 ``unpack`` (its SHA-256 taken on the way to disk), ``context_hash`` (those
 digests, no second read) and ``tar_stream`` (read as the engine asks). Each
 step's Python allocations stay at a few MB whatever the file's size
-(tracemalloc peak; not a timing).
+(tracemalloc peak; not a timing). The Provider itself no longer unpacks a
+context it builds: it hashes and tars it straight from the zip
+(``dopq.core.zipcontext``, ``tests/test_zipcontext.py``); the folder steps
+here remain the client's, and the unpack is an ``image.tar``'s.
 """
 
 from __future__ import annotations
