@@ -9,8 +9,11 @@ changed, so every build is new: neither DoPQ's context cache nor the engine's
 layer cache saves any work, and the three do the same work in the engine.
 
 - ``api``: ``Client.submit(folder)``, what ``dopq submit`` does (zip the folder,
-  upload it in chunks, finish), from the call until the job is ``queued`` (its
-  image built);
+  begin, send the bytes, finish), from the call until the job is ``queued`` (its
+  image built). On the server's host the bytes go through the local upload
+  socket (``dopq.server.localupload``), as here;
+- ``chunks``: the same with ``DOPQ_LOCAL_UPLOADS=0``, the bytes in 2 MiB TLS
+  chunks, as a client on another host sends them;
 - ``inbox``: the folder zipped as the CLI zips it into ``inbox/alice/x.zip.part``,
   renamed to ``x.zip`` (the start), until ``queued``; the zipping, which the
   user does before the drop, is reported beside it (``inbox_zip_s``);
@@ -184,7 +187,8 @@ class BuildStarts:
 
 
 def phases(ev: dict[str, float], starts: BuildStarts, job_id: int) -> dict[str, float]:
-    """The Provider's time split: unpack and hash, then the engine's build."""
+    """The Provider's time split: the archive checked and hashed (``unpack_s``: the
+    name from when it was unpacked first), then the engine's build."""
     begun = wait_for(lambda: starts.seen.get(job_id), 5.0, 0.01)
     return {"provider_s": ev["queued"] - ev["building"], "unpack_s": begun - ev["building"],
             "build_s": ev["queued"] - begun}
@@ -308,6 +312,15 @@ def run(quick: bool, repeat: int | None = None, size: int | None = None) -> dict
                     one["api"] = via_api(srv, store, starts, folder, timeout)
                 one["api"]["memory"] = mem.result
 
+            def chunks(k: int = k, one: dict[str, Any] = one) -> None:
+                os.environ["DOPQ_LOCAL_UPLOADS"] = "0"  # as from another host
+                try:
+                    with Peaks(pids) as mem:
+                        one["chunks"] = via_api(srv, store, starts, folder, timeout)
+                    one["chunks"]["memory"] = mem.result
+                finally:
+                    del os.environ["DOPQ_LOCAL_UPLOADS"]
+
             def inbox(k: int = k, one: dict[str, Any] = one) -> None:
                 with Peaks(pids) as mem:
                     one["inbox"] = via_inbox(srv, store, starts, folder,
@@ -318,8 +331,9 @@ def run(quick: bool, repeat: int | None = None, size: int | None = None) -> dict
                 one["docker_py_s"] = docker_py(folder, f"dopqb-context/{run_tag}:py{k}", timeout)
 
             # Each run in another order, so no door always follows the same one.
-            steps = [("cli", cli), ("api", api), ("inbox", inbox), ("py", py)]
-            steps = steps[k % 4:] + steps[:k % 4]
+            steps = [("cli", cli), ("api", api), ("inbox", inbox), ("py", py),
+                     ("chunks", chunks)]
+            steps = steps[k % len(steps):] + steps[:k % len(steps)]
             one["order"] = [name for name, _ in steps]
             for name, step in steps:
                 set_nonce(folder, f"{run_tag}-{k}-{name}")
@@ -329,8 +343,8 @@ def run(quick: bool, repeat: int | None = None, size: int | None = None) -> dict
             one["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
             runs.append(one)
             print(f"context: run {k + 1}/{repeat}: docker build {one['docker_cli_s']:.1f} s, "
-                  f"api {one['api']['total_s']:.1f} s, inbox {one['inbox']['total_s']:.1f} s",
-                  flush=True)
+                  f"api {one['api']['total_s']:.1f} s, inbox {one['inbox']['total_s']:.1f} s, "
+                  f"api in chunks {one['chunks']['total_s']:.1f} s", flush=True)
         store.close()
         starts.close()
     finally:
@@ -348,6 +362,7 @@ def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     base = med(lambda r: r["docker_cli_s"])
     api, inbox = med(lambda r: r["api"]["total_s"]), med(lambda r: r["inbox"]["total_s"])
+    chunks = med(lambda r: r["chunks"]["total_s"])
     memory: dict[str, dict[str, float]] = {}
     for proc in ("server", "provider"):
         memory[proc] = {"before_mib": min(r[d]["memory"][proc]["before_mib"]
@@ -367,6 +382,8 @@ def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "api_provider_s": med(lambda r: r["api"]["provider_s"]),
         "api_unpack_s": med(lambda r: r["api"]["unpack_s"]),
         "api_build_s": med(lambda r: r["api"]["build_s"]),
+        "chunks_s": chunks, "chunks_ratio": round(chunks / base, 3),
+        "chunks_upload_s": med(lambda r: r["chunks"]["upload_s"]),
         "inbox_s": inbox, "inbox_ratio": round(inbox / base, 3),
         "inbox_zip_s": med(lambda r: r["inbox"]["zip_s"]),
         "inbox_provider_s": med(lambda r: r["inbox"]["provider_s"]),
