@@ -81,10 +81,10 @@ def test_a_local_submit_sends_its_bytes_through_the_socket(
     assert (streams.calls, chunks.calls) == (1, 0)
     assert seen and seen[-1][0] == seen[-1][1]
     assert server.wait_job(job["id"])["state"] == "succeeded"
-    # The socket: anyone may connect; its folder is root's and not writable by others.
+    # The socket: anyone may connect; its folder is root's, passed through, not listed.
     st, folder = os.lstat(local), os.lstat(os.path.dirname(local))
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666
-    assert folder.st_uid == os.geteuid() and stat.S_IMODE(folder.st_mode) == 0o755
+    assert folder.st_uid == os.geteuid() and stat.S_IMODE(folder.st_mode) == 0o711
     assert localsend.trusted_socket(local)
 
 

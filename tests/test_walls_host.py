@@ -208,11 +208,13 @@ def test_state_folder_is_the_servers_alone(walled: Running, jobs_dir: Path) -> N
     wait_for(lambda: (state / "jobs" / str(job["id"]) / "run.log").exists(), 30)
     wait_for(lambda: _sealed(state / "outputs" / "alice" / str(job["id"])), 30)
     passable = {state, state / "outputs", state / "outputs" / "alice",
-                state / "outputs" / "bob", state / "inbox"}
+                state / "outputs" / "bob", state / "inbox", state / "local"}
     for path in [state, *state.rglob("*")]:
         st = path.lstat()
         others = stat.S_IMODE(st.st_mode) & 0o007
-        if path in passable:
+        if path == state / "local" / "upload.sock":  # anyone connects; the upload id is the key
+            assert stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid(), path
+        elif path in passable:
             assert others == 0o001, (path, oct(st.st_mode))  # pass through, no listing
         elif path.is_relative_to(state / "outputs" / "alice" / str(job["id"])):
             assert st.st_uid == UA and (path.parent != state / "outputs" / "alice"

@@ -15,7 +15,7 @@ The conversation, after ``connect``:
   closes. The client then calls ``submit_finish`` as after chunks.
 
 Who may call it: anyone who can reach the socket (0666, in a folder of
-root's, 0755). The upload id is the key: 128 random bits that only the
+root's, 0711). The upload id is the key: 128 random bits that only the
 signed-in user who began the upload got, over TLS; an upload takes one
 stream, only before any chunk, and a wrong id changes nothing. Nothing is
 decoded before the id is known but that one ASCII line of at most
@@ -71,7 +71,7 @@ class LocalUploads:
     def start(self) -> None:
         """Listen on the socket; a failure is logged and local uploads are off."""
         try:
-            ensure_dir(self.path.parent, 0o755)
+            ensure_dir(self.path.parent, 0o711)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # a socket left by a crash: the folder is root's
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
