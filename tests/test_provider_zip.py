@@ -25,6 +25,7 @@ from hostile import BASE_IMAGE, RawEntry, good_job, raw_zip, zip_it
 from dopq.core import settings as settings_mod
 from dopq.core.jobs import JobState
 from dopq.core.zipcontext import ZipContext
+from dopq.server.images import cache_tag
 from dopq.server.provider import Provider, job_dir
 from dopq.server.store import Store
 
@@ -105,7 +106,9 @@ def test_a_job_is_built_from_the_zip_and_an_identical_one_reused(
     members = runtime.builds[0]["members"]
     assert members["data/weights.bin"] == (folder / "data" / "weights.bin").read_bytes()
     assert "secret.txt" not in members and "Dockerfile" in members and "data" in members
-    assert runtime.builds[0]["labels"]["dopq.context"] == first["context_hash"]
+    assert "dopq.context" not in runtime.builds[0]["labels"]  # known only at the tar's end
+    cached = runtime.tags[cache_tag(provider.store.owner_id(), first["context_hash"])]
+    assert cached == first["image"]  # the hash, taken in the tar's own pass, keys the cache
     assert not (job_dir(provider.settings, first["id"]) / "context").exists()
     again = _run(provider, zip_it(folder, tmp_path / "b.zip", nest=True))  # same files
     assert again["state"] == JobState.QUEUED

@@ -20,7 +20,10 @@ same root folder. Then, with nothing written anywhere:
 
 Two passes over the zip (it is in the page cache by then) replace writing a
 checkpoint of gigabytes to disk and reading it back. The file is watched for
-changes between them. Every failure is a one-line ``JobRejected``.
+changes between them. The Provider makes it one pass: with ``decide`` set,
+``tar`` checks and hashes each byte on its way and calls ``decide(hash)``
+before the tar's end marker (``_one_pass``), so the hash no longer delays the
+build. Every failure is a one-line ``JobRejected``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import struct
 import tarfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +88,10 @@ class ZipContext:
         self._offsets: dict[str, int] = {}  # rel -> where a stored entry's data starts
         self._hash: str | None = None
         self._stamp = self._file_stamp()
+        self._seen: dict[str, bytes] = {}  # rel -> SHA-256 of what ``read`` gave
+        # Set by the Provider: ``tar`` then checks and hashes in its one pass and calls
+        # this with the context hash before the end marker (``_one_pass``).
+        self.decide: Callable[[str], None] | None = None
 
     @classmethod
     def open(cls, zip_path: Path, limits: archive.ArchiveLimits, mtime: int = 0) -> ZipContext:
@@ -130,6 +137,7 @@ class ZipContext:
             chunks.append(chunk)
         data = b"".join(chunks)
         self._same_as_hashed(item, data)
+        self._seen[name] = hashlib.sha256(data).digest()
         return data
 
     def config(self) -> dict[str, Any]:
@@ -176,7 +184,12 @@ class ZipContext:
                     if start is not None:
                         self._offsets[item.rel] = start
         self._check_unchanged()
-        digest = hashlib.sha256(b"dopq-context-v1\0")  # as context.context_hash
+        self._hash = self._final_hash()
+        return self._hash
+
+    def _final_hash(self) -> str:
+        """``context.context_hash`` of the unpacked folder, from the files' digests."""
+        digest = hashlib.sha256(b"dopq-context-v1\0")
         for item in self._items:
             name = os.fsencode(item.rel)
             if item.is_dir:
@@ -184,9 +197,9 @@ class ZipContext:
             else:
                 assert item.entry is not None
                 exe = b"x" if item.entry.mode & 0o100 else b"-"
-                digest.update(b"f\0" + name + b"\0" + exe + b"\0" + digests[Path(item.rel)])
-        self._hash = digest.hexdigest()
-        return self._hash
+                digest.update(b"f\0" + name + b"\0" + exe + b"\0"
+                              + self._digests[Path(item.rel)])
+        return digest.hexdigest()
 
     def _data_offset(self, info: zipfile.ZipInfo, size: int) -> int | None:
         """Where a stored entry's bytes begin (after its local header), for ``tar``
@@ -208,12 +221,75 @@ class ZipContext:
     # -- the tar pass -------------------------------------------------------------
     def tar(self, always: Iterable[str] = ("Dockerfile",), chunk: int = _CHUNK) -> Iterator[bytes]:
         """The tar ``docker build`` would send of the unpacked folder: ``.dockerignore``
-        applied (``always``, names at the root, sent whatever it says). Verifies first;
+        applied (``always``, names at the root, sent whatever it says). Verifies first,
+        or with ``decide`` set checks and hashes in the same pass (``_one_pass``);
         a bad ``.dockerignore`` raises ``DopqError`` here, before any piece."""
-        self.verify()
+        if self.decide is None or self._hash is not None:
+            self.verify()
         rules = self._rules()
         listed = self._listing(rules, frozenset(always))
+        if self._hash is None and self.decide is not None:
+            return self._one_pass(listed, chunk, self.decide)
         return self._pieces(listed, chunk)
+
+    def _one_pass(self, items: list[_Item], chunk: int,
+                  decide: Callable[[str], None]) -> Iterator[bytes]:
+        """The tar and ``verify`` in one read of the zip: each file's bytes are counted
+        against the limit, hashed and CRC-checked (at its end, by ``zipfile``) as they
+        go out; the files ``.dockerignore`` leaves out are read and hashed after; then
+        ``decide(context hash)`` (which may raise: the image exists already) and only
+        then the end marker. The engine uses a context only once its tar has ended:
+        anything raised before the marker cuts the stream, and the engine throws the
+        part it got away (``unexpected EOF``), so nothing unchecked is ever built."""
+        produced = 0
+
+        def read(item: _Item, hasher: archive._Hasher) -> Iterator[bytes]:
+            nonlocal produced
+            assert item.entry is not None
+            for data in _pieces_of(archive._chunks(self._zf, item.entry.info), chunk):
+                produced += len(data)
+                if produced > self._limit:  # never trust the declared sizes
+                    raise JobRejected(f"archive unpacks to more than {self._limit} bytes")
+                hasher.update(data)
+                yield data
+            hasher.done(Path(item.rel))
+            seen = self._seen.get(item.rel)  # the Dockerfile whose bases were checked
+            if seen is not None and seen != self._digests[Path(item.rel)]:
+                raise self._changed()
+
+        sent = {item.rel for item in items}
+        with archive._Hasher(self._digests) as hasher:
+            for item in items:
+                info = tarfile.TarInfo(item.rel)
+                info.mtime = self._mtime
+                info.uid = info.gid = 0
+                if item.is_dir:
+                    info.type = tarfile.DIRTYPE
+                    info.mode = 0o755
+                    yield _header(info)
+                    continue
+                assert item.entry is not None
+                info.mode = item.entry.mode
+                info.size = size = item.entry.info.file_size
+                yield _header(info)
+                got = 0
+                for data in read(item, hasher):
+                    got += len(data)
+                    if got > size:
+                        raise self._corrupt(item.entry.info, "more bytes than its header says")
+                    yield data
+                if got != size:
+                    raise self._corrupt(item.entry.info, "fewer bytes than its header says")
+                if size % tarfile.BLOCKSIZE:
+                    yield bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
+            for item in self._files:
+                if item.rel not in sent:
+                    for _ in read(item, hasher):
+                        pass
+        self._check_unchanged()
+        self._hash = self._final_hash()
+        decide(self._hash)
+        yield bytes(2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
 
     def _rules(self) -> IgnoreRules | None:
         """``.dockerignore`` as ``dockerignore.read_rules`` reads it from a folder."""

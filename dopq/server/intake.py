@@ -2,7 +2,7 @@
 
 An upload is checked twice before a job row exists, with the server's own
 limits and the same code the Provider runs later (``dopq.core.spec``,
-``provider.check_spec_limits``, ``dopq.server.images.check_references``):
+``limits.check_spec_limits``, ``dopq.server.images.check_references``):
 
 - at ``submit_begin`` (``at_begin``): the options, the ``--after`` jobs, and
   the ``container_config.json`` and Dockerfile the client read from the
@@ -34,7 +34,7 @@ from dopq.core.submitcheck import near_miss
 from dopq.server import authz
 from dopq.server import images as images_mod
 from dopq.server.auth import Principal
-from dopq.server.provider import check_spec_limits
+from dopq.server.limits import check_spec_limits
 from dopq.server.runtime import ContainerRuntime
 from dopq.server.store import Store
 

@@ -16,11 +16,15 @@ interleave with another writer, in this process or the Provider's.
 Reservations live in the server process: the Provider does not see them,
 but its own inserts are counted in the table, so an upload that lost its
 slot to a drop-folder job meanwhile is refused when it finishes.
+
+What one job may ask for (GPUs, memory, CPUs, ...: ``check_spec_limits``) is
+judged here too, at submit time (``dopq.server.intake``) and by the Provider.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -28,7 +32,8 @@ from typing import Any
 
 from dopq.core.errors import JobRejected, LimitExceeded
 from dopq.core.jobs import JobState
-from dopq.core.spec import check_overrides
+from dopq.core.settings import Settings
+from dopq.core.spec import JobSpec, check_overrides
 from dopq.server.store import Store
 
 
@@ -147,3 +152,40 @@ class QueueSlots:
     def __len__(self) -> int:
         with self._lock:
             return len(self._held)
+
+
+# -- what one job may ask for ------------------------------------------------------------
+def gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int,
+                      device_memory: int = 0) -> None:
+    """Refuse a spec that asks more than the machine or the admins allow.
+
+    ``device_memory``: the largest GPU's memory in bytes (0: not known, so
+    ``gpu_memory`` is not checked here; the queue still never places a share
+    that does not fit).
+    """
+    if spec.num_gpus > total_gpus:
+        raise JobRejected(f"asks for {spec.num_gpus} GPUs, this server has {total_gpus}")
+    if spec.gpu_memory is not None and device_memory > 0:
+        reserve = settings.bytes_of("gpus.memory_reserve")
+        room = device_memory - reserve
+        if spec.gpu_memory > room:
+            raise JobRejected(
+                f"gpu_memory {gib(spec.gpu_memory)} is more than any GPU here can share: "
+                f"the largest has {gib(device_memory)}, less a reserve of {gib(reserve)}, "
+                f"so at most {gib(max(room, 0))}")
+    if spec.memory is not None and spec.memory > settings.bytes_of("limits.max_memory"):
+        raise JobRejected(
+            f"memory {spec.memory // 2**20} MiB is over the limit of {settings.limits.max_memory}"
+        )
+    max_cpus = settings.limits.max_cpus or float(os.cpu_count() or 1)
+    if spec.cpus is not None and spec.cpus > max_cpus:
+        raise JobRejected(f"cpus {spec.cpus:g} is over the limit of {max_cpus:g}")
+    if spec.shm_size is not None and spec.shm_size > settings.bytes_of("limits.max_shm"):
+        raise JobRejected(f"shm_size is over the limit of {settings.limits.max_shm}")
+    cap = settings.max_time_limit()
+    if cap is not None and spec.time_limit is not None and spec.time_limit > cap:
+        raise JobRejected(f"time_limit is over the limit of {settings.limits.max_time_limit}")

@@ -5,9 +5,11 @@ the drop folder (``inbox/<user>/*.zip``, ``dopq.server.inbox``), which it
 watches itself, and uploads through the API, which the server hands over as
 ``("job", id)`` commands. For each job it checks the archive, validates the job
 spec, builds (or reuses, or loads) the image and moves the job to ``queued``.
-A context to build is never unpacked: it is hashed and streamed to the engine
-straight from the zip (``dopq.core.zipcontext``); only an ``image.tar`` to load
-is unpacked, into a private directory.
+A context to build is never unpacked: it is checked, hashed and streamed to
+the engine straight from the zip, in one read (``dopq.core.zipcontext``); a
+context the user built before is found at the stream's end and reused, the
+stream cut before the engine could use it. Only an ``image.tar`` to load is
+unpacked, into a private directory.
 A bad archive or a failed build fails that job only, with the reason kept;
 nothing a user sends stops the Provider.
 
@@ -53,8 +55,8 @@ from dopq.server.auth import Principal, Role, Users
 from dopq.server.builds import BuildLimits, remove_stale
 from dopq.server.images import cache_tag, job_tag
 from dopq.server.inbox import INCOMING, InboxWatcher
+from dopq.server.limits import check_spec_limits
 from dopq.server.runtime import (
-    LABEL_CONTEXT,
     LABEL_INSTANCE,
     LABEL_OWNER,
     LABEL_USER,
@@ -65,44 +67,8 @@ from dopq.server.store import Store
 log = logging.getLogger("dopq.server.provider")
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB"
-
-
 def job_dir(settings: Settings, job_id: int) -> Path:
     return settings.state_path / "jobs" / str(job_id)
-
-
-def check_spec_limits(spec: JobSpec, settings: Settings, total_gpus: int,
-                      device_memory: int = 0) -> None:
-    """Refuse a spec that asks more than the machine or the admins allow.
-
-    ``device_memory``: the largest GPU's memory in bytes (0: not known, so
-    ``gpu_memory`` is not checked here; the queue still never places a share
-    that does not fit).
-    """
-    if spec.num_gpus > total_gpus:
-        raise JobRejected(f"asks for {spec.num_gpus} GPUs, this server has {total_gpus}")
-    if spec.gpu_memory is not None and device_memory > 0:
-        reserve = settings.bytes_of("gpus.memory_reserve")
-        room = device_memory - reserve
-        if spec.gpu_memory > room:
-            raise JobRejected(
-                f"gpu_memory {gib(spec.gpu_memory)} is more than any GPU here can share: "
-                f"the largest has {gib(device_memory)}, less a reserve of {gib(reserve)}, "
-                f"so at most {gib(max(room, 0))}")
-    if spec.memory is not None and spec.memory > settings.bytes_of("limits.max_memory"):
-        raise JobRejected(
-            f"memory {spec.memory // 2**20} MiB is over the limit of {settings.limits.max_memory}"
-        )
-    max_cpus = settings.limits.max_cpus or float(os.cpu_count() or 1)
-    if spec.cpus is not None and spec.cpus > max_cpus:
-        raise JobRejected(f"cpus {spec.cpus:g} is over the limit of {max_cpus:g}")
-    if spec.shm_size is not None and spec.shm_size > settings.bytes_of("limits.max_shm"):
-        raise JobRejected(f"shm_size is over the limit of {settings.limits.max_shm}")
-    cap = settings.max_time_limit()
-    if cap is not None and spec.time_limit is not None and spec.time_limit > cap:
-        raise JobRejected(f"time_limit is over the limit of {settings.limits.max_time_limit}")
 
 
 class Provider:
@@ -324,20 +290,22 @@ class Provider:
             ctx: archive_mod.Context | None = None
             if self._loads_image(job, zc):  # image.tar: loaded from the unpacked folder
                 ctx = archive_mod.inspect_context(archive_mod.unpack(Path(source), ctx_dir, limits))
-                config = ctx.config
-            else:
-                zc.verify()  # every byte read and checked, as unpacking did, before the config
-                config = zc.config()
-            self._name_from_config(job, config)  # kept even if the job is rejected below
-            spec = spec_mod.parse_spec(
-                config, submitter=job["user"], overrides=job["overrides"],
-                allowed_users=self.settings.users.allowed,
-            )
-            check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
-            refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
-                                    authz.Action.SUBMIT, priority=spec.priority)
-            if refused is not None:
-                raise JobRejected(refused)
+            try:  # every byte is checked as it goes to the engine (ZipContext.tar)
+                config = ctx.config if ctx is not None else zc.config()
+                self._name_from_config(job, config)  # kept even if the job is rejected below
+                spec = spec_mod.parse_spec(
+                    config, submitter=job["user"], overrides=job["overrides"],
+                    allowed_users=self.settings.users.allowed,
+                )
+                check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
+                refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
+                                        authz.Action.SUBMIT, priority=spec.priority)
+                if refused is not None:
+                    raise JobRejected(refused)
+            except JobRejected:
+                if ctx is None:
+                    zc.verify()  # a broken archive is the reason, as when it was unpacked first
+                raise
             tag = job_tag(self.store.owner_id(), spec.user, spec.name, job["id"])
             self.store.update_job(job["id"], name=spec.name)
             with build_log.open("w", encoding="utf-8") as fh:
@@ -366,30 +334,41 @@ class Provider:
                on_log: Callable[[str], None]) -> tuple[str, str]:
         """Build the zip's context as ``tag``, or reuse the user's image of the same
         context; return (image, context hash)."""
-        if zc.kind(archive_mod.DOCKERFILE_NAME) != "file":
-            raise JobRejected("no Dockerfile at the top of the archive")
-        dockerfile = zc.read(archive_mod.DOCKERFILE_NAME, 1 << 20,
-                             JobRejected("Dockerfile is larger than 1 MiB"))
-        self._check_bases(dockerfile or b"", spec.user)
-        chash = zc.context_hash
-        known = self.store.image_for(chash)
-        # Only the user's own: another user's image of the same context holds
-        # what their RUN steps produced (fetched with their network access).
-        if known and known not in self.store.images_of(spec.user):
-            known = None
-        if known and self.runtime.image_exists(known):
-            on_log(f"[dopq] identical context already built: reusing {known[:19]}\n")
-            self.runtime.tag(known, tag)
-            self.store.touch_image(known, time.time())
-            return known, chash
+        try:
+            if zc.kind(archive_mod.DOCKERFILE_NAME) != "file":
+                raise JobRejected("no Dockerfile at the top of the archive")
+            dockerfile = zc.read(archive_mod.DOCKERFILE_NAME, 1 << 20,
+                                 JobRejected("Dockerfile is larger than 1 MiB"))
+            self._check_bases(dockerfile or b"", spec.user)
+        except JobRejected:
+            zc.verify()  # a broken archive is the reason, as when it was unpacked first
+            raise
+
+        def decide(chash: str) -> None:  # the whole context read and hashed, not yet built
+            known = self.store.image_for(chash)
+            # Only the user's own: another user's image of the same context holds
+            # what their RUN steps produced (fetched with their network access).
+            if known and known in self.store.images_of(spec.user) \
+                    and self.runtime.image_exists(known):
+                raise _Reuse(known)
+
+        # The hash pass is the tar's own: the engine gets the context as it is read,
+        # and a known context ends the stream before its end marker, unbuilt.
+        zc.decide = decide
         on_log(f"[dopq] building {tag}\n")
         labels = {
             LABEL_INSTANCE: self.settings.docker.name_prefix,
             LABEL_USER: spec.user,
-            LABEL_CONTEXT: chash,
             LABEL_OWNER: self.store.owner_id(),
         }
-        image = self.runtime.build(zc, tag, labels, on_log, self._build_limits(spec))
+        try:
+            image = self.runtime.build(zc, tag, labels, on_log, self._build_limits(spec))
+        except _Reuse as reuse:
+            on_log(f"[dopq] identical context already built: reusing {reuse.image[:19]}\n")
+            self.runtime.tag(reuse.image, tag)
+            self.store.touch_image(reuse.image, time.time())
+            return reuse.image, zc.context_hash
+        chash = zc.context_hash
         # A cache tag keeps the image after the job's own tag is removed.
         self.runtime.tag(image, cache_tag(self.store.owner_id(), chash))
         self.store.remember_image(chash, image, time.time())
@@ -479,6 +458,14 @@ def _capped_log(fh: TextIO, cap: int) -> Callable[[str], None]:
         fh.flush()
 
     return on_log
+
+
+class _Reuse(Exception):  # noqa: N818 - not an error: the flow of a known context
+    """Raised through the build's tar stream: this image of the user's has the context."""
+
+    def __init__(self, image: str) -> None:
+        super().__init__(image)
+        self.image = image
 
 
 def _recent(path: Path, seconds: float = 60.0) -> bool:

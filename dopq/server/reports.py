@@ -27,7 +27,7 @@ from dopq.server.auth import Principal
 from dopq.server.authz import Action
 from dopq.server.gpus import GpuInfo
 from dopq.server.images import job_tag
-from dopq.server.provider import check_spec_limits
+from dopq.server.limits import check_spec_limits
 from dopq.server.runtime import ContainerRuntime
 from dopq.server.schema import ids_of
 from dopq.server.store import Store
