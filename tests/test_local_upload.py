@@ -43,14 +43,16 @@ def raw(path: str, data: bytes, *, shut: bool = True, timeout: float = 10.0) -> 
 
 
 class Spy:
-    """Counts the calls of one method of an object, passing them on."""
+    """Counts the calls of one method of an object (and keeps their arguments)."""
 
     def __init__(self, obj: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
+        self.args: list[tuple[Any, ...]] = []
         real = getattr(obj, name)
 
         def spy(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
+            self.args.append(args)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(obj, name, spy)
@@ -289,7 +291,8 @@ class _Uploads:
     def __init__(self) -> None:
         self.got = b""
 
-    def receive(self, upload_id: str, read: Callable[[memoryview], int]) -> int:
+    def receive(self, upload_id: str, read: Callable[[memoryview], int],
+                open_ended: bool = False) -> int:
         buf = memoryview(bytearray(1 << 16))
         while n := read(buf):
             self.got += bytes(buf[:n])
@@ -357,3 +360,56 @@ def test_a_cancel_that_meets_the_provider_taking_the_job_up_still_cancels(
     monkeypatch.setattr(store, "job", job)
     assert server["alice"].call("cancel", job_id)["state"] == "cancelled"
     assert len(reads) >= 3
+
+
+# -- a folder zipped straight into the socket ---------------------------------------------
+@docker
+def test_a_folder_is_zipped_straight_into_the_socket_with_no_zip_file(
+    server: Running, local: str, jobs_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_temp_file(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a zip file was written")
+
+    monkeypatch.setattr("dopq.client.remote.tempfile.mkstemp", no_temp_file)
+    uploads = server.server.platform.uploads
+    streams = Spy(uploads, "receive", monkeypatch)
+    folder = good_job(jobs_dir, "alice", "streamed")
+    (folder / "weights.bin").write_bytes(os.urandom(3 * 2**20))
+    job = server["alice"].submit(folder)
+    assert streams.calls == 1 and streams.args[0][2] is True  # open-ended
+    assert server.wait_job(job["id"])["state"] == "succeeded"
+
+
+@docker
+def test_an_open_ended_stream_ends_where_it_ends_within_its_bound(
+    server: Running, local: str, jobs_dir: Path,
+) -> None:
+    data = zip_it(good_job(jobs_dir, "alice", "open")).read_bytes()
+    upload = server["alice"].call("submit_begin", len(data) + 5000, {})
+    assert raw(local, request(upload, open_ended=True) + data) == f"ok {len(data)}"
+    job = server["alice"].call("submit_finish", upload)
+    assert server.wait_job(job["id"])["state"] == "succeeded"
+    # The bound still holds: a byte past it discards the upload.
+    upload = server["alice"].call("submit_begin", len(data) - 1, {})
+    assert raw(local, request(upload, open_ended=True) + data) == \
+        "error upload is larger than announced; discarded"
+    # And an empty stream is no upload.
+    upload = server["alice"].call("submit_begin", len(data), {})
+    assert raw(local, request(upload, open_ended=True)).startswith("error stream ended after 0")
+
+
+@docker
+def test_a_bound_over_the_upload_limit_falls_back_to_a_zip_file(
+    server_factory: Callable[..., Running], jobs_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dopq.core.context import zip_bound
+    from dopq.core.dockerignore import context_files
+
+    folder = good_job(jobs_dir, "alice", "tight")
+    size = zip_it(folder, jobs_dir / "probe.zip").stat().st_size
+    assert zip_bound(list(context_files(folder, {"Dockerfile"}))) > size + 100
+    server = server_factory(limits={"max_upload": f"{size + 100}b"})
+    streams = Spy(server.server.platform.uploads, "receive", monkeypatch)
+    job = server["alice"].submit(folder)
+    assert [a[2] for a in streams.args] == [False]  # the zip file, sent as it is
+    assert server.wait_job(job["id"])["state"] == "succeeded"

@@ -376,25 +376,29 @@ class Client:
         p = Path(path)
         tmp: Path | None = None
         prepared = submitcheck.prepare(p, options) if precheck else None
+        # the job's name until its config is read (or if it cannot be read)
+        opts = {**(options or {}), "source_name": p.name if p.is_dir() else p.stem}
+        check = prepared.check() if prepared else None
+        host = Pyro5.core.URI(self._lookup()).host
         if p.is_dir():
+            files = list(prepared.files if prepared and prepared.files is not None
+                         else context_files(p, ALWAYS_SENT | {IMAGE_TAR_NAME}))
+            streamed = localsend.submit_folder(self.call, host, p, files, opts, check, progress)
+            if streamed is not None:  # zipped straight into the server's local socket
+                return streamed
             fd, name = tempfile.mkstemp(suffix=".zip", prefix="dopq-")
             os.close(fd)
             tmp = Path(name)
-            zip_folder(p, tmp, prepared.files if prepared else context_files(
-                p, ALWAYS_SENT | {IMAGE_TAR_NAME}))
+            zip_folder(p, tmp, files)
             p = tmp
         elif not p.is_file():
             raise NotFound(f"{path}: no such file or folder")
         try:
             size = p.stat().st_size
-            # the job's name until its config is read (or if it cannot be read)
-            label = Path(path).name if Path(path).is_dir() else Path(path).stem
-            upload = self.call("submit_begin", size, {**(options or {}), "source_name": label},
-                               prepared.check() if prepared else None)
+            upload = self.call("submit_begin", size, opts, check)
             sent = 0
             try:
                 with p.open("rb") as fh:  # through the local socket, or else in chunks
-                    host = Pyro5.core.URI(self._lookup()).host
                     local = localsend.try_send(self.call, host, upload, fh, size, progress)
                     while not local and (chunk := fh.read(CHUNK)):
                         sent = self.call("submit_chunk", upload, chunk)

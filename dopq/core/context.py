@@ -108,10 +108,13 @@ def _file_digest(path: Path) -> bytes:
         return hashlib.file_digest(f, "sha256").digest()
 
 
-def zip_folder(folder: Path, out: Path,
-               files: Iterable[tuple[str, Path, os.stat_result]] | None = None) -> Path:
+def zip_folder(folder: Path, out: Path | BinaryIO,
+               files: Iterable[tuple[str, Path, os.stat_result]] | None = None,
+               ) -> Path | BinaryIO:
     """Zip the contents of ``folder`` (or just ``files``, as ``tree`` yields them:
-    what ``.dockerignore`` leaves, ``dopq.core.dockerignore``) into ``out``; return ``out``.
+    what ``.dockerignore`` leaves, ``dopq.core.dockerignore``) into ``out``, a path
+    or a stream it may not seek in (a socket: sizes then follow each entry's data);
+    return ``out``.
 
     Deterministic: sorted entries, a fixed timestamp, modes reduced to 0o644/0o755.
     Symlinks and special files are skipped, as the server would refuse them.
@@ -120,13 +123,12 @@ def zip_folder(folder: Path, out: Path,
     would gain nothing on it.
     """
     folder = Path(folder)
-    out = Path(out)
     if not folder.is_dir():
         raise JobRejected(f"not a folder: {folder}")
-    out_real = out.resolve()
+    out_real = Path(out).resolve() if isinstance(out, str | Path) else None
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
         for rel, path, st in tree(folder) if files is None else files:
-            if path.resolve() == out_real:
+            if out_real is not None and path.resolve() == out_real:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 info = zipfile.ZipInfo(rel + "/", date_time=_ZIP_EPOCH)
@@ -144,6 +146,16 @@ def zip_folder(folder: Path, out: Path,
                     with zf.open(info, "w") as dst:
                         shutil.copyfileobj(src, dst, _CHUNK)
     return out
+
+
+def zip_bound(files: Iterable[tuple[str, Path, os.stat_result]]) -> int:
+    """At most the bytes ``zip_folder`` makes of ``files``, whichever way it stores
+    each (deflate's worst case, headers, descriptors, zip64 records)."""
+    total = 1024
+    for rel, _path, st in files:
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        total += 2 * len(os.fsencode(rel)) + 256 + size + (size >> 10)
+    return total
 
 
 def _method(src: BinaryIO, size: int) -> int:

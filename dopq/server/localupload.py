@@ -10,7 +10,10 @@ The conversation, after ``connect``:
 
 - the client sends one line, ``DOPQ-UPLOAD 1 <upload id>``, within
   ``server.handshake_timeout``, then exactly the bytes ``submit_begin``
-  announced, then shuts down its sending side;
+  announced, then shuts down its sending side. With `` open`` after the id,
+  the announced size is a bound and the end of the stream is the end: the
+  client zips a folder straight into the socket, with no zip file between
+  (``dopq.client.localsend``);
 - the server answers one line, ``ok <bytes received>`` or ``error <why>``, and
   closes. The client then calls ``submit_finish`` as after chunks.
 
@@ -44,7 +47,7 @@ from dopq.core.errors import DopqError
 from dopq.core.settings import Settings
 from dopq.server.hostfs import ensure_dir
 from dopq.server.uploads import Uploads
-from dopq.wire.localsocket import MAGIC, MAX_LINE, address, upload_id_of
+from dopq.wire.localsocket import MAGIC, MAX_LINE, address, parse_request
 
 log = logging.getLogger("dopq.server.localupload")
 
@@ -135,7 +138,7 @@ class LocalUploads:
         s = self.settings.server
         begun = time.monotonic()
         try:
-            upload_id = _read_line(conn, begun + s.handshake_timeout)
+            upload_id, open_ended = _read_line(conn, begun + s.handshake_timeout)
         except (OSError, ValueError) as exc:
             return f"error {exc or 'bad request'}"
         uid = _peer_uid(conn)
@@ -151,7 +154,7 @@ class LocalUploads:
             return n
 
         try:
-            received = self.uploads.receive(upload_id, read)
+            received = self.uploads.receive(upload_id, read, open_ended)
         except DopqError as exc:
             log.info("local upload %s from uid %s refused: %s", upload_id[:8], uid, exc)
             return f"error {exc}"
@@ -162,8 +165,9 @@ class LocalUploads:
         return f"ok {received}"
 
 
-def _read_line(conn: socket.socket, deadline: float) -> str:
-    """The request line, a byte at a time (no byte of the data read with it)."""
+def _read_line(conn: socket.socket, deadline: float) -> tuple[str, bool]:
+    """The request line's (upload id, open-ended), read a byte at a time (no byte of
+    the data with it)."""
     line = bytearray()
     while len(line) <= MAX_LINE:
         left = deadline - time.monotonic()
@@ -177,10 +181,10 @@ def _read_line(conn: socket.socket, deadline: float) -> str:
         if not byte:
             raise ValueError("closed before the request line")
         if byte == b"\n":
-            upload_id = upload_id_of(bytes(line))
-            if upload_id is None:
+            request = parse_request(bytes(line))
+            if request is None:
                 raise ValueError(f"bad request line (expected '{MAGIC} <upload id>')")
-            return upload_id
+            return request
         line += byte
     raise ValueError("request line too long")
 

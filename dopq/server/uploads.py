@@ -142,12 +142,15 @@ class Uploads:
             up.last = time.time()
             return up.received
 
-    def receive(self, upload_id: str, read: Callable[[memoryview], int]) -> int:
+    def receive(self, upload_id: str, read: Callable[[memoryview], int],
+                open_ended: bool = False) -> int:
         """Fill an empty upload from ``read`` (as ``socket.recv_into``: 0 at the end) and
         return its size: the local socket's door (``dopq.server.localupload``), where
         the upload id is the key. Not under the lock while bytes flow; chunks and
         ``finish`` are refused meanwhile. A failure leaves the upload empty again
-        (or discarded, past its announced size)."""
+        (or discarded, past its announced size). ``open_ended``: the announced size
+        was a bound; the upload is as long as the stream (only its client, which
+        alone knows the id, finishes it, once it got ``ok`` with its own count)."""
         with self._lock:
             up = self.pending.get(str(upload_id))
             if up is None:
@@ -168,6 +171,8 @@ class Uploads:
                     up.last = time.time()
                     if up.id not in self.pending:
                         raise NotFound("upload was aborted")
+            if open_ended and up.received:
+                up.size = up.received
             if up.received != up.size:
                 raise Conflict(f"stream ended after {up.received} of {up.size} bytes")
             return up.received

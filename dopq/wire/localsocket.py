@@ -13,18 +13,19 @@ from collections.abc import Iterator
 
 MAGIC = "DOPQ-UPLOAD 1"
 MAX_LINE = 128  # bytes of the request line, its newline not counted
-_REQUEST = re.compile(r"DOPQ-UPLOAD 1 ([0-9a-f]{32})")
+_REQUEST = re.compile(r"DOPQ-UPLOAD 1 ([0-9a-f]{32})( open)?")
+OPEN = " open"  # after the id: the announced size is a bound, the stream's end is the end
 _SUN_PATH = 100  # a Unix socket's address holds 107 bytes; longer paths go through /proc
 
 
-def request(upload_id: str) -> bytes:
-    return f"{MAGIC} {upload_id}\n".encode("ascii")
+def request(upload_id: str, open_ended: bool = False) -> bytes:
+    return f"{MAGIC} {upload_id}{OPEN if open_ended else ''}\n".encode("ascii")
 
 
-def upload_id_of(line: bytes) -> str | None:
-    """The upload id of a request line (without its newline), or None if it is not one."""
+def parse_request(line: bytes) -> tuple[str, bool] | None:
+    """(upload id, open-ended) of a request line (without its newline), or None."""
     match = _REQUEST.fullmatch(line.decode("ascii", "replace"))
-    return match.group(1) if match else None
+    return (match.group(1), bool(match.group(2))) if match else None
 
 
 @contextlib.contextmanager
