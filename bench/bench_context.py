@@ -10,8 +10,9 @@ layer cache saves any work, and the three do the same work in the engine.
 
 - ``api``: ``Client.submit(folder)``, what ``dopq submit`` does (zip the folder,
   begin, send the bytes, finish), from the call until the job is ``queued`` (its
-  image built). On the server's host the bytes go through the local upload
-  socket (``dopq.server.localupload``), as here;
+  image built). On the server's host the folder is zipped straight into the
+  local upload socket (``dopq.server.localupload``), as here: no zip file, and
+  ``zip_and_begin_s``/``upload_s`` split at the first piece sent;
 - ``chunks``: the same with ``DOPQ_LOCAL_UPLOADS=0``, the bytes in 2 MiB TLS
   chunks, as a client on another host sends them;
 - ``inbox``: the folder zipped as the CLI zips it into ``inbox/alice/x.zip.part``,
@@ -26,8 +27,9 @@ Memory, for the server and for its Provider child: RSS before each door, and
 the peak during it (``VmHWM`` after a reset through ``clear_refs``, and
 ``VmRSS`` sampled every 20 ms); and the machine's data not yet on disk
 (``Dirty`` + ``Writeback``), where DoPQ's extra copies of the context show.
-Every step starts after ``sync``, so none pays for the writeback of the one
-before (the inbox's zip is synced before it is dropped, too). Each door runs
+Every step starts after ``sync`` and ``SETTLE`` seconds of quiet, so none pays
+for the writeback of the one before (the inbox's zip is synced before it is
+dropped, too), and the images are removed only after a run's last step. Each door runs
 ``--repeat`` times (3; quick: 1), interleaved with the baselines in an order
 that turns each run, and the medians are reported with the load average
 (other work on the machine shows in it). ``--quick``: 100 MiB.
@@ -67,6 +69,7 @@ from dopq.core.context import zip_folder
 
 MIB = 2**20
 GOAL_RATIO = 1.2
+SETTLE = 10.0  # seconds of quiet before each step
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -244,18 +247,26 @@ def via_inbox(srv: ServerProcess, store: Any, starts: BuildStarts, folder: Path,
 
 
 def docker_cli(folder: Path, tag: str, timeout: float) -> float:
-    """Seconds of ``docker build -q`` (classic builder) of ``folder``; the image removed."""
+    """Seconds of ``docker build -q`` (classic builder) of ``folder`` (the image is
+    removed with the run's others, ``remove_images``)."""
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
     t = time.perf_counter()
     subprocess.run(["docker", "build", "-q", "-t", tag, str(folder)], env=env, check=True,
                    capture_output=True, timeout=timeout)
-    took = time.perf_counter() - t
-    subprocess.run(["docker", "rmi", "-f", tag], check=True, capture_output=True, timeout=120)
-    return took
+    return time.perf_counter() - t
+
+
+def remove_images(prefix: str, tags: list[str]) -> None:
+    """The run's images, a GB each, once all its steps are done: deleting one (the file
+    system discards its blocks) slowed whichever step came next."""
+    subprocess.run(["docker", "rmi", "-f", *tags], capture_output=True, timeout=300)
+    cleanup_docker(prefix)
+    os.sync()
+    time.sleep(5)
 
 
 def docker_py(folder: Path, tag: str, timeout: float) -> float:
-    """Seconds of docker-py's ``APIClient.build(path=folder)``; the image removed."""
+    """Seconds of docker-py's ``APIClient.build(path=folder)`` (removed as ``docker_cli``'s)."""
     import docker
 
     with docker.APIClient(version="auto", timeout=int(timeout)) as api:
@@ -263,9 +274,7 @@ def docker_py(folder: Path, tag: str, timeout: float) -> float:
         for chunk in api.build(path=str(folder), tag=tag, rm=True, forcerm=True, decode=True):
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
-        took = time.perf_counter() - t
-        api.remove_image(tag, force=True)
-    return took
+        return time.perf_counter() - t
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -338,8 +347,9 @@ def run(quick: bool, repeat: int | None = None, size: int | None = None) -> dict
             for name, step in steps:
                 set_nonce(folder, f"{run_tag}-{k}-{name}")
                 os.sync()  # no step pays for the writeback of the one before
+                time.sleep(SETTLE)  # nor for what the engine still does after a build
                 step()
-            cleanup_docker(prefix)  # the jobs' images: a GB each
+            remove_images(prefix, [f"dopqb-context/{run_tag}:{kind}{k}" for kind in ("cli", "py")])
             one["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
             runs.append(one)
             print(f"context: run {k + 1}/{repeat}: docker build {one['docker_cli_s']:.1f} s, "
@@ -349,7 +359,8 @@ def run(quick: bool, repeat: int | None = None, size: int | None = None) -> dict
         starts.close()
     finally:
         srv.stop()
-        cleanup_docker(prefix)
+        remove_images(prefix, [f"dopqb-context/{run_tag}:{kind}{k}"
+                               for kind in ("cli", "py") for k in range(repeat)])
         shutil.rmtree(tmp, ignore_errors=True)
     return {**out, **figures(runs), "runs": _rounded(runs)}
 
