@@ -260,18 +260,11 @@ class ZipContext:
         sent = {item.rel for item in items}
         with archive._Hasher(self._digests) as hasher:
             for item in items:
-                info = tarfile.TarInfo(item.rel)
-                info.mtime = self._mtime
-                info.uid = info.gid = 0
-                if item.is_dir:
-                    info.type = tarfile.DIRTYPE
-                    info.mode = 0o755
-                    yield _header(info)
+                if item.entry is None or item.is_dir:
+                    yield self._tar_header(item, 0)
                     continue
-                assert item.entry is not None
-                info.mode = item.entry.mode
-                info.size = size = item.entry.info.file_size
-                yield _header(info)
+                size = item.entry.info.file_size
+                yield self._tar_header(item, size)
                 got = 0
                 for data in read(item, hasher):
                     got += len(data)
@@ -326,24 +319,16 @@ class ZipContext:
     def _pieces(self, items: list[_Item], chunk: int) -> Iterator[bytes]:
         sent = 0
         for item in items:
-            info = tarfile.TarInfo(item.rel)
-            info.mtime = self._mtime
-            info.uid = info.gid = 0
-            if item.is_dir:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                yield _header(info)
+            if item.entry is None or item.is_dir:
+                yield self._tar_header(item, 0)
                 continue
-            assert item.entry is not None
             size = self._sizes[item.rel]
-            info.mode = item.entry.mode
-            info.size = size
             pieces = self._data(item, size, chunk)
             if size <= _RECHECK:  # the Dockerfile and the like: exactly the bytes checked
                 data = b"".join(pieces)
                 self._same_as_hashed(item, data)
                 pieces = _pieces_of([data], chunk)
-            yield _header(info)
+            yield self._tar_header(item, size)
             got = 0
             for data in pieces:
                 got += len(data)
@@ -357,6 +342,19 @@ class ZipContext:
                 yield bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
         self._check_unchanged()
         yield bytes(2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
+
+    def _tar_header(self, item: _Item, size: int) -> bytes:
+        """A member's header: a folder 0755, a file with the unpack's mode; root's."""
+        info = tarfile.TarInfo(item.rel)
+        info.mtime = self._mtime
+        info.uid = info.gid = 0
+        if item.is_dir or item.entry is None:
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+        else:
+            info.mode = item.entry.mode
+            info.size = size
+        return _header(info)
 
     def _data(self, item: _Item, size: int, chunk: int) -> Iterator[bytes]:
         assert item.entry is not None
