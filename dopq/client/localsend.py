@@ -139,27 +139,30 @@ def _line(conn: socket.socket, limit: int = 512) -> str:
     return data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
 
-def socket_for(call: Callable[..., Any], host: str) -> str:
+def socket_for(call: Callable[..., Any], host: Callable[[], str]) -> str:
     """The server's local socket when it may be used from here, else '' (a server not on
     a loopback address, ``DOPQ_LOCAL_UPLOADS=0``, an older server, a socket that could
-    have been planted). ``call``: the client's API call."""
-    if os.environ.get("DOPQ_LOCAL_UPLOADS", "1") == "0" or not is_loopback(host):
+    have been planted). ``call``: the client's API call; ``host``: the server's address."""
+    if os.environ.get("DOPQ_LOCAL_UPLOADS", "1") == "0":
         return ""
     try:
+        if not is_loopback(host()):
+            return ""
         path = str(call("upload_socket") or "")
-    except Exception:  # noqa: BLE001  an older server has no such call: chunks, as before
+    except Exception:  # noqa: BLE001  no server found, or an older one: chunks, as before
         return ""
     return path if trusted_socket(path) else ""
 
 
-def try_send(call: Callable[..., Any], host: str, upload_id: str, src: BinaryIO, size: int,
+def try_send(call: Callable[..., Any], host: Callable[[], str], upload_id: str,
+             src: BinaryIO, size: int,
              progress: Callable[[int, int], None] | None = None) -> bool:
     """Send through the server's local socket when it may be used; whether it was."""
     path = socket_for(call, host)
     return bool(path) and send(path, upload_id, src, size, progress)
 
 
-def submit_folder(call: Callable[..., Any], host: str, folder: Path,
+def submit_folder(call: Callable[..., Any], host: Callable[[], str], folder: Path,
                   files: list[tuple[str, Path, os.stat_result]], options: dict[str, Any],
                   check: dict[str, Any] | None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any] | None:

@@ -379,7 +379,10 @@ class Client:
         # the job's name until its config is read (or if it cannot be read)
         opts = {**(options or {}), "source_name": p.name if p.is_dir() else p.stem}
         check = prepared.check() if prepared else None
-        host = Pyro5.core.URI(self._lookup()).host
+
+        def host() -> str:  # asked only when the local socket may be tried
+            return str(Pyro5.core.URI(self._lookup()).host)
+
         if p.is_dir():
             files = list(prepared.files if prepared and prepared.files is not None
                          else context_files(p, ALWAYS_SENT | {IMAGE_TAR_NAME}))
