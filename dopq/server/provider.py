@@ -287,62 +287,50 @@ class Provider:
         # A context to build is read from the zip in place and streamed to the engine:
         # unpacking a checkpoint of gigabytes first cost a second copy on disk.
         with ZipContext.open(Path(source), limits, mtime=int(time.time())) as zc:
-            ctx: archive_mod.Context | None = None
-            if self._loads_image(job, zc):  # image.tar: loaded from the unpacked folder
-                ctx = archive_mod.inspect_context(archive_mod.unpack(Path(source), ctx_dir, limits))
             try:  # every byte is checked as it goes to the engine (ZipContext.tar)
-                config = ctx.config if ctx is not None else zc.config()
-                self._name_from_config(job, config)  # kept even if the job is rejected below
-                spec = spec_mod.parse_spec(
-                    config, submitter=job["user"], overrides=job["overrides"],
-                    allowed_users=self.settings.users.allowed,
-                )
-                check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
-                refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
-                                        authz.Action.SUBMIT, priority=spec.priority)
-                if refused is not None:
-                    raise JobRejected(refused)
+                spec = self._judge(job, zc)
             except JobRejected:
-                if ctx is None:
-                    zc.verify()  # a broken archive is the reason, as when it was unpacked first
+                zc.verify()  # a broken archive is the reason, as when it was unpacked first
                 raise
             tag = job_tag(self.store.owner_id(), spec.user, spec.name, job["id"])
             self.store.update_job(job["id"], name=spec.name)
             with build_log.open("w", encoding="utf-8") as fh:
                 on_log = _capped_log(fh, self.settings.bytes_of("docker.log_max_bytes"))
-                if not spec.build_flag:
-                    if ctx is None or ctx.image_tar is None:
+                if not spec.build_flag:  # image.tar: loaded from the unpacked folder
+                    ctx = archive_mod.inspect_context(
+                        archive_mod.unpack(Path(source), ctx_dir, limits))
+                    if ctx.image_tar is None:
                         raise JobRejected("build_flag is false but the archive has no image.tar")
                     on_log(f"[dopq] loading image.tar as {tag}\n")
                     return spec, self.runtime.load(ctx.image_tar, tag, on_log), None
                 image, chash = self._build(zc, spec, tag, on_log)
                 return spec, image, chash
 
-    def _loads_image(self, job: dict[str, Any], zc: ZipContext) -> bool:
-        """Whether the job loads its image.tar (build_flag false) instead of building,
-        judged on the config read from the zip. A config that cannot be read goes
-        the building way: refused there after the archive's own checks, as before."""
-        try:
-            spec = spec_mod.parse_spec(zc.config(), submitter=job["user"],
-                                       overrides=job["overrides"],
-                                       allowed_users=self.settings.users.allowed)
-        except JobRejected:
-            return False
-        return not spec.build_flag
+    def _judge(self, job: dict[str, Any], zc: ZipContext) -> JobSpec:
+        """The job's spec from the zip's config, within the limits and the submitter's
+        rights; a job that builds must have a Dockerfile whose bases it may use."""
+        config = zc.config()
+        self._name_from_config(job, config)  # kept even if the job is rejected below
+        spec = spec_mod.parse_spec(
+            config, submitter=job["user"], overrides=job["overrides"],
+            allowed_users=self.settings.users.allowed,
+        )
+        check_spec_limits(spec, self.settings, self.total_gpus, self.device_memory)
+        refused = authz.refusal(self._principal(job.get("submitted_by") or job["user"]),
+                                authz.Action.SUBMIT, priority=spec.priority)
+        if refused is not None:
+            raise JobRejected(refused)
+        if spec.build_flag:
+            if zc.kind(archive_mod.DOCKERFILE_NAME) != "file":
+                raise JobRejected("no Dockerfile at the top of the archive")
+            self._check_bases(zc.read(archive_mod.DOCKERFILE_NAME, 1 << 20, JobRejected(
+                "Dockerfile is larger than 1 MiB")) or b"", spec.user)
+        return spec
 
     def _build(self, zc: ZipContext, spec: JobSpec, tag: str,
                on_log: Callable[[str], None]) -> tuple[str, str]:
-        """Build the zip's context as ``tag``, or reuse the user's image of the same
-        context; return (image, context hash)."""
-        try:
-            if zc.kind(archive_mod.DOCKERFILE_NAME) != "file":
-                raise JobRejected("no Dockerfile at the top of the archive")
-            dockerfile = zc.read(archive_mod.DOCKERFILE_NAME, 1 << 20,
-                                 JobRejected("Dockerfile is larger than 1 MiB"))
-            self._check_bases(dockerfile or b"", spec.user)
-        except JobRejected:
-            zc.verify()  # a broken archive is the reason, as when it was unpacked first
-            raise
+        """Build the zip's context as ``tag`` (its Dockerfile checked: ``_judge``), or
+        reuse the user's image of the same context; return (image, context hash)."""
 
         def decide(chash: str) -> None:  # the whole context read and hashed, not yet built
             known = self.store.image_for(chash)
