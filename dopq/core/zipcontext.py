@@ -165,19 +165,11 @@ class ZipContext:
         unpack's: a corrupt entry, more bytes than the limit."""
         if self._hash is not None:
             return self._hash
-        digests = self._digests
-        written = 0
-        with archive._Hasher(digests) as hasher:
+        produced = [0]
+        with archive._Hasher(self._digests) as hasher:
             for item in self._files:
                 assert item.entry is not None
-                size = 0
-                for chunk in archive._chunks(self._zf, item.entry.info):
-                    size += len(chunk)
-                    written += len(chunk)
-                    if written > self._limit:  # never trust the declared sizes
-                        raise JobRejected(f"archive unpacks to more than {self._limit} bytes")
-                    hasher.update(chunk)
-                hasher.done(Path(item.rel))
+                size = sum(len(chunk) for chunk in self._hashed(item, hasher, produced))
                 self._sizes[item.rel] = size
                 if item.entry.info.compress_type == zipfile.ZIP_STORED:
                     start = self._data_offset(item.entry.info, size)
@@ -186,6 +178,20 @@ class ZipContext:
         self._check_unchanged()
         self._hash = self._final_hash()
         return self._hash
+
+    def _hashed(self, item: _Item, hasher: archive._Hasher, produced: list[int],
+                chunk: int = _CHUNK) -> Iterator[bytes]:
+        """A file's bytes as decoded (its CRC checked at its end by ``zipfile``), in
+        pieces of at most ``chunk``, each hashed and counted in ``produced[0]`` against
+        the limit; its digest kept once it is read whole."""
+        assert item.entry is not None
+        for data in _pieces_of(archive._chunks(self._zf, item.entry.info), chunk):
+            produced[0] += len(data)
+            if produced[0] > self._limit:  # never trust the declared sizes
+                raise JobRejected(f"archive unpacks to more than {self._limit} bytes")
+            hasher.update(data)
+            yield data
+        hasher.done(Path(item.rel))
 
     def _final_hash(self) -> str:
         """``context.context_hash`` of the unpacked folder, from the files' digests."""
@@ -224,13 +230,12 @@ class ZipContext:
         applied (``always``, names at the root, sent whatever it says). Verifies first,
         or with ``decide`` set checks and hashes in the same pass (``_one_pass``);
         a bad ``.dockerignore`` raises ``DopqError`` here, before any piece."""
-        if self.decide is None or self._hash is not None:
+        decide = self.decide if self._hash is None else None
+        if decide is None:
             self.verify()
-        rules = self._rules()
-        listed = self._listing(rules, frozenset(always))
-        if self._hash is None and self.decide is not None:
-            return self._one_pass(listed, chunk, self.decide)
-        return self._pieces(listed, chunk)
+        listed = self._listing(self._rules(), frozenset(always))
+        return self._pieces(listed, chunk) if decide is None else \
+            self._one_pass(listed, chunk, decide)
 
     def _one_pass(self, items: list[_Item], chunk: int,
                   decide: Callable[[str], None]) -> Iterator[bytes]:
@@ -241,18 +246,10 @@ class ZipContext:
         then the end marker. The engine uses a context only once its tar has ended:
         anything raised before the marker cuts the stream, and the engine throws the
         part it got away (``unexpected EOF``), so nothing unchecked is ever built."""
-        produced = 0
+        produced = [0]
 
         def read(item: _Item, hasher: archive._Hasher) -> Iterator[bytes]:
-            nonlocal produced
-            assert item.entry is not None
-            for data in _pieces_of(archive._chunks(self._zf, item.entry.info), chunk):
-                produced += len(data)
-                if produced > self._limit:  # never trust the declared sizes
-                    raise JobRejected(f"archive unpacks to more than {self._limit} bytes")
-                hasher.update(data)
-                yield data
-            hasher.done(Path(item.rel))
+            yield from self._hashed(item, hasher, produced, chunk)
             seen = self._seen.get(item.rel)  # the Dockerfile whose bases were checked
             if seen is not None and seen != self._digests[Path(item.rel)]:
                 raise self._changed()
