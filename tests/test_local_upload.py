@@ -70,6 +70,12 @@ def begin(server: Running, archive: Path, user: str = "alice") -> str:
     return upload
 
 
+def finished_and_ran(server: Running, upload: str) -> None:
+    """Finish ``upload`` through the API; its job must build and succeed."""
+    job = server["alice"].call("submit_finish", upload)
+    assert server.wait_job(job["id"])["state"] == "succeeded"
+
+
 # -- the door as users meet it ------------------------------------------------------------
 @docker
 def test_a_local_submit_sends_its_bytes_through_the_socket(
@@ -130,8 +136,7 @@ def test_bad_requests_get_one_line_and_change_nothing(
     # Nothing stuck to the upload: it still takes its bytes, and becomes a job.
     with archive.open("rb") as fh:
         assert localsend.send(local, upload, fh, archive.stat().st_size)
-    job = server["alice"].call("submit_finish", upload)
-    assert server.wait_job(job["id"])["state"] == "succeeded"
+    finished_and_ran(server, upload)
 
 
 @docker
@@ -169,8 +174,7 @@ def test_a_cut_stream_leaves_the_upload_empty_for_chunks(
     with pytest.raises(Conflict, match="incomplete: 0 of"):
         server["alice"].call("submit_finish", upload)
     server["alice"].call("submit_chunk", upload, data)  # the fallback the client takes
-    job = server["alice"].call("submit_finish", upload)
-    assert server.wait_job(job["id"])["state"] == "succeeded"
+    finished_and_ran(server, upload)
 
 
 @docker
@@ -196,8 +200,7 @@ def test_an_upload_takes_one_stream_and_no_chunks_beside_it(
         conn.sendall(data[10:])
         conn.shutdown(socket.SHUT_WR)
         assert localsend._line(conn) == f"ok {len(data)}"
-    job = server["alice"].call("submit_finish", upload)
-    assert server.wait_job(job["id"])["state"] == "succeeded"
+    finished_and_ran(server, upload)
 
 
 @docker
@@ -387,8 +390,7 @@ def test_an_open_ended_stream_ends_where_it_ends_within_its_bound(
     data = zip_it(good_job(jobs_dir, "alice", "open")).read_bytes()
     upload = server["alice"].call("submit_begin", len(data) + 5000, {})
     assert raw(local, request(upload, open_ended=True) + data) == f"ok {len(data)}"
-    job = server["alice"].call("submit_finish", upload)
-    assert server.wait_job(job["id"])["state"] == "succeeded"
+    finished_and_ran(server, upload)
     # The bound still holds: a byte past it discards the upload.
     upload = server["alice"].call("submit_begin", len(data) - 1, {})
     assert raw(local, request(upload, open_ended=True) + data) == \
