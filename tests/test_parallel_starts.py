@@ -8,6 +8,7 @@ scheduler is only fed on the queue thread.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,97 @@ def test_a_held_job_is_refused_and_the_others_start(tmp_path: Path) -> None:
         q._workers.shutdown(wait=True)
         q.starter.shutdown()
         store.close()
+
+
+# -- the queue thread does not wait for a start (its loop: step(wait=False)) -----------
+class HeldEngine(GatedEngine):
+    """``run`` makes the container, then blocks while its job is in ``held``."""
+
+    def __init__(self, owner: str, store: Store) -> None:
+        super().__init__(owner, store, 1)
+        self.held: dict[int, threading.Event] = {}
+
+    def run(self, spec: ContainerSpec) -> str:
+        job_id = int(spec.labels["dopq.job"])
+        name = FakeEngine.run(self, spec)
+        if job_id in self.held:
+            assert self.held[job_id].wait(10), "never let go"
+        return name
+
+
+@pytest.fixture
+def held(tmp_path: Path) -> Any:
+    q, store, _, add, fed = make_rig(tmp_path, 1)
+    engine = HeldEngine(store.owner_id(), store)
+    q.runtime = engine
+    q.starter.shutdown()
+    q.starter = Starter(q, workers=2)
+    yield q, store, engine, add
+    for gate in engine.held.values():
+        gate.set()
+    q._workers.shutdown(wait=True)
+    q.starter.shutdown()
+    store.close()
+
+
+def test_a_start_in_flight_does_not_hold_up_the_next_decision(held: Any) -> None:
+    q, store, engine, add = held
+    (a,) = add(1)
+    engine.held[a] = threading.Event()
+    q.step(wait=False)
+    assert store.job(a)["state"] == "running" and q.starter.in_flight(a)
+    (b,) = add(1)  # a device still free: its job starts while a's start hangs
+    q.step(wait=False)
+    settle_until(q, lambda: not q.starter.in_flight(b))
+    assert store.job(b)["container"] and store.job(a)["container"] is None
+    engine.held[a].set()
+    q.starter.settle(wait=True)
+    assert store.job(a)["container"] and not q.starter.in_flight()
+    q.scheduler.validate()
+
+
+def test_an_exit_seen_before_its_start_is_recorded_waits_for_it(held: Any) -> None:
+    q, store, engine, add = held
+    (a,) = add(1)
+    engine.held[a] = threading.Event()
+    q.step(wait=False)
+    name = q.container_name(a)
+    wait_until(lambda: name in engine.containers)
+    engine.exit(name, 0, q.clock())  # a job that ends at once: its die event comes first
+    q.step([name], wait=False)
+    assert q._exited == [name] and store.job(a)["state"] == "running"  # held back
+    engine.held[a].set()
+    q.starter.settle(wait=True)
+    assert store.job(a)["container"] == name
+    exited, q._exited = q._exited, []
+    q.step(exited)
+    assert store.job(a)["state"] == "succeeded"
+    q.scheduler.validate()
+
+
+def test_reconciling_lets_starts_in_flight_land_first(held: Any) -> None:
+    q, store, engine, add = held
+    (a,) = add(1)
+    engine.held[a] = threading.Event()
+    q.step(wait=False)
+    threading.Timer(0.2, engine.held[a].set).start()
+    q.reconcile()  # without waiting, a running job without its container is requeued
+    assert store.job(a)["state"] == "running" and store.job(a)["container"]
+    assert store.job(a)["restarts"] == 0
+    q.scheduler.validate()
+
+
+def settle_until(q: PriorityQueueThread, cond: Any) -> None:
+    """Settle the launches that landed (as the loop does when one wakes it) until ``cond``."""
+    def settled() -> bool:
+        q.starter.settle()
+        return bool(cond())
+
+    wait_until(settled)
+
+
+def wait_until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.01)

@@ -191,7 +191,7 @@ class PriorityQueueThread(threading.Thread):
                 self._dirty = False
                 exited, self._exited = self._exited, []
             try:
-                self.step(exited)
+                self.step(exited, wait=False)
             except EngineUnavailable as exc:
                 self.engine_lost()
                 log.warning("%s", exc)
@@ -199,12 +199,14 @@ class PriorityQueueThread(threading.Thread):
             except Exception:  # noqa: BLE001 - the queue thread must not die
                 log.error("queue step failed\n%s", traceback.format_exc())
                 self._halt.wait(0.5)
+        self.starter.shutdown()  # the starts in flight land first
         self._save_usage()
         self._workers.shutdown(wait=True)
-        self.starter.shutdown()
 
-    def step(self, exited: list[str] | None = None) -> None:
+    def step(self, exited: list[str] | None = None, wait: bool = True) -> None:
+        """One round; ``wait``: until its starts landed (the loop's don't: they wake it)."""
         now = self.clock()
+        self.starter.settle()
         for cid in exited or []:
             self._finish_container(cid)
         if now - self._last_reconcile >= RECONCILE_EVERY:
@@ -214,6 +216,8 @@ class PriorityQueueThread(threading.Thread):
         self._refresh_queued()
         self._carry_out(self._handle(ev.DeadlinesDue(), now))
         self._tick(now)
+        if wait:
+            self.starter.settle(wait=True)
 
     def _handle(self, event: ev.Event, now: float | None = None) -> list[ev.Instruction]:
         with self._lock:
@@ -227,8 +231,8 @@ class PriorityQueueThread(threading.Thread):
     def _carry_out(self, instructions: list[ev.Instruction], strict: bool = False) -> JobRow | None:
         """Do what the scheduler said, in order; return the last committed row.
 
-        A run of ``StartJob`` goes out together: committed one by one, then
-        created and started on the starter's pool (``dopq.server.starter``).
+        A run of ``StartJob`` is committed one by one, then created and started
+        on the starter's pool, without waiting (``dopq.server.starter``).
 
         ``strict``: a refused commit raises (to an API caller) instead of being
         passed over. If one instruction raises, the starts not yet tried are
@@ -332,6 +336,7 @@ class PriorityQueueThread(threading.Thread):
 
     def reconcile(self) -> None:
         """Compare the store's running jobs with the engine's containers."""
+        self.starter.settle(wait=True)  # no running job whose container is on its way
         containers = {c.job_id: c for c in self.runtime.list(self.instance, self.owner) if c.job_id}
         events: list[ev.Event] = [ev.EngineUp()]
         for row in self.store.jobs([JobState.RUNNING]):
@@ -368,6 +373,10 @@ class PriorityQueueThread(threading.Thread):
         except DopqError:
             return
         if row["state"] != JobState.RUNNING.value:
+            return
+        if self.starter.in_flight(st.job_id):  # ended before its start landed: once it has
+            with self._cond:  # (the landing wakes the loop)
+                self._exited.append(cid)
             return
         self._carry_out(self._handle_all([
             ev.JobAdopted(running_job(row)),
