@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -186,3 +187,16 @@ def test_fingerprint_command_errors_are_one_line(
     broken.write_text("not a certificate")
     with pytest.raises(DopqError, match="no PEM certificate"):
         tls.file_fingerprint(broken)
+
+
+def test_both_ends_send_without_waiting_for_acks(server: Any) -> None:
+    """TCP_NODELAY on the client's and the server's end of an API connection:
+    without it, each TLS record after a call's first waited for the other
+    side's delayed ACK (a 32 KiB call took 44 ms, an upload ran at 80 MB/s)."""
+    client = server.client("alice")
+    client.call("whoami")
+    mine = client._local.proxy._pyroConnection.sock
+    assert mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    theirs = [s.sock for s in server.server.daemon.transportServer.slots._slots]
+    assert theirs and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                          for s in theirs)

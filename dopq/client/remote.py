@@ -43,7 +43,7 @@ from dopq.wire.protocol import IDEMPOTENT_CALLS, NS_PREFIX, SERIALIZER, TOKEN_AN
 from dopq.wire.transport import SIGNED_MAX
 from dopq.wire.views import JobDetail, Snapshot
 
-CHUNK = 2 << 20  # bytes per submit_chunk call (the server takes up to 4 MiB)
+CHUNK = 2 << 20  # bytes per submit_chunk call (a call may carry up to SIGNED_MAX)
 STALE_AFTER = 5.0  # seconds; the server closes connections idle for server.idle_timeout
 # DoPQ's name server, like its API, takes msgpack only (dopq.wire.transport).
 Pyro5.api.config.SERIALIZER = SERIALIZER

@@ -198,6 +198,10 @@ def connect_pinned(host: str, port: int, pin: str, timeout: float,
             _known[pin] = ctx
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
+        # A call is one message, then its reply. With Nagle's algorithm on, every TLS
+        # record after a message's first waited for the server's delayed ACK: a
+        # 32 KiB call took 44 ms instead of 2 (dopq.wire.transport does the same).
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
         raise ServerUnavailable(f"cannot connect to {server} at {host}:{port}: {exc}") from None
     try:

@@ -50,7 +50,7 @@ log = logging.getLogger("dopq.wire.transport")
 
 MSGPACK_ID = 4  # Pyro5's serializer id of msgpack
 ANON_MAX = 64 * 1024  # bytes of a message without a valid token (connect, ping, login)
-SIGNED_MAX = 2 * 2**20 + 64 * 1024  # with one: an upload chunk (1 MiB) and room
+SIGNED_MAX = 2 * 2**20 + 64 * 1024  # with one: an upload chunk (2 MiB) and room
 ANNOTATIONS_MAX = 1024
 ANON_ITEMS, SIGNED_ITEMS, MAX_DEPTH = 2_000, 200_000, 32
 ALLOWED_FLAGS = protocol.FLAGS_CORR_ID
@@ -418,6 +418,8 @@ class GuardedTransport(SocketServer_Threadpool):  # type: ignore[misc]
         if self.shutting_down:
             csock.close()
             return
+        with contextlib.suppress(OSError):  # replies go out whole (see tls.connect_pinned)
+            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         slot, victims = self.slots.admit(str(caddr[0]), csock, time.monotonic())
         for victim in victims:
             victim.kick()
