@@ -182,11 +182,17 @@ def held(tmp_path: Path) -> Any:
     store.close()
 
 
+def held_start(q: PriorityQueueThread, engine: HeldEngine, add: Any) -> int:
+    """A job whose start is in flight until ``engine.held[job].set()``."""
+    (job,) = add(1)
+    engine.held[job] = threading.Event()
+    q.step(wait=False)
+    return job
+
+
 def test_a_start_in_flight_does_not_hold_up_the_next_decision(held: Any) -> None:
     q, store, engine, add = held
-    (a,) = add(1)
-    engine.held[a] = threading.Event()
-    q.step(wait=False)
+    a = held_start(q, engine, add)
     assert store.job(a)["state"] == "running" and q.starter.in_flight(a)
     (b,) = add(1)  # a device still free: its job starts while a's start hangs
     q.step(wait=False)
@@ -200,9 +206,7 @@ def test_a_start_in_flight_does_not_hold_up_the_next_decision(held: Any) -> None
 
 def test_an_exit_seen_before_its_start_is_recorded_waits_for_it(held: Any) -> None:
     q, store, engine, add = held
-    (a,) = add(1)
-    engine.held[a] = threading.Event()
-    q.step(wait=False)
+    a = held_start(q, engine, add)
     name = q.container_name(a)
     wait_until(lambda: name in engine.containers)
     engine.exit(name, 0, q.clock())  # a job that ends at once: its die event comes first
@@ -219,9 +223,7 @@ def test_an_exit_seen_before_its_start_is_recorded_waits_for_it(held: Any) -> No
 
 def test_reconciling_lets_starts_in_flight_land_first(held: Any) -> None:
     q, store, engine, add = held
-    (a,) = add(1)
-    engine.held[a] = threading.Event()
-    q.step(wait=False)
+    a = held_start(q, engine, add)
     threading.Timer(0.2, engine.held[a].set).start()
     q.reconcile()  # without waiting, a running job without its container is requeued
     assert store.job(a)["state"] == "running" and store.job(a)["container"]
