@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -98,3 +100,22 @@ def test_kill9_loses_nothing(tmp_path: Path, engine: None, jobs_dir: Path) -> No
     finally:
         proc.term()
         cleanup_docker(settings.docker.name_prefix)
+
+
+
+def test_a_provider_leaves_when_its_server_is_gone_before_it_watches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Provider watches the pid its server gave it. A server killed while the
+    Provider was still starting had already left it to init: it leaves at once,
+    instead of waiting forever beside the next server's Provider (it did: its
+    watch took init for its parent)."""
+    from dopq.server.provider import Provider
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stub = SimpleNamespace(_stopping=threading.Event())
+    Provider._watch_parent(stub, os.getpid())  # not its parent (any more): gone
+    assert exits == [0]
+    stub._stopping.set()  # its server alive: it watches until the Provider stops
+    Provider._watch_parent(stub, os.getppid())
+    assert exits == [0]

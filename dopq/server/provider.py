@@ -102,21 +102,25 @@ class Provider:
     # -- process entry point ----------------------------------------------------
     @classmethod
     def main(cls, settings: Settings, total_gpus: int, commands: Any, notices: Any,
-             device_memory: int = 0) -> None:
+             device_memory: int = 0, server: int | None = None) -> None:
+        """``server``: the pid of the server that started it (``start_process``)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s provider %(message)s")
         os.umask(0o077)  # build logs and job folders: the server's alone (modes kept in images)
         provider = cls(settings, total_gpus, commands, notices, device_memory=device_memory)
-        provider.run()
+        provider.run(server)
 
-    def _watch_parent(self) -> None:
-        """Exit at once when the server dies (kill -9): its successor takes over."""
-        parent = os.getppid()
-        while not self._stopping.wait(0.2):
-            if os.getppid() != parent:
-                os._exit(0)
+    def _watch_parent(self, server: int) -> None:
+        """Exit at once when the server dies (kill -9): its successor takes over. The
+        server's pid comes from the server: one that died while this process was
+        still starting had already left it to init, whose pid never changes."""
+        while os.getppid() == server:
+            if self._stopping.wait(0.2):
+                return
+        os._exit(0)
 
-    def run(self) -> None:
-        threading.Thread(target=self._watch_parent, name="parent-watch", daemon=True).start()
+    def run(self, server: int | None = None) -> None:
+        threading.Thread(target=self._watch_parent, args=(server or os.getppid(),),
+                         name="parent-watch", daemon=True).start()
         self.recover()
         poll = self.settings.intake.poll_interval
         next_scan = 0.0
@@ -426,7 +430,8 @@ def start_process(settings: Settings, total_gpus: int,
     commands = ctx.Queue()
     notices = ctx.Queue()
     proc = ctx.Process(
-        target=Provider.main, args=(settings, total_gpus, commands, notices, device_memory),
+        target=Provider.main,
+        args=(settings, total_gpus, commands, notices, device_memory, os.getpid()),
         name="dopq-provider", daemon=True,
     )
     proc.start()
