@@ -97,3 +97,20 @@ def test_admin_manages_users_remotely(server: Running, capsys: Any,
     assert code == 0
     code, _, _ = run(capsys, "user", "remove", "carol", "--remote")
     assert code == 0
+
+
+@pytest.mark.parametrize("module", ["account_commands", "info_commands", "job_commands",
+                                    "notify_commands", "report_commands"])
+def test_every_command_module_asks_for_its_client_at_the_call(
+        module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command modules are imported when the parser is first built. If they bound
+    ``commands._client`` then, a test that patched it around its first CLI call left
+    its client (and its server, stopped since) to every later test of the run."""
+    import importlib
+
+    from dopq.client import commands
+
+    mod = importlib.import_module(f"dopq.client.{module}")  # imported before the patch
+    sentinel = object()
+    monkeypatch.setattr(commands, "_client", lambda _args: sentinel)
+    assert mod._client(None) is sentinel

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from dopq.client.commands import _client
+from dopq.client.commands import _client_now as _client
 from dopq.core import console
 from dopq.core.errors import DopqError
 from dopq.core.text import printable

@@ -42,6 +42,12 @@ def _client(args: argparse.Namespace) -> Any:
                           fingerprint=getattr(args, "fingerprint", None))
 
 
+def _client_now(args: argparse.Namespace) -> Any:
+    """``_client`` as it is at the call: the command modules import this one, so a
+    patch of ``_client`` reaches them however late they were first imported."""
+    return _client(args)
+
+
 @dataclass(frozen=True)
 class HostCommands:
     """The handlers of the commands that run on the server host (``dopq.server.host_commands``).

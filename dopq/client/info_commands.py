@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dopq.client import gpuview
-from dopq.client.commands import Handler, _client
+from dopq.client.commands import Handler
+from dopq.client.commands import _client_now as _client
 from dopq.core import console
 from dopq.core.errors import DopqError
 from dopq.core.jobs import format_duration

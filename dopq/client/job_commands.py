@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dopq.client import gpuview
-from dopq.client.commands import _client
+from dopq.client.commands import _client_now as _client
 from dopq.core.console import add_times as _add_times
 from dopq.core.console import out_json as _out
 from dopq.core.console import table as _table

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from dopq.client.commands import _client
+from dopq.client.commands import _client_now as _client
 from dopq.core import console
 from dopq.core.errors import DopqError
 from dopq.core.messages import DEFAULT_EVENTS, JOB_EVENTS, parse_events

@@ -7,7 +7,7 @@ import csv
 import sys
 from typing import Any
 
-from dopq.client.commands import _client
+from dopq.client.commands import _client_now as _client
 from dopq.client.job_commands import job_ref, one
 from dopq.core import console
 from dopq.core.text import printable
