@@ -152,16 +152,16 @@ def test_a_held_job_is_refused_and_the_others_start(tmp_path: Path) -> None:
 
 
 # -- the queue thread does not wait for a start (its loop: step(wait=False)) -----------
-class HeldEngine(GatedEngine):
+class HeldEngine(FakeEngine):
     """``run`` makes the container, then blocks while its job is in ``held``."""
 
-    def __init__(self, owner: str, store: Store) -> None:
-        super().__init__(owner, store, 1)
+    def __init__(self, owner: str) -> None:
+        super().__init__(owner)
         self.held: dict[int, threading.Event] = {}
 
     def run(self, spec: ContainerSpec) -> str:
         job_id = int(spec.labels["dopq.job"])
-        name = FakeEngine.run(self, spec)
+        name = super().run(spec)
         if job_id in self.held:
             assert self.held[job_id].wait(10), "never let go"
         return name
@@ -170,7 +170,7 @@ class HeldEngine(GatedEngine):
 @pytest.fixture
 def held(tmp_path: Path) -> Any:
     q, store, _, add, fed = make_rig(tmp_path, 1)
-    engine = HeldEngine(store.owner_id(), store)
+    engine = HeldEngine(store.owner_id())
     q.runtime = engine
     q.starter.shutdown()
     q.starter = Starter(q, workers=2)
