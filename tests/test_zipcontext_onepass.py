@@ -9,6 +9,8 @@ thrown away (``unexpected EOF``), as the engine tests here show.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import tarfile
 import zipfile
@@ -141,6 +143,66 @@ def test_memory_stays_flat_in_one_pass(tmp_path: Path) -> None:
         zc.decide = lambda _chash: None
         sent, peak = _peak(lambda: sum(len(p) for p in zc.tar()))
     assert isinstance(sent, int) and sent > 48 * MIB and peak < 8 * MIB, peak / MIB
+
+
+def _resident(path: Path) -> float:
+    """The part of ``path``'s pages in the page cache now (``mincore``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with path.open("rb") as fh:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fh.fileno(), 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw) / pages
+        finally:
+            libc.munmap(addr, size)
+
+
+def _cached(path: Path) -> None:
+    """``path`` written to disk and read back whole into the page cache."""
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+        while fh.read(MIB):
+            pass
+
+
+@pytest.mark.parametrize("passes", ["one", "two"])
+def test_the_last_read_gives_the_zips_pages_back(passes: str, tmp_path: Path) -> None:
+    """The zip is deleted after its build: the pass that reads it last leaves none of
+    its pages in the page cache, beside the engine's copy (issue 17, item 5)."""
+    zipped = raw_zip(tmp_path / "ckpt.zip", [
+        RawEntry("Dockerfile", b"FROM scratch\n"),
+        RawEntry("model.ckpt", os.urandom(40 * MIB), method=zipfile.ZIP_STORED),
+        RawEntry("notes.txt", b"a deflated file after the big one\n" * 20000)])
+    _cached(zipped)
+    fd = os.open(zipped, os.O_RDONLY)
+    try:  # a file system that keeps its pages whatever the advice (tmpfs) has nothing to test
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if _resident(zipped) > 0.5:
+        pytest.skip("this file system ignores POSIX_FADV_DONTNEED")
+    _cached(zipped)
+    assert _resident(zipped) > 0.9
+    with ZipContext.open(zipped, LIMITS) as zc:
+        if passes == "one":
+            zc.decide = lambda _chash: None
+        else:
+            zc.verify()
+            assert _resident(zipped) > 0.9  # the first of two reads keeps them for the second
+        pieces = zc.tar()
+        first = next(pieces)
+        assert first and _resident(zipped) > 0.9
+        sent = len(first) + sum(len(p) for p in pieces)
+    assert sent > 40 * MIB and _resident(zipped) < 0.05
 
 
 @pytest.mark.docker
