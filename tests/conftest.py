@@ -103,6 +103,21 @@ def _pin_test_servers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOPQ_FINGERPRINT", shared_tls()[2])
 
 
+# Every container prefix a test server of this session was given (``make_config``).
+PREFIXES: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_images_left() -> Iterator[None]:
+    """A build the engine finishes after its server stopped (the Provider gone while
+    the engine commits) tags its image after the test's ``cleanup_docker``: sweep
+    every prefix of the session once more at its end."""
+    yield
+    if PREFIXES and _engine_up():
+        for prefix in sorted(PREFIXES):
+            cleanup_docker(prefix)
+
+
 def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
     prefix = "dopqt" + uuid.uuid4().hex[:8]
     cert, key, _fp = shared_tls()
@@ -123,6 +138,7 @@ def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
+    PREFIXES.add(str((cfg.get("docker") or {}).get("name_prefix", prefix)))
     return cfg
 
 
