@@ -68,9 +68,10 @@ _SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: 
 _CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # bytes, per entry
 
 
-def check_msgpack(data: bytes | memoryview, max_items: int, max_depth: int = MAX_DEPTH) -> None:
+def check_msgpack(data: bytes | bytearray | memoryview, max_items: int,
+                  max_depth: int = MAX_DEPTH) -> None:
     """Walk one msgpack object without building it; raise ``Refused`` past the limits."""
-    buf = bytes(data) if isinstance(data, memoryview) else data
+    buf = data
     n, pos, items = len(buf), 0, 0
     todo = [1]  # objects still to read, per open container
     while todo:
@@ -203,30 +204,35 @@ class GuardedConnection(socketutil.SocketConnection):  # type: ignore[misc]
         self._msg_deadline = 0.0
         self._header: tuple[Any, ...] = ()
 
-    def _read(self, size: int, deadline: float) -> bytes:
-        data = bytearray()
-        while len(data) < size:
+    def _read(self, size: int, deadline: float, into: bytearray | None = None) -> bytearray:
+        """``size`` bytes, before ``deadline``, read straight into ``into``'s last
+        ``size`` bytes (a new buffer without it): no copy of a large body (a TLS
+        record, 16 KiB, is the most one read gives)."""
+        data = bytearray(size) if into is None else into
+        view = memoryview(data)[len(data) - size:]
+        got = 0
+        while got < size:
             left = deadline - time.monotonic()
             if left <= 0 or self.slot.kicked:
                 raise Refused("too slow" if not self.slot.kicked else "gave way to another")
             self.sock.settimeout(left)
             try:
-                chunk = self.sock.recv(min(1 << 16, size - len(data)))
+                n = self.sock.recv_into(view[got:])
             except TimeoutError:
                 raise Refused("too slow") from None
             except OSError as exc:
                 raise errors.ConnectionClosedError(f"receiving: {exc}") from None
-            if not chunk:
+            if not n:
                 raise errors.ConnectionClosedError("receiving: connection closed")
-            data += chunk
-        return bytes(data)
+            got += n
+        return data
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, size: int) -> bytes | bytearray:
         part, self._part = self._part, (self._part + 1) % 3
         if part == 0:  # a new message begins: wait for it as long as a client may idle
             wait = self.deadline or time.monotonic() + self.guard.idle_timeout
             try:
-                self._head = self._read(size, wait)
+                self._head = bytes(self._read(size, wait))
             except Refused:
                 if self.deadline or self.slot.kicked:
                     raise
@@ -234,7 +240,7 @@ class GuardedConnection(socketutil.SocketConnection):  # type: ignore[misc]
             self._msg_deadline = self.deadline or time.monotonic() + self.guard.idle_timeout
             return self._head
         if part == 1:
-            rest = self._read(size, self._msg_deadline)
+            rest = bytes(self._read(size, self._msg_deadline))
             self._check_header(self._head + rest)
             return rest
         return self._body(size)
@@ -262,11 +268,13 @@ class GuardedConnection(socketutil.SocketConnection):  # type: ignore[misc]
             raise Refused(f"message of {data_size} bytes (at most {SIGNED_MAX})")
         self._header = (msgtype, data_size, ann_size)
 
-    def _body(self, size: int) -> bytes:
+    def _body(self, size: int) -> bytearray:
+        """The annotations, then (once the token is judged) the data after them in the
+        same buffer, which Pyro reads through a memoryview."""
         msgtype, data_size, ann_size = self._header
         if size != data_size + ann_size:
             raise Refused("unexpected read")
-        annotations = self._read(ann_size, self._msg_deadline)
+        annotations = bytes(self._read(ann_size, self._msg_deadline))
         token = _token(annotations)
         signed = False
         if token and (data_size > ANON_MAX or not self.slot.signed):
@@ -275,13 +283,16 @@ class GuardedConnection(socketutil.SocketConnection):  # type: ignore[misc]
         if data_size > ANON_MAX and not signed:
             raise Refused(f"message of {data_size} bytes without a valid token "
                           f"(at most {ANON_MAX})")
-        body = self._read(data_size, self._msg_deadline)
+        payload = bytearray(ann_size + data_size)
+        payload[:ann_size] = annotations
+        self._read(data_size, self._msg_deadline, into=payload)
         if msgtype != protocol.MSG_PING:
-            check_msgpack(body, SIGNED_ITEMS if self.slot.signed else ANON_ITEMS)
+            check_msgpack(memoryview(payload)[ann_size:],
+                          SIGNED_ITEMS if self.slot.signed else ANON_ITEMS)
         if msgtype == protocol.MSG_CONNECT:
             self.connected = True
         self.sock.settimeout(self.guard.idle_timeout)  # for the reply: a full allowance
-        return annotations + body
+        return payload
 
 
 _TOKEN_NAME = TOKEN_ANNOTATION.encode()
