@@ -19,6 +19,11 @@ start on the freed GPU, split into the time DoPQ takes to decide (exit -> the
 job's ``started_at``, committed before the container is created) and the time
 Docker takes to create and start it. The server runs with its defaults, so it
 removes each finished container as the baseline's ``--rm`` does;
+Before the gap, the engine's own lag: the container's exit (its ``FinishedAt``,
+the job's ``finished_at``) to its ``die`` event (``exit_to_die_event_ms``); the
+start splits at Docker's ``create`` event into the wait for a start worker
+with the create call (``decision_to_created_ms``) and the engine's start
+(``created_to_started_ms``).
 ``--keep-containers`` sets ``docker.remove_containers = false`` to see what
 the removals cost.
 ``--quick``: blocker ``sleep 3``, 4 jobs.
@@ -80,7 +85,7 @@ class EngineEvents:
             for ev in self.stream:
                 action = ev.get("Action") or ev.get("status")
                 job = (ev.get("Actor") or {}).get("Attributes", {}).get("dopq.job")
-                if job and action in ("start", "die"):
+                if job and action in ("create", "start", "die"):
                     self.times.setdefault((int(job), action), ev["timeNano"] / 1e9)
         except Exception:  # noqa: BLE001 - closing the stream ends the loop
             pass
@@ -133,16 +138,20 @@ def gaps(records: dict[int, dict[str, Any]], blocker: int) -> dict[str, list[flo
     for rec in records.values():
         for g in rec["gpus"]:
             per_gpu.setdefault(g, []).append(rec)
-    gap, decide, start = [], [], []
+    gap, decide, start, report, create, engine = [], [], [], [], [], []
     for seq in per_gpu.values():
         seq.sort(key=lambda r: r["docker_started"])
         for prev, nxt in zip(seq, seq[1:], strict=False):
             gap.append(nxt["docker_started"] - prev["docker_finished"])
             decide.append(nxt["record_started"] - prev["docker_finished"])
             start.append(nxt["docker_started"] - nxt["record_started"])
+            report.append(prev["docker_finished"] - prev["record_finished"])
+            create.append(nxt["docker_created"] - nxt["record_started"])
+            engine.append(nxt["docker_started"] - nxt["docker_created"])
     first = (min(r["docker_started"] for i, r in records.items() if i != blocker)
              - records[blocker]["docker_finished"])
-    return {"gap": gap, "decide": decide, "start": start, "first": [first]}
+    return {"gap": gap, "decide": decide, "start": start, "first": [first],
+            "report": report, "create": create, "engine": engine}
 
 
 def workload(tmp: Path, quick: bool, keep_containers: bool,
@@ -180,11 +189,12 @@ def workload(tmp: Path, quick: bool, keep_containers: bool,
         failed = [i for i, r in rows.items() if r["state"] != "succeeded"]
         if failed:
             raise RuntimeError(f"jobs {failed} did not succeed")
-        events.wait([(i, a) for i in rows for a in ("start", "die")])
+        events.wait([(i, a) for i in rows for a in ("create", "start", "die")])
         records: dict[int, dict[str, Any]] = {}
         for i, r in rows.items():
             records[i] = {"gpus": r["gpus"], "record_started": r["started_at"],
                           "record_finished": r["finished_at"],
+                          "docker_created": events.times[(i, "create")],
                           "docker_started": events.times[(i, "start")],
                           "docker_finished": events.times[(i, "die")]}
         makespan = max(rows[i]["finished_at"] for i in ids) - rows[blocker]["finished_at"]
@@ -204,7 +214,8 @@ def run(quick: bool, keep_containers: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="dopq-bench-dispatch-"))
     spans: list[float] = []
     in_time: list[bool] = []
-    timeline: dict[str, list[float]] = {"gap": [], "decide": [], "start": [], "first": []}
+    timeline: dict[str, list[float]] = {k: [] for k in ("gap", "decide", "start", "first",
+                                                         "report", "create", "engine")}
     prefixes = ["dopqb" + uuid.uuid4().hex[:8]]  # the engine timing's, then each run's
     try:
         for k in range(reps):
@@ -234,6 +245,9 @@ def run(quick: bool, keep_containers: bool = False) -> dict[str, Any]:
         "gap_ms": gap,
         "exit_to_decision_ms": summary(timeline["decide"], 1000),
         "decision_to_docker_start_ms": summary(timeline["start"], 1000),
+        "exit_to_die_event_ms": summary(timeline["report"], 1000),
+        "decision_to_created_ms": summary(timeline["create"], 1000),
+        "created_to_started_ms": summary(timeline["engine"], 1000),
         "blocker_exit_to_first_start_ms": summary(timeline["first"], 1000),
         "engine_create_start_ms": summary(engine, 1000),
         **gap_goal(gap["p95"], summary(engine, 1000)["p95"]),
