@@ -29,6 +29,14 @@ def _bench(name: str, tmp_path: Path, timeout: float = 120) -> dict:
     return json.loads(out.read_text())
 
 
+def _summary(name: str, result: dict) -> list[tuple]:
+    """run.py's summary rows of one benchmark's JSON (what ``make bench`` prints)."""
+    sys.path.insert(0, str(BENCH))
+    from run import summarise
+
+    return summarise({name: result})
+
+
 @pytest.mark.docker
 def test_dispatch_quick(tmp_path: Path, engine: None) -> None:
     r = _bench("dispatch", tmp_path)
@@ -36,6 +44,9 @@ def test_dispatch_quick(tmp_path: Path, engine: None) -> None:
         assert key in r
     assert {"p50", "p95"} <= set(r["gap_ms"])
     assert r["gap_ms"]["n"] > 0
+    for key in ("exit_to_die_event_ms", "decision_to_created_ms", "created_to_started_ms"):
+        assert r[key]["n"] == r["gap_ms"]["n"]
+    assert [row for row in _summary("dispatch", r) if row[-1] is not None] != []
 
 
 @pytest.mark.docker
@@ -119,3 +130,6 @@ def test_context_quick(tmp_path: Path, engine: None) -> None:
         assert key in r
     for proc in ("server", "provider"):
         assert {"before_mib", "peak_api_mib", "peak_inbox_mib"} <= set(r["memory"][proc])
+    figures = {row[1]: row for row in _summary("context", r)}
+    assert figures["drop folder / docker build"][2] == r["inbox_ratio"]
+    assert figures["server memory growth (MiB)"][2] == r["memory"]["server"]["growth_mib"]
