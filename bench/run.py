@@ -135,10 +135,13 @@ def summarise(results: dict[str, Any]) -> list[Row]:
     d = results.get("api")
     if isinstance(d, dict):
         for mode, m in d.get("modes", {}).items():
+            # The p99 goal is the GUI's (snapshot) mode's; five views only must not fail.
+            goal = mode == "snapshot"
             rows.append(("api", f"{mode}: p50/p99 (ms), {m['pollers']} clients",
                          f"{m['poll_p50_ms']}/{m['poll_p99_ms']}",
-                         f"ping p99 {m['ping_ms']['p99']}", f"p99 < {d['goal_p99_ms']:g}",
-                         (m["poll_p99_ms"] or 1e9) < d["goal_p99_ms"]))
+                         f"ping p99 {m['ping_ms']['p99']}",
+                         f"p99 < {d['goal_p99_ms']:g}" if goal else "",
+                         (m["poll_p99_ms"] or 1e9) < d["goal_p99_ms"] if goal else None))
             rows.append(("api", f"{mode}: errors", m["errors"], "", "0", m["errors"] == 0))
             rows.append(("api", f"{mode}: server CPU (cores) / peak RSS (MiB)",
                          f"{m['server_cpu_cores']}/{m['server_peak_rss_mib']}", "", "", None))
