@@ -111,11 +111,46 @@ PREFIXES: set[str] = set()
 def no_images_left() -> Iterator[None]:
     """A build the engine finishes after its server stopped (the Provider gone while
     the engine commits) tags its image after the test's ``cleanup_docker``: sweep
-    every prefix of the session once more at its end."""
+    every prefix of the session once more at its end. A build cut off by a kill -9
+    (test_recovery) leaves its last step's image untagged and unlabelled: the
+    dangling images the session made on the test base image go too."""
+    before = _dangling() if _engine_up() else set()
     yield
-    if PREFIXES and _engine_up():
+    if _engine_up():
         for prefix in sorted(PREFIXES):
             cleanup_docker(prefix)
+        _remove_dangling_from_base(_dangling() - before)
+
+
+def _dangling() -> set[str]:
+    import docker
+
+    with docker.APIClient(version="auto", timeout=30) as api:
+        return {img["Id"] for img in api.images(filters={"dangling": True})}
+
+
+def _remove_dangling_from_base(ids: set[str], base: str = "dopq/busybox:latest") -> None:
+    """Remove those of ``ids`` whose parents lead to ``base`` (built from it here)."""
+    import docker
+
+    with docker.APIClient(version="auto", timeout=30) as api:
+        try:
+            base_id = api.inspect_image(base)["Id"]
+        except docker.errors.APIError:
+            return
+        for image in ids:
+            parent, steps = image, 0
+            while parent and parent != base_id and steps < 64:
+                try:
+                    parent = api.inspect_image(parent).get("Parent") or ""
+                except docker.errors.APIError:
+                    parent = ""
+                steps += 1
+            if parent == base_id:
+                try:
+                    api.remove_image(image, force=False)
+                except docker.errors.APIError:
+                    pass
 
 
 def make_config(tmp: Path, **sections: Any) -> dict[str, Any]:
