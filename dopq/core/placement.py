@@ -122,6 +122,10 @@ class Placer:
         """Could a GPU job still start before anyone holds the reservation?"""
         return self.shadow is None and self.has_room()
 
+    def open_for_backfill(self) -> bool:
+        """Does a reservation with a known start leave a device open to jobs ending by then?"""
+        return self.shadow is not None and self.shadow < INF and self.has_room()
+
     def may_fit(self, q: QueuedJob) -> bool:
         """Could ``q`` fit now (the device count only; room only shrinks from here)?"""
         if not q.gpu_memory:

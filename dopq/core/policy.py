@@ -350,8 +350,11 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
     for q in topped:
         placer.visit(q)
     preempting = cfg.preemption != "off"
-    if not (placer.open_for_gpu_jobs() or (preempting and placer.shadow is None)
-            or (placer.shadow is not None and placer.shadow < INF and placer.has_room())):
+
+    def popping() -> bool:
+        return placer.open_for_gpu_jobs() or (preempting and placer.shadow is None)
+
+    if not (popping() or placer.open_for_backfill()):
         # Nothing can start on a device (the usual state of a long queue): only
         # CPU-only jobs can start, so only they are ranked (10k queued: 5.1 -> 1.8 ms).
         rest = [q for q in rest if q.num_gpus == 0]
@@ -360,14 +363,15 @@ def decide(state: ClusterState, now: float, cfg: PolicyConfig) -> Decision:
     # Pop in order while a GPU job could still start without backfilling;
     # with preemption, on a full machine too, as far as the head job (which
     # may preempt): only CPU-only jobs start on the way, as they would below.
-    while heap and (placer.open_for_gpu_jobs() or (preempting and placer.shadow is None)):
+    while heap and popping():
         placer.visit(rest[heapq.heappop(heap)[3]])
     # Past that point only CPU-only jobs and backfill candidates can start;
     # the others would only be told why they wait, which explain() does.
     if heap:
-        if placer.shadow is not None and placer.shadow < INF and placer.has_room():
+        if placer.open_for_backfill():
             # The test of Placer.visit, loosened (free devices only shrink from here).
             shadow = placer.shadow
+            assert shadow is not None
             if placer.sharing:
                 later = [
                     k for k in heap
